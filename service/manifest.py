@@ -123,7 +123,7 @@ class FileEntry(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
     created_at: datetime
@@ -151,7 +151,9 @@ class Manifest(_Strict):
             raise ValueError(f"files must list {MODEL_FILE_SKLEARN}")
         has_onnx = MODEL_FILE_ONNX in self.files
         if self.backend == "onnx" and not (has_onnx and self.onnx and self.parity.passed):
-            raise ValueError("backend 'onnx' needs model.onnx, its onnx section and a passed parity gate")
+            raise ValueError(
+                "backend 'onnx' needs model.onnx, its onnx section and a passed parity gate"
+            )
         if has_onnx != (self.onnx is not None):
             raise ValueError("model.onnx and the onnx section come together")
         return self

@@ -1,0 +1,58 @@
+# The verbs a person types. `make serve` and `make test` work from a clean clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET ?= iris
+MODEL_NAME ?= iris
+VERSION ?= 1.0.0
+TRAIN_ARGS ?=
+
+.PHONY: help install train bundle serve test test-fast lint schema system-deps clean
+
+help:
+	@echo "make serve    install, train the default bundle if none exists, serve on :8000"
+	@echo "make test     unit, API and process tests (installs what they need)"
+	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make lint     ruff and mypy"
+
+$(BIN)/.installed: requirements.lock requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	touch $@
+
+install: $(BIN)/.installed
+
+train: install
+	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
+
+# Train only when no bundle of this model exists yet.
+bundle: install
+	@compgen -G "artifacts/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
+
+serve: bundle
+	MODEL_NAME=$(MODEL_NAME) $(BIN)/gunicorn -c gunicorn.conf.py
+
+# Prometheus (and promtool) from Debian's archive, for the metrics tests.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || tests/support/install-system-deps.sh
+
+test: install system-deps bundle
+	$(BIN)/python -m pytest tests/unit tests/api tests/process
+
+test-fast: install
+	$(BIN)/python -m pytest tests/unit tests/api
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+schema: install
+	$(BIN)/python -m service.manifest > training/manifest.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+-include docker/targets.mk

@@ -1,0 +1,37 @@
+"""Gunicorn settings for ml-api: Uvicorn workers, each loading the bundle itself.
+
+Every value comes from environment variables through service.settings; this
+file only maps them onto Gunicorn's names and adds the lifecycle hooks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from service.settings import ServerSettings
+
+_server = ServerSettings()
+
+wsgi_app = "service.app:app"
+worker_class = "uvicorn_worker.UvicornWorker"
+workers = _server.web_concurrency
+bind = [_server.bind_address]
+# Heartbeat files on tmpfs: a worker blocked on a slow disk must not look dead.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+timeout = _server.timeout
+graceful_timeout = _server.graceful_timeout
+keepalive = _server.keepalive
+max_requests = _server.max_requests
+max_requests_jitter = _server.max_requests_jitter
+forwarded_allow_ips = _server.forwarded_allow_ips
+# No preload: each worker loads and verifies the bundle itself, so SIGHUP
+# picks up a newly copied version and one bad load cannot poison a fork.
+preload_app = False
+# The application writes its own JSON access line per request (service.logs).
+accesslog = None
+errorlog = "-"
+loglevel = _server.log_level.lower()
+proc_name = "ml-api"
+# Gunicorn 25+ opens an unauthenticated control socket under $HOME by default:
+# a surprise on a read-only root and a clash between servers on one machine.
+control_socket_disable = True

@@ -1,0 +1,88 @@
+"""The FastAPI application: `create_app()` for tests, module-level `app` for Gunicorn.
+
+Each worker loads its own bundle in the lifespan: find it, validate the
+manifest, verify every checksum, load the backend, warm it up. Any failure is
+logged as one line naming the bundle and the reason, and startup fails, so the
+worker never serves and Gunicorn exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.bundle import BundleError
+from service.errors import install_error_handlers
+from service.logs import APP_LOGGER, configure_logging
+from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.openapi import build_openapi
+from service.pipeline import PredictionPipeline
+from service.predictor import load_predictor
+from service.routes import health, model_info, predict
+from service.settings import ServiceSettings
+
+log = logging.getLogger(APP_LOGGER)
+
+
+class ModelStartupError(RuntimeError):
+    """Raised from the lifespan so the server refuses to start; already logged."""
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            predictor = load_predictor(settings)
+        except BundleError as exc:
+            log.critical(
+                str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}}
+            )
+            raise ModelStartupError(str(exc)) from None
+        app.state.pipeline = PredictionPipeline(predictor, settings.max_batch_size)
+        app.openapi_schema = None
+        manifest = predictor.manifest
+        log.info(
+            "model loaded",
+            extra={
+                "fields": {
+                    "bundle": str(predictor.bundle_path),
+                    "model": manifest.name,
+                    "version": manifest.version,
+                    "backend": predictor.backend.name,
+                    "single_row_us": round(predictor.single_row_seconds * 1e6, 1),
+                    "inline_max_rows": predictor.inline_max_rows,
+                }
+            },
+        )
+        yield
+        app.state.pipeline = None
+
+    app = FastAPI(
+        title="ml-api",
+        version="1.0",
+        description="Predictions from a verified scikit-learn model bundle.",
+        lifespan=lifespan,
+    )
+    app.state.pipeline = None
+    app.include_router(predict.router)
+    app.include_router(health.router)
+    app.include_router(model_info.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        return build_openapi(app)
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+app = create_app()

@@ -1,0 +1,69 @@
+"""Every error leaves as JSON saying what is wrong and where, with the request id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from service.logs import APP_LOGGER
+from service.middleware import BodyTooLargeError, request_id_of
+from service.pipeline import RequestBodyError
+
+log = logging.getLogger(APP_LOGGER)
+
+
+def error_response(
+    request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None
+) -> Response:
+    body = {"detail": detail, "request_id": request_id_of(request.scope)}
+    return Response(
+        orjson.dumps(body), status, headers=dict(headers or {}), media_type="application/json"
+    )
+
+
+async def _invalid_body(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestBodyError)
+    return error_response(request, 422, exc.errors)
+
+
+async def _request_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return error_response(request, 422, errors)
+
+
+async def _too_large(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BodyTooLargeError)
+    detail = f"request body exceeds the limit of {exc.limit} bytes"
+    return error_response(request, 413, detail, {"connection": "close"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(request, exc.status_code, exc.detail, exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Reaching this is a bug: the tests send every malformed shape they can
+    # think of and assert none gets here.
+    log.error(
+        "unhandled exception",
+        exc_info=exc,
+        extra={"fields": {"request_id": request_id_of(request.scope), "path": request.url.path}},
+    )
+    return error_response(request, 500, "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestBodyError, _invalid_body)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(BodyTooLargeError, _too_large)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,45 @@
+"""The OpenAPI document, completed with the request schemas of the loaded bundle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from service.pipeline import PredictionPipeline
+
+REF = "#/components/schemas/{model}"
+
+
+def _request_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=REF)
+    components.update(schema.pop("$defs", {}))
+    components[model.__name__] = schema
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+    }
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    pipeline: PredictionPipeline | None = getattr(app.state, "pipeline", None)
+    if pipeline is None:
+        # Not cached: before startup the bundle's schemas are unknown.
+        return document
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    paths = document["paths"]
+    paths["/predict"]["post"]["requestBody"] = _request_body(pipeline.models.instance, components)
+    paths["/predict/batch"]["post"]["requestBody"] = _request_body(
+        pipeline.models.batch, components
+    )
+    manifest = pipeline.predictor.manifest
+    document["info"]["x-model"] = {"name": manifest.name, "version": manifest.version}
+    app.openapi_schema = document
+    return document

@@ -1,0 +1,74 @@
+"""Every environment variable ml-api reads, in one place.
+
+`ServiceSettings` configures the application inside each worker;
+`ServerSettings` configures Gunicorn (read by gunicorn.conf.py in the master).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.manifest import SEMVER_RE
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+MIB = 1024 * 1024
+
+
+class _EnvSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="ignore", frozen=True, case_sensitive=False, protected_namespaces=()
+    )
+
+    @field_validator("log_level", mode="before", check_fields=False)
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ServiceSettings(_EnvSettings):
+    model_dir: Path = Path("artifacts")
+    model_name: str = "iris"
+    # None: serve the highest semantic version present, so a SIGHUP after
+    # copying a new bundle in rolls it out.
+    model_version: str | None = None
+    backend: Literal["onnx", "sklearn"] | None = None
+    max_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    max_request_bytes: int = Field(default=MIB, ge=1024, le=1024 * MIB)
+    log_level: LogLevel = "INFO"
+
+    @field_validator("model_version", "backend", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose files pass `MODEL_VERSION=` for "unset".
+        return None if value == "" else value
+
+    @field_validator("model_version")
+    @classmethod
+    def _semver(cls, value: str | None) -> str | None:
+        if value is not None and not SEMVER_RE.match(value):
+            raise ValueError(f"MODEL_VERSION {value!r} is not a semantic version")
+        return value
+
+
+class ServerSettings(_EnvSettings):
+    web_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    bind: str | None = None
+    port: int = Field(default=8000, ge=0, le=65535)
+    timeout: int = Field(default=30, ge=1)
+    graceful_timeout: int = Field(default=30, ge=1)
+    keepalive: int = Field(default=5, ge=0)
+    # Recycling bounds slow leaks; the jitter keeps workers from restarting together.
+    max_requests: int = Field(default=100_000, ge=0)
+    max_requests_jitter: int = Field(default=10_000, ge=0)
+    forwarded_allow_ips: str = "127.0.0.1"
+    prometheus_multiproc_dir: Path = Path("/tmp/ml-api-metrics")
+    log_level: LogLevel = "INFO"
+
+    @property
+    def bind_address(self) -> str:
+        return self.bind or f"0.0.0.0:{self.port}"

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import ServiceSettings
+
+ClientFactory = Callable[..., AbstractContextManager[TestClient]]
+
+
+@pytest.fixture
+def make_client(model_dir: Path) -> ClientFactory:
+    """Start the real app (lifespan included) with settings overrides."""
+
+    @contextmanager
+    def factory(**overrides: Any) -> Iterator[TestClient]:
+        settings = ServiceSettings(model_dir=model_dir, **overrides)
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            yield client
+
+    return factory
+
+
+@pytest.fixture(params=["onnx", "sklearn"])
+def client(request: pytest.FixtureRequest, make_client: ClientFactory) -> Iterator[TestClient]:
+    """The app on each backend: every API rule must hold on both."""
+    with make_client(backend=request.param) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def onnx_client(make_client: ClientFactory) -> Iterator[TestClient]:
+    with make_client() as test_client:
+        yield test_client

@@ -1,0 +1,88 @@
+"""No input, however malformed, reaches the 500 path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.bundles import SETOSA
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=15), children, max_size=6),
+    max_leaves=30,
+)
+feature_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.booleans(), st.none(),
+    st.text(max_size=5), st.just(1e39), st.just(-0.0),
+)
+nearly_valid_rows = st.fixed_dictionaries(
+    {name: feature_values for name in SETOSA},
+    optional={"extra": feature_values},
+)
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _assert_client_error_or_ok(response: Any) -> None:
+    assert response.status_code < 500, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    if response.status_code >= 400:
+        assert response.json()["detail"]
+
+
+@FUZZ
+@given(body=st.binary(max_size=300))
+def test_arbitrary_bytes_never_cause_a_server_error(onnx_client: TestClient, body: bytes) -> None:
+    for path in ("/predict", "/predict/batch"):
+        _assert_client_error_or_ok(
+            onnx_client.post(path, content=body, headers={"content-type": "application/json"})
+        )
+
+
+@FUZZ
+@given(value=json_values)
+def test_arbitrary_json_never_causes_a_server_error(onnx_client: TestClient, value: Any) -> None:
+    body = json.dumps(value).encode()
+    for path in ("/predict", "/predict/batch"):
+        _assert_client_error_or_ok(
+            onnx_client.post(path, content=body, headers={"content-type": "application/json"})
+        )
+
+
+@FUZZ
+@given(rows=st.lists(nearly_valid_rows, min_size=1, max_size=4))
+def test_nearly_valid_rows_never_cause_a_server_error(
+    onnx_client: TestClient, rows: list[dict[str, Any]]
+) -> None:
+    # json.dumps writes NaN/Infinity literals, which some clients send.
+    _assert_client_error_or_ok(
+        onnx_client.post("/predict", content=json.dumps(rows[0]).encode(),
+                         headers={"content-type": "application/json"})
+    )
+    _assert_client_error_or_ok(
+        onnx_client.post("/predict/batch", content=json.dumps({"instances": rows}).encode(),
+                         headers={"content-type": "application/json"})
+    )
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch", "/nope", "/health/../predict",
+                                  "/%ff", "/model-info?x=1"])
+def test_wrong_methods_and_paths_are_client_errors(
+    onnx_client: TestClient, method: str, path: str
+) -> None:
+    _assert_client_error_or_ok(onnx_client.request(method, path))
+
+
+def test_both_backends_survive_the_nearly_valid_corpus(client: TestClient) -> None:
+    corpus = [{**SETOSA, "sepal_length": v} for v in (1e-45, 5e-324, 3.4028234e38, 43.9, 1e-300)]
+    for row in corpus:
+        _assert_client_error_or_ok(client.post("/predict", json=row))
+    _assert_client_error_or_ok(client.post("/predict/batch", json={"instances": corpus}))

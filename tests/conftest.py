@@ -1,0 +1,41 @@
+"""Shared fixtures. One real Iris bundle is trained per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.bundles import copy_bundle, train_bundle
+
+AMBIENT_SETTINGS = (
+    "MODEL_DIR", "MODEL_NAME", "MODEL_VERSION", "BACKEND", "MAX_BATCH_SIZE",
+    "MAX_REQUEST_BYTES", "LOG_LEVEL", "WEB_CONCURRENCY", "BIND", "PORT",
+)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """artifacts-like tree holding iris/1.0.0 (ONNX + joblib). Never modify it: copy it."""
+    return train_bundle(tmp_path_factory.mktemp("trained"), "--version", "1.0.0")
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, trained_bundle: Path) -> Path:
+    """A private MODEL_DIR with a copy of the trained bundle, free to tamper with."""
+    directory = tmp_path / "models"
+    copy_bundle(trained_bundle, directory)
+    return directory
+
+
+@pytest.fixture
+def bundle_path(model_dir: Path) -> Path:
+    return model_dir / "iris" / "1.0.0"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings come from the environment: a developer's exported MODEL_VERSION
+    # or BACKEND must not change what the tests see.
+    for name in AMBIENT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,56 @@
+"""The manifest contract: one definition, exported for training, strict about its content."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from service.manifest import Manifest, json_schema_text
+from tests.support.bundles import REPO
+
+
+def _manifest(bundle: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((bundle / "manifest.json").read_text())
+    return loaded
+
+
+def test_training_schema_is_generated_from_the_service_model() -> None:
+    committed = (REPO / "training" / "manifest.schema.json").read_text()
+    assert committed == json_schema_text(), "run `make schema`"
+
+
+def test_a_trained_manifest_satisfies_both_sides(trained_bundle: Path) -> None:
+    raw = _manifest(trained_bundle)
+    schema = json.loads((REPO / "training" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(raw)
+    manifest = Manifest.model_validate(raw)
+    assert manifest.feature_names == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    assert manifest.backend == "onnx"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m["files"].update({"../evil.py": m["files"]["model.joblib"]}), "files"),
+        (lambda m: m["files"].pop("model.joblib"), "model.joblib"),
+        (lambda m: m.update(version="1.0"), "version"),
+        (lambda m: m["features"].append(m["features"][0]), "unique"),
+        (lambda m: m["features"][0].update(deciles=list(reversed(m["features"][0]["deciles"]))),
+         "deciles"),
+        (lambda m: m["parity"].update(passed=False), "parity"),
+        (lambda m: m.update(surprise=1), "surprise"),
+        (lambda m: m["files"]["model.onnx"].update(sha256="0" * 63), "sha256"),
+    ],
+)
+def test_inconsistent_manifests_are_rejected(
+    trained_bundle: Path, mutate: Any, message: str
+) -> None:
+    raw = _manifest(trained_bundle)
+    mutate(raw)
+    with pytest.raises(ValidationError, match=message):
+        Manifest.model_validate(raw)
