@@ -13,7 +13,7 @@ from service.settings import ServerSettings
 _server = ServerSettings()
 
 wsgi_app = "service.app:app"
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "service.worker.DrainingUvicornWorker"
 workers = _server.web_concurrency
 bind = [_server.bind_address]
 # Heartbeat files on tmpfs: a worker blocked on a slow disk must not look dead.

@@ -61,7 +61,9 @@ def test_model_info_names_the_backend_requested(make_client: ClientFactory) -> N
         assert test_client.get("/model-info").json()["backend"] == "onnx"
 
 
-def test_openapi_documents_each_feature_with_unit_bounds_and_example(onnx_client: TestClient) -> None:
+def test_openapi_documents_each_feature_with_unit_bounds_and_example(
+    onnx_client: TestClient,
+) -> None:
     document = onnx_client.get("/openapi.json").json()
     schemas = document["components"]["schemas"]
     body_ref = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]

@@ -14,20 +14,27 @@ from tests.support.bundles import SETOSA
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=15), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=15), children, max_size=6)
+    ),
     max_leaves=30,
 )
 feature_values = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.booleans(), st.none(),
-    st.text(max_size=5), st.just(1e39), st.just(-0.0),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=5),
+    st.just(1e39),
+    st.just(-0.0),
 )
 nearly_valid_rows = st.fixed_dictionaries(
     {name: feature_values for name in SETOSA},
     optional={"extra": feature_values},
 )
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _assert_client_error_or_ok(response: Any) -> None:
@@ -63,18 +70,25 @@ def test_nearly_valid_rows_never_cause_a_server_error(
 ) -> None:
     # json.dumps writes NaN/Infinity literals, which some clients send.
     _assert_client_error_or_ok(
-        onnx_client.post("/predict", content=json.dumps(rows[0]).encode(),
-                         headers={"content-type": "application/json"})
+        onnx_client.post(
+            "/predict",
+            content=json.dumps(rows[0]).encode(),
+            headers={"content-type": "application/json"},
+        )
     )
     _assert_client_error_or_ok(
-        onnx_client.post("/predict/batch", content=json.dumps({"instances": rows}).encode(),
-                         headers={"content-type": "application/json"})
+        onnx_client.post(
+            "/predict/batch",
+            content=json.dumps({"instances": rows}).encode(),
+            headers={"content-type": "application/json"},
+        )
     )
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
-@pytest.mark.parametrize("path", ["/predict", "/predict/batch", "/nope", "/health/../predict",
-                                  "/%ff", "/model-info?x=1"])
+@pytest.mark.parametrize(
+    "path", ["/predict", "/predict/batch", "/nope", "/health/../predict", "/%ff", "/model-info?x=1"]
+)
 def test_wrong_methods_and_paths_are_client_errors(
     onnx_client: TestClient, method: str, path: str
 ) -> None:

@@ -18,7 +18,11 @@ def test_predict_returns_setosa_for_the_readme_example(client: TestClient) -> No
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {
-        "predicted_class", "predicted_class_name", "confidence", "probabilities", "model_version"
+        "predicted_class",
+        "predicted_class_name",
+        "confidence",
+        "probabilities",
+        "model_version",
     }
     assert body["predicted_class"] == 0
     assert body["predicted_class_name"] == "setosa"
@@ -38,9 +42,9 @@ def test_backends_agree_on_probabilities(make_client: ClientFactory) -> None:
     answers = {}
     for backend in ("onnx", "sklearn"):
         with make_client(backend=backend) as test_client:
-            answers[backend] = test_client.post(
-                "/predict/batch", json={"instances": rows}
-            ).json()["predictions"]
+            answers[backend] = test_client.post("/predict/batch", json={"instances": rows}).json()[
+                "predictions"
+            ]
     for onnx_row, sklearn_row in zip(answers["onnx"], answers["sklearn"], strict=True):
         assert onnx_row["predicted_class"] == sklearn_row["predicted_class"]
         for name in CLASSES:
@@ -55,7 +59,9 @@ def test_batch_answers_each_row_in_order(client: TestClient) -> None:
     body = response.json()
     assert body["model_version"] == "1.0.0"
     assert [p["predicted_class_name"] for p in body["predictions"]] == [
-        "setosa", "virginica", "setosa"
+        "setosa",
+        "virginica",
+        "setosa",
     ]
     single = client.post("/predict", json=VIRGINICA).json()
     assert body["predictions"][1]["probabilities"] == single["probabilities"]

@@ -38,10 +38,15 @@ def test_booleans_are_not_numbers(client: TestClient, value: bool) -> None:
     assert error["type"] == "float_type"
 
 
-@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e999",
-                                     b"9" * 400])
-def test_non_finite_and_overflowing_literals_are_rejected(client: TestClient, literal: bytes) -> None:
-    body = b'{"sepal_length":5.1,"sepal_width":3.5,"petal_length":1.4,"petal_width":' + literal + b"}"
+@pytest.mark.parametrize(
+    "literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e999", b"9" * 400]
+)
+def test_non_finite_and_overflowing_literals_are_rejected(
+    client: TestClient, literal: bytes
+) -> None:
+    body = (
+        b'{"sepal_length":5.1,"sepal_width":3.5,"petal_length":1.4,"petal_width":' + literal + b"}"
+    )
     error = _single_error(_post_raw(client, "/predict", body))
     assert error["loc"] == ["body", "petal_width"]
     assert error["type"] in {"finite_number", "less_than_equal"}
@@ -61,8 +66,10 @@ def test_values_beyond_float32_are_rejected(onnx_client: TestClient) -> None:
     assert error["type"] == "less_than_equal"
 
 
-@pytest.mark.parametrize(("value", "error_type"), [(0.0, "greater_than"), (-1.0, "greater_than"),
-                                                   (1000.0, "less_than_equal")])
+@pytest.mark.parametrize(
+    ("value", "error_type"),
+    [(0.0, "greater_than"), (-1.0, "greater_than"), (1000.0, "less_than_equal")],
+)
 def test_values_outside_feature_bounds_are_rejected(
     client: TestClient, value: float, error_type: str
 ) -> None:
@@ -89,12 +96,18 @@ def test_every_wrong_field_is_reported(client: TestClient) -> None:
     response = client.post("/predict", json={"sepal_length": True, "petal_width": -1, "x": 1})
     assert response.status_code == 422
     locations = {tuple(e["loc"]) for e in _errors(response)}
-    assert locations == {("body", "sepal_length"), ("body", "sepal_width"), ("body", "petal_length"),
-                         ("body", "petal_width"), ("body", "x")}
+    assert locations == {
+        ("body", "sepal_length"),
+        ("body", "sepal_width"),
+        ("body", "petal_length"),
+        ("body", "petal_width"),
+        ("body", "x"),
+    }
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"not json", b"\xff\xfe\x00", b'{"a":1,}',
-                                  b"[" * 5000 + b"]" * 5000])
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"not json", b"\xff\xfe\x00", b'{"a":1,}', b"[" * 5000 + b"]" * 5000]
+)
 def test_malformed_json_is_a_422(client: TestClient, body: bytes) -> None:
     error = _single_error(_post_raw(client, "/predict", body))
     assert error["loc"] == ["body"]
@@ -109,8 +122,11 @@ def test_non_object_json_is_a_422(client: TestClient, body: bytes) -> None:
 
 
 def test_non_json_content_type_is_a_415(client: TestClient) -> None:
-    response = client.post("/predict", content=b"sepal_length=5.1",
-                           headers={"content-type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/predict",
+        content=b"sepal_length=5.1",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 415
     assert "application/json" in response.json()["detail"]
 
@@ -135,8 +151,16 @@ def test_batch_rejects_more_than_max_batch_size_rows(make_client: ClientFactory)
     assert "5" in error["msg"]
 
 
-@pytest.mark.parametrize("body", [{}, {"instances": SETOSA}, {"instances": [SETOSA], "extra": 1},
-                                  {"rows": [SETOSA]}, {"instances": [[5.1, 3.5, 1.4, 0.2]]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"instances": SETOSA},
+        {"instances": [SETOSA], "extra": 1},
+        {"rows": [SETOSA]},
+        {"instances": [[5.1, 3.5, 1.4, 0.2]]},
+    ],
+)
 def test_batch_envelope_is_strict(client: TestClient, body: dict[str, Any]) -> None:
     response = client.post("/predict/batch", json=body)
     assert response.status_code == 422

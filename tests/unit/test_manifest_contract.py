@@ -40,8 +40,10 @@ def test_a_trained_manifest_satisfies_both_sides(trained_bundle: Path) -> None:
         (lambda m: m["files"].pop("model.joblib"), "model.joblib"),
         (lambda m: m.update(version="1.0"), "version"),
         (lambda m: m["features"].append(m["features"][0]), "unique"),
-        (lambda m: m["features"][0].update(deciles=list(reversed(m["features"][0]["deciles"]))),
-         "deciles"),
+        (
+            lambda m: m["features"][0].update(deciles=list(reversed(m["features"][0]["deciles"]))),
+            "deciles",
+        ),
         (lambda m: m["parity"].update(passed=False), "parity"),
         (lambda m: m.update(surprise=1), "surprise"),
         (lambda m: m["files"]["model.onnx"].update(sha256="0" * 63), "sha256"),

@@ -23,7 +23,10 @@ def _manifest(trained_bundle: Path, **feature_changes: Any) -> Manifest:
 def test_one_strict_float_field_per_feature(trained_bundle: Path) -> None:
     models = build_request_models(_manifest(trained_bundle), max_batch_size=10)
     assert list(models.instance.model_fields) == [
-        "sepal_length", "sepal_width", "petal_length", "petal_width"
+        "sepal_length",
+        "sepal_width",
+        "petal_length",
+        "petal_width",
     ]
     models.instance.model_validate(models.example)
     with pytest.raises(ValidationError):
@@ -37,20 +40,20 @@ def test_unbounded_features_still_reject_values_beyond_float32(trained_bundle: P
     models.instance.model_validate({**row, "sepal_length": FLOAT32_MAX})
     models.instance.model_validate({**row, "sepal_length": -FLOAT32_MAX})
     for value in (3.5e38, -3.5e38):
-        with pytest.raises(ValidationError, match="sepal_length"):
+        with pytest.raises(ValidationError, match=r"sepal_length"):
             models.instance.model_validate({**row, "sepal_length": value})
 
 
 def test_exclusive_bounds_exclude_the_edge(trained_bundle: Path) -> None:
     models = build_request_models(_manifest(trained_bundle), max_batch_size=10)
-    with pytest.raises(ValidationError, match="greater than 0"):
+    with pytest.raises(ValidationError, match=r"greater than 0"):
         models.instance.model_validate({**models.example, "petal_width": 0.0})
 
 
 def test_batch_model_enforces_the_configured_size(trained_bundle: Path) -> None:
     models = build_request_models(_manifest(trained_bundle), max_batch_size=3)
     models.batch.model_validate({"instances": [models.example] * 3})
-    with pytest.raises(ValidationError, match="at most 3"):
+    with pytest.raises(ValidationError, match=r"at most 3"):
         models.batch.model_validate({"instances": [models.example] * 4})
 
 

@@ -1,0 +1,208 @@
+"""Real Gunicorn with two real Uvicorn workers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.bundles import SETOSA, copy_bundle
+from tests.support.servers import Gunicorn, running_gunicorn, start_gunicorn, wait_for
+
+pytestmark = pytest.mark.process
+
+
+# No keep-alive: a new connection each time, so the kernel spreads them over the workers.
+_NO_KEEPALIVE = httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+def _fresh_connection_post(url: str, body: object) -> httpx.Response:
+    return _NO_KEEPALIVE.post(f"{url}/predict", json=body)
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def _predictions_logged(server: Gunicorn) -> list[dict[str, Any]]:
+    return [line for line in server.access_log() if line["path"] == "/predict"]
+
+
+def test_both_workers_answer_predictions(model_dir: Path, tmp_path: Path) -> None:
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        workers = server.worker_pids()
+        assert len(workers) == 2
+        responses = [_fresh_connection_post(server.url, SETOSA) for _ in range(120)]
+        assert {r.status_code for r in responses} == {200}
+        assert {r.json()["predicted_class_name"] for r in responses} == {"setosa"}
+        wait_for(lambda: len(_predictions_logged(server)) >= 120, 5, what="access log lines")
+        answered_by = {line["worker_pid"] for line in _predictions_logged(server)}
+    assert answered_by == workers
+
+
+def test_access_log_is_one_json_line_per_request_on_stdout(model_dir: Path, tmp_path: Path) -> None:
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=1) as server:
+        with httpx.Client(base_url=server.url) as client:
+            ok = client.post("/predict", json=SETOSA, headers={"x-request-id": "trace-1"})
+            bad = client.post("/predict", json={})
+            client.get("/health")
+        wait_for(lambda: len(server.access_log()) >= 4, 5, what="access log lines")
+        # The readiness probe that started the test is logged too.
+        lines = [line for line in server.access_log() if line["path"] != "/health/ready"]
+        assert "Booting worker" in server.stderr()
+        assert "Booting worker" not in server.stdout()
+    assert (ok.status_code, bad.status_code) == (200, 422)
+    assert [(x["method"], x["path"], x["status"]) for x in lines] == [
+        ("POST", "/predict", 200),
+        ("POST", "/predict", 422),
+        ("GET", "/health", 200),
+    ]
+    assert lines[0]["request_id"] == "trace-1"
+    assert lines[1]["request_id"] == bad.headers["x-request-id"]
+    for line in lines:
+        assert line["duration_ms"] >= 0
+        assert isinstance(line["worker_pid"], int)
+
+
+def test_sigterm_drains_an_in_flight_request_and_exits_zero(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    body = b'{"sepal_length":5.1,"sepal_width":3.5,"petal_length":1.4,"petal_width":0.2}'
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=1) as server:
+        # An in-flight request: headers and half the body sent, the rest after SIGTERM.
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:20]
+        )
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.process.poll() is None, "gunicorn quit with a request in flight"
+        sock.sendall(body[20:])
+        response = _read_until_closed(sock)
+        sock.close()
+        assert server.wait(timeout=30) == 0
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert b'"predicted_class_name":"setosa"' in response
+
+
+def test_sighup_rolls_out_a_new_version_without_a_failed_request(
+    model_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    failures: list[str] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def traffic(url: str) -> None:
+        while not stop.is_set():
+            try:
+                response = _fresh_connection_post(url, SETOSA)
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
+                else:
+                    versions.append(response.json()["model_version"])
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        sender = threading.Thread(target=traffic, args=(server.url,))
+        sender.start()
+        try:
+            wait_for(lambda: len(versions) > 20, 10, what="traffic on 1.0.0")
+            # Copy under a name the service ignores, then rename: the new
+            # version appears complete or not at all.
+            staging = copy_bundle(bundle_path, model_dir, version="1.1.0")
+            staging.rename(model_dir / "iris" / ".incoming")
+            (model_dir / "iris" / ".incoming").rename(model_dir / "iris" / "1.1.0")
+            old_workers = server.worker_pids()
+            server.signal(signal.SIGHUP)
+            wait_for(lambda: versions[-30:] == ["1.1.0"] * 30, 30, what="1.1.0 everywhere")
+            new_workers = server.worker_pids()
+        finally:
+            stop.set()
+            sender.join()
+    assert failures == []
+    assert versions[0] == "1.0.0"
+    assert old_workers.isdisjoint(new_workers)
+    assert len(new_workers) == 2
+
+
+def test_missing_bundle_makes_gunicorn_exit_nonzero_with_the_reason(tmp_path: Path) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    server = start_gunicorn(empty, tmp_path / "logs", workers=2)
+    try:
+        code = server.wait(timeout=60)
+    finally:
+        server.stop()
+    assert code != 0
+    assert f"model bundle refused: {empty / 'iris'}: missing" in server.stderr()
+
+
+class _Detonator:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))
+
+
+def test_tampered_bundle_makes_gunicorn_exit_nonzero_without_unpickling(
+    model_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    (bundle_path / "model.joblib").write_bytes(pickle.dumps(_Detonator(marker)))
+    server = start_gunicorn(model_dir, tmp_path / "logs", workers=2, env={"BACKEND": "sklearn"})
+    try:
+        code = server.wait(timeout=60)
+    finally:
+        server.stop()
+    assert code != 0
+    assert (
+        f"model bundle refused: {bundle_path}: checksum mismatch: model.joblib" in server.stderr()
+    )
+    assert not marker.exists()
+
+
+def test_oversized_chunked_body_is_refused_before_it_is_all_sent(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    with running_gunicorn(
+        model_dir, tmp_path / "logs", workers=1, env={"MAX_REQUEST_BYTES": "4096"}
+    ) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /predict/batch HTTP/1.1\r\nHost: t\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b" " * 8192
+        sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        # The rest of the body is never sent: the answer must come anyway.
+        response = _read_until_closed(sock)
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 413 ")
+    assert b"4096" in response
+
+
+def test_sklearn_backend_serves_under_gunicorn(model_dir: Path, tmp_path: Path) -> None:
+    with running_gunicorn(
+        model_dir, tmp_path / "logs", workers=2, env={"BACKEND": "sklearn"}
+    ) as server:
+        info = httpx.get(f"{server.url}/model-info").json()
+        answer = _fresh_connection_post(server.url, SETOSA).json()
+    assert info["backend"] == "sklearn"
+    assert answer["predicted_class_name"] == "setosa"
+    shutil.rmtree(tmp_path / "logs")

@@ -1,0 +1,141 @@
+"""`python -m training`: parse flags, run one training, report in one line either way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from training.bundle_writer import MANIFEST_FILE, check_name, check_version
+from training.datasets import BUILTIN_DATASETS
+from training.errors import TrainingError
+from training.pipeline import TrainConfig, train
+
+PREFIX = "training: error: "
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Same prefix as runtime failures, so scripts grep for one thing.
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PREFIX}{message}\n")
+
+
+def _checked(convert: Callable[[str], T], ok: Callable[[T], bool], what: str) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+def _via(check: Callable[[str], str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except TrainingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+    non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+    open_fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+    closed_fraction = _checked(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
+    non_negative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+    p = _Parser(
+        prog="python -m training",
+        description="Train a classifier and write a versioned model bundle "
+        "(model.joblib, model.onnx, manifest.json) to DIR/<name>/<version>/.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--dataset", choices=BUILTIN_DATASETS, help="bundled data set (default: iris)"
+    )
+    source.add_argument("--csv", type=Path, metavar="PATH", help="CSV file with a header row")
+    p.add_argument("--target", metavar="COLUMN", help="target column of --csv")
+    p.add_argument(
+        "--name", type=_via(check_name), help="bundle name (default: data set name or CSV stem)"
+    )
+    p.add_argument("--version", type=_via(check_version), default="1.0.0", metavar="X.Y.Z")
+    p.add_argument("--output-dir", type=Path, default=Path("artifacts"), metavar="DIR")
+    p.add_argument("--n-estimators", type=positive_int, default=100, metavar="N")
+    p.add_argument("--max-depth", type=positive_int, default=None, metavar="N")
+    p.add_argument("--random-state", type=int, default=42, metavar="SEED")
+    p.add_argument("--test-size", type=open_fraction, default=0.25, metavar="FRACTION")
+    p.add_argument("--min-accuracy", type=closed_fraction, default=0.9, metavar="FRACTION")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle version")
+    p.add_argument("--parity-random-rows", type=non_negative_int, default=5000, metavar="N")
+    p.add_argument("--parity-tolerance", type=non_negative, default=1e-5, metavar="TOL")
+    p.add_argument("--no-onnx", action="store_true", help="write an sklearn-only bundle")
+    return p
+
+
+def config_from(argv: Sequence[str] | None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.csv is not None and not args.target:
+        parser.error("--csv requires --target COLUMN")
+    if args.target is not None and args.csv is None:
+        parser.error("--target is only meaningful with --csv")
+    return TrainConfig(
+        dataset=args.dataset or "iris",
+        csv=args.csv,
+        target=args.target,
+        name=args.name,
+        version=args.version,
+        output_dir=args.output_dir,
+        n_estimators=args.n_estimators,
+        max_depth=args.max_depth,
+        random_state=args.random_state,
+        test_size=args.test_size,
+        min_accuracy=args.min_accuracy,
+        force=args.force,
+        parity_random_rows=args.parity_random_rows,
+        parity_tolerance=args.parity_tolerance,
+        onnx=not args.no_onnx,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from(argv)
+    try:
+        path = train(config)
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except TrainingError as exc:
+        print(PREFIX + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(PREFIX + "interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # A bug, but the contract is still one line and exit 1; rerun with
+        # python -X dev or a debugger for the traceback.
+        message = " ".join(str(exc).split())
+        print(f"{PREFIX}unexpected {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+    metrics, parity = manifest["metrics"], manifest["parity"]
+    print(
+        f"{manifest['name']} {manifest['version']}: accuracy {metrics['accuracy']:.4f}, "
+        f"macro F1 {metrics['f1_macro']:.4f}, backend {manifest['backend']}, "
+        f"parity {'passed' if parity['passed'] else 'not passed'}"
+    )
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
