@@ -8,28 +8,51 @@ worker never serves and Gunicorn exits non-zero.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.logs import APP_LOGGER, configure_logging
+from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
-from service.predictor import load_predictor
+from service.predictor import Predictor, load_predictor
 from service.routes import health, model_info, predict
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from service.metrics.instruments import ModelMetrics
 
 log = logging.getLogger(APP_LOGGER)
 
 
 class ModelStartupError(RuntimeError):
     """Raised from the lifespan so the server refuses to start; already logged."""
+
+
+def model_metrics(predictor: Predictor) -> ModelMetrics:
+    from service.metrics.instruments import ModelMetrics
+
+    served_file = MODEL_FILE_ONNX if predictor.backend.name == "onnx" else MODEL_FILE_SKLEARN
+    return ModelMetrics(
+        predictor.manifest, predictor.backend.name, predictor.checksums[served_file]
+    )
+
+
+async def refresh_process_metrics(interval_seconds: float = 5.0) -> None:
+    """Keep this worker's memory/CPU/fd gauges current for scrapes answered by its siblings."""
+    from service.metrics.exposition import update_process_metrics
+
+    while True:
+        update_process_metrics()
+        await asyncio.sleep(interval_seconds)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -45,7 +68,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}}
             )
             raise ModelStartupError(str(exc)) from None
-        app.state.pipeline = PredictionPipeline(predictor, settings.max_batch_size)
+        metrics = model_metrics(predictor) if settings.metrics_enabled else None
+        app.state.pipeline = PredictionPipeline(predictor, settings.max_batch_size, metrics)
         app.openapi_schema = None
         manifest = predictor.manifest
         log.info(
@@ -61,7 +85,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 }
             },
         )
+        refresher = (
+            asyncio.create_task(refresh_process_metrics()) if settings.metrics_enabled else None
+        )
         yield
+        if refresher is not None:
+            refresher.cancel()
         app.state.pipeline = None
 
     app = FastAPI(
@@ -75,8 +104,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(model_info.router)
     install_error_handlers(app)
+    http_metrics = None
+    if settings.metrics_enabled:
+        from service.metrics.http import HttpMetrics
+        from service.routes import metrics as metrics_route
+
+        app.include_router(metrics_route.router)
+        http_metrics = HttpMetrics()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
 
     def openapi() -> dict[str, Any]:
         return build_openapi(app)

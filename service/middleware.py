@@ -6,12 +6,25 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import log_request
+
+if TYPE_CHECKING:
+    # Imported only for typing: with metrics disabled prometheus_client is never loaded.
+    from service.metrics.http import HttpMetrics
+
+NOT_COUNTED = frozenset({"/metrics"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    # Any other token becomes "other", so clients cannot mint label values.
+    return method if method in KNOWN_METHODS else "other"
+
 
 REQUEST_ID_HEADER = b"x-request-id"
 # Ids from clients or the proxy are echoed into logs and headers: keep them short and inert.
@@ -24,11 +37,12 @@ def request_id_of(scope: Scope) -> str | None:
 
 
 class RequestContextMiddleware:
-    """Assigns the request id (kept from X-Request-ID when sane), echoes it, and
-    writes one JSON access-log line per request."""
+    """Assigns the request id (kept from X-Request-ID when sane), echoes it,
+    records the HTTP metrics and writes one JSON access-log line per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,6 +59,10 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         encoded_id = request_id.encode()
         status = 500
+        method = method_label(scope["method"])
+        metrics = None if scope["path"] in NOT_COUNTED else self.metrics
+        if metrics is not None:
+            metrics.start(method)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -56,12 +74,15 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - start
+            if metrics is not None:
+                metrics.finish(scope, method, status, seconds)
             log_request(
                 {
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "duration_ms": round(seconds * 1000, 3),
                     "request_id": request_id,
                     "client": scope["client"][0] if scope.get("client") else None,
                 }

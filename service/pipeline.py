@@ -7,8 +7,9 @@ the framework's own per-request work is what this path avoids.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,9 @@ from pydantic import BaseModel, ValidationError
 from service.backends.base import FloatMatrix
 from service.predictor import Predictor
 from service.schemas import RequestModels, build_request_models
+
+if TYPE_CHECKING:
+    from service.metrics.instruments import ModelMetrics
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -52,9 +56,12 @@ def _row_reader(names: Sequence[str]) -> Callable[[BaseModel], tuple[float, ...]
 
 
 class PredictionPipeline:
-    def __init__(self, predictor: Predictor, max_batch_size: int) -> None:
+    def __init__(
+        self, predictor: Predictor, max_batch_size: int, metrics: ModelMetrics | None = None
+    ) -> None:
         manifest = predictor.manifest
         self.predictor = predictor
+        self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.models: RequestModels = build_request_models(manifest, max_batch_size)
         self._read_row = _row_reader(manifest.feature_names)
@@ -64,8 +71,20 @@ class PredictionPipeline:
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
         return np.array([self._read_row(i) for i in instances], dtype=np.float32)
 
-    def predictions(self, probabilities: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
+    async def infer(
+        self, rows: FloatMatrix
+    ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.intp]]:
+        start = time.perf_counter()
+        probabilities = await self.predictor.predict_proba(rows)
+        seconds = time.perf_counter() - start
         winners = probabilities.argmax(axis=1)
+        if self.metrics is not None:
+            self.metrics.observe(rows, winners, seconds)
+        return probabilities, winners
+
+    def predictions(
+        self, probabilities: npt.NDArray[np.floating], winners: npt.NDArray[np.intp]
+    ) -> list[dict[str, Any]]:
         names = self._class_names
         return [
             {
@@ -80,14 +99,13 @@ class PredictionPipeline:
     async def predict_one(self, body: bytes) -> bytes:
         instance = parse_body(self.models.instance, body)
         rows = self.features([instance])
-        probabilities = await self.predictor.predict_proba(rows)
-        (prediction,) = self.predictions(probabilities)
+        (prediction,) = self.predictions(*await self.infer(rows))
         prediction["model_version"] = self._version
         return orjson.dumps(prediction, option=orjson.OPT_SERIALIZE_NUMPY)
 
     async def predict_batch(self, body: bytes) -> bytes:
         batch = parse_body(self.models.batch, body)
         rows = self.features(batch.instances)  # type: ignore[attr-defined]
-        probabilities = await self.predictor.predict_proba(rows)
-        response = {"predictions": self.predictions(probabilities), "model_version": self._version}
+        predictions = self.predictions(*await self.infer(rows))
+        response = {"predictions": predictions, "model_version": self._version}
         return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

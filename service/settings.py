@@ -40,6 +40,8 @@ class ServiceSettings(_EnvSettings):
     max_batch_size: int = Field(default=1000, ge=1, le=100_000)
     max_request_bytes: int = Field(default=MIB, ge=1024, le=1024 * MIB)
     log_level: LogLevel = "INFO"
+    # Off only to measure what metrics cost (make bench); /metrics then 404s.
+    metrics_enabled: bool = True
 
     @field_validator("model_version", "backend", mode="before")
     @classmethod

@@ -6,11 +6,23 @@ from pathlib import Path
 
 import pytest
 
+# First, before any test module imports prometheus_client: it picks its
+# (multiprocess) value storage once, from PROMETHEUS_MULTIPROC_DIR.
+import service.metrics  # noqa: F401  isort: skip
+
 from tests.support.bundles import copy_bundle, train_bundle
 
 AMBIENT_SETTINGS = (
-    "MODEL_DIR", "MODEL_NAME", "MODEL_VERSION", "BACKEND", "MAX_BATCH_SIZE",
-    "MAX_REQUEST_BYTES", "LOG_LEVEL", "WEB_CONCURRENCY", "BIND", "PORT",
+    "MODEL_DIR",
+    "MODEL_NAME",
+    "MODEL_VERSION",
+    "BACKEND",
+    "MAX_BATCH_SIZE",
+    "MAX_REQUEST_BYTES",
+    "LOG_LEVEL",
+    "WEB_CONCURRENCY",
+    "BIND",
+    "PORT",
 )
 
 

@@ -15,6 +15,13 @@ BOUND_SPANS = 10.0
 DECILE_LEVELS = tuple(i / 10 for i in range(1, 10))
 
 
+def tidy(value: float) -> float:
+    """Ten significant digits: 43.900000000000006 becomes 43.9 in the manifest,
+    the OpenAPI schema and the metric bucket labels. Rounding is monotonic,
+    so ordered values stay ordered."""
+    return float(f"{value:.10g}")
+
+
 def bounds(column: NDArray[np.float64]) -> dict[str, float]:
     """Bounds for one feature: keys are FeatureSpec's minimum/exclusive_minimum/maximum."""
     lo = float(column.min())
@@ -31,8 +38,8 @@ def bounds(column: NDArray[np.float64]) -> dict[str, float]:
     elif lo == 0:
         result["minimum"] = 0.0
     else:
-        result["minimum"] = lo - BOUND_SPANS * span
-    result["maximum"] = hi + BOUND_SPANS * span
+        result["minimum"] = tidy(lo - BOUND_SPANS * span)
+    result["maximum"] = tidy(hi + BOUND_SPANS * span)
     return result
 
 
@@ -41,7 +48,7 @@ def deciles(column: NDArray[np.float64]) -> list[float]:
     # Linear interpolation can step back by one ulp between equal neighbours;
     # the manifest requires non-decreasing edges.
     edges = np.maximum.accumulate(edges)
-    return [float(v) for v in edges]
+    return [tidy(float(v)) for v in edges]
 
 
 def feature_specs(x: NDArray[np.float64], infos: list[FeatureInfo]) -> list[dict[str, Any]]:

@@ -130,6 +130,14 @@ def test_sighup_rolls_out_a_new_version_without_a_failed_request(
             old_workers = server.worker_pids()
             server.signal(signal.SIGHUP)
             wait_for(lambda: versions[-30:] == ["1.1.0"] * 30, 30, what="1.1.0 everywhere")
+            # Old workers drain and exit while the new ones already serve.
+            wait_for(
+                lambda: (
+                    server.worker_pids().isdisjoint(old_workers) and len(server.worker_pids()) == 2
+                ),
+                30,
+                what="the old workers to exit",
+            )
             new_workers = server.worker_pids()
         finally:
             stop.set()

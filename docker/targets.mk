@@ -1,0 +1,60 @@
+# Container verbs, included from the top-level Makefile (`-include docker/targets.mk`).
+#
+#   make image            build ml-api:$(VERSION) (trains the model inside the build)
+#   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana)
+#   make down             docker compose down
+#   make e2e              end-to-end test: engine, images, stack, scale, drain (tests/e2e)
+#   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
+#   make engine           install/start a Docker engine and the compose plugin if missing
+#
+# Variables: VERSION (model version, 1.0.0), MODEL_NAME, DATASET, OFFLINE (1: use
+# the ml-api/*:offline images), REPLICAS (api replicas for `up`).
+PYTHON ?= python3
+VENV ?= .venv
+VERSION ?= 1.0.0
+MODEL_NAME ?= iris
+DATASET ?= iris
+OFFLINE ?=
+REPLICAS ?= 1
+
+ifeq ($(OFFLINE),1)
+export PYTHON_BASE_IMAGE ?= ml-api/python:offline
+export NGINX_IMAGE ?= ml-api/nginx:offline
+export PROMETHEUS_IMAGE ?= ml-api/prometheus:offline
+# Grafana has no offline image: the offline stack runs without it.
+COMPOSE_SERVICES := api proxy prometheus
+OFFLINE_DEP := offline-images
+else
+COMPOSE_SERVICES :=
+OFFLINE_DEP :=
+endif
+
+DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON)
+E2E_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
+
+.PHONY: image up down e2e offline-images engine
+
+engine:
+	PYTHON=$(PYTHON) docker/ensure-engine.sh start
+
+offline-images: engine
+	docker/offline-images.sh
+
+image: engine $(OFFLINE_DEP)
+	$(DOCKER_ENV) docker/build-image.sh
+
+up: image
+	$(DOCKER_ENV) docker compose up -d --wait --scale api=$(REPLICAS) $(COMPOSE_SERVICES)
+	@echo "API:        http://127.0.0.1:$${PROXY_PORT:-8080}  (try: curl -X POST http://127.0.0.1:$${PROXY_PORT:-8080}/predict -H 'Content-Type: application/json' -d '{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}')"
+	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}"
+	@$(if $(COMPOSE_SERVICES),,echo "Grafana:    http://127.0.0.1:$${GRAFANA_PORT:-3000}")
+
+down:
+	$(DOCKER_ENV) docker compose down --remove-orphans
+
+# The whole tier: installs/starts the engine when missing (and stops it after,
+# if it started it), builds offline images when no registry answers, builds the
+# image, runs the stack tests. Set ML_API_OFFLINE=1/0 to skip the registry probe.
+e2e: install
+	ML_API_E2E=1 MODEL_VERSION=$(VERSION) PYTHON=$(PYTHON) \
+		$(E2E_PYTHON) -m pytest tests/e2e -p no:cacheprovider -v -ra $(E2E_ARGS)

@@ -1,0 +1,180 @@
+"""The metrics ml-api exports. Names and labels follow the conventions public
+Grafana dashboards query (http_requests_total, http_request_duration_seconds
+with method/handler/status)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.manifest import Manifest
+
+# Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+INFERENCE_BUCKETS = (
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+BATCH_ROW_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests answered.", ["method", "handler", "status"], registry=None
+)
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time from request start to the end of the response.",
+    ["method", "handler"],
+    buckets=LATENCY_BUCKETS,
+    registry=None,
+)
+HTTP_IN_PROGRESS = Gauge(
+    "http_requests_in_progress",
+    "Requests being handled now (the route is only known once the request is routed).",
+    ["method"],
+    multiprocess_mode="livesum",
+    registry=None,
+)
+INFERENCE_DURATION = Histogram(
+    "model_inference_duration_seconds",
+    "Time in the backend per inference call.",
+    ["model", "version", "backend"],
+    buckets=INFERENCE_BUCKETS,
+    registry=None,
+)
+BATCH_ROWS = Histogram(
+    "model_batch_rows",
+    "Rows per inference call.",
+    ["model", "version"],
+    buckets=BATCH_ROW_BUCKETS,
+    registry=None,
+)
+PREDICTIONS = Counter(
+    "model_predictions_total",
+    "Predictions made, by class.",
+    ["model", "version", "class"],
+    registry=None,
+)
+MODEL_INFO = Gauge(
+    "model_info",
+    "The model bundle a live worker serves (value 1).",
+    ["model", "version", "backend", "sha256"],
+    multiprocess_mode="livemax",
+    registry=None,
+)
+# Per-worker process figures: the default process collector reports nothing in
+# multiprocess mode. "liveall" keeps one series per live worker (label pid).
+RESIDENT_MEMORY = Gauge(
+    "process_resident_memory_bytes",
+    "Resident memory of the worker.",
+    multiprocess_mode="liveall",
+    registry=None,
+)
+CPU_SECONDS = Gauge(
+    "process_cpu_seconds",
+    "User and system CPU time of the worker.",
+    multiprocess_mode="liveall",
+    registry=None,
+)
+OPEN_FDS = Gauge(
+    "process_open_fds",
+    "Open file descriptors of the worker.",
+    multiprocess_mode="liveall",
+    registry=None,
+)
+
+FEATURE_METRIC = "model_feature_value"
+# registry=None throughout: scrapes build a fresh registry over the multiprocess
+# files, and the default registry's process collector would clash by name.
+
+
+def _histogram_add(child: Histogram, values: npt.NDArray[np.floating]) -> None:
+    """Observe many values in one pass: bucket counts by numpy instead of a
+    Python observe() per value (a 1,000-row batch has thousands of values).
+
+    Relies on Histogram's per-bucket (non-cumulative) counters, as observe() does.
+    """
+    bounds = np.asarray(child._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(child._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(float(values.sum()))
+
+
+@functools.cache
+def _feature_histogram(feature: str, buckets: tuple[float, ...]) -> Histogram:
+    # Cached: two objects for one series would each keep their own running
+    # value and overwrite each other's in the shared file.
+    return Histogram(
+        FEATURE_METRIC,
+        "Live input values, bucketed at the training data's deciles.",
+        ["model", "version", "feature"],
+        buckets=buckets,
+        registry=None,
+    )
+
+
+class ModelMetrics:
+    """Inference metrics bound to one bundle's labels."""
+
+    def __init__(self, manifest: Manifest, backend: str, checksum: str) -> None:
+        labels = (manifest.name, manifest.version)
+        self._duration = INFERENCE_DURATION.labels(*labels, backend)
+        self._rows = BATCH_ROWS.labels(*labels)
+        self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes]
+        # One histogram per feature, bucketed at the training deciles, so a
+        # dashboard reads the live share per training decile (each ~10%).
+        # All share one metric name; each has its own bucket edges.
+        self._features: Sequence[Histogram] = [
+            _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
+                *labels, feature.name
+            )
+            for feature in manifest.features
+        ]
+        MODEL_INFO.labels(*labels, backend, checksum).set(1)
+
+    def observe(
+        self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp], seconds: float
+    ) -> None:
+        self._duration.observe(seconds)
+        self._rows.observe(rows.shape[0])
+        for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
+            if count:
+                self._by_class[class_index].inc(int(count))
+        for column, histogram in enumerate(self._features):
+            _histogram_add(histogram, rows[:, column])

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from service.metrics.exposition import METRICS_CONTENT_TYPE, render_metrics
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", summary="Prometheus metrics of every worker, aggregated")
+async def metrics() -> Response:
+    return Response(render_metrics(), media_type=METRICS_CONTENT_TYPE)

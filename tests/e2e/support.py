@@ -1,0 +1,140 @@
+"""Helpers of the end-to-end tier (shared by conftest.py and the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER_DIR = ROOT / "docker"
+PROJECT = os.environ.get("E2E_PROJECT", "ml-api-e2e")
+MODEL_VERSION = os.environ.get("MODEL_VERSION", "1.0.0")
+IMAGE = f"{os.environ.get('IMAGE_NAME', 'ml-api')}:{MODEL_VERSION}"
+# Not the default stack's subnet, so `make up` and `make e2e` can coexist.
+BACKEND_SUBNET = os.environ.get("E2E_BACKEND_SUBNET", "172.29.88.0/24")
+
+OFFICIAL = {
+    "PYTHON_BASE_IMAGE": "python:3.12-slim-bookworm",
+    "NGINX_IMAGE": "nginx:1.27-bookworm",
+    "PROMETHEUS_IMAGE": "prom/prometheus:v3.5.0",
+}
+OFFLINE = {
+    "PYTHON_BASE_IMAGE": "ml-api/python:offline",
+    "NGINX_IMAGE": "ml-api/nginx:offline",
+    "PROMETHEUS_IMAGE": "ml-api/prometheus:offline",
+}
+
+SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+
+TIMINGS: dict[str, float | str] = {}
+
+
+def run(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 600,
+    capture: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, bounded in time; on failure show its output."""
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=capture,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def engine_up() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> Response:
+    data = json.dumps(body).encode() if body is not None else None
+    hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    hdrs.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Response(
+                resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+            )
+    except urllib.error.HTTPError as err:
+        return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    proxy: str
+    prometheus: str
+    first_prediction_s: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def compose(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            ["docker", "compose", "-p", PROJECT, *args], env=self.env, check=check, timeout=timeout
+        )
+
+    def containers(self, service: str, *, running_only: bool = True) -> list[str]:
+        args = ["ps", "-q"] if running_only else ["ps", "-a", "-q"]
+        out = self.compose(*args, service).stdout.split()
+        return sorted(out)
+
+    def inspect(self, container: str) -> dict[str, Any]:
+        data: list[dict[str, Any]] = json.loads(run(["docker", "inspect", container]).stdout)
+        return data[0]
+
+    def ip(self, container: str) -> str:
+        nets = self.inspect(container)["NetworkSettings"]["Networks"]
+        return str(nets[f"{PROJECT}_backend"]["IPAddress"])
+
+    def predict(self, body: dict[str, Any] | None = None, **kw: Any) -> Response:
+        return http("POST", f"{self.proxy}/predict", body or SETOSA, **kw)

@@ -1,0 +1,298 @@
+"""The compose stack, end to end: image, proxy, Prometheus, scaling, draining.
+
+Tests run in file order and share one stack (see conftest.py); the last one
+takes it down. Every loop is bounded in count and time, and all traffic goes
+to 127.0.0.1 or stays on the compose network.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.e2e.support import IMAGE, MODEL_VERSION, PROJECT, SETOSA, TIMINGS, Stack, http, run
+
+APP_UID = 10001
+
+
+def _check_setosa(body: dict[str, Any]) -> None:
+    assert body["predicted_class"] == 0
+    assert body["predicted_class_name"] == "setosa"
+    assert body["model_version"] == MODEL_VERSION
+    assert 0.5 < body["confidence"] <= 1.0
+    assert set(body["probabilities"]) == {"setosa", "versicolor", "virginica"}
+
+
+def _prom(stack: Stack, path: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    resp = http("GET", f"{stack.prometheus}{path}{'?' + query if query else ''}")
+    assert resp.status == 200, resp.body[:500]
+    return resp.json()["data"]
+
+
+def _api_targets(stack: Stack) -> list[dict[str, Any]]:
+    """Prometheus' active targets that are api replicas (port 8000, /metrics)."""
+    data = _prom(stack, "/api/v1/targets", state="active")
+    return [t for t in data["activeTargets"] if urllib.parse.urlparse(t["scrapeUrl"]).port == 8000]
+
+
+def _wait_for(what: str, check: Any, timeout: float = 60, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+# ------------------------------------------------------------------ tests ---
+
+
+def test_predict_through_proxy(stack: Stack) -> None:
+    rid = f"e2e-{uuid.uuid4()}"
+    resp = stack.predict(headers={"X-Request-ID": rid})
+    assert resp.status == 200, resp.body
+    _check_setosa(resp.json())
+    # The client's id is passed to the service and comes back, once.
+    assert resp.headers["x-request-id"] == rid
+    assert resp.headers["x-upstream-addr"].endswith(":8000")
+
+    # Without one (or with a malformed one) the proxy generates an id.
+    generated = stack.predict()
+    assert len(generated.headers["x-request-id"]) >= 16
+    hostile = stack.predict(headers={"X-Request-ID": "bad id\twith spaces"})
+    assert hostile.status == 200
+    assert hostile.headers["x-request-id"] != "bad id\twith spaces"
+
+    batch = http("POST", f"{stack.proxy}/predict/batch", {"instances": [SETOSA, SETOSA]})
+    assert batch.status == 200, batch.body
+    predictions = batch.json()["predictions"]
+    assert [p["predicted_class_name"] for p in predictions] == ["setosa", "setosa"]
+
+    for path in ("/health", "/health/live", "/health/ready", "/model-info"):
+        assert http("GET", f"{stack.proxy}{path}").status == 200, path
+
+    # Wrong input is a 4xx with a JSON body, also through the proxy.
+    bad = stack.predict({"sepal_length": "a lot"})
+    assert 400 <= bad.status < 500
+    assert bad.json()
+
+    # A body over the 1 MiB limit stops at the proxy.
+    big = http("POST", f"{stack.proxy}/predict/batch", {"instances": [SETOSA] * 20000})
+    assert big.status == 413
+
+
+def test_metrics_refused_at_proxy(stack: Stack) -> None:
+    for path in ("/metrics", "/metrics/", "//metrics", "/%6Detrics", "/./metrics", "/METRICS"):
+        resp = http("GET", f"{stack.proxy}{path}")
+        assert resp.status in (403, 404), (path, resp.status)
+        assert b"http_requests_total" not in resp.body, path
+
+
+def test_prometheus_scrapes_the_api(stack: Stack) -> None:
+    def up() -> list[dict[str, Any]]:
+        targets = _api_targets(stack)
+        return [t for t in targets if t["health"] == "up"]
+
+    targets = _wait_for("an api target that is up", up, timeout=90)
+    api_ips = {stack.ip(c) for c in stack.containers("api")}
+    assert {urllib.parse.urlparse(t["scrapeUrl"]).hostname for t in targets} <= api_ips
+
+    # Requests made above show up as request metrics.
+    def requests_metric() -> list[Any]:
+        result: list[Any] = _prom(stack, "/api/v1/query", query="http_requests_total")["result"]
+        return result
+
+    series = _wait_for("http_requests_total in Prometheus", requests_metric, timeout=90)
+    assert sum(float(s["value"][1]) for s in series) > 0
+
+
+def test_container_is_non_root_and_read_only(stack: Stack) -> None:
+    (container,) = stack.containers("api")
+    info = stack.inspect(container)
+    host = info["HostConfig"]
+    assert host["ReadonlyRootfs"] is True
+    assert "ALL" in (host["CapDrop"] or [])
+    assert any("no-new-privileges" in opt for opt in host["SecurityOpt"] or [])
+    assert info["Config"]["User"].split(":")[0] == str(APP_UID)
+
+    def sh(script: str, check: bool = True) -> str:
+        return run(["docker", "exec", container, "sh", "-c", script], check=check).stdout.strip()
+
+    assert sh("id -u") == str(APP_UID)
+    # Gunicorn is PID 1: it receives docker stop's SIGTERM itself.
+    assert "gunicorn" in sh("tr '\\0' ' ' < /proc/1/cmdline")
+    assert sh("touch /app/x 2>&1 && echo writable || echo refused").endswith("refused")
+    assert sh("touch /opt/venv/x 2>&1 && echo writable || echo refused").endswith("refused")
+    assert sh("touch /tmp/x && echo ok") == "ok"
+    assert sh("grep -c ' / .*ro[, ]' /proc/mounts || true") != "0"
+
+    # Image labels carry the model version and the bundle checksum.
+    labels = run(["docker", "image", "inspect", IMAGE, "--format", "{{json .Config.Labels}}"])
+    label = json.loads(labels.stdout)
+    assert label["org.opencontainers.image.version"] == MODEL_VERSION
+    manifest = json.loads(sh(f"cat /app/artifacts/iris/{MODEL_VERSION}/manifest.json"))
+    onnx_sha = manifest["files"]["model.onnx"]
+    onnx_sha = onnx_sha["sha256"] if isinstance(onnx_sha, dict) else onnx_sha
+    assert label["io.ml-api.model.sha256"] == onnx_sha
+    # Docker's own health check (python, no curl) reports healthy.
+    assert info["State"]["Health"]["Status"] == "healthy"
+    # Only serving: no compilers, no pip caches, no training code or data.
+    assert sh("command -v gcc cc || true") == ""
+    assert sh("ls -d /app/training /root/.cache /opt/venv/bin/pip 2>/dev/null || true") == ""
+
+
+def test_scale_to_three_replicas(stack: Stack) -> None:
+    t0 = time.monotonic()
+    stack.compose("up", "-d", "--wait", "--no-recreate", "--scale", "api=3", "api", timeout=300)
+    TIMINGS["scale 1 -> 3 replicas (--wait)"] = time.monotonic() - t0
+    containers = stack.containers("api")
+    assert len(containers) == 3
+    ips = {stack.ip(c) for c in containers}
+    assert len(ips) == 3
+
+    # The proxy notices the new addresses (DNS watcher + graceful reload)
+    # and spreads requests over all three.
+    seen: Counter[str] = Counter()
+
+    def all_answer() -> bool:
+        for _ in range(12):
+            resp = stack.predict()
+            assert resp.status == 200, resp.body
+            seen[resp.headers["x-upstream-addr"].rsplit(":", 1)[0]] += 1
+            time.sleep(0.02)
+        return set(seen) >= ips
+
+    _wait_for("requests answered by all three replicas", all_answer, timeout=60, interval=0.5)
+    assert set(seen) <= ips
+
+    # Prometheus scrapes every replica.
+    def all_scraped() -> bool:
+        up = {
+            urllib.parse.urlparse(t["scrapeUrl"]).hostname
+            for t in _api_targets(stack)
+            if t["health"] == "up"
+        }
+        return up == ips
+
+    _wait_for("Prometheus targets for all three replicas", all_scraped, timeout=90)
+
+
+def test_stopping_a_replica_under_load_loses_no_request(stack: Stack) -> None:
+    containers = stack.containers("api")
+    assert len(containers) >= 2, "needs the scaled stack"
+    victim = containers[0]
+    victim_ip = stack.ip(victim)
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    results: list[tuple[float, int, str]] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        # ~20 requests/s per thread, well under the proxy's per-client limit.
+        for _ in range(3000):
+            if stop.is_set():
+                return
+            t = time.monotonic()
+            try:
+                resp = stack.predict(timeout=10)
+                ok = resp.status == 200 and resp.json()["predicted_class_name"] == "setosa"
+                with lock:
+                    results.append((t, resp.status, resp.headers.get("x-upstream-addr", "")))
+                    if not ok:
+                        failures.append(f"{resp.status} {resp.body[:200]!r}")
+            except Exception as exc:
+                with lock:
+                    failures.append(repr(exc))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(2)
+        t_stop = time.monotonic()
+        run(["docker", "stop", "-t", "30", victim], timeout=60)
+        stop_took = time.monotonic() - t_stop
+        time.sleep(3)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+
+    TIMINGS["docker stop of a replica"] = stop_took
+    TIMINGS["requests during the stop test"] = str(len(results))
+    assert not failures, f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
+    assert len(results) >= 100, f"only {len(results)} requests sent"
+    after = [addr for t, _, addr in results if t > t_stop + stop_took]
+    assert after, "no request after the replica stopped"
+    assert all(not addr.startswith(f"{victim_ip}:") for addr in after)
+
+    state = stack.inspect(victim)["State"]
+    assert state["Running"] is False
+    # SIGTERM -> Gunicorn drains and exits 0 (not killed after the grace period).
+    assert state["ExitCode"] == 0, state
+
+
+def test_killed_replica_requests_are_retried_elsewhere(stack: Stack) -> None:
+    """SIGKILL (no draining): in-flight and new requests to the dead replica
+    fail at the connection, and nginx retries them on another replica."""
+    containers = stack.containers("api")
+    assert len(containers) >= 2, "needs at least two running replicas"
+    victim = containers[-1]
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    statuses: Counter[str] = Counter()
+
+    def client() -> None:
+        for _ in range(3000):
+            if stop.is_set():
+                return
+            try:
+                status = str(stack.predict(timeout=10).status)
+            except Exception as exc:
+                status = repr(exc)
+            with lock:
+                statuses[status] += 1
+            time.sleep(0.03)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(1.5)
+        run(["docker", "kill", victim], timeout=60)
+        time.sleep(4)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+    assert set(statuses) == {"200"}, statuses
+    assert statuses["200"] >= 100
+
+
+def test_compose_down(stack: Stack) -> None:
+    stack.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=180)
+    assert stack.compose("ps", "-a", "-q").stdout.strip() == ""
+    networks = run(["docker", "network", "ls", "--format", "{{.Name}}"]).stdout.split()
+    assert not [n for n in networks if n.startswith(f"{PROJECT}_")]
+
+
+@pytest.fixture(autouse=True)
+def _show_stack_logs_on_failure(request: pytest.FixtureRequest, stack: Stack) -> Any:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        logs = stack.compose("logs", "--no-color", "--tail", "40", check=False).stdout
+        print(f"--- compose logs ({PROJECT})\n{logs}")
