@@ -68,6 +68,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}}
             )
             raise ModelStartupError(str(exc)) from None
+        batching = settings.micro_batching
+        if batching is None:
+            batching = predictor.backend.name == "sklearn"
+        if batching:
+            predictor.enable_micro_batching(
+                max_rows=settings.max_batch_size,
+                wait_seconds=settings.batch_wait_ms / 1000,
+                queue_size=settings.batch_queue_size,
+            )
+            assert predictor.batcher is not None
+            predictor.batcher.start()
         metrics = model_metrics(predictor) if settings.metrics_enabled else None
         app.state.pipeline = PredictionPipeline(predictor, settings.max_batch_size, metrics)
         app.openapi_schema = None
@@ -82,6 +93,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     "backend": predictor.backend.name,
                     "single_row_us": round(predictor.single_row_seconds * 1e6, 1),
                     "inline_max_rows": predictor.inline_max_rows,
+                    "micro_batching": predictor.batcher is not None,
                 }
             },
         )
@@ -91,6 +103,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         yield
         if refresher is not None:
             refresher.cancel()
+        if predictor.batcher is not None:
+            await predictor.batcher.stop()
         app.state.pipeline = None
 
     app = FastAPI(

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from service.batching import BatchQueueFullError, InferenceError
 from service.logs import APP_LOGGER
 from service.middleware import BodyTooLargeError, request_id_of
 from service.pipeline import RequestBodyError
@@ -45,6 +46,18 @@ async def _too_large(request: Request, exc: Exception) -> Response:
     return error_response(request, 413, detail, {"connection": "close"})
 
 
+async def _queue_full(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BatchQueueFullError)
+    return error_response(request, 503, f"server busy: {exc}", {"retry-after": "1"})
+
+
+async def _inference_failed(request: Request, exc: Exception) -> Response:
+    # The inputs were valid (validation runs first): the backend failed on a
+    # batch. Only that batch's callers see this.
+    assert isinstance(exc, InferenceError)
+    return error_response(request, 500, str(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return error_response(request, exc.status_code, exc.detail, exc.headers)
@@ -66,4 +79,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(BodyTooLargeError, _too_large)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(BatchQueueFullError, _queue_full)
+    app.add_exception_handler(InferenceError, _inference_failed)
     app.add_exception_handler(Exception, _unexpected)

@@ -7,7 +7,6 @@ the framework's own per-request work is what this path avoids.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -62,6 +61,8 @@ class PredictionPipeline:
         manifest = predictor.manifest
         self.predictor = predictor
         self.metrics = metrics
+        if metrics is not None:
+            predictor.on_backend_call = metrics.observe_backend_call
         self.max_batch_size = max_batch_size
         self.models: RequestModels = build_request_models(manifest, max_batch_size)
         self._read_row = _row_reader(manifest.feature_names)
@@ -74,12 +75,10 @@ class PredictionPipeline:
     async def infer(
         self, rows: FloatMatrix
     ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.intp]]:
-        start = time.perf_counter()
         probabilities = await self.predictor.predict_proba(rows)
-        seconds = time.perf_counter() - start
         winners = probabilities.argmax(axis=1)
         if self.metrics is not None:
-            self.metrics.observe(rows, winners, seconds)
+            self.metrics.observe_predictions(rows, winners)
         return probabilities, winners
 
     def predictions(

@@ -14,6 +14,7 @@ from anyio import to_thread
 
 from service.backends import InferenceBackend, load_backend
 from service.backends.base import FloatMatrix
+from service.batching import MicroBatcher
 from service.bundle import BundleError, resolve_bundle_dir, verify_bundle
 from service.manifest import Manifest
 from service.settings import ServiceSettings
@@ -23,7 +24,7 @@ from service.settings import ServiceSettings
 INLINE_BUDGET_SECONDS = 0.0005
 
 
-@dataclass(frozen=True)
+@dataclass
 class Predictor:
     manifest: Manifest
     backend: InferenceBackend
@@ -31,15 +32,37 @@ class Predictor:
     # Calls of up to this many rows run inline; larger ones go to a thread.
     inline_max_rows: int
     single_row_seconds: float
+    batcher: MicroBatcher | None = None
+    # Told about every backend call: rows in it and seconds it took.
+    on_backend_call: Callable[[int, float], None] | None = None
 
     @property
     def checksums(self) -> dict[str, str]:
         return {name: entry.sha256 for name, entry in self.manifest.files.items()}
 
+    def enable_micro_batching(self, *, max_rows: int, wait_seconds: float, queue_size: int) -> None:
+        self.batcher = MicroBatcher(
+            self.backend.predict_proba,
+            max_rows=max_rows,
+            wait_seconds=wait_seconds,
+            queue_size=queue_size,
+            on_batch=self._backend_called,
+        )
+
+    def _backend_called(self, rows: int, seconds: float) -> None:
+        if self.on_backend_call is not None:
+            self.on_backend_call(rows, seconds)
+
     async def predict_proba(self, rows: FloatMatrix) -> npt.NDArray[np.floating]:
+        if self.batcher is not None and rows.shape[0] == 1:
+            return await self.batcher.predict_proba(rows)
+        start = time.perf_counter()
         if rows.shape[0] <= self.inline_max_rows:
-            return self.backend.predict_proba(rows)
-        return await to_thread.run_sync(self.backend.predict_proba, rows)
+            probabilities = self.backend.predict_proba(rows)
+        else:
+            probabilities = await to_thread.run_sync(self.backend.predict_proba, rows)
+        self._backend_called(rows.shape[0], time.perf_counter() - start)
+        return probabilities
 
 
 def example_rows(manifest: Manifest, n_rows: int) -> FloatMatrix:

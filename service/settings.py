@@ -42,8 +42,13 @@ class ServiceSettings(_EnvSettings):
     log_level: LogLevel = "INFO"
     # Off only to measure what metrics cost (make bench); /metrics then 404s.
     metrics_enabled: bool = True
+    # Micro-batching of concurrent single-row requests. Unset: on for the
+    # sklearn backend (milliseconds per call), off for ONNX (microseconds).
+    micro_batching: bool | None = None
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    batch_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
 
-    @field_validator("model_version", "backend", mode="before")
+    @field_validator("model_version", "backend", "micro_batching", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose files pass `MODEL_VERSION=` for "unset".

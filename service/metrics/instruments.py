@@ -168,11 +168,13 @@ class ModelMetrics:
         ]
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
-    def observe(
-        self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp], seconds: float
-    ) -> None:
+    def observe_backend_call(self, rows: int, seconds: float) -> None:
         self._duration.observe(seconds)
-        self._rows.observe(rows.shape[0])
+        self._rows.observe(rows)
+
+    def observe_predictions(
+        self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
+    ) -> None:
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:
                 self._by_class[class_index].inc(int(count))

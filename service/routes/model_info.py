@@ -34,6 +34,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "inference": {
             "single_row_seconds": predictor.single_row_seconds,
             "inline_max_rows": predictor.inline_max_rows,
+            "micro_batching": predictor.batcher is not None,
         },
         "max_batch_size": pipeline.max_batch_size,
         "bundle_path": str(predictor.bundle_path),
