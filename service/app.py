@@ -14,10 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
 
 from service.bundle import BundleError
 from service.errors import install_error_handlers
+from service.fastpath import PredictionFastPath
 from service.logs import APP_LOGGER, configure_logging
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -55,84 +58,115 @@ async def refresh_process_metrics(interval_seconds: float = 5.0) -> None:
         await asyncio.sleep(interval_seconds)
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
+    """Load, verify and warm up the bundle; refuse with one clear line if it is not servable."""
+    try:
+        predictor = load_predictor(settings)
+    except BundleError as exc:
+        log.critical(str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}})
+        raise ModelStartupError(str(exc)) from None
+    batching = settings.micro_batching
+    if batching is None:
+        batching = predictor.backend.name == "sklearn"
+    if batching:
+        predictor.enable_micro_batching(
+            max_rows=settings.max_batch_size,
+            wait_seconds=settings.batch_wait_ms / 1000,
+            queue_size=settings.batch_queue_size,
+        )
+        assert predictor.batcher is not None
+        predictor.batcher.start()
+    metrics = model_metrics(predictor) if settings.metrics_enabled else None
+    manifest = predictor.manifest
+    log.info(
+        "model loaded",
+        extra={
+            "fields": {
+                "bundle": str(predictor.bundle_path),
+                "model": manifest.name,
+                "version": manifest.version,
+                "backend": predictor.backend.name,
+                "single_row_us": round(predictor.single_row_seconds * 1e6, 1),
+                "inline_max_rows": predictor.inline_max_rows,
+                "micro_batching": predictor.batcher is not None,
+            }
+        },
+    )
+    return PredictionPipeline(predictor, settings.max_batch_size, metrics)
+
+
+class MlApi:
+    """The ASGI application Gunicorn serves.
+
+    Request context (id, access log, HTTP metrics), the body limit and the
+    prediction fast path wrap the FastAPI app from outside, so a prediction
+    skips FastAPI's per-request machinery entirely; every other route, and
+    the lifespan, is FastAPI's.
+    """
+
+    def __init__(self, api: FastAPI, settings: ServiceSettings) -> None:
+        self.api = api
+        http_metrics = None
+        if settings.metrics_enabled:
+            from service.metrics.http import HttpMetrics
+
+            http_metrics = HttpMetrics()
+        fast_path = PredictionFastPath(api, api)
+        limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
+        self._asgi = RequestContextMiddleware(limited, metrics=http_metrics)
+
+    @property
+    def state(self) -> State:
+        return self.api.state
+
+    @property
+    def router(self) -> APIRouter:
+        return self.api.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._asgi(scope, receive, send)
+
+
+def create_app(settings: ServiceSettings | None = None) -> MlApi:
     settings = settings or ServiceSettings()
     configure_logging(settings.log_level)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            predictor = load_predictor(settings)
-        except BundleError as exc:
-            log.critical(
-                str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}}
-            )
-            raise ModelStartupError(str(exc)) from None
-        batching = settings.micro_batching
-        if batching is None:
-            batching = predictor.backend.name == "sklearn"
-        if batching:
-            predictor.enable_micro_batching(
-                max_rows=settings.max_batch_size,
-                wait_seconds=settings.batch_wait_ms / 1000,
-                queue_size=settings.batch_queue_size,
-            )
-            assert predictor.batcher is not None
-            predictor.batcher.start()
-        metrics = model_metrics(predictor) if settings.metrics_enabled else None
-        app.state.pipeline = PredictionPipeline(predictor, settings.max_batch_size, metrics)
-        app.openapi_schema = None
-        manifest = predictor.manifest
-        log.info(
-            "model loaded",
-            extra={
-                "fields": {
-                    "bundle": str(predictor.bundle_path),
-                    "model": manifest.name,
-                    "version": manifest.version,
-                    "backend": predictor.backend.name,
-                    "single_row_us": round(predictor.single_row_seconds * 1e6, 1),
-                    "inline_max_rows": predictor.inline_max_rows,
-                    "micro_batching": predictor.batcher is not None,
-                }
-            },
-        )
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        pipeline = await start_serving(settings)
+        api.state.pipeline = pipeline
+        api.openapi_schema = None  # rebuilt with this bundle's request schemas
         refresher = (
             asyncio.create_task(refresh_process_metrics()) if settings.metrics_enabled else None
         )
         yield
         if refresher is not None:
             refresher.cancel()
-        if predictor.batcher is not None:
-            await predictor.batcher.stop()
-        app.state.pipeline = None
+        if pipeline.predictor.batcher is not None:
+            await pipeline.predictor.batcher.stop()
+        api.state.pipeline = None
 
-    app = FastAPI(
+    api = FastAPI(
         title="ml-api",
         version="1.0",
         description="Predictions from a verified scikit-learn model bundle.",
         lifespan=lifespan,
     )
-    app.state.pipeline = None
-    app.include_router(predict.router)
-    app.include_router(health.router)
-    app.include_router(model_info.router)
-    install_error_handlers(app)
-    http_metrics = None
+    api.state.pipeline = None
+    api.include_router(predict.router)
+    api.include_router(health.router)
+    api.include_router(model_info.router)
     if settings.metrics_enabled:
-        from service.metrics.http import HttpMetrics
         from service.routes import metrics as metrics_route
 
-        app.include_router(metrics_route.router)
-        http_metrics = HttpMetrics()
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
+        api.include_router(metrics_route.router)
+    install_error_handlers(api)
 
     def openapi() -> dict[str, Any]:
-        return build_openapi(app)
+        return build_openapi(api)
 
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+    api.openapi = openapi  # type: ignore[method-assign]
+    return MlApi(api, settings)
 
 
 app = create_app()

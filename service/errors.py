@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.batching import BatchQueueFullError, InferenceError
-from service.logs import APP_LOGGER
-from service.middleware import BodyTooLargeError, request_id_of
+from service.logs import INTERNAL_ERROR, log_unexpected
+from service.middleware import BodyTooLargeError, error_payload, request_id_of
 from service.pipeline import RequestBodyError
-
-log = logging.getLogger(APP_LOGGER)
 
 
 def error_response(
     request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = {"detail": detail, "request_id": request_id_of(request.scope)}
     return Response(
-        orjson.dumps(body), status, headers=dict(headers or {}), media_type="application/json"
+        error_payload(request.scope, detail),
+        status,
+        headers=dict(headers or {}),
+        media_type="application/json",
     )
 
 
@@ -42,8 +40,7 @@ async def _request_validation(request: Request, exc: Exception) -> Response:
 
 async def _too_large(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BodyTooLargeError)
-    detail = f"request body exceeds the limit of {exc.limit} bytes"
-    return error_response(request, 413, detail, {"connection": "close"})
+    return error_response(request, 413, exc.detail, {"connection": "close"})
 
 
 async def _queue_full(request: Request, exc: Exception) -> Response:
@@ -66,12 +63,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # Reaching this is a bug: the tests send every malformed shape they can
     # think of and assert none gets here.
-    log.error(
-        "unhandled exception",
-        exc_info=exc,
-        extra={"fields": {"request_id": request_id_of(request.scope), "path": request.url.path}},
-    )
-    return error_response(request, 500, "internal server error")
+    log_unexpected(exc, request_id_of(request.scope), request.url.path)
+    return error_response(request, 500, INTERNAL_ERROR)
 
 
 def install_error_handlers(app: FastAPI) -> None:

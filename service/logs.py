@@ -53,3 +53,15 @@ def log_request(fields: dict[str, Any]) -> None:
     access = logging.getLogger(ACCESS_LOGGER)
     if access.isEnabledFor(logging.INFO):
         access.info("request", extra={"fields": fields})
+
+
+INTERNAL_ERROR = "internal server error"
+
+
+def log_unexpected(exc: BaseException, request_id: str | None, path: str) -> None:
+    """An exception no handler expected: always a bug, logged with its request id."""
+    logging.getLogger(APP_LOGGER).error(
+        "unhandled exception",
+        exc_info=exc,
+        extra={"fields": {"request_id": request_id, "path": path}},
+    )

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from service.metrics.http import HttpMetrics
 
 NOT_COUNTED = frozenset({"/metrics"})
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that left before the answer
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -58,7 +59,8 @@ class RequestContextMiddleware:
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         encoded_id = request_id.encode()
-        status = 500
+        # Stays None only if no response was started: the client went away (499).
+        status: int | None = None
         method = method_label(scope["method"])
         metrics = None if scope["path"] in NOT_COUNTED else self.metrics
         if metrics is not None:
@@ -73,8 +75,12 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
             seconds = time.perf_counter() - start
+            status = status or CLIENT_CLOSED_REQUEST
             if metrics is not None:
                 metrics.finish(scope, method, status, seconds)
             log_request(
@@ -90,25 +96,34 @@ class RequestContextMiddleware:
 
 
 class BodyTooLargeError(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds {limit} bytes")
+    def __init__(self, limit: int, size: int | None = None) -> None:
+        of_size = f" of {size} bytes" if size is not None else ""
+        self.detail = f"request body{of_size} exceeds the limit of {limit} bytes"
+        super().__init__(self.detail)
         self.limit = limit
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = orjson.dumps(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+def error_payload(scope: Scope, detail: Any) -> bytes:
+    """The one error body shape: {"detail": ..., "request_id": ...}."""
+    return orjson.dumps({"detail": detail, "request_id": request_id_of(scope)})
+
+
+async def send_json_bytes(
+    send: Send, status: int, payload: bytes, headers: dict[str, str] | None = None
+) -> None:
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def send_error(
+    send: Send, scope: Scope, status: int, detail: Any, headers: dict[str, str] | None = None
+) -> None:
+    await send_json_bytes(send, status, error_payload(scope, detail), headers)
 
 
 class BodySizeLimitMiddleware:
@@ -126,15 +141,8 @@ class BodySizeLimitMiddleware:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await send_json(
-                    send,
-                    413,
-                    {
-                        "detail": f"request body of {int(value)} bytes exceeds the limit "
-                        f"of {self.max_bytes} bytes",
-                        "request_id": request_id_of(scope),
-                    },
-                )
+                too_large = BodyTooLargeError(self.max_bytes, int(value))
+                await send_error(send, scope, 413, too_large.detail, {"connection": "close"})
                 return
         received = 0
 

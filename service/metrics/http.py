@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import Scope
 
 from service.metrics.instruments import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
@@ -12,13 +13,31 @@ UNMATCHED = "none"
 
 
 class HttpMetrics:
+    def __init__(self) -> None:
+        # Label children by their values: .labels() validates and locks on
+        # every call, a dict lookup does not. Keys are bounded: methods are
+        # normalised and handlers are route templates.
+        self._in_progress: dict[str, Gauge] = {}
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._duration: dict[tuple[str, str], Histogram] = {}
+
     def start(self, method: str) -> None:
-        HTTP_IN_PROGRESS.labels(method).inc()
+        gauge = self._in_progress.get(method)
+        if gauge is None:
+            gauge = self._in_progress[method] = HTTP_IN_PROGRESS.labels(method)
+        gauge.inc()
 
     def finish(self, scope: Scope, method: str, status: int, seconds: float) -> None:
-        # The router records the matched route in the scope: its template,
-        # never the raw path, is the handler label.
+        # The router (or the fast path) records the matched route in the
+        # scope: its template, never the raw path, is the handler label.
         handler = getattr(scope.get("route"), "path", None) or UNMATCHED
-        HTTP_IN_PROGRESS.labels(method).dec()
-        HTTP_REQUESTS.labels(method, handler, str(status)).inc()
-        HTTP_DURATION.labels(method, handler).observe(seconds)
+        self._in_progress[method].dec()
+        key = (method, handler, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = HTTP_REQUESTS.labels(method, handler, str(status))
+        counter.inc()
+        duration = self._duration.get((method, handler))
+        if duration is None:
+            duration = self._duration[method, handler] = HTTP_DURATION.labels(method, handler)
+        duration.observe(seconds)

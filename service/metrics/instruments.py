@@ -4,6 +4,7 @@ with method/handler/status)."""
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 
@@ -136,6 +137,12 @@ def _histogram_add(child: Histogram, values: npt.NDArray[np.floating]) -> None:
     child._sum.inc(float(values.sum()))
 
 
+def _histogram_add_one(child: Histogram, value: float) -> None:
+    """Histogram.observe() with a binary search instead of a scan over the buckets."""
+    child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(1)
+    child._sum.inc(value)
+
+
 @functools.cache
 def _feature_histogram(feature: str, buckets: tuple[float, ...]) -> Histogram:
     # Cached: two objects for one series would each keep their own running
@@ -175,6 +182,13 @@ class ModelMetrics:
     def observe_predictions(
         self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
     ) -> None:
+        if rows.shape[0] == 1:
+            # The common single-row request: plain Python beats numpy's
+            # per-call overhead several times over.
+            self._by_class[int(winners[0])].inc(1)
+            for histogram, value in zip(self._features, rows[0].tolist(), strict=True):
+                _histogram_add_one(histogram, value)
+            return
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:
                 self._by_class[class_index].inc(int(count))

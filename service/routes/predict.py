@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from starlette.responses import Response
 
+from service.fastpath import JSON_REQUIRED, is_json_content_type
 from service.pipeline import PredictionPipeline
 from service.schemas import BatchPredictionResponse, ErrorResponse, PredictionResponse
 
@@ -23,16 +24,9 @@ def _pipeline(request: Request) -> PredictionPipeline:
     return pipeline
 
 
-def _is_json(content_type: str | None) -> bool:
-    if content_type is None:
-        return True
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or media_type.endswith("+json")
-
-
 async def _json_body(request: Request) -> bytes:
-    if not _is_json(request.headers.get("content-type")):
-        raise HTTPException(415, "request body must be application/json")
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise HTTPException(415, JSON_REQUIRED)
     return await request.body()
 
 
@@ -40,8 +34,10 @@ def _json(payload: bytes) -> Response:
     return Response(payload, media_type="application/json")
 
 
-# The request body schemas depend on the bundle, so they are added to the
-# OpenAPI document at startup (service.openapi) rather than declared here.
+# Once the model is loaded, service.fastpath answers these two routes before
+# FastAPI routing; these handlers document them (the request body schemas
+# depend on the bundle and are added by service.openapi) and answer 503 until
+# the model is loaded.
 @router.post(
     "/predict",
     response_model=PredictionResponse,

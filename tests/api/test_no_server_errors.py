@@ -100,3 +100,21 @@ def test_both_backends_survive_the_nearly_valid_corpus(client: TestClient) -> No
     for row in corpus:
         _assert_client_error_or_ok(client.post("/predict", json=row))
     _assert_client_error_or_ok(client.post("/predict/batch", json={"instances": corpus}))
+
+
+def test_a_bug_still_answers_json_500_with_the_request_id(
+    onnx_client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only a bug reaches this path; simulate one inside the prediction pipeline.
+    pipeline = onnx_client.app.state.pipeline  # type: ignore[attr-defined]
+
+    async def broken(body: bytes) -> bytes:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(pipeline, "predict_one", broken)
+    response = onnx_client.post("/predict", json=SETOSA, headers={"x-request-id": "bug-1"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error", "request_id": "bug-1"}
+    (record,) = [r for r in caplog.records if r.getMessage() == "unhandled exception"]
+    assert record.fields["request_id"] == "bug-1"  # type: ignore[attr-defined]
+    assert "simulated bug" in str(record.exc_info)

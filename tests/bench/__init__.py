@@ -1,0 +1,1 @@
+"""`make bench`: a benchmark, not a test suite (pytest collects nothing here)."""

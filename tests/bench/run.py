@@ -1,0 +1,380 @@
+"""`make bench`: ml-api against in-run baselines, under the same Gunicorn settings.
+
+Every server runs `gunicorn -c gunicorn.conf.py` with 2 workers on 127.0.0.1;
+wrk drives them in interleaved rounds (so drift on a shared machine hits all
+of them alike) and the table reports medians with ratios to the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
+ARTICLE, NOOP, BARE = "article", "fastapi-noop", "bare-asgi"
+ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
+# name -> (app to serve instead of gunicorn.conf.py's, extra environment)
+SERVERS: dict[str, tuple[str | None, dict[str, str]]] = {
+    ML_API: (None, {}),
+    ARTICLE: ("tests.bench.baselines:article_app", {}),
+    NOOP: ("tests.bench.baselines:noop_app", {}),
+    BARE: ("tests.bench.baselines:bare_app", {}),
+    METRICS_OFF: (None, {"METRICS_ENABLED": "false"}),
+    SKLEARN: (None, {"BACKEND": "sklearn"}),
+}
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def workers(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return sorted(int(pid) for pid in out.stdout.split())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk from Debian's archive", file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    return shutil.which("wrk") or "wrk"
+
+
+def train(work: Path) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "--output-dir", str(work / "models")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
+    app, extra = SERVERS[name]
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(bundle.parents[1]),
+        "BENCH_BUNDLE": str(bundle),
+        "WEB_CONCURRENCY": str(workers),
+        "BIND": f"127.0.0.1:{port}",
+        "PROMETHEUS_MULTIPROC_DIR": str(work / f"{name}-metrics"),
+        **extra,
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *([app] if app else [])]
+    log = (work / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return Server(name, port, process)
+
+
+def first_answer_seconds(server: Server, started: float, timeout: float = 60) -> float:
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited {server.process.returncode}")
+        try:
+            if httpx.post(f"{server.url}/predict", json=SETOSA, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{server.name} did not answer within {timeout}s")
+
+
+def wait_all_workers(server: Server, workers: int) -> None:
+    # Readiness of one worker is not enough: the split check needs all of them.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(server.workers()) < workers:
+        time.sleep(0.1)
+    time.sleep(1.0)
+
+
+def wrk_script(work: Path, path: str, body: bytes) -> Path:
+    script = work / f"wrk-{abs(hash((path, body)))}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body.decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    return script
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def connection_split(server: Server) -> dict[int, int]:
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{server.port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    split: dict[int, int] = dict.fromkeys(server.workers(), 0)
+    for pid in re.findall(r"pid=(\d+)", out):
+        split[int(pid)] = split.get(int(pid), 0) + 1
+    return split
+
+
+def run_wrk(
+    wrk: str, server: Server, script: Path, path: str, seconds: int, connections: int
+) -> dict[str, Any]:
+    command = [
+        wrk,
+        "-t2",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(script),
+        server.url + path,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    time.sleep(seconds / 2)
+    split = connection_split(server)
+    out, _ = process.communicate(timeout=seconds + 30)
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk against {server.name} printed no rate:\n{out}")
+    rps = float(found.group(1))
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)$", out, re.MULTILINE)
+    return {
+        "rps": rps,
+        "p50_ms": _ms(latency["50"]),
+        "p99_ms": _ms(latency["99"]),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else None,
+        "split": sorted(split.values(), reverse=True),
+    }
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def maps_sklearn(pid: int) -> bool:
+    return "/sklearn/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def scrape_seconds(work: Path, bundle: Path, workers: int) -> dict[str, float]:
+    """Median /metrics time with many workers, each having served traffic."""
+    server = start(ML_API, work, bundle, workers)
+    try:
+        first_answer_seconds(server, time.monotonic())
+        wait_all_workers(server, workers)
+        with httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            for _ in range(50 * workers):
+                c.post(f"{server.url}/predict", json=SETOSA)
+            times = []
+            for _ in range(40):
+                began = time.perf_counter()
+                c.get(f"{server.url}/metrics").raise_for_status()
+                times.append(time.perf_counter() - began)
+        files = len(list((work / f"{ML_API}-metrics").glob("*.db")))
+        return {
+            "workers": workers,
+            "median_ms": statistics.median(times) * 1000,
+            "max_ms": max(times) * 1000,
+            "metric_files": files,
+        }
+    finally:
+        server.stop()
+
+
+def summarize(server: Server) -> dict[str, Any]:
+    rps = [r["rps"] for r in server.rounds]
+    median = statistics.median(rps)
+    return {
+        "rps": median,
+        "p50_ms": statistics.median(r["p50_ms"] for r in server.rounds),
+        "p99_ms": statistics.median(r["p99_ms"] for r in server.rounds),
+        "lowest_round_vs_median": min(rps) / median,
+        "non_2xx": sum(r["non_2xx"] for r in server.rounds),
+        "splits": [r["split"] for r in server.rounds],
+    }
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    base = {name: results[name]["rps"] for name in (ARTICLE, NOOP, BARE)}
+    lines = [
+        f"{'server':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x article':>10}{'x noop':>8}"
+        f"{'x bare':>8}{'low/med':>9}  connections per worker, by round",
+    ]
+    for name, r in results.items():
+        splits = " ".join("/".join(map(str, s)) for s in r["splits"])
+        lines.append(
+            f"{name:<20}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['rps'] / base[ARTICLE]:>10.1f}{r['rps'] / base[NOOP]:>8.2f}"
+            f"{r['rps'] / base[BARE]:>8.2f}{r['lowest_round_vs_median']:>9.2f}  {splits}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
+    args = parser.parse_args()
+    wrk = ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
+    bundle = train(work)
+    servers: dict[str, Server] = {}
+    report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)}}
+    try:
+        startup: dict[str, float] = {}
+        for name in SERVERS:
+            began = time.monotonic()
+            servers[name] = start(name, work, bundle, args.workers)
+            startup[name] = first_answer_seconds(servers[name], began)
+        for server in servers.values():
+            wait_all_workers(server, args.workers)
+        report["start_to_first_answer_seconds"] = startup
+
+        single = wrk_script(work, "/predict", json.dumps(SETOSA).encode())
+        for round_number in range(args.rounds):
+            for server in servers.values():
+                server.rounds.append(
+                    run_wrk(wrk, server, single, "/predict", args.seconds, args.connections)
+                )
+            print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
+        results = {name: summarize(server) for name, server in servers.items()}
+
+        batch: dict[str, float] = {}
+        for rows in (100, 1000):
+            body = json.dumps({"instances": [SETOSA] * rows}).encode()
+            script = wrk_script(work, "/predict/batch", body)
+            runs = [
+                run_wrk(wrk, servers[ML_API], script, "/predict/batch", args.seconds, 8)
+                for _ in range(3)
+            ]
+            batch[f"{rows}_rows_per_request"] = statistics.median(r["rps"] for r in runs) * rows
+        ml_workers = servers[ML_API].workers()
+        rss = {name: [round(rss_mib(p), 1) for p in s.workers()] for name, s in servers.items()}
+        maps_sklearn_now = any(maps_sklearn(pid) for pid in ml_workers)
+        for server in servers.values():
+            server.stop()
+        report["scrape_8_workers"] = scrape_seconds(work, bundle, 8)
+        report.update(
+            servers=results,
+            batch_rows_per_second=batch,
+            worker_rss_mib=rss,
+            onnx_worker_maps_sklearn=maps_sklearn_now,
+        )
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    ml, article, noop = (results[n]["rps"] for n in (ML_API, ARTICLE, NOOP))
+    report["targets"] = {
+        "ml-api >= 25x article": [round(ml / article, 1), ml / article >= 25],
+        "ml-api >= 1.0x fastapi-noop": [round(ml / noop, 2), ml / noop >= 1.0],
+        "ml-api p99 <= 15 ms": [results[ML_API]["p99_ms"], results[ML_API]["p99_ms"] <= 15],
+        "ml-api lowest round >= 0.8x median": [
+            round(results[ML_API]["lowest_round_vs_median"], 2),
+            results[ML_API]["lowest_round_vs_median"] >= 0.8,
+        ],
+        "batch 1000 rows >= 300k rows/s": [
+            round(batch["1000_rows_per_request"]),
+            batch["1000_rows_per_request"] >= 300_000,
+        ],
+        "metrics cost <= 10% of req/s": [
+            round(1 - ml / results[METRICS_OFF]["rps"], 3),
+            ml >= 0.9 * results[METRICS_OFF]["rps"],
+        ],
+        "sklearn (micro-batched) >= 10x article": [
+            round(results[SKLEARN]["rps"] / article, 1),
+            results[SKLEARN]["rps"] >= 10 * article,
+        ],
+        "onnx worker does not import sklearn": [None, not report["onnx_worker_maps_sklearn"]],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(table(results))
+    print(
+        "\n/predict/batch rows/s: "
+        + ", ".join(f"{k.split('_')[0]} rows: {v:,.0f}" for k, v in batch.items())
+    )
+    print("worker RSS MiB: " + ", ".join(f"{k} {v}" for k, v in report["worker_rss_mib"].items()))
+    print(
+        "start to first answer s: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["start_to_first_answer_seconds"].items())
+    )
+    scrape = report["scrape_8_workers"]
+    print(
+        f"/metrics with 8 workers: median {scrape['median_ms']:.1f} ms, "
+        f"max {scrape['max_ms']:.1f} ms, {scrape['metric_files']} metric files"
+    )
+    print("\ntargets:")
+    for target, (value, met) in report["targets"].items():
+        print(f"  {'MET ' if met else 'MISS'} {target}: {value}")
+    print(f"\nJSON: {args.output}")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
