@@ -8,12 +8,14 @@ MODEL_NAME ?= iris
 VERSION ?= 1.0.0
 TRAIN_ARGS ?=
 
-.PHONY: help install train bundle serve test test-fast lint schema system-deps clean
+.PHONY: help install train bundle serve test test-fast bench lint schema system-deps clean
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on :8000"
 	@echo "make test     unit, API and process tests (installs what they need)"
 	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
+	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
 
 $(BIN)/.installed: requirements.lock requirements-dev.lock
@@ -42,6 +44,11 @@ test: install system-deps bundle
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit tests/api
+
+# Throughput and latency against baselines measured in the same run (wrk from
+# Debian's archive, installed if missing); ~6 minutes. BENCH_ARGS=--help for knobs.
+bench: install
+	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -53,8 +53,19 @@ control_socket_disable = True
 
 def on_starting(server: Any) -> None:
     from service.metrics.store import prepare_directory
+    from service.rollout import GUARD
 
     prepare_directory(METRICS_DIR)
+    GUARD.before_workers_start()
+
+
+def on_reload(server: Any) -> None:
+    # Runs in the master after SIGHUP, before the new workers are spawned.
+    from service.rollout import GUARD
+
+    refusal = GUARD.before_reload()
+    if refusal is not None:
+        server.log.error(refusal)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -21,15 +21,8 @@ PYTHON="${PYTHON:-python3}"
 
 log() { printf '[ensure-engine] %s\n' "$*" >&2; }
 
-# apt may be busy with another install on a shared machine: wait for its locks.
-apt_() {
-    local i
-    for i in $(seq 1 60); do
-        if DEBIAN_FRONTEND=noninteractive "$@" -o DPkg::Lock::Timeout=120; then return 0; fi
-        log "apt busy or failed (try $i); retrying in 5 s"; sleep 5
-    done
-    return 1
-}
+# shellcheck source=docker/apt-retry.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt-retry.sh"
 
 engine_up() { docker info >/dev/null 2>&1; }
 

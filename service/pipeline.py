@@ -7,6 +7,7 @@ the framework's own per-request work is what this path avoids.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
 
 M = TypeVar("M", bound=BaseModel)
+PROBABILITY_DECIMALS = 7
 
 
 class RequestBodyError(Exception):
@@ -48,10 +50,12 @@ def parse_body(model: type[M], body: bytes) -> M:
 
 
 def _row_reader(names: Sequence[str]) -> Callable[[BaseModel], tuple[float, ...]]:
-    def read(instance: BaseModel) -> tuple[float, ...]:
-        return tuple(getattr(instance, name) for name in names)
-
-    return read
+    # attrgetter runs in C: a thousand-row batch is read in a fraction of a millisecond.
+    if len(names) == 1:
+        single = operator.attrgetter(names[0])
+        return lambda instance: (single(instance),)
+    reader: Callable[[BaseModel], tuple[float, ...]] = operator.attrgetter(*names)
+    return reader
 
 
 class PredictionPipeline:
@@ -70,7 +74,7 @@ class PredictionPipeline:
         self._version = manifest.version
 
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
-        return np.array([self._read_row(i) for i in instances], dtype=np.float32)
+        return np.array(list(map(self._read_row, instances)), dtype=np.float32)
 
     async def infer(
         self, rows: FloatMatrix
@@ -85,14 +89,17 @@ class PredictionPipeline:
         self, probabilities: npt.NDArray[np.floating], winners: npt.NDArray[np.intp]
     ) -> list[dict[str, Any]]:
         names = self._class_names
+        # Plain floats via tolist() (iterating numpy scalars costs ~10x more);
+        # 7 decimals hide float32 noise such as 0.9900000095367432.
+        rows = np.round(probabilities.astype(np.float64), PROBABILITY_DECIMALS).tolist()
         return [
             {
-                "predicted_class": int(winner),
+                "predicted_class": winner,
                 "predicted_class_name": names[winner],
                 "confidence": row[winner],
                 "probabilities": dict(zip(names, row, strict=True)),
             }
-            for winner, row in zip(winners, probabilities, strict=True)
+            for winner, row in zip(winners.tolist(), rows, strict=True)
         ]
 
     async def predict_one(self, body: bytes) -> bytes:
@@ -100,11 +107,11 @@ class PredictionPipeline:
         rows = self.features([instance])
         (prediction,) = self.predictions(*await self.infer(rows))
         prediction["model_version"] = self._version
-        return orjson.dumps(prediction, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(prediction)
 
     async def predict_batch(self, body: bytes) -> bytes:
         batch = parse_body(self.models.batch, body)
         rows = self.features(batch.instances)  # type: ignore[attr-defined]
         predictions = self.predictions(*await self.infer(rows))
         response = {"predictions": predictions, "model_version": self._version}
-        return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(response)

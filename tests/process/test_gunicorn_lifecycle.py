@@ -214,3 +214,40 @@ def test_sklearn_backend_serves_under_gunicorn(model_dir: Path, tmp_path: Path) 
     assert info["backend"] == "sklearn"
     assert answer["predicted_class_name"] == "setosa"
     shutil.rmtree(tmp_path / "logs")
+
+
+def test_sighup_with_a_tampered_new_bundle_keeps_serving_the_old_one(
+    model_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    failures: list[str] = []
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        bad = copy_bundle(bundle_path, model_dir, version="1.1.0")
+        (bad / "model.onnx").write_bytes(b"tampered")
+        old_workers = server.worker_pids()
+        server.signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                server.worker_pids().isdisjoint(old_workers)
+                and len(server.worker_pids()) == 2
+                and server.loaded_count() >= 4
+            ),
+            30,
+            what="new workers",
+        )
+        for _ in range(20):
+            response = _fresh_connection_post(server.url, SETOSA)
+            if response.status_code != 200 or response.json()["model_version"] != "1.0.0":
+                failures.append(response.text)
+        assert "rollout held back, staying on 1.0.0" in server.stderr()
+        assert "checksum mismatch: model.onnx" in server.stderr()
+        # A good version rolls out on the next SIGHUP: the hold is not sticky.
+        shutil.rmtree(bad)
+        copy_bundle(bundle_path, model_dir, version="1.2.0")
+        server.signal(signal.SIGHUP)
+        wait_for(
+            lambda: _fresh_connection_post(server.url, SETOSA).json()["model_version"] == "1.2.0",
+            30,
+            what="1.2.0 to serve",
+        )
+        assert server.process.poll() is None
+    assert failures == []
