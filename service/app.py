@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import PredictionFastPath
-from service.logs import APP_LOGGER, configure_logging
+from service.logs import APP_LOGGER, AccessLog, configure_logging
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
@@ -113,7 +113,9 @@ class MlApi:
             http_metrics = HttpMetrics()
         fast_path = PredictionFastPath(api, api)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
-        self._asgi = RequestContextMiddleware(limited, metrics=http_metrics)
+        self._asgi = RequestContextMiddleware(
+            limited, AccessLog(settings.log_level), metrics=http_metrics
+        )
 
     @property
     def state(self) -> State:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logs import log_request
+from service.logs import AccessLog
 
 if TYPE_CHECKING:
     # Imported only for typing: with metrics disabled prometheus_client is never loaded.
@@ -41,8 +41,11 @@ class RequestContextMiddleware:
     """Assigns the request id (kept from X-Request-ID when sane), echoes it,
     records the HTTP metrics and writes one JSON access-log line per request."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, access_log: AccessLog, metrics: HttpMetrics | None = None
+    ) -> None:
         self.app = app
+        self.access_log = access_log
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,7 +86,7 @@ class RequestContextMiddleware:
             status = status or CLIENT_CLOSED_REQUEST
             if metrics is not None:
                 metrics.finish(scope, method, status, seconds)
-            log_request(
+            self.access_log.write(
                 {
                     "method": scope["method"],
                     "path": scope["path"],
