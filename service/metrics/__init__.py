@@ -7,6 +7,8 @@ modules inside this package import prometheus_client.
 
 from __future__ import annotations
 
+from service.metrics import lean_values
 from service.metrics.store import ensure_multiproc_dir
 
 ensure_multiproc_dir()
+lean_values.install()

@@ -5,7 +5,12 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import Scope
 
-from service.metrics.instruments import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
+from service.metrics.instruments import (
+    HTTP_DURATION,
+    HTTP_IN_PROGRESS,
+    HTTP_REQUESTS,
+    histogram_add_one,
+)
 
 # Requests that matched no route share one label value: raw URLs as label
 # values would let any client create unbounded series.
@@ -40,4 +45,4 @@ class HttpMetrics:
         duration = self._duration.get((method, handler))
         if duration is None:
             duration = self._duration[method, handler] = HTTP_DURATION.labels(method, handler)
-        duration.observe(seconds)
+        histogram_add_one(duration, seconds)

@@ -137,7 +137,7 @@ def _histogram_add(child: Histogram, values: npt.NDArray[np.floating]) -> None:
     child._sum.inc(float(values.sum()))
 
 
-def _histogram_add_one(child: Histogram, value: float) -> None:
+def histogram_add_one(child: Histogram, value: float) -> None:
     """Histogram.observe() with a binary search instead of a scan over the buckets."""
     child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(1)
     child._sum.inc(value)
@@ -176,8 +176,8 @@ class ModelMetrics:
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
-        self._duration.observe(seconds)
-        self._rows.observe(rows)
+        histogram_add_one(self._duration, seconds)
+        histogram_add_one(self._rows, rows)
 
     def observe_predictions(
         self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
@@ -187,7 +187,7 @@ class ModelMetrics:
             # per-call overhead several times over.
             self._by_class[int(winners[0])].inc(1)
             for histogram, value in zip(self._features, rows[0].tolist(), strict=True):
-                _histogram_add_one(histogram, value)
+                histogram_add_one(histogram, value)
             return
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:

@@ -194,7 +194,9 @@ def run_wrk(
     if found is None:
         raise RuntimeError(f"wrk against {server.name} printed no rate:\n{out}")
     rps = float(found.group(1))
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
+    latency = dict(re.findall(r"^\s*(50|99)%\s+(\S+)\s*$", out, re.MULTILINE))
+    if set(latency) != {"50", "99"}:
+        raise RuntimeError(f"wrk against {server.name} printed no latency percentiles:\n{out}")
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)$", out, re.MULTILINE)
     return {
