@@ -251,3 +251,15 @@ def test_sighup_with_a_tampered_new_bundle_keeps_serving_the_old_one(
         )
         assert server.process.poll() is None
     assert failures == []
+
+
+def test_onnx_workers_never_load_scikit_learn(model_dir: Path, tmp_path: Path) -> None:
+    # scikit-learn is ~50 MB per worker and only the sklearn backend needs it.
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        assert _fresh_connection_post(server.url, SETOSA).status_code == 200
+        workers = server.worker_pids()
+        mapped = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in workers}
+    assert len(mapped) == 2
+    for pid, maps in mapped.items():
+        assert "onnxruntime" in maps, pid
+        assert "/sklearn/" not in maps, pid
