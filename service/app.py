@@ -77,6 +77,8 @@ async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
         assert predictor.batcher is not None
         predictor.batcher.start()
     metrics = model_metrics(predictor) if settings.metrics_enabled else None
+    if metrics is not None:
+        predictor.on_backend_call = metrics.observe_backend_call
     manifest = predictor.manifest
     log.info(
         "model loaded",

@@ -29,7 +29,7 @@ def method_label(method: str) -> str:
 
 REQUEST_ID_HEADER = b"x-request-id"
 # Ids from clients or the proxy are echoed into logs and headers: keep them short and inert.
-_VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@-]{1,128}$")
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -55,7 +55,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         request_id = None
         for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.match(value):
+            if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.fullmatch(value):
                 request_id = value.decode()
                 break
         if request_id is None:

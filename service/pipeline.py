@@ -65,8 +65,6 @@ class PredictionPipeline:
         manifest = predictor.manifest
         self.predictor = predictor
         self.metrics = metrics
-        if metrics is not None:
-            predictor.on_backend_call = metrics.observe_backend_call
         self.max_batch_size = max_batch_size
         self.models: RequestModels = build_request_models(manifest, max_batch_size)
         self._read_row = _row_reader(manifest.feature_names)
