@@ -73,9 +73,7 @@ async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
             max_rows=settings.max_batch_size,
             wait_seconds=settings.batch_wait_ms / 1000,
             queue_size=settings.batch_queue_size,
-        )
-        assert predictor.batcher is not None
-        predictor.batcher.start()
+        ).start()
     metrics = model_metrics(predictor) if settings.metrics_enabled else None
     if metrics is not None:
         predictor.on_backend_call = metrics.observe_backend_call
@@ -113,7 +111,7 @@ class MlApi:
             from service.metrics.http import HttpMetrics
 
             http_metrics = HttpMetrics()
-        fast_path = PredictionFastPath(api, api)
+        fast_path = PredictionFastPath(api)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
         self._asgi = RequestContextMiddleware(
             limited, AccessLog(settings.log_level), metrics=http_metrics

@@ -11,10 +11,10 @@ OpenAPI document and answer 503 while no model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from starlette.datastructures import State
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from service.batching import BatchQueueFullError, InferenceError
 from service.logs import INTERNAL_ERROR, log_unexpected
@@ -37,10 +37,6 @@ JSON_REQUIRED = "request body must be application/json"
 
 class ClientDisconnectedError(Exception):
     pass
-
-
-class HasState(Protocol):
-    state: State
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -69,10 +65,10 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 class PredictionFastPath:
-    def __init__(self, app: ASGIApp, holder: HasState) -> None:
+    def __init__(self, app: Starlette) -> None:
         self.app = app
-        # Where the lifespan puts the loaded pipeline (the FastAPI app's state).
-        self._state = holder.state
+        # Where the lifespan puts the loaded pipeline.
+        self._state = app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

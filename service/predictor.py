@@ -40,7 +40,9 @@ class Predictor:
     def checksums(self) -> dict[str, str]:
         return {name: entry.sha256 for name, entry in self.manifest.files.items()}
 
-    def enable_micro_batching(self, *, max_rows: int, wait_seconds: float, queue_size: int) -> None:
+    def enable_micro_batching(
+        self, *, max_rows: int, wait_seconds: float, queue_size: int
+    ) -> MicroBatcher:
         self.batcher = MicroBatcher(
             self.backend.predict_proba,
             max_rows=max_rows,
@@ -48,6 +50,7 @@ class Predictor:
             queue_size=queue_size,
             on_batch=self._backend_called,
         )
+        return self.batcher
 
     def _backend_called(self, rows: int, seconds: float) -> None:
         if self.on_backend_call is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.bundles import SETOSA, copy_bundle
+from tests.support.bundles import SETOSA, Detonator, copy_bundle
 from tests.support.servers import Gunicorn, running_gunicorn, start_gunicorn, wait_for
 
 pytestmark = pytest.mark.process
@@ -160,19 +160,11 @@ def test_missing_bundle_makes_gunicorn_exit_nonzero_with_the_reason(tmp_path: Pa
     assert f"model bundle refused: {empty / 'iris'}: missing" in server.stderr()
 
 
-class _Detonator:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (Path.touch, (str(self.marker),))
-
-
 def test_tampered_bundle_makes_gunicorn_exit_nonzero_without_unpickling(
     model_dir: Path, bundle_path: Path, tmp_path: Path
 ) -> None:
     marker = tmp_path / "unpickled"
-    (bundle_path / "model.joblib").write_bytes(pickle.dumps(_Detonator(marker)))
+    (bundle_path / "model.joblib").write_bytes(pickle.dumps(Detonator(marker)))
     server = start_gunicorn(model_dir, tmp_path / "logs", workers=2, env={"BACKEND": "sklearn"})
     try:
         code = server.wait(timeout=60)

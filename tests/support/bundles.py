@@ -14,6 +14,16 @@ SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_w
 VIRGINICA = {"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}
 
 
+class Detonator:
+    """Unpickling this creates `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))
+
+
 def train_bundle(model_dir: Path, *args: str) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "training", "--output-dir", str(model_dir), *args],

@@ -11,17 +11,7 @@ from service.backends import load_backend
 from service.bundle import BundleError, resolve_bundle_dir, semver_key, verify_bundle
 from service.predictor import load_predictor
 from service.settings import ServiceSettings
-from tests.support.bundles import copy_bundle, rewrite_file
-
-
-class _Detonator:
-    """Unpickling this creates a file: proof that a pickle was loaded."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (Path.touch, (str(self.marker),))
+from tests.support.bundles import Detonator, copy_bundle, rewrite_file
 
 
 def test_semver_precedence_orders_prereleases_first() -> None:
@@ -78,7 +68,7 @@ def test_manifest_version_must_match_its_directory(model_dir: Path, bundle_path:
 
 def test_tampered_joblib_is_refused_and_never_unpickled(bundle_path: Path, tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
-    (bundle_path / "model.joblib").write_bytes(pickle.dumps(_Detonator(marker)))
+    (bundle_path / "model.joblib").write_bytes(pickle.dumps(Detonator(marker)))
     with pytest.raises(BundleError, match=r"checksum mismatch: model.joblib") as refused:
         load_predictor(ServiceSettings(model_dir=bundle_path.parents[1], backend="sklearn"))
     assert str(bundle_path) in str(refused.value)
