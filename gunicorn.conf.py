@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from service.settings import ServerSettings
@@ -51,12 +53,23 @@ proc_name = "ml-api"
 control_socket_disable = True
 
 
+# The workers' shared connection counts (service.acceptor), on tmpfs when there is one.
+CONNECTION_LEDGER = Path(worker_tmp_dir or tempfile.gettempdir()) / f"ml-api-{os.getpid()}.conns"
+
+
 def on_starting(server: Any) -> None:
+    from service.acceptor import LEDGER_ENV, create_ledger
     from service.metrics.store import prepare_directory
     from service.rollout import GUARD
 
     prepare_directory(METRICS_DIR)
+    create_ledger(CONNECTION_LEDGER)
+    os.environ[LEDGER_ENV] = str(CONNECTION_LEDGER)
     GUARD.before_workers_start()
+
+
+def on_exit(server: Any) -> None:
+    CONNECTION_LEDGER.unlink(missing_ok=True)
 
 
 def on_reload(server: Any) -> None:
@@ -70,6 +83,8 @@ def on_reload(server: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     # Runs in the master for every exit: graceful, crashed, SIGKILLed or recycled.
+    from service.acceptor import clear_slot
     from service.metrics.store import fold_dead_worker
 
     fold_dead_worker(METRICS_DIR, worker.pid)
+    clear_slot(CONNECTION_LEDGER, worker.pid)

@@ -1,4 +1,5 @@
-"""The Gunicorn worker: `uvicorn_worker.UvicornWorker` with a gap-free shutdown.
+"""The Gunicorn worker: `uvicorn_worker.UvicornWorker` with a gap-free shutdown
+and connections spread evenly across workers.
 
 Uvicorn's shutdown stops accepting and then at once closes every connection
 that has no request in progress. A connection the worker accepted a moment
@@ -6,25 +7,62 @@ earlier, whose request bytes are still on their way, is closed unanswered:
 during a SIGHUP rollout that is a failed request for a client that did nothing
 wrong. This server waits a short grace between the two steps, so such requests
 are parsed and then drained like any other in-flight request.
+
+It also accepts through service.acceptor instead of asyncio's server, so a
+burst of keep-alive connections is split between the workers instead of
+landing on whichever woke first. This module is the one place that relies on
+uvicorn's internals (Server.startup's listener set-up, ServerState, the
+worker's _serve), pinned by tests/unit/test_worker_internals.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
+from pathlib import Path
 
 from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
+from service.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
+
 ACCEPTED_REQUEST_GRACE_SECONDS = 0.25
 
 
 class DrainingServer(Server):
+    _load: WorkerLoad | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        ledger = os.environ.get(LEDGER_ENV)
+        if sockets is None or not ledger:
+            await super().startup(sockets=sockets)
+            return
+        # An empty list: uvicorn runs the lifespan and creates no listeners;
+        # the acceptors below are the listeners.
+        await super().startup(sockets=[])
+        config, state = self.config, self.server_state
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=state, app_state=self.lifespan.state
+            )
+            return protocol
+
+        self._load = WorkerLoad(ConnectionLedger(Path(ledger)), state.connections)
+        self._load.start()
+        acceptors = [BalancedAcceptor(sock, create_protocol, self._load) for sock in sockets]
+        # uvicorn's shutdown only calls close() and wait_closed() on these.
+        self.servers = acceptors  # type: ignore[assignment]
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()
+        if self._load is not None:
+            # Out of the ledger: siblings stop deferring to a worker that no longer accepts.
+            self._load.stop()
         for sock in sockets or []:
             sock.close()
         await asyncio.sleep(ACCEPTED_REQUEST_GRACE_SECONDS)

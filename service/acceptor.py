@@ -1,0 +1,202 @@
+"""Even spread of connections across Gunicorn workers that share one listening socket.
+
+Every worker waits on the same listening socket and the kernel wakes all of
+them; whichever runs first accepts everything queued. A client that opens its
+keep-alive connections at once (wrk, nginx's upstream pool) then often lands
+all of them on one worker, and the server runs at half speed until it
+reconnects. Here each worker publishes how many connections it holds in a
+small shared ledger and, while it holds more than the least-loaded live
+sibling, leaves the queue to that sibling for a moment.
+
+The queue stays the kernel's one shared queue: a worker that dies or drains
+leaves nothing behind that another worker cannot accept (unlike
+SO_REUSEPORT, whose per-socket queues are reset when their socket closes).
+A deferral lasts at most `MAX_DEFER_SECONDS`, so a busy or hung sibling delays
+a new connection by that much at worst, never indefinitely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Sized
+from pathlib import Path
+
+LEDGER_ENV = "ML_API_CONNECTION_LEDGER"
+SLOTS = 256
+# pid, connections held, last heartbeat (monotonic ms; CLOCK_MONOTONIC is system-wide).
+_SLOT = struct.Struct("<iiq")
+LEDGER_BYTES = SLOTS * _SLOT.size
+HEARTBEAT_SECONDS = 0.1
+# A slot not refreshed for this long belongs to a dead or stuck worker.
+STALE_MS = 1000
+RETRY_SECONDS = 0.0005
+MAX_DEFER_SECONDS = 0.002
+
+
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def create_ledger(path: Path) -> None:
+    """In the master, before any worker exists."""
+    path.write_bytes(bytes(LEDGER_BYTES))
+
+
+def clear_slot(path: Path, pid: int) -> None:
+    """In the master, when a worker exits: its connections are gone with it."""
+    try:
+        with path.open("r+b") as handle, mmap.mmap(handle.fileno(), LEDGER_BYTES) as view:
+            for slot in range(SLOTS):
+                if _SLOT.unpack_from(view, slot * _SLOT.size)[0] == pid:
+                    _SLOT.pack_into(view, slot * _SLOT.size, 0, 0, 0)
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+class ConnectionLedger:
+    """This worker's slot in the shared ledger, and a view of its siblings'."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("r+b")
+        self._view = mmap.mmap(self._file.fileno(), LEDGER_BYTES)
+        self._pid = os.getpid()
+        self._offset = self._claim()
+
+    def _claim(self) -> int:
+        # Workers boot concurrently: claim under an exclusive lock.
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            now = _now_ms()
+            for slot in range(SLOTS):
+                offset = slot * _SLOT.size
+                pid, _, beat = _SLOT.unpack_from(self._view, offset)
+                if pid == 0 or now - beat > STALE_MS:
+                    _SLOT.pack_into(self._view, offset, self._pid, 0, now)
+                    return offset
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        raise RuntimeError(f"connection ledger full: more than {SLOTS} workers")
+
+    def publish(self, connections: int) -> None:
+        _SLOT.pack_into(self._view, self._offset, self._pid, connections, _now_ms())
+
+    def least_loaded_sibling(self) -> int | None:
+        """Connections held by the least-loaded live sibling; None when there is none."""
+        now = _now_ms()
+        least: int | None = None
+        for pid, held, beat in _SLOT.iter_unpack(self._view):
+            if pid == 0 or pid == self._pid or now - beat > STALE_MS:
+                continue
+            if least is None or held < least:
+                least = held
+        return least
+
+    def close(self) -> None:
+        _SLOT.pack_into(self._view, self._offset, 0, 0, 0)
+        self._view.close()
+        self._file.close()
+
+
+class WorkerLoad:
+    """The connections this worker holds, kept current in its ledger slot."""
+
+    def __init__(self, ledger: ConnectionLedger, connections: Sized) -> None:
+        self.ledger = ledger
+        self._connections = connections
+        # Accepted, but not yet in `connections` (connection_made runs a tick later).
+        self.handshaking = 0
+        self._heartbeat: asyncio.TimerHandle | None = None
+
+    def held(self) -> int:
+        return len(self._connections) + self.handshaking
+
+    def publish(self) -> None:
+        self.ledger.publish(self.held())
+
+    def start(self) -> None:
+        self.publish()
+        self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_SECONDS, self.start)
+
+    def ahead_of_siblings(self) -> bool:
+        least = self.ledger.least_loaded_sibling()
+        return least is not None and self.held() > least
+
+    def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        self.ledger.close()
+
+
+class BalancedAcceptor:
+    """Accepts from a shared listening socket while this worker is not ahead of
+    its least-loaded sibling. Looks like an asyncio Server to uvicorn's shutdown."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        load: WorkerLoad,
+    ) -> None:
+        self._sock = sock
+        self._factory = protocol_factory
+        self._load = load
+        self._loop = asyncio.get_running_loop()
+        self._deferred_since: float | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        if self._load.ahead_of_siblings():
+            now = self._loop.time()
+            if self._deferred_since is None:
+                self._deferred_since = now
+            if now - self._deferred_since < MAX_DEFER_SECONDS:
+                # Stop watching for a moment so the sibling's wake-up wins the race.
+                self._loop.remove_reader(self._sock.fileno())
+                self._retry = self._loop.call_later(RETRY_SECONDS, self._resume)
+                return
+        self._deferred_since = None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # a sibling took it, or the client gave up
+        except OSError:
+            return  # EMFILE and friends: the next wake-up tries again
+        conn.setblocking(False)
+        self._load.handshaking += 1
+        self._load.publish()
+        self._loop.create_task(self._attach(conn))
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self._load.handshaking -= 1
+
+    # The asyncio.Server surface uvicorn's shutdown uses.
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        if self._retry is not None:
+            self._retry.cancel()
+
+    async def wait_closed(self) -> None:
+        return None
