@@ -17,12 +17,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.bench import stages
 
 REPO = Path(__file__).resolve().parents[2]
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
@@ -272,6 +275,21 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stage_budget(wrk: str, server: Server, script: Path, seconds: int) -> dict[str, float]:
+    """Per-stage CPU per single-row request, py-spy on every worker under wrk load."""
+    recorded: list[stages.Profile] = []
+
+    def sample() -> None:
+        time.sleep(1)  # let wrk connect first
+        recorded.append(stages.record(server.workers(), seconds))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    load = run_wrk(wrk, server, script, "/predict", seconds + 2, 32)
+    sampler.join()
+    return recorded[0].budget(load["rps"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -279,6 +297,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", type=Path, default=REPO / ".bench" / "results.json")
+    parser.add_argument(
+        "--profile-seconds", type=int, default=6, help="py-spy window for the per-stage budget"
+    )
     args = parser.parse_args()
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
@@ -303,6 +324,7 @@ def main() -> int:
                 )
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
         results = {name: summarize(server) for name, server in servers.items()}
+        report["stage_budget_us"] = stage_budget(wrk, servers[ML_API], single, args.profile_seconds)
 
         batch: dict[str, float] = {}
         for rows in (100, 1000):
@@ -370,6 +392,8 @@ def main() -> int:
         f"/metrics with 8 workers: median {scrape['median_ms']:.1f} ms, "
         f"max {scrape['max_ms']:.1f} ms, {scrape['metric_files']} metric files"
     )
+    print(f"\nper-stage CPU of one single-row /predict on {ML_API} (py-spy + /proc):")
+    print(stages.budget_table(report["stage_budget_us"]))
     print("\ntargets:")
     for target, (value, met) in report["targets"].items():
         print(f"  {'MET ' if met else 'MISS'} {target}: {value}")
