@@ -121,7 +121,8 @@ def test_no_keys_file_is_committed() -> None:
 def test_every_object_is_valid_for_the_newest_kubernetes_release(rendered: Rendered) -> None:
     version = kubernetes_validate.latest_version()
     assert Version(version) >= Version("1.34")
-    custom = set()
+    custom: set[tuple[str, str]] = set()
+    invalid: list[str] = []
     for manifest in rendered.manifests:
         try:
             kubernetes_validate.validate(manifest, version, strict=True)
@@ -130,7 +131,8 @@ def test_every_object_is_valid_for_the_newest_kubernetes_release(rendered: Rende
         except kubernetes_validate.ValidationError as error:
             path = ".".join(str(item) for item in error.path)
             name = f"{manifest['kind']}/{manifest['metadata']['name']}"
-            pytest.fail(f"{rendered.name}: {name} invalid at {path}: {error.message}")
+            invalid.append(f"{name} at {path}: {error.message}")
+    assert not invalid, "\n".join(invalid)
     assert custom <= CUSTOM_RESOURCES
 
 
