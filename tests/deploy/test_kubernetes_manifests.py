@@ -40,6 +40,8 @@ KUSTOMIZATIONS = kustomizations()
 OPERATOR_OVERLAYS = ("overlays/prometheus-operator", "overlays/inflight-autoscaling")
 # Kinds outside the Kubernetes API: kubernetes-validate has no schema for them.
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# The preStop sleep action is on by default from 1.30 (deploy/kubernetes/README.md).
+OLDEST_SUPPORTED = "1.30"
 # Settings that another branch adds to service/settings.py (issue 10, API keys).
 SETTINGS_PENDING = {"API_KEYS_FILE"}
 # Every checkov check the manifests skip; the reason is in the skip annotation itself.
@@ -104,13 +106,16 @@ def test_rendering_without_a_keys_file_fails_instead_of_deploying_an_open_servic
 
 
 def test_no_keys_file_is_committed() -> None:
-    tracked = subprocess.run(
+    listing = subprocess.run(
         ["git", "ls-files", str(KUBERNETES_DIR)],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         cwd=KUBERNETES_DIR,
-    ).stdout.split()
+    )
+    if listing.returncode != 0:
+        pytest.skip(f"not a git checkout: {listing.stderr.strip()}")
+    tracked = listing.stdout.split()
     assert tracked, "deploy/kubernetes is not tracked"
     assert not [path for path in tracked if Path(path).name == KEYS_FILE_NAME]
 
@@ -118,9 +123,11 @@ def test_no_keys_file_is_committed() -> None:
 # ----------------------------------------------------------- validation ----
 
 
-def test_every_object_is_valid_for_the_newest_kubernetes_release(rendered: Rendered) -> None:
-    version = kubernetes_validate.latest_version()
-    assert Version(version) >= Version("1.34")
+@pytest.mark.parametrize("version", [OLDEST_SUPPORTED, kubernetes_validate.latest_version()])
+def test_every_object_is_valid_for_the_oldest_supported_and_the_newest_release(
+    rendered: Rendered, version: str
+) -> None:
+    assert Version(kubernetes_validate.latest_version()) >= Version("1.37")
     custom: set[tuple[str, str]] = set()
     invalid: list[str] = []
     for manifest in rendered.manifests:
@@ -318,11 +325,17 @@ def _served_paths() -> set[str]:
 
 
 def test_the_ingress_routes_every_public_route_and_never_metrics(rendered: Rendered) -> None:
-    ingress = rendered.one("Ingress", "ml-api")
-    assert "defaultBackend" not in ingress["spec"]
+    ingresses = rendered.all("Ingress")
+    assert ingresses
+    assert not [ingress for ingress in ingresses if "defaultBackend" in ingress["spec"]]
     service = rendered.one("Service", "ml-api")
     port_names = {port["name"] for port in service["spec"]["ports"]}
-    paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    paths = [
+        path
+        for ingress in ingresses
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
     for path in paths:
         assert path["backend"]["service"]["name"] == "ml-api"
         assert path["backend"]["service"]["port"]["name"] in port_names
