@@ -41,7 +41,9 @@ system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || tests/support/install-system-deps.sh
 
 # checkov (for tests/deploy) in a virtualenv of its own: its pins clash with
-# the project's. The lock is tests/deploy/checkov.lock.
+# the project's (packaging 23.2, boto3, networkx 2...). Its lock comes from
+#   echo checkov==3.3.30 | uv pip compile - --universal --python-version 3.11 \
+#     --no-header --annotation-style line -o tests/deploy/checkov.lock
 TOOLS ?= .tools
 CHECKOV_VENV := $(TOOLS)/checkov
 
