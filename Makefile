@@ -8,11 +8,12 @@ MODEL_NAME ?= iris
 VERSION ?= 1.0.0
 TRAIN_ARGS ?=
 
-.PHONY: help install train bundle serve test test-fast bench lint schema system-deps clean
+.PHONY: help install train bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on :8000"
-	@echo "make test     unit, API and process tests (installs what they need)"
+	@echo "make test     unit, deploy, API and process tests (installs what they need)"
+	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
@@ -39,8 +40,26 @@ serve: bundle
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || tests/support/install-system-deps.sh
 
-test: install system-deps bundle
-	$(BIN)/python -m pytest tests/unit tests/api tests/process
+# checkov (for tests/deploy) in a virtualenv of its own: its pins clash with
+# the project's (packaging 23.2, boto3, networkx 2...). Its lock comes from
+#   echo checkov==3.3.30 | uv pip compile - --universal --python-version 3.11 \
+#     --no-header --annotation-style line -o tests/deploy/checkov.lock
+TOOLS ?= .tools
+CHECKOV_VENV := $(TOOLS)/checkov
+
+$(CHECKOV_VENV)/.installed: tests/deploy/checkov.lock
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/deploy/checkov.lock
+	touch $@
+
+checkov: $(CHECKOV_VENV)/.installed
+
+# deploy/kubernetes validated offline: kustomize render, Kubernetes schemas, checkov.
+test-deploy: install checkov
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/deploy
+
+test: install system-deps bundle checkov
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit tests/api
@@ -59,7 +78,7 @@ schema: install
 	$(BIN)/python -m service.manifest > training/manifest.schema.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include docker/targets.mk
