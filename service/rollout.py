@@ -69,8 +69,8 @@ def _trial_rows(manifest: Manifest, max_rows: int) -> list[dict[str, float]]:
 
 
 async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
-    from service.predictor import load_predictor, start_micro_batching
     from service.pipeline import PredictionPipeline
+    from service.predictor import load_predictor, start_micro_batching
 
     predictor = load_predictor(settings)
     start_micro_batching(predictor, settings)
