@@ -205,7 +205,10 @@ class Rollouts:
                 reason=result.reason,
                 time=now(),
             )
-        record_attempt(metrics_dir, attempt)
+        try:
+            record_attempt(metrics_dir, attempt)
+        except OSError as exc:
+            log.error("model rollout not recorded in %s: %s", metrics_dir, exc)
         return attempt
 
     def start(self, metrics_dir: Path, log: Any) -> None:
@@ -214,7 +217,12 @@ class Rollouts:
             raise SystemExit(NOTHING_TO_SERVE)
 
     def reload(self, metrics_dir: Path, log: Any) -> None:
-        self.attempt("sighup", metrics_dir, log)
+        try:
+            self.attempt("sighup", metrics_dir, log)
+        except Exception as exc:
+            # An exception escaping a hook ends Gunicorn's main loop: the
+            # master would exit. The pin, and so the serving version, stays.
+            log.error("model rollout refused (sighup), internal error: %r", exc)
 
 
 ROLLOUTS = Rollouts()
