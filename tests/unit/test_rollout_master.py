@@ -42,7 +42,9 @@ def failing(path: Path, timeout: float) -> TrialResult:
 @pytest.fixture
 def env(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MODEL_DIR", str(model_dir))
-    monkeypatch.delenv(PINNED_BUNDLE_VARIABLE, raising=False)  # restored after the test
+    # Set then deleted, so monkeypatch removes the pin Rollouts writes afterwards.
+    monkeypatch.setenv(PINNED_BUNDLE_VARIABLE, "")
+    monkeypatch.delenv(PINNED_BUNDLE_VARIABLE)
     return model_dir
 
 
