@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 .PHONY: help install train bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean
 
 help:
-	@echo "make serve    install, train the default bundle if none exists, serve on :8000"
+	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
 	@echo "make test     unit, deploy, API and process tests (installs what they need)"
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
@@ -33,8 +33,10 @@ train: install
 bundle: install
 	@compgen -G "artifacts/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
 
+# Loopback unless BIND or PORT say otherwise: a laptop does not serve its
+# network by accident. The image binds all interfaces inside its container.
 serve: bundle
-	MODEL_NAME=$(MODEL_NAME) $(BIN)/gunicorn -c gunicorn.conf.py
+	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
 
 # Prometheus (and promtool) from Debian's archive, for the metrics tests.
 system-deps:

@@ -1,4 +1,4 @@
-"""Gunicorn settings for ml-api: Uvicorn workers, each loading the bundle itself.
+"""Gunicorn settings for ml-api: the master chooses the bundle, Uvicorn workers load it.
 
 Every value comes from environment variables through service.settings; this
 file only maps them onto Gunicorn's names and adds the lifecycle hooks.
@@ -40,8 +40,9 @@ keepalive = _server.keepalive
 max_requests = _server.max_requests
 max_requests_jitter = _server.max_requests_jitter
 forwarded_allow_ips = _server.forwarded_allow_ips
-# No preload: each worker loads and verifies the bundle itself, so SIGHUP
-# picks up a newly copied version and one bad load cannot poison a fork.
+# No preload: the master never loads a model (it would unpickle in the
+# process that must never die); it proves a candidate in a throwaway
+# subprocess and pins it, and each worker loads and verifies that pin itself.
 preload_app = False
 # The application writes its own JSON access line per request (service.logs).
 accesslog = None
@@ -60,12 +61,13 @@ CONNECTION_LEDGER = Path(worker_tmp_dir or tempfile.gettempdir()) / f"ml-api-{os
 def on_starting(server: Any) -> None:
     from service.acceptor import LEDGER_ENV, create_ledger
     from service.metrics.store import prepare_directory
-    from service.rollout import GUARD
+    from service.rollout import ROLLOUTS
 
     prepare_directory(METRICS_DIR)
+    # Exits non-zero with one line when nothing at all can be served.
+    ROLLOUTS.start(METRICS_DIR, server.log)
     create_ledger(CONNECTION_LEDGER)
     os.environ[LEDGER_ENV] = str(CONNECTION_LEDGER)
-    GUARD.before_workers_start()
 
 
 def on_exit(server: Any) -> None:
@@ -73,12 +75,11 @@ def on_exit(server: Any) -> None:
 
 
 def on_reload(server: Any) -> None:
-    # Runs in the master after SIGHUP, before the new workers are spawned.
-    from service.rollout import GUARD
+    # Runs in the master after SIGHUP, before the new workers are spawned:
+    # they inherit the pin, the new version's or, if refused, the old one.
+    from service.rollout import ROLLOUTS
 
-    refusal = GUARD.before_reload()
-    if refusal is not None:
-        server.log.error(refusal)
+    ROLLOUTS.reload(METRICS_DIR, server.log)
 
 
 def child_exit(server: Any, worker: Any) -> None:

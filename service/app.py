@@ -1,9 +1,12 @@
 """The FastAPI application: `create_app()` for tests, module-level `app` for Gunicorn.
 
-Each worker loads its own bundle in the lifespan: find it, validate the
-manifest, verify every checksum, load the backend, warm it up. Any failure is
-logged as one line naming the bundle and the reason, and startup fails, so the
-worker never serves and Gunicorn exits non-zero.
+Each worker loads its own bundle in the lifespan: under Gunicorn exactly the
+one the master pinned after its trial, alone the configured or newest one.
+Find it, validate the manifest, verify every checksum, load the backend, warm
+it up. A failure is logged as one line naming the bundle and the reason, and
+the worker still starts: not ready (503 on readiness and predictions) while it
+retries with backoff. A worker never exits over a model problem, because
+Gunicorn halts the whole server when a worker fails to boot.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
-from service.predictor import Predictor, load_predictor
+from service.predictor import Predictor, load_predictor, start_micro_batching
 from service.routes import health, model_info, predict
 from service.settings import ServiceSettings
 
@@ -36,8 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(APP_LOGGER)
 
 
-class ModelStartupError(RuntimeError):
-    """Raised from the lifespan so the server refuses to start; already logged."""
+# Seconds between attempts to load a bundle that failed: doubling, capped.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
 
 
 def model_metrics(predictor: Predictor) -> ModelMetrics:
@@ -58,22 +62,17 @@ async def refresh_process_metrics(interval_seconds: float = 5.0) -> None:
         await asyncio.sleep(interval_seconds)
 
 
+def refusal_reason(exc: Exception) -> str:
+    if isinstance(exc, BundleError):
+        return str(exc)
+    # Not a refusal the loaders foresaw (a bug, or the disk): still one line.
+    return f"model bundle refused: {type(exc).__name__}: {exc}"
+
+
 async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
-    """Load, verify and warm up the bundle; refuse with one clear line if it is not servable."""
-    try:
-        predictor = load_predictor(settings)
-    except BundleError as exc:
-        log.critical(str(exc), extra={"fields": {"bundle": str(exc.path), "reason": exc.reason}})
-        raise ModelStartupError(str(exc)) from None
-    batching = settings.micro_batching
-    if batching is None:
-        batching = predictor.backend.name == "sklearn"
-    if batching:
-        predictor.enable_micro_batching(
-            max_rows=settings.max_batch_size,
-            wait_seconds=settings.batch_wait_ms / 1000,
-            queue_size=settings.batch_queue_size,
-        ).start()
+    """Load, verify and warm up the bundle; raises BundleError if it is not servable."""
+    predictor = load_predictor(settings)
+    start_micro_batching(predictor, settings)
     metrics = model_metrics(predictor) if settings.metrics_enabled else None
     if metrics is not None:
         predictor.on_backend_call = metrics.observe_backend_call
@@ -93,6 +92,25 @@ async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
         },
     )
     return PredictionPipeline(predictor, settings.max_batch_size, metrics)
+
+
+async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
+    """Retry a bundle that failed to load, with backoff, until it loads."""
+    delay = RETRY_FIRST_SECONDS
+    attempt = 1
+    while True:
+        await asyncio.sleep(delay)
+        attempt += 1
+        try:
+            api.state.pipeline = await start_serving(settings)
+            api.openapi_schema = None
+            return
+        except Exception as exc:
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+            log.error(
+                refusal_reason(exc),
+                extra={"fields": {"attempt": attempt, "retry_in_s": delay, "ready": False}},
+            )
 
 
 class MlApi:
@@ -135,16 +153,24 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        pipeline = await start_serving(settings)
-        api.state.pipeline = pipeline
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            api.state.pipeline = await start_serving(settings)
+        except Exception as exc:
+            log.critical(
+                refusal_reason(exc),
+                extra={"fields": {"attempt": 1, "retry_in_s": RETRY_FIRST_SECONDS, "ready": False}},
+            )
+            tasks.append(asyncio.create_task(serve_when_loaded(settings, api)))
         api.openapi_schema = None  # rebuilt with this bundle's request schemas
-        refresher = (
-            asyncio.create_task(refresh_process_metrics()) if settings.metrics_enabled else None
-        )
+        if settings.metrics_enabled:
+            tasks.append(asyncio.create_task(refresh_process_metrics()))
         yield
-        if refresher is not None:
-            refresher.cancel()
-        if pipeline.predictor.batcher is not None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pipeline: PredictionPipeline | None = api.state.pipeline
+        if pipeline is not None and pipeline.predictor.batcher is not None:
             await pipeline.predictor.batcher.stop()
         api.state.pipeline = None
 
@@ -153,8 +179,12 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         version="1.0",
         description="Predictions from a verified scikit-learn model bundle.",
         lifespan=lifespan,
+        # A slash redirect is built from the Host header: a client could make
+        # the service send others to any host. /predict/ is simply a 404.
+        redirect_slashes=False,
     )
     api.state.pipeline = None
+    api.state.rollouts_dir = settings.prometheus_multiproc_dir
     api.include_router(predict.router)
     api.include_router(health.router)
     api.include_router(model_info.router)

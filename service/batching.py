@@ -6,6 +6,10 @@ near 100 requests/s. Here concurrent single-row requests queue up while a
 batch computes, and the next call takes all of them (up to MAX_BATCH_SIZE
 rows, waiting at most BATCH_WAIT_MS for more): under load the batch size grows
 by itself, and at low load a request waits at most BATCH_WAIT_MS.
+
+The collecting task is supervised: if it dies of anything (a bug, a failing
+metrics callback), every caller waiting on it gets an InferenceError at once
+instead of hanging, and a fresh task takes over the queue.
 """
 
 from __future__ import annotations
@@ -62,18 +66,45 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The batch being computed: its callers are no longer in _waiting.
+        self._in_flight: list[_Waiting] = []
+        self._stopping = False
+        self.restarts = 0
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._serve_batches(), name="micro-batcher")
+        self._task.add_done_callback(self._supervise)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        log.error(
+            "micro-batcher task died; failing its waiting callers and restarting",
+            exc_info=exc,
+            extra={"fields": {"waiting": len(self._waiting) + len(self._in_flight)}},
+        )
+        self._fail_everyone(InferenceError(f"batching failed: {type(exc).__name__}: {exc}"))
+        self.restarts += 1
+        self.start()
+
+    def _fail_everyone(self, error: InferenceError) -> None:
+        waiting = [*self._in_flight, *self._waiting]
+        self._in_flight = []
+        self._waiting.clear()
+        self._queued_rows = 0
+        self._full.clear()
+        for entry in waiting:
+            if not entry.answer.done():
+                entry.answer.set_exception(error)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._waiting:
-            waiting = self._waiting.popleft()
-            if not waiting.answer.done():
-                waiting.answer.set_exception(InferenceError("server shutting down"))
+        self._fail_everyone(InferenceError("server shutting down"))
 
     async def predict_proba(self, rows: FloatMatrix) -> Probabilities:
         if len(self._waiting) >= self._queue_size:
@@ -108,7 +139,7 @@ class MicroBatcher:
             if self._wait_seconds > 0 and not self._full.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._wait_seconds)
-            batch = self._take_batch()
+            batch = self._in_flight = self._take_batch()
             if not batch:
                 continue
             rows = np.concatenate([waiting.rows for waiting in batch])
@@ -121,12 +152,15 @@ class MicroBatcher:
                 for waiting in batch:
                     if not waiting.answer.done():
                         waiting.answer.set_exception(error)
+                self._in_flight = []
                 continue
-            if self._on_batch is not None:
-                self._on_batch(rows.shape[0], loop.time() - start)
             offset = 0
             for waiting in batch:
                 count = waiting.rows.shape[0]
                 if not waiting.answer.done():
                     waiting.answer.set_result(probabilities[offset : offset + count])
                 offset += count
+            self._in_flight = []
+            # After the answers: a failing callback costs a restart, not these callers.
+            if self._on_batch is not None:
+                self._on_batch(rows.shape[0], loop.time() - start)

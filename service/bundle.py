@@ -1,8 +1,10 @@
 """Find a model bundle and verify it before anything in it is loaded.
 
-A joblib file is executable code, so its bytes are hashed and compared with the
-manifest first, and the backends load those same verified bytes: a file swapped
-on disk after verification is never read again.
+Every file's bytes are hashed and compared with the manifest first, and the
+backends load those same verified bytes: a file swapped on disk after
+verification is never read again. These checksums sit beside the files they
+vouch for, so they catch accidents, not attackers: what may be unpickled is
+decided by digests pinned outside MODEL_DIR (service.backends.sklearn).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.manifest import MANIFEST_FILE, SEMVER_RE, Manifest
+from service.settings import PinnedBundle
 
 
 class BundleError(Exception):
@@ -30,6 +33,8 @@ class VerifiedBundle:
     path: Path
     manifest: Manifest
     files: dict[str, bytes]
+    # Pins the whole bundle: the manifest holds every other file's digest.
+    manifest_sha256: str
 
 
 def semver_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
@@ -100,4 +105,22 @@ def verify_bundle(path: Path, expected_name: str | None = None) -> VerifiedBundl
                 f"checksum mismatch: {file_name} has sha256 {digest}, manifest says {entry.sha256}",
             )
         files[file_name] = data
-    return VerifiedBundle(path=path, manifest=manifest, files=files)
+    return VerifiedBundle(
+        path=path, manifest=manifest, files=files, manifest_sha256=hashlib.sha256(raw).hexdigest()
+    )
+
+
+def verify_pinned(pin: PinnedBundle, expected_name: str) -> VerifiedBundle:
+    """Exactly the bundle the master proved servable, byte for byte, or a refusal."""
+    bundle = verify_bundle(pin.path, expected_name=expected_name)
+    if bundle.manifest.version != pin.version:
+        raise BundleError(
+            pin.path, f"pinned version {pin.version}, the bundle is {bundle.manifest.version}"
+        )
+    if bundle.manifest_sha256 != pin.manifest_sha256:
+        raise BundleError(
+            pin.path,
+            f"changed since the master proved it: {MANIFEST_FILE} has sha256 "
+            f"{bundle.manifest_sha256}, pinned {pin.manifest_sha256}",
+        )
+    return bundle

@@ -7,7 +7,9 @@ the framework's own per-request work is what this path avoids.
 
 from __future__ import annotations
 
+import json
 import operator
+import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,26 +29,131 @@ M = TypeVar("M", bound=BaseModel)
 PROBABILITY_DECIMALS = 7
 
 
+# An error body lists at most this many errors, then says how many there were.
+MAX_LISTED_ERRORS = 20
+# pydantic-core keeps ~1 KB per error until the whole body is validated, and
+# an object's unknown keys are one error each. Bodies with more keys than this
+# are validated the bounded way below (1 MiB of keys would otherwise cost
+# ~150 MB); a 1,000-row batch of ordinary width stays on the direct path.
+DIRECT_VALIDATION_MAX_KEYS = 16_384
+_EXTRA_KEY = "Extra inputs are not permitted"
+
+
 class RequestBodyError(Exception):
-    """A body that failed validation; `errors` says what and where."""
+    """A body that failed validation: `errors` lists the first MAX_LISTED_ERRORS
+    (and a last entry saying how many more), `error_count` counts them all."""
 
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
+    def __init__(self, errors: list[dict[str, Any]], error_count: int | None = None) -> None:
         super().__init__("invalid request body")
-        self.errors = errors
+        self.error_count = len(errors) if error_count is None else error_count
+        self.errors = errors[:MAX_LISTED_ERRORS]
+        if self.error_count > len(self.errors):
+            self.errors.append(
+                {
+                    "loc": ["body"],
+                    "msg": f"{self.error_count} errors in total; the first "
+                    f"{len(self.errors)} are listed",
+                    "type": "too_many_errors",
+                    "ctx": {"error_count": self.error_count, "listed": len(self.errors)},
+                }
+            )
 
 
-def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+def validation_errors(
+    exc: ValidationError, prefix: Sequence[str | int] = (), limit: int | None = MAX_LISTED_ERRORS
+) -> list[dict[str, Any]]:
+    # errors() builds every entry, so it is only called on errors bounded by
+    # DIRECT_VALIDATION_MAX_KEYS, one instance, or the model's own fields.
     return [
-        {"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]}
-        for error in exc.errors(include_url=False, include_context=False, include_input=False)
+        {"loc": ["body", *prefix, *error["loc"]], "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors(include_url=False, include_context=False, include_input=False)[
+            :limit
+        ]
     ]
+
+
+class _Collected:
+    def __init__(self) -> None:
+        self.listed: list[dict[str, Any]] = []
+        self.count = 0
+
+    def add(self, errors: list[dict[str, Any]], count: int) -> None:
+        self.listed.extend(errors[: MAX_LISTED_ERRORS - len(self.listed)])
+        self.count += count
+
+
+def _known_keys_only(model: type[BaseModel], value: Any, loc: list[Any], out: _Collected) -> Any:
+    """The object without keys the model forbids; each dropped key counted as pydantic would."""
+    if not isinstance(value, dict):
+        return value
+    kept = {}
+    for key, item in value.items():
+        if key in model.model_fields:
+            kept[key] = item
+        else:
+            out.add([{"loc": ["body", *loc, key], "msg": _EXTRA_KEY, "type": "extra_forbidden"}], 1)
+    return kept
+
+
+def _list_fields(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel], int | None]]:
+    """Fields holding a list of models (the batch's instances) and their max length."""
+    found: dict[str, tuple[type[BaseModel], int | None]] = {}
+    for name, field in model.model_fields.items():
+        args = typing.get_args(field.annotation)
+        item = args[0] if args else None
+        is_model = isinstance(item, type) and issubclass(item, BaseModel)
+        if typing.get_origin(field.annotation) is list and is_model:
+            limits = [m.max_length for m in field.metadata if hasattr(m, "max_length")]
+            found[name] = (item, limits[0] if limits else None)  # type: ignore[assignment]
+    return found
+
+
+def _parse_bounded(model: type[M], body: bytes) -> M:
+    """Validation whose memory does not grow with the number of errors in the body:
+    unknown keys are dropped and counted, list items are validated one at a time."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return model.model_validate_json(body)  # not JSON: pydantic's single error
+    errors = _Collected()
+    data = _known_keys_only(model, data, [], errors)
+    checked: set[str] = set()  # list fields whose items were validated one by one
+    if isinstance(data, dict):
+        for name, (item_model, limit) in _list_fields(model).items():
+            items = data.get(name)
+            if not isinstance(items, list) or (limit is not None and len(items) > limit):
+                continue  # a single error, left to the whole-body validation below
+            checked.add(name)
+            for index, item in enumerate(items):
+                item = items[index] = _known_keys_only(item_model, item, [name, index], errors)
+                try:
+                    item_model.model_validate_json(json.dumps(item))
+                except ValidationError as exc:
+                    errors.add(validation_errors(exc, (name, index)), exc.error_count())
+    if not errors.count:
+        return model.model_validate_json(json.dumps(data))
+    # The rest of the body, without the lists already checked: its errors are
+    # bounded by the model's own fields now that unknown keys are gone.
+    rest = {k: v for k, v in data.items() if k not in checked} if isinstance(data, dict) else data
+    try:
+        model.model_validate_json(json.dumps(rest))
+    except ValidationError as exc:
+        left = [
+            error
+            for error in validation_errors(exc, limit=None)
+            if not (error["type"] == "missing" and error["loc"][1:] in ([name] for name in checked))
+        ]
+        errors.add(left, len(left))
+    raise RequestBodyError(errors.listed, errors.count)
 
 
 def parse_body(model: type[M], body: bytes) -> M:
     try:
+        if body.count(b":") > DIRECT_VALIDATION_MAX_KEYS:
+            return _parse_bounded(model, body)
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise RequestBodyError(validation_errors(exc)) from None
+        raise RequestBodyError(validation_errors(exc), exc.error_count()) from None
 
 
 def _row_reader(names: Sequence[str]) -> Callable[[BaseModel], tuple[float, ...]]:

@@ -15,7 +15,13 @@ from anyio import to_thread
 from service.backends import InferenceBackend, load_backend
 from service.backends.base import FloatMatrix
 from service.batching import MicroBatcher
-from service.bundle import BundleError, resolve_bundle_dir, verify_bundle
+from service.bundle import (
+    BundleError,
+    VerifiedBundle,
+    resolve_bundle_dir,
+    verify_bundle,
+    verify_pinned,
+)
 from service.manifest import Manifest
 from service.settings import ServiceSettings
 
@@ -32,6 +38,8 @@ class Predictor:
     # Calls of up to this many rows run inline; larger ones go to a thread.
     inline_max_rows: int
     single_row_seconds: float
+    # The digest of the manifest it was loaded from: pins every file of the bundle.
+    manifest_sha256: str = ""
     batcher: MicroBatcher | None = None
     # Told about every backend call: rows in it and seconds it took.
     on_backend_call: Callable[[int, float], None] | None = None
@@ -66,6 +74,19 @@ class Predictor:
             probabilities = await to_thread.run_sync(self.backend.predict_proba, rows)
         self._backend_called(rows.shape[0], time.perf_counter() - start)
         return probabilities
+
+
+def start_micro_batching(predictor: Predictor, settings: ServiceSettings) -> None:
+    """Unset MICRO_BATCHING: on for the sklearn backend (milliseconds a call), off for ONNX."""
+    batching = settings.micro_batching
+    if batching is None:
+        batching = predictor.backend.name == "sklearn"
+    if batching:
+        predictor.enable_micro_batching(
+            max_rows=settings.max_batch_size,
+            wait_seconds=settings.batch_wait_ms / 1000,
+            queue_size=settings.batch_queue_size,
+        ).start()
 
 
 def example_rows(manifest: Manifest, n_rows: int) -> FloatMatrix:
@@ -116,10 +137,18 @@ def warm_up(backend: InferenceBackend, manifest: Manifest, path: Path) -> None:
         raise BundleError(path, "warm-up prediction returned probabilities that do not sum to 1")
 
 
-def load_predictor(settings: ServiceSettings) -> Predictor:
+def select_bundle(settings: ServiceSettings) -> VerifiedBundle:
+    """Under Gunicorn, the bundle the master pinned; alone, the configured or newest one."""
+    if settings.pinned_bundle is not None:
+        return verify_pinned(settings.pinned_bundle, expected_name=settings.model_name)
     path = resolve_bundle_dir(settings.model_dir, settings.model_name, settings.model_version)
-    bundle = verify_bundle(path, expected_name=settings.model_name)
-    backend = load_backend(bundle, settings.backend)
+    return verify_bundle(path, expected_name=settings.model_name)
+
+
+def load_predictor(settings: ServiceSettings) -> Predictor:
+    bundle = select_bundle(settings)
+    path = bundle.path
+    backend = load_backend(bundle, settings.backend, settings.trusted_model_digests())
     warm_up(backend, bundle.manifest, path)
     inline_rows, single = inline_row_limit(backend, bundle.manifest, settings.max_batch_size)
     return Predictor(
@@ -128,4 +157,5 @@ def load_predictor(settings: ServiceSettings) -> Predictor:
         bundle_path=path,
         inline_max_rows=inline_rows,
         single_row_seconds=single,
+        manifest_sha256=bundle.manifest_sha256,
     )

@@ -1,60 +1,234 @@
-"""Guarding SIGHUP rollouts in the Gunicorn master.
+"""The Gunicorn master chooses the model version; workers only load it.
 
-A worker that refuses its bundle makes Gunicorn halt the whole server, so a
-bad bundle copied into MODEL_DIR followed by SIGHUP would take a healthy
-service down. Before new workers are spawned, the master verifies the bundle
-they would load (manifest and checksums; nothing is unpickled). If it is not
-servable, the new workers are pinned to the version already serving and the
-reason is logged; the next SIGHUP tries the newest version again.
+At start and on SIGHUP the master resolves the candidate bundle (MODEL_VERSION,
+or the highest version in MODEL_DIR) and proves it can be served in a
+throwaway subprocess: verify, load, warm up, predict (`python -m
+service.rollout <bundle>`). The master itself never loads a model, so it never
+unpickles anything. Only a candidate that passed is pinned, by path, version
+and manifest digest, in an environment variable every worker forked afterwards
+inherits: a worker restarted for any reason (MAX_REQUESTS, a crash) loads
+exactly that bundle, never "whatever is newest now". A refused candidate
+leaves the pin, and so the serving version, as it was; the refusal is one log
+line, a count in `model_rollouts_total{result}` and the last attempt in
+`/model-info`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
-from service.bundle import BundleError, resolve_bundle_dir, verify_bundle
-from service.settings import ServiceSettings
+import orjson
+from pydantic import BaseModel
 
-_PIN_VARIABLE = "MODEL_VERSION"
+from service.bundle import BundleError, resolve_bundle_dir
+from service.manifest import Manifest
+from service.rollout_record import RolloutAttempt, now, record_attempt
+from service.settings import PINNED_BUNDLE_VARIABLE, PinnedBundle, ServiceSettings
+
+# The master exits with this when, at start, nothing can be served at all.
+NOTHING_TO_SERVE = 1
+TRIAL_RANDOM_ROWS = 256
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The trial must not write into the server's metrics or inherit the current pin.
+_NOT_FOR_THE_TRIAL = ("PROMETHEUS_MULTIPROC_DIR", PINNED_BUNDLE_VARIABLE)
 
 
-class RolloutGuard:
-    def __init__(self) -> None:
-        self.serving: str | None = None
-        self._pinned = False
+class TrialResult(BaseModel):
+    ok: bool
+    reason: str | None = None
+    version: str | None = None
+    manifest_sha256: str | None = None
+    backend: str | None = None
+    classes_predicted: list[str] = []
 
-    def before_workers_start(self) -> None:
-        """At master start: remember the version the first workers will load.
-        A missing bundle is left for the workers to refuse, with the reason."""
-        settings = ServiceSettings()
+
+# --------------------------------------------------------------- the trial --
+
+
+def _trial_rows(manifest: Manifest, max_rows: int) -> list[dict[str, float]]:
+    """The mean, each training decile, and random rows inside the training range."""
+    import numpy as np
+
+    features = manifest.features
+    rows = [{f.name: f.training_mean for f in features}]
+    rows += [{f.name: f.deciles[k] for f in features} for k in range(9)]
+    rng = np.random.default_rng(0)
+    lows = np.array([f.training_min for f in features])
+    highs = np.array([f.training_max for f in features])
+    count = max(0, min(TRIAL_RANDOM_ROWS, max_rows) - len(rows))
+    for values in rng.uniform(lows, highs, size=(count, len(features))).tolist():
+        rows.append(dict(zip([f.name for f in features], values, strict=True)))
+    return rows[:max_rows]
+
+
+async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
+    from service.pipeline import PredictionPipeline
+    from service.predictor import load_predictor, start_micro_batching
+
+    predictor = load_predictor(settings)
+    start_micro_batching(predictor, settings)
+    try:
+        manifest = predictor.manifest
+        pipeline = PredictionPipeline(predictor, settings.max_batch_size)
+        rows = _trial_rows(manifest, settings.max_batch_size)
+        batch = orjson.loads(await pipeline.predict_batch(orjson.dumps({"instances": rows})))
+        answers = batch["predictions"]
+        # One single-row prediction per class the batch reached, through the
+        # same path a request takes; it must agree with the batch.
+        first_row_of: dict[str, int] = {}
+        for index, answer in enumerate(answers):
+            first_row_of.setdefault(answer["predicted_class_name"], index)
+        for name, index in first_row_of.items():
+            single = orjson.loads(await pipeline.predict_one(orjson.dumps(rows[index])))
+            if single["predicted_class_name"] != name or single["model_version"] != path.name:
+                raise BundleError(path, f"trial: single-row answer {single} disagrees with batch")
+        return TrialResult(
+            ok=True,
+            version=manifest.version,
+            manifest_sha256=predictor.manifest_sha256,
+            backend=predictor.backend.name,
+            classes_predicted=[c for c in manifest.classes if c in first_row_of],
+        )
+    finally:
+        if predictor.batcher is not None:
+            await predictor.batcher.stop()
+
+
+def trial(path: Path) -> TrialResult:
+    """Runs in the throwaway subprocess: prove `path` can serve, as a worker would."""
+    try:
+        settings = ServiceSettings(
+            model_dir=path.parent.parent,
+            model_version=path.name,
+            metrics_enabled=False,
+            pinned_bundle=None,
+        )
+        return asyncio.run(_prove(settings, path))
+    except BundleError as exc:
+        return TrialResult(ok=False, reason=str(exc))
+    except Exception as exc:
+        return TrialResult(ok=False, reason=f"trial failed: {type(exc).__name__}: {exc}")
+
+
+# -------------------------------------------------------------- the master --
+
+
+def _last_line(text: bytes) -> str:
+    lines = text.decode(errors="replace").strip().splitlines()
+    return lines[-1][:500] if lines else ""
+
+
+def run_trial(path: Path, timeout: float) -> TrialResult:
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_THE_TRIAL}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.rollout", str(path)],
+            env=env,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return TrialResult(ok=False, reason=f"trial did not finish within {timeout:g} s")
+    try:
+        return TrialResult.model_validate_json(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"code {done.returncode}"
+        return TrialResult(
+            ok=False, reason=f"trial process died ({how}): {_last_line(done.stderr)}"
+        )
+
+
+class Rollouts:
+    """The master's side: one instance per master, living across SIGHUPs."""
+
+    def __init__(self, trial_runner: Callable[[Path, float], TrialResult] = run_trial) -> None:
+        self._run_trial = trial_runner
+        self.pin: PinnedBundle | None = None
+
+    def attempt(
+        self, trigger: Literal["start", "sighup"], metrics_dir: Path, log: Any
+    ) -> RolloutAttempt:
+        settings = ServiceSettings(pinned_bundle=None)
+        started = time.monotonic()
+        path: Path | None = None
         try:
             path = resolve_bundle_dir(
                 settings.model_dir, settings.model_name, settings.model_version
-            )
-        except BundleError:
-            return
-        self.serving = path.name
-
-    def before_reload(self) -> str | None:
-        """Returns a refusal message when the rollout was held back, else None."""
-        if self._pinned:
-            # Our own pin from a held-back rollout: look for the newest again.
-            os.environ.pop(_PIN_VARIABLE, None)
-            self._pinned = False
-        settings = ServiceSettings()
-        try:
-            path = resolve_bundle_dir(
-                settings.model_dir, settings.model_name, settings.model_version
-            )
-            verify_bundle(path, expected_name=settings.model_name)
+            ).absolute()
+            result = self._run_trial(path, settings.rollout_trial_timeout)
         except BundleError as exc:
-            if self.serving is None or settings.model_version is not None:
-                return None  # nothing to fall back to: let the workers refuse loudly
-            os.environ[_PIN_VARIABLE] = self.serving
-            self._pinned = True
-            return f"rollout held back, staying on {self.serving}: {exc}"
-        self.serving = path.name
-        return None
+            result = TrialResult(ok=False, reason=str(exc))
+        version = result.version or (path.name if path else None)
+        if result.ok and path is not None and result.version and result.manifest_sha256:
+            self.pin = PinnedBundle(
+                path=path, version=result.version, manifest_sha256=result.manifest_sha256
+            )
+            os.environ[PINNED_BUNDLE_VARIABLE] = self.pin.model_dump_json()
+            log.info(
+                "model rollout accepted (%s): %s %s from %s, backend %s, classes predicted %s, "
+                "trial %.1f s",
+                trigger,
+                settings.model_name,
+                version,
+                path,
+                result.backend,
+                ",".join(result.classes_predicted),
+                time.monotonic() - started,
+            )
+            attempt = RolloutAttempt(
+                trigger=trigger,
+                version=version,
+                path=str(path),
+                result="accepted",
+                reason=None,
+                time=now(),
+            )
+        else:
+            serving = self.pin.version if self.pin else "nothing"
+            log.error(
+                "model rollout refused (%s), still serving %s: %s", trigger, serving, result.reason
+            )
+            attempt = RolloutAttempt(
+                trigger=trigger,
+                version=version,
+                path=str(path) if path else None,
+                result="refused",
+                reason=result.reason,
+                time=now(),
+            )
+        try:
+            record_attempt(metrics_dir, attempt)
+        except OSError as exc:
+            log.error("model rollout not recorded in %s: %s", metrics_dir, exc)
+        return attempt
+
+    def start(self, metrics_dir: Path, log: Any) -> None:
+        if self.attempt("start", metrics_dir, log).result == "refused":
+            # Nothing was ever served: failing fast beats workers with no model.
+            raise SystemExit(NOTHING_TO_SERVE)
+
+    def reload(self, metrics_dir: Path, log: Any) -> None:
+        try:
+            self.attempt("sighup", metrics_dir, log)
+        except Exception as exc:
+            # An exception escaping a hook ends Gunicorn's main loop: the
+            # master would exit. The pin, and so the serving version, stays.
+            log.error("model rollout refused (sighup), internal error: %r", exc)
 
 
-GUARD = RolloutGuard()
+ROLLOUTS = Rollouts()
+
+
+if __name__ == "__main__":
+    outcome = trial(Path(sys.argv[1]))
+    sys.stdout.write(outcome.model_dump_json() + "\n")
+    sys.exit(0 if outcome.ok else 2)

@@ -7,21 +7,50 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.manifest import SEMVER_RE
+from service.manifest import SEMVER_PATTERN, SEMVER_RE, SHA256_PATTERN
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 MIB = 1024 * 1024
+# Internal: set by the Gunicorn master for the workers it forks, never by operators.
+PINNED_BUNDLE_VARIABLE = "ML_API_PINNED_BUNDLE"
+_SHA256 = re.compile(SHA256_PATTERN)
+
+
+class PinnedBundle(BaseModel):
+    """The exact bundle the master proved servable: every worker loads this one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path
+    version: str = Field(pattern=SEMVER_PATTERN)
+    manifest_sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+def _digest_lines(text: str) -> list[str]:
+    """Digests from `sha256sum` output or bare lines; `#` starts a comment."""
+    digests = []
+    for line in text.splitlines():
+        token = line.split("#", 1)[0].strip().split(" ", 1)[0].lower()
+        if token:
+            digests.append(token)
+    return digests
 
 
 class _EnvSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        extra="ignore", frozen=True, case_sensitive=False, protected_namespaces=()
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+        protected_namespaces=(),
+        validate_by_name=True,
+        validate_by_alias=True,
     )
 
     @field_validator("log_level", mode="before", check_fields=False)
@@ -47,6 +76,16 @@ class ServiceSettings(_EnvSettings):
     micro_batching: bool | None = None
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     batch_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    # A native (pickled) model is loaded only when its SHA-256 is pinned here
+    # or in TRUSTED_DIGESTS_FILE: both live outside MODEL_DIR, so whoever can
+    # write bundles cannot also vouch for them.
+    trusted_model_sha256: str = ""
+    trusted_digests_file: Path | None = None
+    # Seconds the master gives a candidate bundle's trial (load, warm up, predict).
+    rollout_trial_timeout: float = Field(default=120, gt=0, le=3600)
+    pinned_bundle: PinnedBundle | None = Field(default=None, alias=PINNED_BUNDLE_VARIABLE)
+    # Where the master records rollout attempts (the multiprocess metrics directory).
+    prometheus_multiproc_dir: Path | None = None
 
     @field_validator("model_version", "backend", "micro_batching", mode="before")
     @classmethod
@@ -60,6 +99,41 @@ class ServiceSettings(_EnvSettings):
         if value is not None and not SEMVER_RE.match(value):
             raise ValueError(f"MODEL_VERSION {value!r} is not a semantic version")
         return value
+
+    @field_validator("trusted_model_sha256")
+    @classmethod
+    def _digests(cls, value: str) -> str:
+        for digest in value.replace(",", " ").split():
+            if not _SHA256.fullmatch(digest.lower()):
+                raise ValueError(f"TRUSTED_MODEL_SHA256: {digest!r} is not a SHA-256 hex digest")
+        return value
+
+    @field_validator("trusted_digests_file", mode="before")
+    @classmethod
+    def _blank_file_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _digests_outside_model_dir(self) -> Self:
+        if self.trusted_digests_file is not None:
+            digests = self.trusted_digests_file.resolve()
+            if digests.is_relative_to(self.model_dir.resolve()):
+                raise ValueError(
+                    f"TRUSTED_DIGESTS_FILE {self.trusted_digests_file} is inside MODEL_DIR: "
+                    "whoever writes bundles could vouch for them"
+                )
+        return self
+
+    def trusted_model_digests(self) -> frozenset[str]:
+        """Read on every model load, so an operator can add a digest before a SIGHUP."""
+        digests = {d.lower() for d in self.trusted_model_sha256.replace(",", " ").split()}
+        if self.trusted_digests_file is not None:
+            try:
+                text = self.trusted_digests_file.read_text()
+            except OSError:
+                text = ""  # the loader's refusal names the file
+            digests.update(d for d in _digest_lines(text) if _SHA256.fullmatch(d))
+        return frozenset(digests)
 
 
 class ServerSettings(_EnvSettings):

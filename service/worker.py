@@ -76,5 +76,8 @@ class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
         server = DrainingServer(config=self.config)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
+        # Gunicorn halts the whole server on this code. A model problem never
+        # gets here (the lifespan starts not ready and retries instead): only a
+        # broken installation or configuration does.
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

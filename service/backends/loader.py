@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Set
 from importlib import metadata
 
 from service.backends.base import InferenceBackend
@@ -44,7 +45,10 @@ def check_sklearn_compatible(bundle: VerifiedBundle) -> None:
         )
 
 
-def load_backend(bundle: VerifiedBundle, requested: Backend | None) -> InferenceBackend:
+def load_backend(
+    bundle: VerifiedBundle, requested: Backend | None, trusted_sha256: Set[str] = frozenset()
+) -> InferenceBackend:
+    """`trusted_sha256`: digests pinned outside MODEL_DIR; only those pickles are loaded."""
     backend = choose_backend(bundle, requested)
     manifest = bundle.manifest
     try:
@@ -55,10 +59,15 @@ def load_backend(bundle: VerifiedBundle, requested: Backend | None) -> Inference
             from service.backends.onnx import OnnxBackend
 
             return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest.onnx)
-        check_sklearn_compatible(bundle)
-        from service.backends.sklearn import SklearnBackend
+        from service.backends.sklearn import SklearnBackend, UntrustedModelError
 
-        return SklearnBackend(bundle.files[MODEL_FILE_SKLEARN], len(manifest.classes))
+        try:
+            check_sklearn_compatible(bundle)
+            return SklearnBackend(
+                bundle.files[MODEL_FILE_SKLEARN], len(manifest.classes), trusted_sha256
+            )
+        except UntrustedModelError as exc:
+            raise BundleError(bundle.path, str(exc)) from None
     except BundleError:
         raise
     except Exception as exc:

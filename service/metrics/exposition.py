@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.metrics.instruments import CPU_SECONDS, OPEN_FDS, RESIDENT_MEMORY
+from service.metrics.rollouts import RolloutCollector
 from service.metrics.store import ENV_VAR, directory_lock
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -37,5 +38,6 @@ def render_metrics() -> bytes:
     path = Path(os.environ[ENV_VAR])
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))
+    registry.register(RolloutCollector(path))
     with directory_lock(path, exclusive=False):
         return generate_latest(registry)

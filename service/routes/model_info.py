@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from service.pipeline import PredictionPipeline
+from service.rollout_record import read_record
 
 router = APIRouter(tags=["model"])
 
@@ -38,4 +39,18 @@ async def model_info(request: Request) -> dict[str, Any]:
         },
         "max_batch_size": pipeline.max_batch_size,
         "bundle_path": str(predictor.bundle_path),
+        "manifest_sha256": predictor.manifest_sha256,
+        "rollout": _rollout(request),
+    }
+
+
+def _rollout(request: Request) -> dict[str, Any] | None:
+    """The master's last rollout attempt (None outside Gunicorn): a refused
+    candidate shows here while the version above keeps serving."""
+    record = read_record(getattr(request.app.state, "rollouts_dir", None))
+    if record is None:
+        return None
+    return {
+        "last_attempt": record.last.model_dump(mode="json") if record.last else None,
+        "counts": record.counts,
     }

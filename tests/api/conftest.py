@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import ServiceSettings
+from tests.support.bundles import model_sha256
 
 ClientFactory = Callable[..., AbstractContextManager[TestClient]]
 
@@ -20,6 +21,8 @@ def make_client(model_dir: Path) -> ClientFactory:
 
     @contextmanager
     def factory(**overrides: Any) -> Iterator[TestClient]:
+        # The test bundle's pickle is pinned, as an operator would pin theirs.
+        overrides.setdefault("trusted_model_sha256", model_sha256(model_dir / "iris" / "1.0.0"))
         settings = ServiceSettings(model_dir=model_dir, **overrides)
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
             yield client

@@ -13,7 +13,7 @@ import numpy as np
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.support.bundles import SETOSA
+from tests.support.bundles import SETOSA, model_sha256
 
 Bodies = list[bytes]
 
@@ -42,7 +42,12 @@ async def _burst(settings: ServiceSettings, bodies: Bodies) -> tuple[list[httpx.
 
 
 def _run(model_dir: Path, bodies: Bodies, **settings: Any) -> tuple[list[httpx.Response], Any]:
-    return asyncio.run(_burst(ServiceSettings(model_dir=model_dir, **settings), bodies))
+    trusted = model_sha256(model_dir / "iris" / "1.0.0")
+    return asyncio.run(
+        _burst(
+            ServiceSettings(model_dir=model_dir, trusted_model_sha256=trusted, **settings), bodies
+        )
+    )
 
 
 def _encode(rows: list[dict[str, float]]) -> Bodies:

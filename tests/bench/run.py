@@ -8,6 +8,7 @@ of them alike) and the table reports medians with ratios to the baselines.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -114,6 +115,8 @@ def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
         "WEB_CONCURRENCY": str(workers),
         "BIND": f"127.0.0.1:{port}",
         "PROMETHEUS_MULTIPROC_DIR": str(work / f"{name}-metrics"),
+        # The bench's own bundle: its pickle may load (the sklearn server needs it).
+        "TRUSTED_MODEL_SHA256": hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest(),
         **extra,
     }
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *([app] if app else [])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import signal
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.bundles import SETOSA, Detonator, copy_bundle
+from tests.support.bundles import SETOSA, Detonator, copy_bundle, rewrite_file, trusting
 from tests.support.servers import Gunicorn, running_gunicorn, start_gunicorn, wait_for
 
 pytestmark = pytest.mark.process
@@ -177,6 +178,47 @@ def test_tampered_bundle_makes_gunicorn_exit_nonzero_without_unpickling(
     assert not marker.exists()
 
 
+def test_a_malicious_pickle_with_a_recomputed_manifest_never_runs_under_gunicorn(
+    model_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    """Neither at start nor on SIGHUP: not in the master, its trial, or a worker."""
+    marker = tmp_path / "unpickled"
+
+    def malicious(bundle: Path) -> None:
+        rewrite_file(bundle, "model.joblib", pickle.dumps(Detonator(marker)), update_checksum=True)
+        manifest_path = bundle / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["backend"] = "sklearn"
+        manifest_path.write_text(json.dumps(manifest))
+
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        malicious(copy_bundle(bundle_path, model_dir, version="1.1.0"))
+        old_workers = server.worker_pids()
+        server.signal(signal.SIGHUP)
+        wait_for(
+            lambda: server.worker_pids().isdisjoint(old_workers) and server.loaded_count() >= 4,
+            60,
+            what="new workers",
+        )
+        answer = _fresh_connection_post(server.url, SETOSA).json()
+        assert server.process.poll() is None
+    assert answer["model_version"] == "1.0.0"
+    assert "untrusted: model.joblib has sha256" in server.stderr()
+    assert not marker.exists()
+
+    # At start, with only the malicious bundle: refused with one line, never run.
+    shutil.rmtree(bundle_path)
+    server = start_gunicorn(model_dir, tmp_path / "logs-start", workers=2)
+    try:
+        code = server.wait(timeout=60)
+    finally:
+        server.stop()
+    assert code != 0
+    assert "model rollout refused (start), still serving nothing" in server.stderr()
+    assert "untrusted: model.joblib" in server.stderr()
+    assert not marker.exists()
+
+
 def test_oversized_chunked_body_is_refused_before_it_is_all_sent(
     model_dir: Path, tmp_path: Path
 ) -> None:
@@ -199,7 +241,10 @@ def test_oversized_chunked_body_is_refused_before_it_is_all_sent(
 
 def test_sklearn_backend_serves_under_gunicorn(model_dir: Path, tmp_path: Path) -> None:
     with running_gunicorn(
-        model_dir, tmp_path / "logs", workers=2, env={"BACKEND": "sklearn"}
+        model_dir,
+        tmp_path / "logs",
+        workers=2,
+        env={"BACKEND": "sklearn", **trusting(model_dir / "iris" / "1.0.0")},
     ) as server:
         info = httpx.get(f"{server.url}/model-info").json()
         answer = _fresh_connection_post(server.url, SETOSA).json()
@@ -230,7 +275,7 @@ def test_sighup_with_a_tampered_new_bundle_keeps_serving_the_old_one(
             response = _fresh_connection_post(server.url, SETOSA)
             if response.status_code != 200 or response.json()["model_version"] != "1.0.0":
                 failures.append(response.text)
-        assert "rollout held back, staying on 1.0.0" in server.stderr()
+        assert "model rollout refused (sighup), still serving 1.0.0" in server.stderr()
         assert "checksum mismatch: model.onnx" in server.stderr()
         # A good version rolls out on the next SIGHUP: the hold is not sticky.
         shutil.rmtree(bad)

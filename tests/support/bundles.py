@@ -24,6 +24,16 @@ class Detonator:
         return (Path.touch, (str(self.marker),))
 
 
+def model_sha256(bundle: Path) -> str:
+    """The digest an operator pins (outside MODEL_DIR) so this bundle's pickle may load."""
+    return hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest()
+
+
+def trusting(*bundles: Path) -> dict[str, str]:
+    """Settings (as environment variables) that pin these bundles' native models."""
+    return {"TRUSTED_MODEL_SHA256": ",".join(model_sha256(b) for b in bundles)}
+
+
 def train_bundle(model_dir: Path, *args: str) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "training", "--output-dir", str(model_dir), *args],

@@ -121,3 +121,43 @@ def test_callers_that_went_away_are_skipped() -> None:
     answer = asyncio.run(_with_batcher(batcher, cancel_one()))
     assert np.array_equal(answer, _model(_row(6.0)))
     assert seen == [1]
+
+
+def test_a_dead_batching_task_fails_its_waiting_callers_at_once_and_restarts() -> None:
+    batcher = MicroBatcher(_model, max_rows=8, wait_seconds=0.01, queue_size=100)
+
+    async def kill_then_serve() -> tuple[list[Any], npt.NDArray[np.floating]]:
+        # Rows of different widths cannot be stacked: the task itself dies
+        # (outside the backend call), with these callers waiting on it.
+        doomed = [
+            batcher.predict_proba(_row(0.1)),
+            batcher.predict_proba(np.zeros((1, 3), dtype=np.float32)),
+        ]
+        # The bound is only there so a regression fails instead of hanging.
+        failed = await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True), 30)
+        return failed, await asyncio.wait_for(batcher.predict_proba(_row(0.7)), 30)
+
+    failed, later = asyncio.run(_with_batcher(batcher, kill_then_serve()))
+    assert all(isinstance(result, InferenceError) for result in failed)
+    assert "batching failed" in str(failed[0])
+    assert np.array_equal(later, _model(_row(0.7)))
+    assert batcher.restarts == 1
+
+
+def test_a_failing_batch_callback_does_not_cost_the_callers_their_answers() -> None:
+    def broken_metrics(rows: int, seconds: float) -> None:
+        raise RuntimeError("metrics broke")
+
+    batcher = MicroBatcher(
+        _model, max_rows=8, wait_seconds=0.01, queue_size=100, on_batch=broken_metrics
+    )
+
+    async def two_rounds() -> list[npt.NDArray[np.floating]]:
+        first = await asyncio.wait_for(batcher.predict_proba(_row(0.2)), 30)
+        second = await asyncio.wait_for(batcher.predict_proba(_row(0.3)), 30)
+        return [first, second]
+
+    answers = asyncio.run(_with_batcher(batcher, two_rounds()))
+    assert np.array_equal(answers[0], _model(_row(0.2)))
+    assert np.array_equal(answers[1], _model(_row(0.3)))
+    assert batcher.restarts == 2
