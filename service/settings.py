@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.keyfile import DEFAULT_KEYS_FILE
 from service.manifest import SEMVER_RE
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -47,6 +48,12 @@ class ServiceSettings(_EnvSettings):
     micro_batching: bool | None = None
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
     batch_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    # API keys (service.keyfile format). With at least one key every route but
+    # health and the API description needs one; no file or no keys: open.
+    api_keys_file: Path = DEFAULT_KEYS_FILE
+    # The API description (/docs, /redoc, /openapi.json): open to all, behind
+    # the API keys like the rest, or not served.
+    docs: Literal["public", "protected", "off"] = "public"
 
     @field_validator("model_version", "backend", "micro_batching", mode="before")
     @classmethod

@@ -23,6 +23,8 @@ AMBIENT_SETTINGS = (
     "WEB_CONCURRENCY",
     "BIND",
     "PORT",
+    "API_KEYS_FILE",
+    "DOCS",
 )
 
 

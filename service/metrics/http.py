@@ -16,6 +16,15 @@ from service.metrics.instruments import (
 # values would let any client create unbounded series.
 UNMATCHED = "none"
 
+# Key ids are the operator's names from the keys file, so the label set is
+# bounded by that file; requests without a valid key are not counted here.
+API_KEY_REQUESTS = Counter(
+    "api_key_requests_total",
+    "HTTP requests answered, by the API key that authenticated them.",
+    ["key_id", "status"],
+    registry=None,
+)
+
 
 class HttpMetrics:
     def __init__(self) -> None:
@@ -25,6 +34,7 @@ class HttpMetrics:
         self._in_progress: dict[str, Gauge] = {}
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._duration: dict[tuple[str, str], Histogram] = {}
+        self._by_key: dict[tuple[str, int], Counter] = {}
 
     def start(self, method: str) -> None:
         gauge = self._in_progress.get(method)
@@ -32,7 +42,9 @@ class HttpMetrics:
             gauge = self._in_progress[method] = HTTP_IN_PROGRESS.labels(method)
         gauge.inc()
 
-    def finish(self, scope: Scope, method: str, status: int, seconds: float) -> None:
+    def finish(
+        self, scope: Scope, method: str, status: int, seconds: float, key_id: str | None = None
+    ) -> None:
         # The router (or the fast path) records the matched route in the
         # scope: its template, never the raw path, is the handler label.
         handler = getattr(scope.get("route"), "path", None) or UNMATCHED
@@ -46,3 +58,8 @@ class HttpMetrics:
         if duration is None:
             duration = self._duration[method, handler] = HTTP_DURATION.labels(method, handler)
         histogram_add_one(duration, seconds)
+        if key_id is not None:
+            by_key = self._by_key.get((key_id, status))
+            if by_key is None:
+                by_key = self._by_key[key_id, status] = API_KEY_REQUESTS.labels(key_id, str(status))
+            by_key.inc()

@@ -13,6 +13,7 @@ import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.manifest import Manifest
+from service.metrics.buffered import BufferedHistogram
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
 LATENCY_BUCKETS = (
@@ -123,20 +124,6 @@ FEATURE_METRIC = "model_feature_value"
 # files, and the default registry's process collector would clash by name.
 
 
-def _histogram_add(child: Histogram, values: npt.NDArray[np.floating]) -> None:
-    """Observe many values in one pass: bucket counts by numpy instead of a
-    Python observe() per value (a 1,000-row batch has thousands of values).
-
-    Relies on Histogram's per-bucket (non-cumulative) counters, as observe() does.
-    """
-    bounds = np.asarray(child._upper_bounds)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for bucket, count in zip(child._buckets, counts.tolist(), strict=True):
-        if count:
-            bucket.inc(count)
-    child._sum.inc(float(values.sum()))
-
-
 def histogram_add_one(child: Histogram, value: float) -> None:
     """Histogram.observe() with a binary search instead of a scan over the buckets."""
     child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(1)
@@ -167,9 +154,12 @@ class ModelMetrics:
         # One histogram per feature, bucketed at the training deciles, so a
         # dashboard reads the live share per training decile (each ~10%).
         # All share one metric name; each has its own bucket edges.
-        self._features: Sequence[Histogram] = [
-            _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
-                *labels, feature.name
+        # Buffered in the worker (statistics, not accounting): see service.metrics.buffered.
+        self._features: Sequence[BufferedHistogram] = [
+            BufferedHistogram(
+                _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
+                    *labels, feature.name
+                )
             )
             for feature in manifest.features
         ]
@@ -187,10 +177,10 @@ class ModelMetrics:
             # per-call overhead several times over.
             self._by_class[int(winners[0])].inc(1)
             for histogram, value in zip(self._features, rows[0].tolist(), strict=True):
-                histogram_add_one(histogram, value)
+                histogram.add_one(value)
             return
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:
                 self._by_class[class_index].inc(int(count))
         for column, histogram in enumerate(self._features):
-            _histogram_add(histogram, rows[:, column])
+            histogram.add_many(rows[:, column])

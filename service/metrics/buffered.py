@@ -1,0 +1,83 @@
+"""Histograms accumulated in the worker and written to the shared files in the background.
+
+The per-feature input histograms are statistics, not accounting: a single-row
+prediction would otherwise make two mmap writes per feature, about half the
+metric writes of the whole request. They are counted in plain Python lists
+and flushed every FLUSH_SECONDS by a task on the worker's event loop, and once
+more when the worker shuts down; a SIGKILLed worker loses at most that much
+of them. Request and prediction counters are not buffered: they stay exact
+and synchronous.
+
+Everything here runs on the event-loop thread (see lean_values), so the
+buffers need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import weakref
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Histogram
+
+FLUSH_SECONDS = 0.5
+
+_BUFFERS: weakref.WeakSet[BufferedHistogram] = weakref.WeakSet()
+
+
+def bucket_counts(upper_bounds: list[float], values: npt.NDArray[np.floating]) -> list[int]:
+    """Per-bucket (non-cumulative) counts, as Histogram.observe() would add them one by one."""
+    indices = np.searchsorted(np.asarray(upper_bounds), values, side="left")
+    counts: list[int] = np.bincount(indices, minlength=len(upper_bounds)).tolist()
+    return counts
+
+
+class BufferedHistogram:
+    """One labelled Histogram child, observed locally and flushed in bulk."""
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = False
+        _BUFFERS.add(self)
+
+    def add_one(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+        self._pending = True
+
+    def add_many(self, values: npt.NDArray[np.floating]) -> None:
+        counts = self._counts
+        for index, count in enumerate(bucket_counts(self._bounds, values)):
+            counts[index] += count
+        self._sum += float(values.sum())
+        self._pending = True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        counts, total = self._counts, self._sum
+        self._counts, self._sum, self._pending = [0] * len(counts), 0.0, False
+        for bucket, count in zip(self._child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+        self._child._sum.inc(total)
+
+
+def flush_all() -> None:
+    for buffer in list(_BUFFERS):
+        buffer.flush()
+
+
+async def flush_periodically(seconds: float = FLUSH_SECONDS) -> None:
+    """Runs for the worker's lifetime; the final flush happens when it is cancelled."""
+    try:
+        while True:
+            await asyncio.sleep(seconds)
+            flush_all()
+    finally:
+        flush_all()
