@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
-from service.auth import HEALTH_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
+from service.auth import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import PredictionFastPath
@@ -213,7 +213,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     public_paths = set(DOCS_PATHS) if settings.docs == "public" else set()
 
     def openapi() -> dict[str, Any]:
-        return build_openapi(api, lambda path: is_open_path(path, public_paths | HEALTH_PATHS))
+        return build_openapi(api, lambda path: is_open_path(path, public_paths | OPEN_PATHS))
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings, keys, public_paths)

@@ -37,8 +37,10 @@ CHECK_INTERVAL_SECONDS = 1.0
 # unchanged: such a file is read again at the next check ("racy git").
 RACY_SECONDS = 2.0
 
-HEALTH_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}
+# Open whatever the keys: probes and load balancers carry no key, and
+# /metrics is for Prometheus on the internal network (the proxy answers it 403).
+OPEN_PATHS = frozenset(
+    {"/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics"}
 )
 # Open Inference Protocol model readiness: /v2/models/{name}[/versions/{version}]/ready
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
@@ -171,13 +173,13 @@ def is_open_path(path: str, public_paths: Collection[str]) -> bool:
 class ApiKeyMiddleware:
     """401 with `WWW-Authenticate: Bearer` unless the request carries a stored
     key; the key's id goes into scope["state"]["key_id"] for the access log and
-    the per-key metric. Health routes and `public_paths` stay open, and
+    the per-key metric. OPEN_PATHS and `public_paths` stay open, and
     everything is open while the file holds no key."""
 
     def __init__(self, app: ASGIApp, store: KeyStore, public_paths: Collection[str]) -> None:
         self.app = app
         self.store = store
-        self.public_paths = frozenset(public_paths) | HEALTH_PATHS
+        self.public_paths = frozenset(public_paths) | OPEN_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
