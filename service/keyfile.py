@@ -29,7 +29,8 @@ KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 HEADER = (
     "# ml-api API keys: one '<key id> <sha256 hex of the key>' per line.\n"
-    "# Managed by `make api-key NAME=<id>` / `make api-key-revoke NAME=<id>`; keys are never stored.\n"
+    "# Managed by `make api-key NAME=<id>` and `make api-key-revoke NAME=<id>`.\n"
+    "# Keys are never stored, only their digests.\n"
 )
 
 
@@ -102,7 +103,9 @@ def update(path: Path, add: StoredKey | None = None, revoke: str | None = None) 
             keys = parse(current.read().decode("utf-8"), str(path))
         if add is not None:
             if any(key.key_id == add.key_id for key in keys):
-                raise KeyFileError(f"key id {add.key_id!r} exists already in {path}; revoke it first")
+                raise KeyFileError(
+                    f"key id {add.key_id!r} exists already in {path}; revoke it first"
+                )
             keys = (*keys, add)
         if revoke is not None:
             remaining = tuple(key for key in keys if key.key_id != revoke)
