@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 from starlette.types import Scope
 
-from service.metrics.instruments import (
-    HTTP_DURATION,
-    HTTP_IN_PROGRESS,
-    HTTP_REQUESTS,
-    histogram_add_one,
-)
+from service.metrics.buffered import BufferedGauge, BufferedHistogram
+from service.metrics.instruments import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
 
 # Requests that matched no route share one label value: raw URLs as label
 # values would let any client create unbounded series.
@@ -30,16 +26,17 @@ class HttpMetrics:
     def __init__(self) -> None:
         # Label children by their values: .labels() validates and locks on
         # every call, a dict lookup does not. Keys are bounded: methods are
-        # normalised and handlers are route templates.
-        self._in_progress: dict[str, Gauge] = {}
+        # normalised and handlers are route templates. The gauge and the
+        # histogram are buffered (service.metrics.buffered); the counters are not.
+        self._in_progress: dict[str, BufferedGauge] = {}
         self._requests: dict[tuple[str, str, int], Counter] = {}
-        self._duration: dict[tuple[str, str], Histogram] = {}
+        self._duration: dict[tuple[str, str], BufferedHistogram] = {}
         self._by_key: dict[tuple[str, int], Counter] = {}
 
     def start(self, method: str) -> None:
         gauge = self._in_progress.get(method)
         if gauge is None:
-            gauge = self._in_progress[method] = HTTP_IN_PROGRESS.labels(method)
+            gauge = self._in_progress[method] = BufferedGauge(HTTP_IN_PROGRESS.labels(method))
         gauge.inc()
 
     def finish(
@@ -56,8 +53,10 @@ class HttpMetrics:
         counter.inc()
         duration = self._duration.get((method, handler))
         if duration is None:
-            duration = self._duration[method, handler] = HTTP_DURATION.labels(method, handler)
-        histogram_add_one(duration, seconds)
+            duration = self._duration[method, handler] = BufferedHistogram(
+                HTTP_DURATION.labels(method, handler)
+            )
+        duration.add_one(seconds)
         if key_id is not None:
             by_key = self._by_key.get((key_id, status))
             if by_key is None:

@@ -4,7 +4,6 @@ with method/handler/status)."""
 
 from __future__ import annotations
 
-import bisect
 import functools
 from collections.abc import Sequence
 
@@ -124,12 +123,6 @@ FEATURE_METRIC = "model_feature_value"
 # files, and the default registry's process collector would clash by name.
 
 
-def histogram_add_one(child: Histogram, value: float) -> None:
-    """Histogram.observe() with a binary search instead of a scan over the buckets."""
-    child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(1)
-    child._sum.inc(value)
-
-
 @functools.cache
 def _feature_histogram(feature: str, buckets: tuple[float, ...]) -> Histogram:
     # Cached: two objects for one series would each keep their own running
@@ -148,13 +141,14 @@ class ModelMetrics:
 
     def __init__(self, manifest: Manifest, backend: str, checksum: str) -> None:
         labels = (manifest.name, manifest.version)
-        self._duration = INFERENCE_DURATION.labels(*labels, backend)
-        self._rows = BATCH_ROWS.labels(*labels)
+        # Histograms are buffered in the worker (statistics, not accounting);
+        # the prediction counters are written through: service.metrics.buffered.
+        self._duration = BufferedHistogram(INFERENCE_DURATION.labels(*labels, backend))
+        self._rows = BufferedHistogram(BATCH_ROWS.labels(*labels))
         self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes]
         # One histogram per feature, bucketed at the training deciles, so a
         # dashboard reads the live share per training decile (each ~10%).
         # All share one metric name; each has its own bucket edges.
-        # Buffered in the worker (statistics, not accounting): see service.metrics.buffered.
         self._features: Sequence[BufferedHistogram] = [
             BufferedHistogram(
                 _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
@@ -166,8 +160,8 @@ class ModelMetrics:
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
-        histogram_add_one(self._duration, seconds)
-        histogram_add_one(self._rows, rows)
+        self._duration.add_one(seconds)
+        self._rows.add_one(rows)
 
     def observe_predictions(
         self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
