@@ -95,9 +95,14 @@ def update(path: Path, add: StoredKey | None = None, revoke: str | None = None) 
     keeps the keys it had and reads again a moment later).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # 0644: the service and nginx run as other users, and digests reveal no key.
+    created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        if created:
+            # Readable by the service and nginx, which run as other users (in
+            # containers, through a bind mount), whatever the umask: digests
+            # reveal no key.
+            os.fchmod(fd, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(os.dup(fd), "rb") as current:
             keys = parse(current.read().decode("utf-8"), str(path))
