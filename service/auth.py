@@ -145,12 +145,11 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None,
     (say, Basic for an intermediate proxy) falls through to X-API-Key.
     docker/nginx/api_keys.js applies the same rule.
     """
-    authorization = api_key = None
-    for name, value in headers:
-        if name == b"authorization":
-            authorization = value
-        elif name == b"x-api-key":
-            api_key = value
+    # dict() in C beats a Python loop over the headers; a repeated header
+    # counts with its last value either way.
+    by_name = dict(headers)
+    authorization = by_name.get(b"authorization")
+    api_key = by_name.get(b"x-api-key")
     if authorization is not None:
         scheme, _, token = authorization.strip().partition(b" ")
         token = token.strip()

@@ -211,10 +211,14 @@ def run_wrk(
         str(script),
         server.url + path,
     ]
+    workers = server.workers()
+    cpu_before = cpu_seconds(workers)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     time.sleep(seconds / 2)
     split = connection_split(server)
     out, _ = process.communicate(timeout=seconds + 30)
+    cpu_used = cpu_seconds(workers) - cpu_before
+    served = re.search(r"(\d+) requests in", out)
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
         raise RuntimeError(f"wrk against {server.name} printed no rate:\n{out}")
@@ -231,7 +235,21 @@ def run_wrk(
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else None,
         "split": sorted(split.values(), reverse=True),
+        # Worker CPU per request: less sensitive than req/s to other load on
+        # a shared machine, so it shows what a feature costs when req/s is noisy.
+        "cpu_us_per_request": cpu_used / int(served.group(1)) * 1e6 if served else None,
     }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -277,6 +295,9 @@ def summarize(server: Server) -> dict[str, Any]:
         "p99_ms": statistics.median(r["p99_ms"] for r in server.rounds),
         "lowest_round_vs_median": min(rps) / median,
         "non_2xx": sum(r["non_2xx"] for r in server.rounds),
+        "cpu_us_per_request": statistics.median(
+            r["cpu_us_per_request"] or 0.0 for r in server.rounds
+        ),
         "splits": [r["split"] for r in server.rounds],
     }
 
@@ -361,12 +382,16 @@ def focused(args: argparse.Namespace) -> int:
         for server in servers.values():
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    first = results[args.servers[0]]["rps"]
-    print(f"{'server':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}")
+    first = results[args.servers[0]]
+    print(
+        f"{'server':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}"
+        f"{'cpu us/req':>12}{'x first by cpu':>16}"
+    )
     for name, r in results.items():
         print(
             f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['rps'] / first:>9.3f}{r['non_2xx']:>9}"
+            f"{r['rps'] / first['rps']:>9.3f}{r['non_2xx']:>9}{r['cpu_us_per_request']:>12.1f}"
+            f"{first['cpu_us_per_request'] / r['cpu_us_per_request']:>16.3f}"
         )
     print(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "servers": results}))
     return 0
