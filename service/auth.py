@@ -23,11 +23,12 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import keyfile
 from service.logs import APP_LOGGER
-from service.middleware import send_error
+from service.middleware import request_id_of, send_error, send_json_bytes
 
 log = logging.getLogger(APP_LOGGER)
 
@@ -50,6 +51,7 @@ MALFORMED_AUTHORIZATION = "malformed Authorization header: expected 'Bearer <key
 MALFORMED_API_KEY = "malformed X-API-Key header: expected the key alone"
 INVALID = "invalid API key"
 CHALLENGE = {"www-authenticate": "Bearer"}
+V2_PREFIX = "/v2/"
 
 Signature = tuple[int, int, int] | None  # inode, size, mtime in ns; None: no file
 
@@ -188,7 +190,17 @@ class ApiKeyMiddleware:
                 key, problem = presented_key(scope["headers"])
                 key_id = store.authenticate(key) if key is not None else None
                 if key_id is None:
-                    await send_error(send, scope, 401, problem or INVALID, CHALLENGE)
+                    await self._refuse(scope, send, problem or INVALID)
                     return
                 scope.setdefault("state", {})["key_id"] = key_id
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, detail: str) -> None:
+        path = scope["path"]
+        if path == V2_PREFIX.rstrip("/") or path.startswith(V2_PREFIX):
+            # Open Inference Protocol clients read errors as {"error": "..."}.
+            payload = orjson.dumps({"error": detail, "request_id": request_id_of(scope)})
+            await send_json_bytes(send, 401, payload, CHALLENGE)
+        else:
+            await send_error(send, scope, 401, detail, CHALLENGE)

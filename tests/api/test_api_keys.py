@@ -154,6 +154,14 @@ def test_unknown_routes_need_a_key_too(keyed: KeyedApp) -> None:
     assert keyed.client.get("/no/such/route", headers=valid).status_code == 404
 
 
+def test_open_inference_protocol_routes_get_its_error_shape(keyed: KeyedApp) -> None:
+    for method, path in (("POST", "/v2/models/iris/infer"), ("GET", "/v2")):
+        response = keyed.client.request(method, path)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert set(response.json()) == {"error", "request_id"}
+
+
 @pytest.mark.parametrize("path", OPEN)
 def test_health_routes_stay_open(keyed: KeyedApp, path: str) -> None:
     assert keyed.client.get(path).status_code == 200
