@@ -75,6 +75,24 @@ class BufferedHistogram:
         self._child._sum.inc(total)
 
 
+class BufferedHistograms:
+    """Histograms observed together, one value each: a row's features."""
+
+    def __init__(self, children: list[Histogram]) -> None:
+        self.histograms = [BufferedHistogram(child) for child in children]
+
+    def add_row(self, values: list[float]) -> None:
+        # add_one inlined: this runs for every single-row prediction.
+        for histogram, value in zip(self.histograms, values, strict=True):
+            histogram._counts[bisect.bisect_left(histogram._bounds, value)] += 1
+            histogram._sum += value
+            histogram._pending = True
+
+    def add_columns(self, rows: npt.NDArray[np.floating]) -> None:
+        for column, histogram in enumerate(self.histograms):
+            histogram.add_many(rows[:, column])
+
+
 class BufferedGauge:
     """A gauge child moved by inc()/dec() in the worker; flush() publishes its value."""
 

@@ -5,14 +5,13 @@ with method/handler/status)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.manifest import Manifest
-from service.metrics.buffered import BufferedHistogram
+from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
 LATENCY_BUCKETS = (
@@ -149,14 +148,14 @@ class ModelMetrics:
         # One histogram per feature, bucketed at the training deciles, so a
         # dashboard reads the live share per training decile (each ~10%).
         # All share one metric name; each has its own bucket edges.
-        self._features: Sequence[BufferedHistogram] = [
-            BufferedHistogram(
+        self._features = BufferedHistograms(
+            [
                 _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
                     *labels, feature.name
                 )
-            )
-            for feature in manifest.features
-        ]
+                for feature in manifest.features
+            ]
+        )
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
@@ -170,11 +169,9 @@ class ModelMetrics:
             # The common single-row request: plain Python beats numpy's
             # per-call overhead several times over.
             self._by_class[int(winners[0])].inc(1)
-            for histogram, value in zip(self._features, rows[0].tolist(), strict=True):
-                histogram.add_one(value)
+            self._features.add_row(rows[0].tolist())
             return
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:
                 self._by_class[class_index].inc(int(count))
-        for column, histogram in enumerate(self._features):
-            histogram.add_many(rows[:, column])
+        self._features.add_columns(rows)

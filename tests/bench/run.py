@@ -31,6 +31,7 @@ ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
 # The production configuration (metrics and API keys on) and the same server
 # with both off: the hot-path budget compares these two.
 PRODUCTION, BOTH_OFF = "ml-api-production", "ml-api-auth-metrics-off"
+AUTH_ONLY = "ml-api-auth-only"  # attributes the difference between the two
 # name -> (app to serve instead of gunicorn.conf.py's, extra environment, API keys on)
 SERVERS: dict[str, tuple[str | None, dict[str, str], bool]] = {
     ML_API: (None, {}, False),
@@ -41,6 +42,7 @@ SERVERS: dict[str, tuple[str | None, dict[str, str], bool]] = {
     SKLEARN: (None, {"BACKEND": "sklearn"}, False),
     PRODUCTION: (None, {}, True),
     BOTH_OFF: (None, {"METRICS_ENABLED": "false"}, False),
+    AUTH_ONLY: (None, {"METRICS_ENABLED": "false"}, True),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
