@@ -7,8 +7,10 @@ DATASET ?= iris
 MODEL_NAME ?= iris
 VERSION ?= 1.0.0
 TRAIN_ARGS ?=
+API_KEYS_FILE ?= secrets/api-keys
 
-.PHONY: help install train bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean
+.PHONY: help install train bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean \
+	api-key api-key-revoke
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -18,6 +20,8 @@ help:
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
+	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
+	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
 
 $(BIN)/.installed: requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +42,22 @@ bundle: install
 serve: bundle
 	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
 
-# Prometheus (and promtool) from Debian's archive, for the metrics tests.
+# Keys live in API_KEYS_FILE (digests only); running servers pick changes up
+# within seconds. Standard-library Python: no virtualenv needed.
+api-key:
+	@test -n "$(NAME)" || { echo "usage: make api-key NAME=<key id>" >&2; exit 2; }
+	@$(PYTHON) -m service.keys --file "$(API_KEYS_FILE)" add "$(NAME)"
+
+api-key-revoke:
+	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-open]" >&2; exit 2; }
+	@$(PYTHON) -m service.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
+
+# Prometheus (and promtool), nginx and its njs module from Debian's archive,
+# for the metrics and proxy tests.
+NJS_MODULE := /usr/lib/nginx/modules/ngx_http_js_module.so
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || tests/support/install-system-deps.sh
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null \
+		&& test -e $(NJS_MODULE) || tests/support/install-system-deps.sh
 
 # checkov (for tests/deploy) in a virtualenv of its own: its pins clash with
 # the project's (packaging 23.2, boto3, networkx 2...). Its lock comes from

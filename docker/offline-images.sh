@@ -5,7 +5,7 @@
 #   ml-api/python:offline      debootstrap minbase bookworm + python3, venv, pip
 #                              (`python` on PATH), apt cleaned like the official
 #                              debian images
-#   ml-api/nginx:offline       Debian's nginx on that base
+#   ml-api/nginx:offline       Debian's nginx and its njs module on that base
 #   ml-api/prometheus:offline  Debian's prometheus on that base
 #
 # Point compose at them with
@@ -129,6 +129,12 @@ build_from_base() {
 }
 
 build_python_base
+# A stand-in built before the per-API-key limits lacks njs: rebuild it.
+if have_image "$NGINX_TAG" && ! docker run --rm --entrypoint test "$NGINX_TAG" \
+    -e /usr/lib/nginx/modules/ngx_http_js_module.so; then
+    log "$NGINX_TAG has no njs module; rebuilding"
+    docker image rm "$NGINX_TAG" >/dev/null
+fi
 build_from_base "$NGINX_TAG" "$HERE/offline/nginx.Dockerfile"
 build_from_base "$PROM_TAG" "$HERE/offline/prometheus.Dockerfile"
 docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^ml-api/.*:offline' >&2

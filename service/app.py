@@ -21,9 +21,11 @@ from fastapi import APIRouter, FastAPI
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
+from service.auth import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import PredictionFastPath
+from service.keyfile import KeyFileError
 from service.logs import APP_LOGGER, AccessLog, configure_logging
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
 
 log = logging.getLogger(APP_LOGGER)
+
+
+class StartupRefusedError(RuntimeError):
+    """Raised from the lifespan so the worker refuses to start; already logged."""
 
 
 # Seconds between attempts to load a bundle that failed: doubling, capped.
@@ -113,6 +119,33 @@ async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
             )
 
 
+# The API description: the contract, not the model (DOCS=public leaves it open).
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def load_keys(keys: KeyStore) -> None:
+    """Refuse to start on a keys file that exists but cannot be used: serving
+    open instead would be the wrong way to fail."""
+    try:
+        keys.load()
+    except (KeyFileError, OSError, UnicodeDecodeError) as exc:
+        log.critical(
+            f"API keys file {keys.path} unusable: {exc}",
+            extra={"fields": {"file": str(keys.path)}},
+        )
+        raise StartupRefusedError(str(exc)) from None
+    if keys.enabled:
+        log.info(
+            "auth enabled: API key required on every route but health and docs",
+            extra={"fields": {"file": str(keys.path), "key_ids": keys.key_ids}},
+        )
+    else:
+        log.warning(
+            "auth disabled: no API keys configured, every route is open",
+            extra={"fields": {"file": str(keys.path)}},
+        )
+
+
 class MlApi:
     """The ASGI application Gunicorn serves.
 
@@ -122,7 +155,9 @@ class MlApi:
     the lifespan, is FastAPI's.
     """
 
-    def __init__(self, api: FastAPI, settings: ServiceSettings) -> None:
+    def __init__(
+        self, api: FastAPI, settings: ServiceSettings, keys: KeyStore, public_paths: set[str]
+    ) -> None:
         self.api = api
         http_metrics = None
         if settings.metrics_enabled:
@@ -131,8 +166,9 @@ class MlApi:
             http_metrics = HttpMetrics()
         fast_path = PredictionFastPath(api)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
+        authenticated = ApiKeyMiddleware(limited, keys, public_paths)
         self._asgi = RequestContextMiddleware(
-            limited, AccessLog(settings.log_level), metrics=http_metrics
+            authenticated, AccessLog(settings.log_level), metrics=http_metrics
         )
 
     @property
@@ -151,8 +187,11 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     settings = settings or ServiceSettings()
     configure_logging(settings.log_level)
 
+    keys = KeyStore(settings.api_keys_file)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        load_keys(keys)
         tasks: list[asyncio.Task[None]] = []
         try:
             api.state.pipeline = await start_serving(settings)
@@ -164,7 +203,10 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
             tasks.append(asyncio.create_task(serve_when_loaded(settings, api)))
         api.openapi_schema = None  # rebuilt with this bundle's request schemas
         if settings.metrics_enabled:
+            from service.metrics.buffered import flush_periodically
+
             tasks.append(asyncio.create_task(refresh_process_metrics()))
+            tasks.append(asyncio.create_task(flush_periodically()))
         yield
         for task in tasks:
             task.cancel()
@@ -174,6 +216,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
             await pipeline.predictor.batcher.stop()
         api.state.pipeline = None
 
+    docs = settings.docs != "off"
     api = FastAPI(
         title="ml-api",
         version="1.0",
@@ -182,9 +225,13 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         # A slash redirect is built from the Host header: a client could make
         # the service send others to any host. /predict/ is simply a 404.
         redirect_slashes=False,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     api.state.pipeline = None
     api.state.rollouts_dir = settings.prometheus_multiproc_dir
+    api.state.keys = keys
     api.include_router(predict.router)
     api.include_router(health.router)
     api.include_router(model_info.router)
@@ -194,11 +241,13 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         api.include_router(metrics_route.router)
     install_error_handlers(api)
 
+    public_paths = set(DOCS_PATHS) if settings.docs == "public" else set()
+
     def openapi() -> dict[str, Any]:
-        return build_openapi(api)
+        return build_openapi(api, lambda path: is_open_path(path, public_paths | OPEN_PATHS))
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return MlApi(api, settings)
+    return MlApi(api, settings, keys, public_paths)
 
 
 app = create_app()

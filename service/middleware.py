@@ -1,5 +1,5 @@
 """Pure ASGI middleware (no per-request Request objects): request ids, the
-access log, and the request body limit."""
+access log, and the request body limit. API keys: service.auth."""
 
 from __future__ import annotations
 
@@ -84,8 +84,10 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - start
             status = status or CLIENT_CLOSED_REQUEST
+            # Set by the API-key middleware when the request carried a valid key.
+            key_id = scope["state"].get("key_id")
             if metrics is not None:
-                metrics.finish(scope, method, status, seconds)
+                metrics.finish(scope, method, status, seconds, key_id)
             self.access_log.write(
                 {
                     "method": scope["method"],
@@ -94,6 +96,7 @@ class RequestContextMiddleware:
                     "duration_ms": round(seconds * 1000, 3),
                     "request_id": request_id,
                     "client": scope["client"][0] if scope.get("client") else None,
+                    "key_id": key_id,
                 }
             )
 

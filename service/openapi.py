@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from service.openapi_security import declare_api_key_security
 from service.pipeline import PredictionPipeline
 
 REF = "#/components/schemas/{model}"
@@ -23,12 +25,13 @@ def _request_body(model: type[BaseModel], components: dict[str, Any]) -> dict[st
     }
 
 
-def build_openapi(app: FastAPI) -> dict[str, Any]:
+def build_openapi(app: FastAPI, is_open: Callable[[str], bool]) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
+    declare_api_key_security(document, is_open)
     pipeline: PredictionPipeline | None = getattr(app.state, "pipeline", None)
     if pipeline is None:
         # Not cached: before startup the bundle's schemas are unknown.

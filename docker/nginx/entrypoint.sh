@@ -17,8 +17,14 @@ resolve() {
     getent ahostsv4 "$UPSTREAM_HOST" 2>/dev/null | awk '{print $1}' | sort -u | tr '\n' ' '
 }
 
-nginx -t -q
-nginx -g 'daemon off;' &
+# /etc/nginx is mounted read-only: the template is rendered with this
+# container's limit settings (render.sh) into a writable directory.
+CONF_DIR=/tmp/nginx-conf
+sh /etc/nginx/render.sh /etc/nginx "$CONF_DIR"
+CONF="$CONF_DIR/nginx.conf"
+
+nginx -t -q -c "$CONF"
+nginx -c "$CONF" -g 'daemon off;' &
 NGINX_PID=$!
 
 # SIGQUIT/SIGTERM: graceful stop of nginx (QUIT lets in-flight requests end).
@@ -34,7 +40,7 @@ current="$(resolve)"
         now="$(resolve)"
         if [ -n "$now" ] && [ "$now" != "$current" ]; then
             echo "{\"event\":\"upstream_changed\",\"host\":\"$UPSTREAM_HOST\",\"from\":\"$current\",\"to\":\"$now\"}" >&2
-            nginx -s reload 2>&1 || true
+            nginx -c "$CONF" -s reload 2>&1 || true
             current="$now"
         fi
     done

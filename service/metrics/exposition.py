@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.metrics.buffered import flush_all
 from service.metrics.instruments import CPU_SECONDS, OPEN_FDS, RESIDENT_MEMORY
 from service.metrics.rollouts import RolloutCollector
 from service.metrics.store import ENV_VAR, directory_lock
@@ -35,6 +36,8 @@ def update_process_metrics() -> None:
 
 def render_metrics() -> bytes:
     update_process_metrics()
+    # This worker's buffered statistics are current in its own scrapes.
+    flush_all()
     path = Path(os.environ[ENV_VAR])
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(path))

@@ -4,15 +4,14 @@ with method/handler/status)."""
 
 from __future__ import annotations
 
-import bisect
 import functools
-from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.manifest import Manifest
+from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
 LATENCY_BUCKETS = (
@@ -123,26 +122,6 @@ FEATURE_METRIC = "model_feature_value"
 # files, and the default registry's process collector would clash by name.
 
 
-def _histogram_add(child: Histogram, values: npt.NDArray[np.floating]) -> None:
-    """Observe many values in one pass: bucket counts by numpy instead of a
-    Python observe() per value (a 1,000-row batch has thousands of values).
-
-    Relies on Histogram's per-bucket (non-cumulative) counters, as observe() does.
-    """
-    bounds = np.asarray(child._upper_bounds)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    for bucket, count in zip(child._buckets, counts.tolist(), strict=True):
-        if count:
-            bucket.inc(count)
-    child._sum.inc(float(values.sum()))
-
-
-def histogram_add_one(child: Histogram, value: float) -> None:
-    """Histogram.observe() with a binary search instead of a scan over the buckets."""
-    child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(1)
-    child._sum.inc(value)
-
-
 @functools.cache
 def _feature_histogram(feature: str, buckets: tuple[float, ...]) -> Histogram:
     # Cached: two objects for one series would each keep their own running
@@ -161,23 +140,27 @@ class ModelMetrics:
 
     def __init__(self, manifest: Manifest, backend: str, checksum: str) -> None:
         labels = (manifest.name, manifest.version)
-        self._duration = INFERENCE_DURATION.labels(*labels, backend)
-        self._rows = BATCH_ROWS.labels(*labels)
+        # Histograms are buffered in the worker (statistics, not accounting);
+        # the prediction counters are written through: service.metrics.buffered.
+        self._duration = BufferedHistogram(INFERENCE_DURATION.labels(*labels, backend))
+        self._rows = BufferedHistogram(BATCH_ROWS.labels(*labels))
         self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes]
         # One histogram per feature, bucketed at the training deciles, so a
         # dashboard reads the live share per training decile (each ~10%).
         # All share one metric name; each has its own bucket edges.
-        self._features: Sequence[Histogram] = [
-            _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
-                *labels, feature.name
-            )
-            for feature in manifest.features
-        ]
+        self._features = BufferedHistograms(
+            [
+                _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
+                    *labels, feature.name
+                )
+                for feature in manifest.features
+            ]
+        )
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
-        histogram_add_one(self._duration, seconds)
-        histogram_add_one(self._rows, rows)
+        self._duration.add_one(seconds)
+        self._rows.add_one(rows)
 
     def observe_predictions(
         self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
@@ -186,11 +169,9 @@ class ModelMetrics:
             # The common single-row request: plain Python beats numpy's
             # per-call overhead several times over.
             self._by_class[int(winners[0])].inc(1)
-            for histogram, value in zip(self._features, rows[0].tolist(), strict=True):
-                histogram_add_one(histogram, value)
+            self._features.add_row(rows[0].tolist())
             return
         for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
             if count:
                 self._by_class[class_index].inc(int(count))
-        for column, histogram in enumerate(self._features):
-            _histogram_add(histogram, rows[:, column])
+        self._features.add_columns(rows)

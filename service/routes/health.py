@@ -21,6 +21,7 @@ async def health(request: Request) -> JSONResponse:
         "status": "healthy" if pipeline else "unavailable",
         "model_loaded": pipeline is not None,
         "model_version": pipeline.predictor.manifest.version if pipeline else None,
+        "auth": "enabled" if request.app.state.keys.enabled else "disabled",
     }
     return JSONResponse(body, status_code=200 if pipeline else 503)
 

@@ -17,7 +17,12 @@ FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 def test_health_reports_the_loaded_model(onnx_client: TestClient) -> None:
     response = onnx_client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "healthy", "model_loaded": True, "model_version": "1.0.0"}
+    assert response.json() == {
+        "status": "healthy",
+        "model_loaded": True,
+        "model_version": "1.0.0",
+        "auth": "disabled",
+    }
 
 
 def test_liveness_and_readiness_when_loaded(onnx_client: TestClient) -> None:

@@ -32,14 +32,21 @@ REPO = Path(__file__).resolve().parents[2]
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 ARTICLE, NOOP, BARE = "article", "fastapi-noop", "bare-asgi"
 ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
-# name -> (app to serve instead of gunicorn.conf.py's, extra environment)
-SERVERS: dict[str, tuple[str | None, dict[str, str]]] = {
-    ML_API: (None, {}),
-    ARTICLE: ("tests.bench.baselines:article_app", {}),
-    NOOP: ("tests.bench.baselines:noop_app", {}),
-    BARE: ("tests.bench.baselines:bare_app", {}),
-    METRICS_OFF: (None, {"METRICS_ENABLED": "false"}),
-    SKLEARN: (None, {"BACKEND": "sklearn"}),
+# The production configuration (metrics and API keys on) and the same server
+# with both off: the hot-path budget compares these two.
+PRODUCTION, BOTH_OFF = "ml-api-production", "ml-api-auth-metrics-off"
+AUTH_ONLY = "ml-api-auth-only"  # attributes the difference between the two
+# name -> (app to serve instead of gunicorn.conf.py's, extra environment, API keys on)
+SERVERS: dict[str, tuple[str | None, dict[str, str], bool]] = {
+    ML_API: (None, {}, False),
+    ARTICLE: ("tests.bench.baselines:article_app", {}, False),
+    NOOP: ("tests.bench.baselines:noop_app", {}, False),
+    BARE: ("tests.bench.baselines:bare_app", {}, False),
+    METRICS_OFF: (None, {"METRICS_ENABLED": "false"}, False),
+    SKLEARN: (None, {"BACKEND": "sklearn"}, False),
+    PRODUCTION: (None, {}, True),
+    BOTH_OFF: (None, {"METRICS_ENABLED": "false"}, False),
+    AUTH_ONLY: (None, {"METRICS_ENABLED": "false"}, True),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -50,6 +57,8 @@ class Server:
     port: int
     process: subprocess.Popen[bytes]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # Headers every request to this server carries (its API key).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -105,10 +114,24 @@ def train(work: Path) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def api_keys_file(work: Path, name: str, with_key: bool) -> tuple[Path, dict[str, str]]:
+    """A keys file holding one key (or none) and the headers that present it."""
+    path = work / f"{name}-api-keys"
+    if not with_key:
+        return path, {}
+    from service import keyfile
+
+    key = keyfile.mint_key()
+    keyfile.update(path, add=keyfile.StoredKey("bench", keyfile.digest_of(key)))
+    return path, {"Authorization": f"Bearer {key}"}
+
+
 def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
-    app, extra = SERVERS[name]
+    app, extra, with_key = SERVERS[name]
     port = free_port()
+    keys_path, headers = api_keys_file(work, name, with_key)
     env = {
+        "API_KEYS_FILE": str(keys_path),
         **os.environ,
         "MODEL_DIR": str(bundle.parents[1]),
         "BENCH_BUNDLE": str(bundle),
@@ -124,7 +147,7 @@ def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    return Server(name, port, process)
+    return Server(name, port, process, headers=headers)
 
 
 def first_answer_seconds(server: Server, started: float, timeout: float = 60) -> float:
@@ -133,7 +156,10 @@ def first_answer_seconds(server: Server, started: float, timeout: float = 60) ->
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited {server.process.returncode}")
         try:
-            if httpx.post(f"{server.url}/predict", json=SETOSA, timeout=2).status_code == 200:
+            answer = httpx.post(
+                f"{server.url}/predict", json=SETOSA, headers=server.headers, timeout=2
+            )
+            if answer.status_code == 200:
                 return time.monotonic() - started
         except httpx.HTTPError:
             pass
@@ -149,12 +175,13 @@ def wait_all_workers(server: Server, workers: int) -> None:
     time.sleep(1.0)
 
 
-def wrk_script(work: Path, path: str, body: bytes) -> Path:
-    script = work / f"wrk-{abs(hash((path, body)))}.lua"
+def wrk_script(work: Path, path: str, body: bytes, headers: dict[str, str] | None = None) -> Path:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    script = work / f"wrk-{abs(hash((path, body, tuple(headers.items()))))}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body.decode())}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
+        + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
     )
     return script
 
@@ -192,10 +219,14 @@ def run_wrk(
         str(script),
         server.url + path,
     ]
+    workers = server.workers()
+    cpu_before = cpu_seconds(workers)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     time.sleep(seconds / 2)
     split = connection_split(server)
     out, _ = process.communicate(timeout=seconds + 30)
+    cpu_used = cpu_seconds(workers) - cpu_before
+    served = re.search(r"(\d+) requests in", out)
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
         raise RuntimeError(f"wrk against {server.name} printed no rate:\n{out}")
@@ -212,7 +243,21 @@ def run_wrk(
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else None,
         "split": sorted(split.values(), reverse=True),
+        # Worker CPU per request: less sensitive than req/s to other load on
+        # a shared machine, so it shows what a feature costs when req/s is noisy.
+        "cpu_us_per_request": cpu_used / int(served.group(1)) * 1e6 if served else None,
     }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -258,6 +303,9 @@ def summarize(server: Server) -> dict[str, Any]:
         "p99_ms": statistics.median(r["p99_ms"] for r in server.rounds),
         "lowest_round_vs_median": min(rps) / median,
         "non_2xx": sum(r["non_2xx"] for r in server.rounds),
+        "cpu_us_per_request": statistics.median(
+            r["cpu_us_per_request"] or 0.0 for r in server.rounds
+        ),
         "splits": [r["split"] for r in server.rounds],
     }
 
@@ -303,7 +351,79 @@ def main() -> int:
     parser.add_argument(
         "--profile-seconds", type=int, default=6, help="py-spy window for the per-stage budget"
     )
+    parser.add_argument(
+        "--servers",
+        type=lambda text: text.split(","),
+        default=list(SERVERS),
+        help="comma-separated subset for a focused A/B: single-row rounds only, ratios to the"
+        f" first named (default: all of {', '.join(SERVERS)})",
+    )
     args = parser.parse_args()
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
+    if set(args.servers) != set(SERVERS):
+        return focused(args)
+    return full(args)
+
+
+def start_all(names: list[str], work: Path, bundle: Path, workers: int) -> dict[str, Server]:
+    servers: dict[str, Server] = {}
+    try:
+        for name in names:
+            servers[name] = start(name, work, bundle, workers)
+        for server in servers.values():
+            first_answer_seconds(server, time.monotonic())
+            wait_all_workers(server, workers)
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def single_row_rounds(
+    wrk: str, work: Path, servers: dict[str, Server], rounds: int, seconds: int, connections: int
+) -> dict[str, dict[str, Any]]:
+    body = json.dumps(SETOSA).encode()
+    scripts = {name: wrk_script(work, "/predict", body, s.headers) for name, s in servers.items()}
+    for round_number in range(rounds):
+        for name, server in servers.items():
+            server.rounds.append(
+                run_wrk(wrk, server, scripts[name], "/predict", seconds, connections)
+            )
+        print(f"round {round_number + 1}/{rounds} done", file=sys.stderr)
+    return {name: summarize(server) for name, server in servers.items()}
+
+
+def focused(args: argparse.Namespace) -> int:
+    """A short A/B of a few servers (say, --servers ml-api-auth-metrics-off,ml-api-production)."""
+    wrk = ensure_wrk()
+    work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
+    servers: dict[str, Server] = {}
+    try:
+        servers = start_all(args.servers, work, train(work), args.workers)
+        results = single_row_rounds(wrk, work, servers, args.rounds, args.seconds, args.connections)
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    first = results[args.servers[0]]
+    print(
+        f"{'server':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}"
+        f"{'cpu us/req':>12}{'x first by cpu':>16}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['rps'] / first['rps']:>9.3f}{r['non_2xx']:>9}{r['cpu_us_per_request']:>12.1f}"
+            f"{first['cpu_us_per_request'] / r['cpu_us_per_request']:>16.3f}"
+        )
+    print(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "servers": results}))
+    return 0
+
+
+def full(args: argparse.Namespace) -> int:
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
     bundle = train(work)
@@ -319,15 +439,14 @@ def main() -> int:
             wait_all_workers(server, args.workers)
         report["start_to_first_answer_seconds"] = startup
 
-        single = wrk_script(work, "/predict", json.dumps(SETOSA).encode())
-        for round_number in range(args.rounds):
-            for server in servers.values():
-                server.rounds.append(
-                    run_wrk(wrk, server, single, "/predict", args.seconds, args.connections)
-                )
-            print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-        results = {name: summarize(server) for name, server in servers.items()}
-        report["stage_budget_us"] = stage_budget(wrk, servers[ML_API], single, args.profile_seconds)
+        results = single_row_rounds(wrk, work, servers, args.rounds, args.seconds, args.connections)
+        production = servers[PRODUCTION]
+        report["stage_budget_us"] = stage_budget(
+            wrk,
+            production,
+            wrk_script(work, "/predict", json.dumps(SETOSA).encode(), production.headers),
+            args.profile_seconds,
+        )
 
         batch: dict[str, float] = {}
         for rows in (100, 1000):
@@ -372,6 +491,10 @@ def main() -> int:
             round(1 - ml / results[METRICS_OFF]["rps"], 3),
             ml >= 0.9 * results[METRICS_OFF]["rps"],
         ],
+        "production (metrics + API keys) >= 0.9x both off": [
+            round(results[PRODUCTION]["rps"] / results[BOTH_OFF]["rps"], 3),
+            results[PRODUCTION]["rps"] >= 0.9 * results[BOTH_OFF]["rps"],
+        ],
         "sklearn (micro-batched) >= 10x article": [
             round(results[SKLEARN]["rps"] / article, 1),
             results[SKLEARN]["rps"] >= 10 * article,
@@ -395,7 +518,7 @@ def main() -> int:
         f"/metrics with 8 workers: median {scrape['median_ms']:.1f} ms, "
         f"max {scrape['max_ms']:.1f} ms, {scrape['metric_files']} metric files"
     )
-    print(f"\nper-stage CPU of one single-row /predict on {ML_API} (py-spy + /proc):")
+    print(f"\nper-stage CPU of one single-row /predict on {PRODUCTION} (py-spy + /proc):")
     print(stages.budget_table(report["stage_budget_us"]))
     print("\ntargets:")
     for target, (value, met) in report["targets"].items():

@@ -27,7 +27,10 @@ from typing import Any
 
 import pytest
 
+from service import keyfile
 from tests.e2e.support import (
+    API_KEY_SETTINGS,
+    API_KEYS_FILE,
     BACKEND_SUBNET,
     DOCKER_DIR,
     IMAGE,
@@ -139,7 +142,11 @@ def stack(image: str, base_images: dict[str, str]) -> Iterator[Stack]:
         "PROMETHEUS_PORT": str(free_port()),
         "BACKEND_SUBNET": BACKEND_SUBNET,
         "COMPOSE_PROJECT_NAME": PROJECT,
+        **API_KEY_SETTINGS,
     }
+    # Docker needs the secret's file; empty: the API runs open.
+    API_KEYS_FILE.unlink(missing_ok=True)
+    keyfile.update(API_KEYS_FILE)
     st = Stack(
         env=env,
         proxy=f"http://127.0.0.1:{env['PROXY_PORT']}",

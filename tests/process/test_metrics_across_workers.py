@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.metrics.buffered import FLUSH_SECONDS
 from tests.support.bundles import SETOSA, VIRGINICA
 from tests.support.scrape import Samples, sample, scrape, series
 from tests.support.servers import Gunicorn, running_gunicorn, wait_for
@@ -20,6 +21,7 @@ from tests.support.servers import Gunicorn, running_gunicorn, wait_for
 pytestmark = pytest.mark.process
 
 WORKERS = 3
+FLUSH_BOUND_SECONDS = 5 * FLUSH_SECONDS
 # (method, path, body, expected status); sent over fresh connections so all workers serve.
 MIX: list[tuple[str, str, object, int]] = [
     ("POST", "/predict", SETOSA, 200),
@@ -67,6 +69,26 @@ def _assert_exact(samples: Samples, sent: Counter[tuple[str, str, str]]) -> None
         )
 
 
+def _settled(client: httpx.Client, url: str, sent: Counter[tuple[str, str, str]]) -> Samples:
+    """A scrape once every worker has flushed its buffered histograms
+    (service.metrics.buffered: within FLUSH_SECONDS). Counters are exact at
+    once; only the histograms may lag."""
+    settled: list[Samples] = []
+
+    def flushed() -> bool:
+        samples = scrape(client, url)
+        assert _counted(samples) == sent  # counters never lag
+        try:
+            _assert_exact(samples, sent)
+        except AssertionError:
+            return False
+        settled.append(samples)
+        return True
+
+    wait_for(flushed, FLUSH_BOUND_SECONDS, interval=0.1, what="buffered histograms to be flushed")
+    return settled[-1]
+
+
 def _metrics_files(log_dir: Path) -> list[str]:
     return sorted(p.name for p in (log_dir / "metrics").glob("*.db"))
 
@@ -76,6 +98,7 @@ def test_totals_are_exact_whichever_worker_answers_the_scrape(
 ) -> None:
     with running_gunicorn(model_dir, tmp_path / "logs", workers=WORKERS) as server, _client() as c:
         sent = _send_mix(c, server.url, rounds=15)
+        _settled(c, server.url, sent)
         scrapes = [scrape(c, server.url) for _ in range(12)]
         scraped_by = {
             line["worker_pid"] for line in server.access_log() if line["path"] == "/metrics"
@@ -110,12 +133,12 @@ def test_a_sigkilled_worker_takes_none_of_the_totals_with_it(
     log_dir = tmp_path / "logs"
     with running_gunicorn(model_dir, log_dir, workers=WORKERS) as server, _client() as c:
         before_kill = _send_mix(c, server.url, rounds=10)
-        _assert_exact(scrape(c, server.url), before_kill)
+        _settled(c, server.url, before_kill)
         victim = min(server.worker_pids())
         _replace_worker(server, victim, signal.SIGKILL)
         after_kill = scrape(c, server.url)
         after_more = before_kill + _send_mix(c, server.url, rounds=5)
-        final = scrape(c, server.url)
+        final = _settled(c, server.url, after_more)
         files = _metrics_files(log_dir)
     _assert_exact(after_kill, before_kill)
     _assert_exact(final, after_more)

@@ -101,6 +101,8 @@ def start_gunicorn(
         "BIND": f"127.0.0.1:{port}",
         "WEB_CONCURRENCY": str(workers),
         "PROMETHEUS_MULTIPROC_DIR": str(log_dir / "metrics"),
+        # No keys unless the test gives a file: a developer's secrets/ stays out.
+        "API_KEYS_FILE": str(log_dir / "no-api-keys"),
         **(env or {}),
     }
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics.instruments import _histogram_add
+from service.metrics.buffered import BufferedHistogram
 from service.metrics.store import fold_dead_worker, prepare_directory
 
 WORKER = textwrap.dedent(
@@ -98,14 +98,19 @@ def test_master_start_empties_the_directory(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bulk_histogram_add_matches_observe_one_by_one() -> None:
+def test_buffered_histogram_flush_matches_observe_one_by_one() -> None:
     values = np.array([0.0, 0.5, 1.0, 1.0000001, 2.5, 3.0, 99.0, -4.0], dtype=np.float32)
     buckets = (0.5, 1.0, 2.5)
     one_by_one = Histogram("a", "a", buckets=buckets, registry=None)
     bulk = Histogram("b", "b", buckets=buckets, registry=None)
     for value in values:
         one_by_one.observe(float(value))
-    _histogram_add(bulk, values)
+    buffered = BufferedHistogram(bulk)
+    buffered.add_many(values[:5])
+    for value in values[5:]:
+        buffered.add_one(float(value))
+    assert [b.get() for b in bulk._buckets] == [0.0] * len(bulk._buckets)  # not before a flush
+    buffered.flush()
     assert [b.get() for b in bulk._buckets] == [b.get() for b in one_by_one._buckets]
     assert (
         bulk._sum.get() == np.float32(one_by_one._sum.get())

@@ -1,0 +1,206 @@
+"""API-key authentication: pure ASGI middleware in front of the fast path.
+
+A FastAPI dependency would never run for /predict and /predict/batch (the
+fast path answers them before FastAPI is reached), so the check sits in the
+middleware stack, after the request id is assigned and before anything reads
+the body.
+
+The keys file is re-read when it changes, checked at most once a second and
+only when a request arrives, so a key added or revoked is live in every
+worker within a second or two without a restart, and a request costs one
+clock read plus one SHA-256 and a constant-time comparison with every stored
+digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service import keyfile
+from service.logs import APP_LOGGER
+from service.middleware import request_id_of, send_error, send_json_bytes
+
+log = logging.getLogger(APP_LOGGER)
+
+CHECK_INTERVAL_SECONDS = 1.0
+# A file modified this recently may be modified again within the same
+# timestamp tick (Linux file times are jiffy-coarse), leaving size and mtime
+# unchanged: such a file is read again at the next check ("racy git").
+RACY_SECONDS = 2.0
+
+# Open whatever the keys: probes and load balancers carry no key, and
+# /metrics is for Prometheus on the internal network (the proxy answers it 403).
+OPEN_PATHS = frozenset(
+    {"/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics"}
+)
+# Open Inference Protocol model readiness: /v2/models/{name}[/versions/{version}]/ready
+_MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
+
+MISSING = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+MALFORMED_AUTHORIZATION = "malformed Authorization header: expected 'Bearer <key>'"
+MALFORMED_API_KEY = "malformed X-API-Key header: expected the key alone"
+INVALID = "invalid API key"
+CHALLENGE = {"www-authenticate": "Bearer"}
+V2_PREFIX = "/v2/"
+
+Signature = tuple[int, int, int] | None  # inode, size, mtime in ns; None: no file
+
+
+class KeyStore:
+    """The keys of one file, kept current while the server runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._keys: tuple[keyfile.StoredKey, ...] = ()
+        self._signature: Signature = None
+        self._reread = True
+        self._next_check = 0.0
+        self._refused: Signature = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def key_ids(self) -> list[str]:
+        return [key.key_id for key in self._keys]
+
+    def load(self) -> None:
+        """At startup: a keys file that exists but cannot be used stops the
+        server (raises KeyFileError or OSError) rather than serving open."""
+        signature = self._stat()
+        self._keys = keyfile.read(self.path)
+        self._accept(signature)
+        self._next_check = time.monotonic() + CHECK_INTERVAL_SECONDS
+
+    def refresh(self) -> None:
+        """Per request: re-read the file if a check is due and it changed."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CHECK_INTERVAL_SECONDS
+        self._reload()
+
+    def authenticate(self, key: bytes) -> str | None:
+        """The id of the key, or None. Compares with every stored digest, so
+        the time taken does not depend on which (if any) matches."""
+        digest = hashlib.sha256(key).digest()
+        found = None
+        for stored in self._keys:
+            if hmac.compare_digest(digest, stored.digest):
+                found = stored.key_id
+        return found
+
+    def _stat(self) -> Signature:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def _accept(self, signature: Signature) -> None:
+        self._signature = signature
+        self._refused = None
+        self._reread = signature is not None and time.time() - signature[2] / 1e9 < RACY_SECONDS
+
+    def _reload(self) -> None:
+        signature: Signature = None
+        try:
+            signature = self._stat()
+            if signature == self._signature and not self._reread:
+                return
+            keys = keyfile.read(self.path)
+        except (keyfile.KeyFileError, OSError, UnicodeDecodeError) as exc:
+            # Possibly a write in progress: keep the keys we have, look again
+            # at the next check, and say so once per state of the file.
+            if signature != self._refused:
+                self._refused = signature
+                log.error(
+                    "API keys file unusable; keeping the keys loaded before",
+                    extra={"fields": {"file": str(self.path), "reason": str(exc)}},
+                )
+            return
+        changed = keys != self._keys
+        self._keys = keys
+        self._accept(signature)
+        if changed:
+            log.info(
+                "API keys reloaded",
+                extra={"fields": {"file": str(self.path), "key_ids": self.key_ids}},
+            )
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, str]:
+    """The key a request carries, or None and why not.
+
+    `Authorization: Bearer` wins; an Authorization header of another scheme
+    (say, Basic for an intermediate proxy) falls through to X-API-Key.
+    docker/nginx/api_keys.js applies the same rule.
+    """
+    # dict() in C beats a Python loop over the headers; a repeated header
+    # counts with its last value either way.
+    by_name = dict(headers)
+    authorization = by_name.get(b"authorization")
+    api_key = by_name.get(b"x-api-key")
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(b" ")
+        token = token.strip()
+        if scheme.lower() == b"bearer":
+            return (token, "") if token and b" " not in token else (None, MALFORMED_AUTHORIZATION)
+        if api_key is None:
+            return None, MALFORMED_AUTHORIZATION
+    if api_key is not None:
+        api_key = api_key.strip()
+        return (api_key, "") if api_key and b" " not in api_key else (None, MALFORMED_API_KEY)
+    return None, MISSING
+
+
+def is_open_path(path: str, public_paths: Collection[str]) -> bool:
+    return path in public_paths or (
+        path.startswith("/v2/models/") and _MODEL_READY.fullmatch(path) is not None
+    )
+
+
+class ApiKeyMiddleware:
+    """401 with `WWW-Authenticate: Bearer` unless the request carries a stored
+    key; the key's id goes into scope["state"]["key_id"] for the access log and
+    the per-key metric. OPEN_PATHS and `public_paths` stay open, and
+    everything is open while the file holds no key."""
+
+    def __init__(self, app: ASGIApp, store: KeyStore, public_paths: Collection[str]) -> None:
+        self.app = app
+        self.store = store
+        self.public_paths = frozenset(public_paths) | OPEN_PATHS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            store = self.store
+            store.refresh()
+            if store.enabled and not is_open_path(scope["path"], self.public_paths):
+                key, problem = presented_key(scope["headers"])
+                key_id = store.authenticate(key) if key is not None else None
+                if key_id is None:
+                    await self._refuse(scope, send, problem or INVALID)
+                    return
+                scope.setdefault("state", {})["key_id"] = key_id
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, detail: str) -> None:
+        path = scope["path"]
+        if path == V2_PREFIX.rstrip("/") or path.startswith(V2_PREFIX):
+            # Open Inference Protocol clients read errors as {"error": "..."}.
+            payload = orjson.dumps({"error": detail, "request_id": request_id_of(scope)})
+            await send_json_bytes(send, 401, payload, CHALLENGE)
+        else:
+            await send_error(send, scope, 401, detail, CHALLENGE)

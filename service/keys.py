@@ -1,0 +1,82 @@
+"""`python -m service.keys add|revoke|list`: manage the API keys file.
+
+`add` prints the new key once, as the last line of its output (on stdout;
+everything else goes to stderr, so `KEY=$(python -m service.keys add NAME)`
+captures the key alone). Running servers pick changes up within seconds.
+Standard library only: no virtualenv needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from service import keyfile
+
+
+def _add(path: Path, key_id: str) -> int:
+    if not keyfile.KEY_ID_RE.fullmatch(key_id):
+        raise keyfile.KeyFileError(
+            f"key id {key_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )
+    key = keyfile.mint_key()
+    keyfile.update(path, add=keyfile.StoredKey(key_id, keyfile.digest_of(key)))
+    print(
+        f"added API key {key_id!r} to {path} (live within 5 s). It is shown only once;"
+        " send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>':",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    print(key, flush=True)
+    return 0
+
+
+def _revoke(path: Path, key_id: str, allow_open: bool) -> int:
+    keys = keyfile.read(path)
+    if [key.key_id for key in keys] == [key_id] and not allow_open:
+        raise keyfile.KeyFileError(
+            f"{key_id!r} is the last key in {path}: without keys the service runs open"
+            " to everyone. Add another key first, or pass --allow-open"
+        )
+    keyfile.update(path, revoke=key_id)
+    print(f"revoked API key {key_id!r} in {path} (refused within 5 s)", file=sys.stderr)
+    return 0
+
+
+def _list(path: Path) -> int:
+    for key in keyfile.read(path):
+        print(key.key_id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.keys", description=__doc__)
+    parser.add_argument(
+        "--file",
+        type=Path,
+        default=keyfile.DEFAULT_KEYS_FILE,
+        help=f"the keys file (API_KEYS_FILE; default {keyfile.DEFAULT_KEYS_FILE})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("add", help="mint a key and print it once").add_argument("key_id")
+    revoke = commands.add_parser("revoke", help="remove a key")
+    revoke.add_argument("key_id")
+    revoke.add_argument(
+        "--allow-open", action="store_true", help="allow revoking the last key (auth turns off)"
+    )
+    commands.add_parser("list", help="the key ids")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "add":
+            return _add(args.file, args.key_id)
+        if args.command == "revoke":
+            return _revoke(args.file, args.key_id, args.allow_open)
+        return _list(args.file)
+    except (keyfile.KeyFileError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

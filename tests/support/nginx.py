@@ -1,0 +1,99 @@
+"""A real nginx on 127.0.0.1 with the shipped configuration, in front of a test server.
+
+docker/nginx/render.sh renders the template exactly as the proxy container's
+entrypoint does; only what ties it to compose is rewritten here: the listen
+address, the upstream (`api:8000`), the pid and temp paths, and the user the
+workers run as (when the tests run as root, root, so they can read files
+under pytest's private temporary directories).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.bundles import REPO
+from tests.support.servers import free_port, wait_for
+
+NGINX_DIR = REPO / "docker" / "nginx"
+NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
+
+
+@dataclass
+class Nginx:
+    process: subprocess.Popen[bytes]
+    port: int
+    access_log: Path
+    error_log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def render(out_dir: Path, upstream_port: int, port: int, settings: dict[str, str]) -> Path:
+    subprocess.run(
+        ["sh", str(NGINX_DIR / "render.sh"), str(NGINX_DIR), str(out_dir)],
+        env={**os.environ, **settings},
+        check=True,
+    )
+    conf = out_dir / "nginx.conf"
+    text = conf.read_text()
+    replacements = [
+        (r"listen 8080 default_server;", f"listen 127.0.0.1:{port} default_server;"),
+        (r"server api:8000 [^;]*;", f"server 127.0.0.1:{upstream_port};"),
+        (r"pid /tmp/nginx\.pid;", f"pid {out_dir}/nginx.pid;"),
+        (r"/tmp/nginx-", f"{out_dir}/nginx-"),
+    ]
+    for pattern, replacement in replacements:
+        text, count = re.subn(pattern, replacement, text)
+        assert count, f"{pattern!r} not in the shipped nginx.conf any more"
+    if os.geteuid() == 0:
+        text = "user root;\n" + text
+    conf.write_text(text)
+    return conf
+
+
+@contextmanager
+def running_nginx(work: Path, upstream_port: int, settings: dict[str, str]) -> Iterator[Nginx]:
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = render(work, upstream_port, port, settings)
+    subprocess.run(["nginx", "-t", "-q", "-c", str(conf)], check=True)
+    access_log, error_log = work / "nginx.out", work / "nginx.err"
+    with access_log.open("wb") as out, error_log.open("wb") as err:
+        process = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-g", "daemon off;"],
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    server = Nginx(process, port, access_log, error_log)
+    try:
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"nginx exited {process.returncode}: {error_log.read_text()}")
+            try:
+                return httpx.get(f"{server.url}/nginx-health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 30, what="nginx to answer")
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)

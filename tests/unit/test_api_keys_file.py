@@ -1,0 +1,169 @@
+"""The API keys file, the key-management CLI and `make api-key`, and the key
+store's re-reading."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import auth, keyfile
+from tests.support.bundles import REPO
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.keys", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_minted_keys_carry_at_least_128_random_bits() -> None:
+    keys = {keyfile.mint_key() for _ in range(100)}
+    assert len(keys) == 100
+    for key in keys:
+        assert key.startswith(keyfile.KEY_PREFIX)
+        # url-safe base64: 6 bits a character.
+        assert (len(key) - len(keyfile.KEY_PREFIX)) * 6 >= 128
+
+
+def test_make_api_key_prints_the_key_last_and_stores_only_its_digest(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "api-keys"
+    out = subprocess.run(
+        ["make", "--no-print-directory", "api-key", "NAME=alice", f"API_KEYS_FILE={path}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=True,
+    ).stdout
+    key = out.strip().splitlines()[-1]
+    assert key.startswith(keyfile.KEY_PREFIX)
+    stored = path.read_text()
+    assert key not in stored
+    assert f"alice {hashlib.sha256(key.encode()).hexdigest()}\n" in stored
+    assert keyfile.read(path) == (keyfile.StoredKey("alice", keyfile.digest_of(key)),)
+    assert path.stat().st_mode & 0o777 == 0o644  # the service and nginx run as others
+
+
+def test_stdout_of_add_is_the_key_alone(tmp_path: Path) -> None:
+    added = _cli("--file", str(tmp_path / "keys"), "add", "svc-1")
+    assert added.returncode == 0
+    assert added.stdout.count("\n") == 1
+    assert added.stdout.strip().startswith(keyfile.KEY_PREFIX)
+    assert added.stdout.strip() not in added.stderr
+
+
+def test_revoke_removes_one_key_and_keeps_the_file_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    for name in ("a", "b", "c"):
+        assert _cli("--file", str(path), "add", name).returncode == 0
+    inode = path.stat().st_ino
+    assert _cli("--file", str(path), "revoke", "b").returncode == 0
+    assert [key.key_id for key in keyfile.read(path)] == ["a", "c"]
+    # In place: a Docker secret is bind-mounted by inode.
+    assert path.stat().st_ino == inode
+    assert _cli("--file", str(path), "list").stdout.split() == ["a", "c"]
+
+
+def test_cli_refusals_say_why(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    assert _cli("--file", str(path), "add", "only").returncode == 0
+    duplicate = _cli("--file", str(path), "add", "only")
+    assert (duplicate.returncode, "exists" in duplicate.stderr) == (1, True)
+    bad_id = _cli("--file", str(path), "add", "no spaces allowed")
+    assert (bad_id.returncode, "key id" in bad_id.stderr) == (1, True)
+    unknown = _cli("--file", str(path), "revoke", "nobody")
+    assert (unknown.returncode, "no key with id" in unknown.stderr) == (1, True)
+    last = _cli("--file", str(path), "revoke", "only")
+    assert (last.returncode, "runs open" in last.stderr) == (1, True)
+    assert _cli("--file", str(path), "revoke", "only", "--allow-open").returncode == 0
+    assert keyfile.read(path) == ()
+
+
+def test_cli_imports_nothing_heavy() -> None:
+    probe = (
+        "import sys, service.keys; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'pydantic', 'numpy', 'fastapi', 'starlette', 'onnxruntime', 'prometheus_client'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("alice\n", "expected"),
+        ("alice " + "0" * 63 + "\n", "digest"),
+        ("alice " + "G" * 64 + "\n", "digest"),
+        ("al ice " + "0" * 64 + "\n", "expected"),
+        (f"alice {'0' * 64}\nalice {'1' * 64}\n", "twice"),
+    ],
+)
+def test_malformed_files_are_refused_naming_the_line(text: str, reason: str) -> None:
+    with pytest.raises(keyfile.KeyFileError, match=reason):
+        keyfile.parse(text)
+
+
+def test_a_rewrite_within_one_timestamp_tick_is_still_picked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same inode, same size, same mtime: only the "recently modified" rule
+    # makes the store read the file again.
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    path = tmp_path / "keys"
+    first, second = b"k" * 20, b"j" * 20
+    path.write_text(keyfile.render((keyfile.StoredKey("alice", keyfile.digest_of(first)),)))
+    before = path.stat()
+    store = auth.KeyStore(path)
+    store.load()
+    assert store.authenticate(first) == "alice"
+    with path.open("r+") as handle:
+        handle.write(keyfile.render((keyfile.StoredKey("alice", keyfile.digest_of(second)),)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    store.refresh()
+    assert store.authenticate(second) == "alice"
+    assert store.authenticate(first) is None
+
+
+def test_presented_key_rules() -> None:
+    assert auth.presented_key([(b"authorization", b"Bearer abc")]) == (b"abc", "")
+    assert auth.presented_key([(b"authorization", b"  bearer   abc ")]) == (b"abc", "")
+    assert auth.presented_key([(b"x-api-key", b"abc")]) == (b"abc", "")
+    both = [(b"authorization", b"Bearer abc"), (b"x-api-key", b"xyz")]
+    assert auth.presented_key(both) == (b"abc", "")
+    basic = [(b"authorization", b"Basic Zm9v"), (b"x-api-key", b"xyz")]
+    assert auth.presented_key(basic) == (b"xyz", "")
+    assert auth.presented_key([]) == (None, auth.MISSING)
+    assert auth.presented_key([(b"authorization", b"Basic Zm9v")]) == (
+        None,
+        auth.MALFORMED_AUTHORIZATION,
+    )
+    assert auth.presented_key([(b"x-api-key", b"")]) == (None, auth.MALFORMED_API_KEY)
+
+
+def test_open_paths_are_exact_apart_from_model_readiness() -> None:
+    public: frozenset[str] = frozenset()
+    for path in ("/health", "/health/ready", "/v2/health/live", "/v2/models/iris/ready"):
+        assert auth.is_open_path(path, public | auth.OPEN_PATHS), path
+    assert auth.is_open_path("/v2/models/iris/versions/1.0.0/ready", public)
+    for path in (
+        "/health/",
+        "/health/../model-info",
+        "/v2/models/iris",
+        "/v2/models/iris/infer",
+        "/v2/models/a/b/ready",
+        "/predict",
+    ):
+        assert not auth.is_open_path(path, public | auth.OPEN_PATHS), path
