@@ -47,7 +47,7 @@ ensure_swarm() {
     local addr="${SWARM_ADVERTISE_ADDR:-127.0.0.1}"
     log "initialising a single-node swarm on $addr (stack-down leaves it again)"
     docker swarm init --advertise-addr "$addr" --listen-addr "$addr:2377" >/dev/null
-    docker node update --label-add "$CREATED_LABEL=$STACK_NAME" self >/dev/null
+    docker node update --label-add "$CREATED_LABEL=$STACK_NAME" "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
 }
 
 # The configs' names carry a digest of their files: swarm configs are
@@ -173,7 +173,7 @@ cmd_down() {
     done
     if [ "$(swarm_state)" != active ]; then return 0; fi
     local creator
-    creator="$(docker node inspect self --format "{{index .Spec.Labels \"$CREATED_LABEL\"}}" 2>/dev/null || true)"
+    creator="$(docker node inspect "$(docker info --format '{{.Swarm.NodeID}}')" --format "{{index .Spec.Labels \"$CREATED_LABEL\"}}" 2>/dev/null || true)"
     if [ "$creator" != "$STACK_NAME" ]; then
         log "the swarm was there before stack-up: leaving it active"
         return 0
