@@ -3,7 +3,8 @@
 #   make image            build ml-api:$(VERSION) (trains the model inside the build)
 #   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana)
 #   make down             docker compose down
-#   make e2e              end-to-end test: engine, images, stack, scale, drain (tests/e2e)
+#   make e2e              end-to-end test: engine, images, compose stack, scale, drain,
+#                         swarm rolling update/rollback/scale under load (tests/e2e)
 #   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
 #   make engine           install/start a Docker engine and the compose plugin if missing
 #   make stack-up         deploy/swarm/stack.yaml on this engine's swarm (inits a

@@ -11,6 +11,7 @@
 #                              return 0 when the update converged, 1 when swarm
 #                              rolled it back, 2 when it paused
 #   stack.sh scale N           N api replicas; return when converged
+#   stack.sh init              only the swarm part of `up`
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
 #
@@ -189,8 +190,9 @@ cmd_down() {
 
 case "${1:-}" in
     up) cmd_up ;;
+    init) ensure_swarm ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | rollout VERSION | scale N | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | rollout VERSION | scale N | down" >&2; exit 2 ;;
 esac
