@@ -9,6 +9,7 @@ fail: a failure is any answer but a 200 prediction, or a connection error.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -61,6 +62,19 @@ def test_stack_serves_through_the_proxy(swarm: Swarm) -> None:
     assert resp.json()["model_version"] == MODEL_VERSION
     assert swarm.image() == IMAGE
     assert_targets_are_the_tasks(swarm, 3)
+
+
+def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm) -> None:
+    containers = run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_api"]
+    ).stdout.split()
+    assert len(containers) == 3
+    info = json.loads(run(["docker", "inspect", *containers]).stdout)
+    for container in info:
+        assert container["HostConfig"]["ReadonlyRootfs"] is True
+        assert "ALL" in (container["HostConfig"]["CapDrop"] or [])
+        assert container["Config"]["User"].split(":")[0] == "10001"
+        assert container["State"]["Health"]["Status"] == "healthy"
 
 
 def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swarm) -> None:
