@@ -134,8 +134,41 @@ def assert_targets_are_the_tasks(sw: Swarm, replicas: int) -> None:
     wait_for(f"Prometheus targets == the {replicas} running api tasks", same)
 
 
-def report(name: str, load: LoadStream) -> None:
+def proxy_retries(sw: Swarm, since: float) -> tuple[int, int]:
+    """(predictions the proxy logged, how many of them nginx had to retry on
+    another replica) since a Unix time: a retry shows as several upstreams."""
+    logs = run(
+        [
+            "docker",
+            "service",
+            "logs",
+            "--raw",
+            "--since",
+            str(int(since)),
+            f"{sw.stack_name}_proxy",
+        ],
+        check=False,
+    ).stdout
+    logged = retried = 0
+    for line in logs.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("uri") != "/predict":
+            continue
+        logged += 1
+        retried += "," in str(entry.get("upstream_addr", ""))
+    return logged, retried
+
+
+def report(name: str, load: LoadStream, sw: Swarm | None = None, since: float = 0.0) -> None:
     TIMINGS[f"{name}: requests sent/failed"] = f"{len(load.results)}/{len(load.failures)}"
+    if sw is not None:
+        logged, retried = proxy_retries(sw, since)
+        TIMINGS[f"{name}: retried by nginx"] = f"{retried} of {logged}"
     assert not load.failures, (
         f"{len(load.failures)} of {len(load.results)} requests failed: {load.failures[:5]}"
     )

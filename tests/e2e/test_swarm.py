@@ -78,6 +78,7 @@ def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm)
 
 
 def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swarm) -> None:
+    since = time.time()
     with LoadStream(swarm.proxy) as load:
         time.sleep(2)
         t0 = time.monotonic()
@@ -86,7 +87,7 @@ def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swar
         TIMINGS["swarm rolling update 1.0.0 -> 1.1.0"] = converged - t0
         time.sleep(3)
     assert done.returncode == 0, done.stderr
-    report("swarm rolling update", load)
+    report("swarm rolling update", load, swarm, since)
     assert swarm.image() == f"{IMAGE_NAME}:{NEXT_VERSION}"
     # Both versions answered during the update; only the new one after it.
     assert load.versions_since(t0) >= {MODEL_VERSION, NEXT_VERSION}
@@ -96,6 +97,7 @@ def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swar
 
 
 def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) -> None:
+    since = time.time()
     with LoadStream(swarm.proxy) as load:
         time.sleep(2)
         t0 = time.monotonic()
@@ -104,13 +106,14 @@ def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) 
         time.sleep(2)
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert "rolled back" in done.stderr
-    report("swarm rollback of an unservable image", load)
+    report("swarm rollback of an unservable image", load, swarm, since)
     assert swarm.image() == f"{IMAGE_NAME}:{NEXT_VERSION}"
     assert load.versions_since(0) == {NEXT_VERSION}
     assert_targets_are_the_tasks(swarm, 3)
 
 
 def test_scaling_under_load_loses_no_request(swarm: Swarm) -> None:
+    since = time.time()
     with LoadStream(swarm.proxy) as load:
         time.sleep(2)
         swarm.stack("scale", "5")
@@ -118,7 +121,7 @@ def test_scaling_under_load_loses_no_request(swarm: Swarm) -> None:
         swarm.stack("scale", "2")
         assert_targets_are_the_tasks(swarm, 2)
         time.sleep(2)
-    report("swarm scale 3 -> 5 -> 2", load)
+    report("swarm scale 3 -> 5 -> 2", load, swarm, since)
     assert load.versions_since(0) == {NEXT_VERSION}
 
 

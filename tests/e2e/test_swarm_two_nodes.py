@@ -83,6 +83,7 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
         == 2
     )
     assert_targets_are_the_tasks(sw, 3)
+    since = time.time()
     with LoadStream(sw.proxy) as load:
         time.sleep(2)
         t0 = time.monotonic()
@@ -91,7 +92,7 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
         TIMINGS["two nodes: rolling update 1.0.0 -> 1.1.0"] = converged - t0
         time.sleep(3)
     assert done.returncode == 0, done.stderr
-    report("two nodes: rolling update", load)
+    report("two nodes: rolling update", load, sw, since)
     assert load.versions_since(converged) == {NEXT_VERSION}
     tasks = sw.tasks()
     assert len(set(tasks.values())) == 2, tasks
