@@ -2,13 +2,18 @@
 # Build the ml-api image (docker/Dockerfile) and tag it ml-api:<MODEL_VERSION>.
 #
 # Two passes over one build cache: the first exports only the trained bundle
-# (target `bundle`) to read the model checksum from its manifest; the second
-# builds the runtime image with that checksum in its OCI labels (Dockerfile
-# labels cannot read a file). Everything but the labels comes from cache in
-# the second pass.
+# (target `bundle`) to read the model checksum and backend from its manifest;
+# the second builds the runtime image with them in its OCI labels (Dockerfile
+# labels cannot read a file): the lean ONNX image for an `onnx` bundle, the
+# scikit-learn-capable one for an `sklearn` bundle (the Dockerfile would pick
+# the same by itself; passing it here only makes the label exact).
+# Everything but the labels comes from cache in the second pass.
 #
 # Environment: MODEL_VERSION (1.0.0), MODEL_NAME (iris), DATASET (iris),
 # PYTHON_BASE_IMAGE (python:3.12-slim-bookworm), IMAGE_NAME (ml-api),
+# IMAGE_TAG (MODEL_VERSION), TRAIN_ARGS (more `python -m training` options,
+# e.g. --no-onnx), RUNTIME_DEPS (auto: from the manifest),
+# BREAK_BUNDLE (tests only: 1 bakes in a bundle the service refuses),
 # CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt; passed as a BuildKit secret
 # when the file exists), PYTHON (python3, to read the manifest).
 set -euo pipefail
@@ -21,7 +26,8 @@ BASE="${PYTHON_BASE_IMAGE:-python:3.12-slim-bookworm}"
 IMAGE_NAME="${IMAGE_NAME:-ml-api}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 PYTHON="${PYTHON:-python3}"
-TAG="$IMAGE_NAME:$MODEL_VERSION"
+TAG="$IMAGE_NAME:${IMAGE_TAG:-$MODEL_VERSION}"
+RUNTIME_DEPS="${RUNTIME_DEPS:-auto}"
 
 common=(
     -f "$ROOT/docker/Dockerfile"
@@ -29,6 +35,8 @@ common=(
     --build-arg "MODEL_NAME=$MODEL_NAME"
     --build-arg "MODEL_VERSION=$MODEL_VERSION"
     --build-arg "DATASET=$DATASET"
+    --build-arg "BREAK_BUNDLE=${BREAK_BUNDLE:-0}"
+    --build-arg "TRAIN_ARGS=${TRAIN_ARGS:-}"
 )
 if [ -s "$CA_BUNDLE" ]; then
     common+=(--secret "id=ca,src=$CA_BUNDLE")
@@ -41,20 +49,22 @@ trap 'rm -rf "$out"' EXIT
 echo "[build-image] training $MODEL_NAME $MODEL_VERSION on $BASE" >&2
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target bundle -o "type=local,dest=$out" "$ROOT"
 
-sha="$("$PYTHON" - "$out/manifest.json" <<'PY'
+read -r sha backend < <("$PYTHON" - "$out/manifest.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 files = m["files"]
 entry = files.get("model.onnx") or files["model.joblib"]
-print(entry["sha256"] if isinstance(entry, dict) else entry)
+print(entry["sha256"] if isinstance(entry, dict) else entry, m["backend"])
 PY
-)"
+)
+if [ "$RUNTIME_DEPS" = auto ]; then RUNTIME_DEPS="$backend"; fi
 vcs_ref="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 created="$(git -C "$ROOT" log -1 --format=%cI 2>/dev/null || echo unknown)"
 
-echo "[build-image] building $TAG (model.onnx sha256 $sha)" >&2
+echo "[build-image] building $TAG ($RUNTIME_DEPS runtime, model sha256 $sha)" >&2
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target runtime \
     --build-arg "MODEL_SHA256=$sha" \
+    --build-arg "RUNTIME_DEPS=$RUNTIME_DEPS" \
     --build-arg "VCS_REF=$vcs_ref" \
     --build-arg "CREATED=$created" \
     -t "$TAG" "$ROOT"

@@ -2,9 +2,10 @@
 # Build stand-in base images from Debian's archive, for machines that cannot
 # pull from a container registry (air-gapped users, our CI):
 #
-#   ml-api/python:offline      debootstrap minbase bookworm + python3, venv, pip
-#                              (`python` on PATH), apt cleaned like the official
-#                              debian images
+#   ml-api/python:offline      debootstrap minbase bookworm + python3 and venv
+#                              (`python` on PATH; pip only inside venvs), apt
+#                              cleaned and docs/locales excluded like the
+#                              official debian slim images
 #   ml-api/nginx:offline       Debian's nginx and its njs module on that base
 #   ml-api/prometheus:offline  Debian's prometheus on that base
 #
@@ -60,7 +61,7 @@ build_python_base() {
     trap "umount -l '$root/proc' 2>/dev/null || true; rm -rf '$root'" EXIT
     log "debootstrap $SUITE from $DEBIAN_MIRROR into $root"
     debootstrap --variant=minbase \
-        --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,netbase,tzdata \
+        --include=python3,python3-venv,python-is-python3,ca-certificates,netbase,tzdata \
         "$SUITE" "$root" "$DEBIAN_MIRROR" >"$root.log" 2>&1 || { tail -n 40 "$root.log" >&2; exit 1; }
     rm -f "$root.log"
 
@@ -82,6 +83,17 @@ CONF
 Apt::AutoRemove::SuggestsImportant "false";
 CONF
     printf 'APT::Install-Recommends "false";\n' >"$root/etc/apt/apt.conf.d/docker-no-recommends"
+    # What debian:*-slim leaves out of every package installed later (nginx,
+    # prometheus): documentation and translations, ~35 MB on this base.
+    mkdir -p "$root/etc/dpkg/dpkg.cfg.d"
+    cat >"$root/etc/dpkg/dpkg.cfg.d/docker-slim" <<'CONF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+CONF
     # No services may start during package installs in an image.
     printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"; chmod +x "$root/usr/sbin/policy-rc.d"
 
@@ -104,7 +116,8 @@ CONF
     # What the official images leave out as well.
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/log/*.log \
         "$root"/var/log/apt/* "$root"/tmp/* "$root"/root/.cache \
-        "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/*
+        "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        "$root"/usr/share/locale/* "$root"/usr/share/lintian/*
     # pip refuses to install into Debian's system Python (PEP 668), as wanted;
     # the project always installs into a venv.
 

@@ -3,12 +3,21 @@
 #   make image            build ml-api:$(VERSION) (trains the model inside the build)
 #   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana)
 #   make down             docker compose down
-#   make e2e              end-to-end test: engine, images, stack, scale, drain (tests/e2e)
+#   make e2e              end-to-end test: engine, images, compose stack, scale, drain,
+#                         swarm rolling update/rollback/scale under load (tests/e2e)
 #   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
 #   make engine           install/start a Docker engine and the compose plugin if missing
+#   make stack-up         deploy/swarm/stack.yaml on this engine's swarm (inits a
+#                         single-node swarm when there is none)
+#   make stack-rollout VERSION=x.y.z
+#                         build ml-api:x.y.z and roll the api service to it, one
+#                         task at a time; returns when converged or rolled back
+#   make stack-scale REPLICAS=n
+#   make stack-down       remove the stack (and the swarm, if stack-up made it)
 #
 # Variables: VERSION (model version, 1.0.0), MODEL_NAME, DATASET, OFFLINE (1: use
-# the ml-api/*:offline images), REPLICAS (api replicas for `up`).
+# the ml-api/*:offline images), REPLICAS (api replicas for `up` and
+# `stack-scale`), API_REPLICAS (for `stack-up`, 3).
 PYTHON ?= python3
 VENV ?= .venv
 VERSION ?= 1.0.0
@@ -17,6 +26,7 @@ DATASET ?= iris
 OFFLINE ?=
 REPLICAS ?= 1
 API_KEYS_FILE ?= secrets/api-keys
+API_REPLICAS ?= 3
 
 ifeq ($(OFFLINE),1)
 export PYTHON_BASE_IMAGE ?= ml-api/python:offline
@@ -24,16 +34,17 @@ export NGINX_IMAGE ?= ml-api/nginx:offline
 export PROMETHEUS_IMAGE ?= ml-api/prometheus:offline
 # Grafana has no offline image: the offline stack runs without it.
 COMPOSE_SERVICES := api proxy prometheus
+export GRAFANA_REPLICAS ?= 0
 OFFLINE_DEP := offline-images
 else
 COMPOSE_SERVICES :=
 OFFLINE_DEP :=
 endif
 
-DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON)
+DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON) TRAIN_ARGS="$(TRAIN_ARGS)"
 E2E_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 
-.PHONY: image up down e2e offline-images engine
+.PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-down
 
 engine:
 	PYTHON=$(PYTHON) docker/ensure-engine.sh start
@@ -53,6 +64,19 @@ up: image
 
 down:
 	$(DOCKER_ENV) docker compose down --remove-orphans
+
+# The swarm stack (deploy/swarm/): same images, PROXY_PORT and OFFLINE=1.
+stack-up: image
+	$(DOCKER_ENV) API_REPLICAS=$(API_REPLICAS) deploy/swarm/stack.sh up
+
+stack-rollout: image
+	$(DOCKER_ENV) deploy/swarm/stack.sh rollout $(VERSION)
+
+stack-scale:
+	deploy/swarm/stack.sh scale $(REPLICAS)
+
+stack-down:
+	deploy/swarm/stack.sh down
 
 # The whole tier: installs/starts the engine when missing (and stops it after,
 # if it started it), builds offline images when no registry answers, builds the

@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -148,3 +150,53 @@ class Stack:
 
     def predict(self, body: dict[str, Any] | None = None, **kw: Any) -> Response:
         return http("POST", f"{self.proxy}/predict", body or SETOSA, **kw)
+
+
+class LoadStream:
+    """A steady stream of predictions through the proxy, from a few threads.
+
+    Every request is recorded with its start and end (monotonic), its status
+    and the model version that answered; anything but a 200 carrying a
+    prediction, including a connection error, is a failure.
+    """
+
+    def __init__(self, proxy: str, threads: int = 3, pause: float = 0.05) -> None:
+        self.proxy = proxy
+        self.pause = pause
+        self.results: list[tuple[float, float, int, str]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                resp = http("POST", f"{self.proxy}/predict", SETOSA, timeout=15)
+                body = resp.json() if resp.status == 200 else {}
+                version = str(body.get("model_version", ""))
+                ok = resp.status == 200 and body.get("predicted_class_name") == "setosa"
+                failure = "" if ok else f"{resp.status} {resp.body[:200]!r}"
+                status = resp.status
+            except Exception as exc:
+                version, failure, status = "", repr(exc), 0
+            with self._lock:
+                self.results.append((start, time.monotonic(), status, version))
+                if failure:
+                    self.failures.append(failure)
+            time.sleep(self.pause)
+
+    def __enter__(self) -> LoadStream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def versions_since(self, t: float) -> set[str]:
+        with self._lock:
+            return {version for start, _, _, version in self.results if start >= t}

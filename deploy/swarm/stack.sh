@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The swarm stack's verbs (make stack-up / stack-rollout / stack-scale /
+# stack-down call these):
+#
+#   stack.sh up                deploy deploy/swarm/stack.yaml as $STACK_NAME;
+#                              init a single-node swarm first if the engine is
+#                              not in one; return when every replica is ready
+#                              and a prediction answers through the proxy
+#   stack.sh rollout VERSION   roll the api service to $IMAGE_NAME:VERSION (the
+#                              image must exist: `make stack-rollout` builds it);
+#                              return 0 when the update converged, 1 when swarm
+#                              rolled it back, 2 when it paused
+#   stack.sh scale N           N api replicas; return when converged
+#   stack.sh init              only the swarm part of `up`
+#   stack.sh down              remove the stack; leave the swarm only if `up`
+#                              created it, so the engine ends as it was found
+#
+# Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
+# PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
+# API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE / GRAFANA_IMAGE,
+# GRAFANA_REPLICAS (1; 0 without a Grafana image), SWARM_ADVERTISE_ADDR
+# (127.0.0.1: a single-node swarm reachable from this host only),
+# STACK_TIMEOUT (seconds to wait for convergence, 300).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+STACK_NAME="${STACK_NAME:-ml-api}"
+IMAGE_NAME="${IMAGE_NAME:-ml-api}"
+TIMEOUT="${STACK_TIMEOUT:-300}"
+# Marks a swarm that `up` initialised, so `down` knows it may leave it.
+CREATED_LABEL="io.ml-api.swarm-created-by"
+export STACK_NAME IMAGE_NAME
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+swarm_state() { docker info --format '{{.Swarm.LocalNodeState}}'; }
+
+ensure_swarm() {
+    local state
+    state="$(swarm_state)"
+    case "$state" in
+        active) return 0 ;;
+        inactive) ;;
+        *) die "this engine's swarm state is '$state'; expected active or inactive" ;;
+    esac
+    local addr="${SWARM_ADVERTISE_ADDR:-127.0.0.1}"
+    log "initialising a single-node swarm on $addr (stack-down leaves it again)"
+    docker swarm init --advertise-addr "$addr" --listen-addr "$addr:2377" >/dev/null
+    docker node update --label-add "$CREATED_LABEL=$STACK_NAME" "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
+}
+
+# The configs' names carry a digest of their files: swarm configs are
+# immutable, so an edited file must become a new config.
+config_tag() {
+    (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
+        deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
+        docker/grafana/provisioning/datasources/prometheus.yml \
+        docker/grafana/provisioning/dashboards/ml-api.yml \
+        docker/grafana/dashboards/ml-api.json) | sha256sum | cut -c1-12
+}
+
+service() { printf '%s_%s' "$STACK_NAME" "$1"; }
+
+# "running/desired" for a service, counting only tasks that are running
+# (healthy, for a service with a health check) and meant to be.
+replicas_line() { docker service ls --filter "name=$(service "$1")" --format '{{.Name}} {{.Replicas}}' | awk -v n="$(service "$1")" '$1 == n {print $2}'; }
+
+wait_converged() {
+    local name="$1" deadline=$((SECONDS + TIMEOUT)) line
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        line="$(replicas_line "$name")"
+        if [ -n "$line" ]; then
+            local running="${line%%/*}" desired="${line#*/}"
+            desired="${desired%% *}"
+            if [ "$running" = "$desired" ]; then return 0; fi
+        fi
+        sleep 1
+    done
+    docker service ps --no-trunc "$(service "$name")" >&2 || true
+    die "$(service "$name") did not converge within ${TIMEOUT}s (replicas: ${line:-none})"
+}
+
+wait_for_prediction() {
+    local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
+            log "ready: API on $url, Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+            return 0
+        fi
+        sleep 1
+    done
+    die "the proxy did not answer /health/ready on $url within ${TIMEOUT}s"
+}
+
+cmd_up() {
+    docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
+        || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
+    ensure_swarm
+    CONFIG_TAG="$(config_tag)"
+    export CONFIG_TAG
+    log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG)"
+    # No registry: use the local images as they are.
+    docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    wait_converged api
+    wait_converged proxy
+    wait_converged prometheus
+    wait_for_prediction
+}
+
+update_field() {
+    docker service inspect "$(service api)" --format "{{if .UpdateStatus}}{{.UpdateStatus.$1}}{{end}}"
+}
+
+cmd_rollout() {
+    local version="${1:?usage: stack.sh rollout VERSION}"
+    local image="$IMAGE_NAME:$version" svc
+    svc="$(service api)"
+    docker image inspect "$image" >/dev/null 2>&1 || die "no image $image: run \`make stack-rollout VERSION=$version\`"
+    docker service inspect "$svc" >/dev/null 2>&1 || die "no service $svc: run \`make stack-up\` first"
+    local current
+    current="$(docker service inspect "$svc" --format '{{.Spec.TaskTemplate.ContainerSpec.Image}}')"
+    if [ "$current" = "$image" ]; then
+        log "$svc already runs $image"
+        return 0
+    fi
+    local before
+    before="$(update_field StartedAt)"
+    log "rolling $svc from $current to $image (start-first, one task at a time)"
+    docker service update --detach --no-resolve-image --image "$image" "$svc" >/dev/null
+    local deadline=$((SECONDS + TIMEOUT)) state="" started
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        started="$(update_field StartedAt)"
+        state="$(update_field State)"
+        if [ "$started" != "$before" ]; then
+            case "$state" in
+                completed)
+                    log "update completed: $svc runs $image"
+                    return 0 ;;
+                rollback_completed)
+                    log "update rolled back: $(update_field Message); $svc runs $current again"
+                    return 1 ;;
+                paused|rollback_paused)
+                    log "update $state: $(update_field Message)"
+                    return 2 ;;
+            esac
+        fi
+        sleep 1
+    done
+    die "the update of $svc did not finish within ${TIMEOUT}s (state: ${state:-unknown})"
+}
+
+cmd_scale() {
+    local replicas="${1:?usage: stack.sh scale N}"
+    log "scaling $(service api) to $replicas"
+    docker service scale --detach "$(service api)=$replicas" >/dev/null
+    wait_converged api
+}
+
+cmd_down() {
+    if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$STACK_NAME"; then
+        log "removing stack $STACK_NAME"
+        docker stack rm "$STACK_NAME" >&2
+    fi
+    # stack rm returns before the tasks and networks are gone.
+    local deadline=$((SECONDS + 120))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK_NAME")" ] \
+            && [ -z "$(docker network ls -q --filter "label=com.docker.stack.namespace=$STACK_NAME")" ]; then
+            break
+        fi
+        sleep 1
+    done
+    if [ "$(swarm_state)" != active ]; then return 0; fi
+    local creator
+    creator="$(docker node inspect "$(docker info --format '{{.Swarm.NodeID}}')" --format "{{index .Spec.Labels \"$CREATED_LABEL\"}}" 2>/dev/null || true)"
+    if [ "$creator" != "$STACK_NAME" ]; then
+        log "the swarm was there before stack-up: leaving it active"
+        return 0
+    fi
+    if [ -n "$(docker service ls -q)" ]; then
+        log "other services still run in the swarm stack-up created: leaving it active"
+        return 0
+    fi
+    log "leaving the single-node swarm stack-up created"
+    docker swarm leave --force >/dev/null
+    docker network rm docker_gwbridge >/dev/null 2>&1 || true
+}
+
+case "${1:-}" in
+    up) cmd_up ;;
+    init) ensure_swarm ;;
+    rollout) shift; cmd_rollout "$@" ;;
+    scale) shift; cmd_scale "$@" ;;
+    down) cmd_down ;;
+    *) echo "usage: $0 up | init | rollout VERSION | scale N | down" >&2; exit 2 ;;
+esac

@@ -1,0 +1,194 @@
+"""Helpers of the swarm tests (test_swarm.py, test_swarm_two_nodes.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.e2e.support import DOCKER_DIR, IMAGE, ROOT, TIMINGS, LoadStream, free_port, http, run
+
+STACK_SH = ROOT / "deploy" / "swarm" / "stack.sh"
+SECOND_NODE_SH = ROOT / "deploy" / "swarm" / "second-node.sh"
+IMAGE_NAME = IMAGE.split(":")[0]
+NEXT_VERSION = "1.1.0"
+UNSERVABLE_VERSION = "1.2.0"
+
+
+def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **base_images,
+        "STACK_NAME": stack,
+        "IMAGE_NAME": IMAGE_NAME,
+        "MODEL_VERSION": model_version,
+        "PROXY_PORT": str(free_port()),
+        "PROMETHEUS_PORT": str(free_port()),
+        "GRAFANA_PORT": str(free_port()),
+        # The tests need no dashboards; without a registry there is no image.
+        "GRAFANA_REPLICAS": "0",
+        "API_REPLICAS": "3",
+    }
+
+
+@dataclass
+class Swarm:
+    stack_name: str
+    env: dict[str, str]
+    proxy: str = field(init=False)
+    prometheus: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.proxy = f"http://127.0.0.1:{self.env['PROXY_PORT']}"
+        self.prometheus = f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
+
+    def stack(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run([str(STACK_SH), *args], env=self.env, check=check, timeout=600)
+
+    def image(self) -> str:
+        out = run(
+            [
+                "docker",
+                "service",
+                "inspect",
+                f"{self.stack_name}_api",
+                "--format",
+                "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+            ]
+        )
+        return out.stdout.strip()
+
+    def tasks(self) -> dict[str, str]:
+        """Backend address -> node ID of the api tasks that are running (= healthy)."""
+        ids = run(
+            [
+                "docker",
+                "service",
+                "ps",
+                "-q",
+                "--filter",
+                "desired-state=running",
+                f"{self.stack_name}_api",
+            ]
+        ).stdout.split()
+        if not ids:
+            return {}
+        found: list[dict[str, Any]] = json.loads(run(["docker", "inspect", *ids]).stdout)
+        addresses: dict[str, str] = {}
+        for task in found:
+            if task["Status"]["State"] != "running":
+                continue
+            for attachment in task.get("NetworksAttachments") or []:
+                if attachment["Network"]["Spec"]["Name"] == f"{self.stack_name}_backend":
+                    for address in attachment["Addresses"]:
+                        addresses[address.split("/")[0]] = task["NodeID"]
+        return addresses
+
+    def scraped_addresses(self) -> set[str]:
+        resp = http("GET", f"{self.prometheus}/api/v1/targets?state=active")
+        if resp.status != 200:
+            return set()
+        return {
+            str(urllib.parse.urlparse(t["scrapeUrl"]).hostname)
+            for t in resp.json()["data"]["activeTargets"]
+            if t["labels"].get("job") == "ml-api" and t["health"] == "up"
+        }
+
+
+def build_image(env: dict[str, str], version: str, **extra: str) -> None:
+    t0 = time.monotonic()
+    run(
+        [str(DOCKER_DIR / "build-image.sh")],
+        env={**env, "MODEL_VERSION": version, **extra},
+        timeout=900,
+        capture=False,
+    )
+    # The first build of a tag is the one that did the work.
+    TIMINGS.setdefault(f"image build {extra.get('IMAGE_TAG', version)}", time.monotonic() - t0)
+
+
+def swarm_state() -> str:
+    return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).stdout.strip()
+
+
+def wait_for(what: str, check: Any, timeout: float = 90, interval: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def assert_targets_are_the_tasks(sw: Swarm, replicas: int) -> None:
+    def same() -> tuple[set[str], set[str]] | None:
+        tasks, scraped = set(sw.tasks()), sw.scraped_addresses()
+        return (tasks, scraped) if len(tasks) == replicas and tasks == scraped else None
+
+    wait_for(f"Prometheus targets == the {replicas} running api tasks", same)
+
+
+def proxy_retries(sw: Swarm, since: float) -> tuple[int, int]:
+    """(predictions the proxy logged, how many of them nginx had to retry on
+    another replica) since a Unix time: a retry shows as several upstreams."""
+    logs = run(
+        [
+            "docker",
+            "service",
+            "logs",
+            "--raw",
+            "--since",
+            str(int(since)),
+            f"{sw.stack_name}_proxy",
+        ],
+        check=False,
+    ).stdout
+    logged = retried = 0
+    for line in logs.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("uri") != "/predict":
+            continue
+        logged += 1
+        retried += "," in str(entry.get("upstream_addr", ""))
+    return logged, retried
+
+
+def report(name: str, load: LoadStream, sw: Swarm | None = None, since: float = 0.0) -> None:
+    TIMINGS[f"{name}: requests sent/failed"] = f"{len(load.results)}/{len(load.failures)}"
+    if sw is not None:
+        logged, retried = proxy_retries(sw, since)
+        TIMINGS[f"{name}: retried by nginx"] = f"{retried} of {logged}"
+    assert not load.failures, (
+        f"{len(load.failures)} of {len(load.results)} requests failed: {load.failures[:5]}"
+    )
+
+
+def remove_stack(sw: Swarm) -> None:
+    """stack.sh down (leaves the swarm if up created it) and the stack's volumes."""
+    if os.environ.get("E2E_KEEP_STACK") == "1":
+        return
+    sw.stack("down", check=False)
+    volumes = run(
+        [
+            "docker",
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            f"label=com.docker.stack.namespace={sw.stack_name}",
+        ],
+        check=False,
+    ).stdout.split()
+    if volumes:
+        run(["docker", "volume", "rm", *volumes], check=False)

@@ -1,0 +1,135 @@
+"""The swarm stack (deploy/swarm/) under a steady stream of requests.
+
+One stack for the module, deployed by deploy/swarm/stack.sh (what
+`make stack-up` runs) on this engine's swarm, which the script initialises
+when there is none and leaves again at the end. All traffic goes to the
+proxy on 127.0.0.1. Each scenario reports how many requests it sent; none may
+fail: a failure is any answer but a 200 prediction, or a connection error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.support import IMAGE, MODEL_VERSION, SETOSA, TIMINGS, LoadStream, http, run
+from tests.e2e.swarm_support import (
+    IMAGE_NAME,
+    NEXT_VERSION,
+    UNSERVABLE_VERSION,
+    Swarm,
+    assert_targets_are_the_tasks,
+    build_image,
+    remove_stack,
+    report,
+    stack_env,
+    swarm_state,
+)
+
+STACK = os.environ.get("E2E_SWARM_STACK", "ml-api-e2e")
+
+
+@pytest.fixture(scope="module")
+def swarm(image: str, base_images: dict[str, str]) -> Iterator[Swarm]:
+    env = stack_env(base_images, STACK, MODEL_VERSION)
+    env["BACKEND_SUBNET"] = os.environ.get("E2E_SWARM_SUBNET", "10.232.9.0/24")
+    build_image(env, NEXT_VERSION)
+    build_image(
+        env, UNSERVABLE_VERSION, BREAK_BUNDLE="1", IMAGE_TAG=f"{UNSERVABLE_VERSION}-unservable"
+    )
+    sw = Swarm(STACK, env)
+    TIMINGS["swarm before the tests"] = swarm_state()
+    t0 = time.monotonic()
+    try:
+        sw.stack("up")
+        TIMINGS["swarm: stack up -> ready"] = time.monotonic() - t0
+        yield sw
+    finally:
+        remove_stack(sw)
+        TIMINGS["swarm after the tests"] = swarm_state()
+
+
+# ------------------------------------------------------------------ tests ---
+
+
+def test_stack_serves_through_the_proxy(swarm: Swarm) -> None:
+    resp = http("POST", f"{swarm.proxy}/predict", SETOSA)
+    assert resp.status == 200, resp.body
+    assert resp.json()["model_version"] == MODEL_VERSION
+    assert swarm.image() == IMAGE
+    assert_targets_are_the_tasks(swarm, 3)
+
+
+def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm) -> None:
+    containers = run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_api"]
+    ).stdout.split()
+    assert len(containers) == 3
+    info = json.loads(run(["docker", "inspect", *containers]).stdout)
+    for container in info:
+        assert container["HostConfig"]["ReadonlyRootfs"] is True
+        assert "ALL" in (container["HostConfig"]["CapDrop"] or [])
+        assert container["Config"]["User"].split(":")[0] == "10001"
+        assert container["State"]["Health"]["Status"] == "healthy"
+
+
+def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swarm) -> None:
+    since = time.time()
+    with LoadStream(swarm.proxy) as load:
+        time.sleep(2)
+        t0 = time.monotonic()
+        done = swarm.stack("rollout", NEXT_VERSION, check=False)
+        converged = time.monotonic()
+        TIMINGS["swarm rolling update 1.0.0 -> 1.1.0"] = converged - t0
+        time.sleep(3)
+    assert done.returncode == 0, done.stderr
+    report("swarm rolling update", load, swarm, since)
+    assert swarm.image() == f"{IMAGE_NAME}:{NEXT_VERSION}"
+    # Both versions answered during the update; only the new one after it.
+    assert load.versions_since(t0) >= {MODEL_VERSION, NEXT_VERSION}
+    assert load.versions_since(converged) == {NEXT_VERSION}
+    assert len([r for r in load.results if r[0] >= converged]) > 0
+    assert_targets_are_the_tasks(swarm, 3)
+
+
+def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) -> None:
+    since = time.time()
+    with LoadStream(swarm.proxy) as load:
+        time.sleep(2)
+        t0 = time.monotonic()
+        done = swarm.stack("rollout", f"{UNSERVABLE_VERSION}-unservable", check=False)
+        TIMINGS["swarm update to an unservable image -> rolled back"] = time.monotonic() - t0
+        time.sleep(2)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "rolled back" in done.stderr
+    report("swarm rollback of an unservable image", load, swarm, since)
+    assert swarm.image() == f"{IMAGE_NAME}:{NEXT_VERSION}"
+    assert load.versions_since(0) == {NEXT_VERSION}
+    assert_targets_are_the_tasks(swarm, 3)
+
+
+def test_scaling_under_load_loses_no_request(swarm: Swarm) -> None:
+    since = time.time()
+    with LoadStream(swarm.proxy) as load:
+        time.sleep(2)
+        swarm.stack("scale", "5")
+        assert_targets_are_the_tasks(swarm, 5)
+        swarm.stack("scale", "2")
+        assert_targets_are_the_tasks(swarm, 2)
+        time.sleep(2)
+    report("swarm scale 3 -> 5 -> 2", load, swarm, since)
+    assert load.versions_since(0) == {NEXT_VERSION}
+
+
+def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
+    before = TIMINGS["swarm before the tests"]
+    swarm.stack("down")
+    assert swarm_state() == before
+    leftovers = run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}"]
+    ).stdout.split()
+    assert not leftovers
