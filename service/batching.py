@@ -25,7 +25,7 @@ from service.backends.base import FloatMatrix
 from service.logs import APP_LOGGER
 
 log = logging.getLogger(APP_LOGGER)
-Probabilities = npt.NDArray[np.floating]
+Outputs = npt.NDArray[np.floating]
 
 
 class BatchQueueFullError(Exception):
@@ -39,13 +39,13 @@ class InferenceError(Exception):
 @dataclass
 class _Waiting:
     rows: FloatMatrix
-    answer: asyncio.Future[Probabilities]
+    answer: asyncio.Future[Outputs]
 
 
 class MicroBatcher:
     def __init__(
         self,
-        infer: Callable[[FloatMatrix], Probabilities],
+        infer: Callable[[FloatMatrix], Outputs],
         *,
         max_rows: int,
         wait_seconds: float,
@@ -75,10 +75,10 @@ class MicroBatcher:
             if not waiting.answer.done():
                 waiting.answer.set_exception(InferenceError("server shutting down"))
 
-    async def predict_proba(self, rows: FloatMatrix) -> Probabilities:
+    async def predict(self, rows: FloatMatrix) -> Outputs:
         if len(self._waiting) >= self._queue_size:
             raise BatchQueueFullError(f"{len(self._waiting)} requests already waiting")
-        answer: asyncio.Future[Probabilities] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(rows, answer))
         self._queued_rows += rows.shape[0]
         self._arrived.set()
@@ -114,7 +114,7 @@ class MicroBatcher:
             rows = np.concatenate([waiting.rows for waiting in batch])
             start = loop.time()
             try:
-                probabilities = await to_thread.run_sync(self._infer, rows)
+                outputs = await to_thread.run_sync(self._infer, rows)
             except Exception as exc:
                 log.exception("batch inference failed", extra={"fields": {"rows": len(rows)}})
                 error = InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
@@ -128,5 +128,5 @@ class MicroBatcher:
             for waiting in batch:
                 count = waiting.rows.shape[0]
                 if not waiting.answer.done():
-                    waiting.answer.set_result(probabilities[offset : offset + count])
+                    waiting.answer.set_result(outputs[offset : offset + count])
                 offset += count

@@ -49,16 +49,15 @@ def load_backend(bundle: VerifiedBundle, requested: Backend | None) -> Inference
     manifest = bundle.manifest
     try:
         if backend == "onnx":
-            assert manifest.onnx is not None  # guaranteed by Manifest validation
             # Imported here so an sklearn-only deployment needs no ONNX Runtime,
             # and an ONNX worker never imports scikit-learn.
             from service.backends.onnx import OnnxBackend
 
-            return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest.onnx)
+            return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest)
         check_sklearn_compatible(bundle)
         from service.backends.sklearn import SklearnBackend
 
-        return SklearnBackend(bundle.files[MODEL_FILE_SKLEARN], len(manifest.classes))
+        return SklearnBackend(bundle.files[MODEL_FILE_SKLEARN], manifest)
     except BundleError:
         raise
     except Exception as exc:
