@@ -49,7 +49,7 @@ def test_concurrent_rows_get_their_own_answers_in_batches() -> None:
     values = np.random.default_rng(7).normal(size=300).astype(np.float32)
 
     async def burst() -> list[npt.NDArray[np.floating]]:
-        return await asyncio.gather(*(batcher.predict_proba(_row(v)) for v in values))
+        return await asyncio.gather(*(batcher.predict(_row(v)) for v in values))
 
     answers = asyncio.run(_with_batcher(batcher, burst()))
     expected = _model(np.stack([_row(v)[0] for v in values]))
@@ -63,9 +63,9 @@ def test_a_failing_batch_fails_only_its_own_callers() -> None:
     batcher = MicroBatcher(_model, max_rows=4, wait_seconds=0.01, queue_size=100)
 
     async def burst() -> list[npt.NDArray[np.floating] | BaseException]:
-        first = [batcher.predict_proba(_row(v)) for v in (0.1, 0.2, POISON, 0.3)]
+        first = [batcher.predict(_row(v)) for v in (0.1, 0.2, POISON, 0.3)]
         await asyncio.sleep(0.05)  # the poisoned batch runs alone
-        second = [batcher.predict_proba(_row(v)) for v in (0.4, 0.5)]
+        second = [batcher.predict(_row(v)) for v in (0.4, 0.5)]
         return await asyncio.gather(*first, *second, return_exceptions=True)
 
     results = asyncio.run(_with_batcher(batcher, burst()))
@@ -86,12 +86,12 @@ def test_a_full_queue_refuses_instead_of_growing() -> None:
     batcher = MicroBatcher(slow_model, max_rows=1, wait_seconds=0, queue_size=2)
 
     async def overflow() -> None:
-        busy = asyncio.ensure_future(batcher.predict_proba(_row(0.0)))
+        busy = asyncio.ensure_future(batcher.predict(_row(0.0)))
         await asyncio.sleep(0.05)  # the collector is now blocked in slow_model
-        queued = [asyncio.ensure_future(batcher.predict_proba(_row(v))) for v in (1.0, 2.0)]
+        queued = [asyncio.ensure_future(batcher.predict(_row(v))) for v in (1.0, 2.0)]
         await asyncio.sleep(0)
         with pytest.raises(BatchQueueFullError):
-            await batcher.predict_proba(_row(3.0))
+            await batcher.predict(_row(3.0))
         release.set()
         results = await asyncio.gather(busy, *queued)
         assert [float(r[0, 0]) for r in results] == [
@@ -112,8 +112,8 @@ def test_callers_that_went_away_are_skipped() -> None:
     )
 
     async def cancel_one() -> npt.NDArray[np.floating]:
-        gone = asyncio.ensure_future(batcher.predict_proba(_row(5.0)))
-        kept = asyncio.ensure_future(batcher.predict_proba(_row(6.0)))
+        gone = asyncio.ensure_future(batcher.predict(_row(5.0)))
+        kept = asyncio.ensure_future(batcher.predict(_row(6.0)))
         await asyncio.sleep(0)
         gone.cancel()
         return await kept
