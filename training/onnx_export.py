@@ -110,13 +110,13 @@ def _steps(model: Any) -> list[Any]:
     return [model, *(s for _, step in steps for s in _steps(step))]
 
 
-def _register_boosting_converters(model: Any) -> None:
+def _register_boosting_converters(model: Any) -> dict[str, int] | None:
     """XGBoost and LightGBM converters live in onnxmltools; skl2onnx learns them here,
     so they convert alone or inside a pipeline. Imported only for such models."""
     modules = {type(step).__module__.split(".")[0] for step in _steps(model)}
     if not modules & {"xgboost", "lightgbm"}:
-        return
-    from skl2onnx import update_registered_converter
+        return None
+    from skl2onnx import get_latest_tested_opset_version, update_registered_converter
     from skl2onnx.common.shape_calculator import (
         calculate_linear_classifier_output_shapes,
         calculate_linear_regressor_output_shapes,
@@ -158,6 +158,8 @@ def _register_boosting_converters(model: Any) -> None:
             convert_lightgbm,
             options={"split": None},
         )
+    # onnxmltools writes the ai.onnx.ml tree operators of version 3.
+    return {"": get_latest_tested_opset_version(), "ai.onnx.ml": 3}
 
 
 def _column_layout(model: Any, inputs: ModelInput) -> bool:
@@ -173,7 +175,7 @@ def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
-    _register_boosting_converters(model)
+    target_opset = _register_boosting_converters(model)
     if _column_layout(model, inputs):
         initial_types: list[tuple[str, Any]] = [
             (f.name, StringTensorType([None, 1]) if f.kind == "category" else FloatTensorType([None, 1]))
@@ -186,7 +188,9 @@ def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
         # Without zipmap the probabilities are a plain [N, k] float tensor,
         # which the service reads without per-row dict allocation.
         options = {id(_steps(model)[-1]): {"zipmap": False}}
-    onx = convert_sklearn(model, initial_types=initial_types, options=options)
+    onx = convert_sklearn(
+        model, initial_types=initial_types, options=options, target_opset=target_opset
+    )
     data: bytes = onx.SerializeToString()
     return data
 
