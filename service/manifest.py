@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION: Literal[2] = 2
 MODEL_FILE_SKLEARN = "model.joblib"
 MODEL_FILE_ONNX = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -335,7 +335,9 @@ class Manifest(_Strict):
         output = onnx.probabilities_output if self.task == "classification" else None
         output = output or (onnx.prediction_output if self.task == "regression" else None)
         if output is None:
-            needed = "probabilities_output" if self.task == "classification" else "prediction_output"
+            needed = (
+                "probabilities_output" if self.task == "classification" else "prediction_output"
+            )
             raise ValueError(f"a {self.task} ONNX model needs onnx.{needed}")
 
     @property

@@ -80,9 +80,7 @@ class PredictionPipeline:
         self._class_names = list(manifest.classes or ())
         self._version = manifest.version
         self._answers: Callable[[npt.NDArray[np.floating]], list[dict[str, Any]]] = (
-            self.regression_predictions
-            if manifest.task == "regression"
-            else self.class_predictions
+            self.regression_predictions if manifest.task == "regression" else self.class_predictions
         )
 
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:

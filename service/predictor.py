@@ -123,7 +123,9 @@ def warm_up(backend: InferenceBackend, manifest: Manifest, path: Path) -> None:
         raise BundleError(path, f"warm-up prediction failed: {type(exc).__name__}: {exc}") from None
     expected = (2,) if manifest.classes is None else (2, len(manifest.classes))
     if outputs.shape != expected:
-        raise BundleError(path, f"warm-up prediction has shape {outputs.shape}, expected {expected}")
+        raise BundleError(
+            path, f"warm-up prediction has shape {outputs.shape}, expected {expected}"
+        )
     if not np.all(np.isfinite(outputs)):
         raise BundleError(path, "warm-up prediction is not finite")
     if manifest.classes is not None and not np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):

@@ -74,7 +74,9 @@ def example_value(feature: FeatureSpec) -> float | int | str:
         value = 0.0 if lower is None or lower < 0 else lower + 1
     else:
         assert feature.training_max is not None
-        value = min(max(round(feature.training_mean, 2), feature.training_min), feature.training_max)
+        value = min(
+            max(round(feature.training_mean, 2), feature.training_min), feature.training_max
+        )
     return round(value) if isinstance(feature, IntegerFeature) else value
 
 
@@ -90,8 +92,8 @@ def category_field(feature: CategoryFeature) -> Any:
     return Annotated[
         allowed,
         AfterValidator(codes.__getitem__),
+        # A literal matches exact strings only: no `strict` needed (nor accepted).
         Field(
-            strict=True,
             description=_description(feature),
             json_schema_extra={"examples": [example_value(feature)]},
         ),

@@ -12,8 +12,8 @@ from typing import Any, NoReturn, TypeVar
 
 from training.bundle_writer import MANIFEST_FILE, check_name, check_version
 from training.datasets import BUILTIN_DATASETS
-from training.fit import ESTIMATORS
 from training.errors import TrainingError
+from training.fit import ESTIMATORS
 from training.package import PackageConfig, package
 from training.pipeline import TrainConfig, train
 from training.pipeline import _stderr_warning as warn_on_stderr
@@ -93,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=open_fraction, default=0.25, metavar="FRACTION")
     p.add_argument("--min-accuracy", type=closed_fraction, default=0.9, metavar="FRACTION")
     p.add_argument(
-        "--min-r2", type=_checked(float, math.isfinite, "a finite number"), default=0.0,
-        metavar="R2", help="regression quality gate on the held-out rows",
+        "--min-r2",
+        type=_checked(float, math.isfinite, "a finite number"),
+        default=0.0,
+        metavar="R2",
+        help="regression quality gate on the held-out rows",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle version")
     p.add_argument("--parity-random-rows", type=non_negative_int, default=5000, metavar="N")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from pydantic import ValidationError
 
 from service.manifest import (

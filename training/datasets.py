@@ -202,14 +202,14 @@ def _target(table: _Table, path: Path, target: str, task: Task) -> tuple[NDArray
             raise TrainingError(f"target column {target!r} has a missing value on line {line}")
         labels.append(value)
     if task == "regression":
-        values = [_parse_number(v, target, line) for v, line in zip(labels, table.lines, strict=True)]
+        values = [
+            _parse_number(v, target, line) for v, line in zip(labels, table.lines, strict=True)
+        ]
         return np.asarray(values, dtype=np.float64), labels
     return np.asarray(labels, dtype=object), labels
 
 
-def _feature_column(
-    table: _Table, index: int, typed: bool
-) -> tuple[FeatureKind, NDArray[Any]]:
+def _feature_column(table: _Table, index: int, typed: bool) -> tuple[FeatureKind, NDArray[Any]]:
     """Integer, number, or (typed tables only) category: what every value of the column allows."""
     name = table.header[index]
     values = table.column(index)
@@ -219,7 +219,9 @@ def _feature_column(
                 raise TrainingError(f"column {name!r} has a missing value on line {line}")
         return "category", np.asarray(values, dtype=object)
     numbers = [_parse_number(v, name, line) for v, line in zip(values, table.lines, strict=True)]
-    kind: FeatureKind = "integer" if typed and all(_INTEGER_RE.match(v) for v in values) else "number"
+    kind: FeatureKind = (
+        "integer" if typed and all(_INTEGER_RE.match(v) for v in values) else "number"
+    )
     return kind, np.asarray(numbers, dtype=np.float64)
 
 

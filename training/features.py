@@ -45,7 +45,9 @@ def bounds(column: NDArray[np.float64], integer: bool = False) -> dict[str, floa
     result["maximum"] = tidy(hi + BOUND_SPANS * span)
     if integer:
         result = {
-            key: float(np.clip(np.floor(v) if "min" in key else np.ceil(v), -INTEGER_LIMIT, INTEGER_LIMIT))
+            key: float(
+                np.clip(np.floor(v) if "min" in key else np.ceil(v), -INTEGER_LIMIT, INTEGER_LIMIT)
+            )
             for key, v in result.items()
         }
     return result

@@ -43,7 +43,9 @@ def build_estimator(
         forest = RandomForestClassifier if classification else RandomForestRegressor
         return forest(n_estimators=n_estimators, max_depth=max_depth, random_state=random_state)
     if kind == "hist_gradient_boosting":
-        boosting = HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor
+        boosting = (
+            HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor
+        )
         return boosting(max_iter=n_estimators, max_depth=max_depth, random_state=random_state)
     if kind == "linear":
         # Scaled first: the solver converges, and coefficients are comparable.
@@ -111,9 +113,9 @@ def fit(
     model.fit(x_train, y_train)
     # Label index == class index is what lets the service map probability
     # columns straight to `classes`.
-    if classification and data.class_names is not None:
-        if not np.array_equal(model.classes_, np.arange(len(data.class_names))):
-            raise TrainingError("training split does not contain every class; add rows")
+    n_classes = len(data.class_names or ())
+    if classification and not np.array_equal(model.classes_, np.arange(n_classes)):
+        raise TrainingError("training split does not contain every class; add rows")
 
     metrics: dict[str, Any] = {
         "evaluated_on": "held_out",

@@ -178,7 +178,10 @@ def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
     target_opset = _register_boosting_converters(model)
     if _column_layout(model, inputs):
         initial_types: list[tuple[str, Any]] = [
-            (f.name, StringTensorType([None, 1]) if f.kind == "category" else FloatTensorType([None, 1]))
+            (
+                f.name,
+                StringTensorType([None, 1]) if f.kind == "category" else FloatTensorType([None, 1]),
+            )
             for f in inputs.features
         ]
     else:
@@ -310,7 +313,9 @@ def check_parity(
         return report("; ".join(problems), mismatches)
     if task == "classification":
         if diff > tolerance:
-            problems.append(f"max probability difference {diff:.3g} exceeds tolerance {tolerance:g}")
+            problems.append(
+                f"max probability difference {diff:.3g} exceeds tolerance {tolerance:g}"
+            )
     else:
         rel = float(np.max(abs_diff / np.maximum(1.0, np.abs(sk_out)))) if abs_diff.size else 0.0
         if rel > tolerance:

@@ -139,7 +139,12 @@ def publish(
 
 def _check_quality(config: TrainConfig, task: Task, metrics: dict[str, Any]) -> None:
     if task == "classification":
-        value, gate, flag, label = metrics["accuracy"], config.min_accuracy, "--min-accuracy", "accuracy"
+        value, gate, flag, label = (
+            metrics["accuracy"],
+            config.min_accuracy,
+            "--min-accuracy",
+            "accuracy",
+        )
     else:
         value, gate, flag, label = metrics["r2"], config.min_r2, "--min-r2", "R²"
     if value < gate:

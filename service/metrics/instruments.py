@@ -177,9 +177,7 @@ def _prediction_histogram(buckets: tuple[float, ...]) -> Histogram:
     )
 
 
-def _category_counters(
-    feature: CategoryFeature, labels: tuple[str, str]
-) -> list[Counter]:
+def _category_counters(feature: CategoryFeature, labels: tuple[str, str]) -> list[Counter]:
     """A counter per category code; past the most frequent values they share 'other'.
 
     Categories are listed most frequent first when the manifest has reference

@@ -20,9 +20,7 @@ def _drift(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-@router.get(
-    "/model-info", summary="What is serving: task, estimator, features, classes, checksums"
-)
+@router.get("/model-info", summary="What is serving: task, estimator, features, classes, checksums")
 async def model_info(request: Request) -> dict[str, Any]:
     pipeline: PredictionPipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:

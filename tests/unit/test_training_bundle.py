@@ -216,9 +216,7 @@ def test_invalid_manifest_is_rejected_before_anything_is_written(
         return manifest
 
     monkeypatch.setattr(bundle_writer, "build_manifest", bad_build)
-    with pytest.raises(
-        TrainingError, match=r"manifest is invalid at features/0/number/name"
-    ):
+    with pytest.raises(TrainingError, match=r"manifest is invalid at features/0/number/name"):
         train(fast(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
