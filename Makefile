@@ -7,13 +7,21 @@ DATASET ?= iris
 MODEL_NAME ?= iris
 VERSION ?= 1.0.0
 TRAIN_ARGS ?=
+# make package: a model file the user already fitted, and what describes it.
+MODEL_FILE ?=
+REFERENCE_DATA ?=
+TARGET ?=
+FEATURES ?=
+NAME ?= $(MODEL_NAME)
+PACKAGE_ARGS ?=
 
-.PHONY: help install train bundle serve test test-fast bench lint schema system-deps clean
+.PHONY: help install train package bundle serve test test-fast bench lint schema system-deps clean
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on :8000"
 	@echo "make test     unit, API and process tests (installs what they need)"
-	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
@@ -27,6 +35,14 @@ install: $(BIN)/.installed
 
 train: install
 	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
+
+# Bundle a model the user already fitted (see README, "Serve your own model").
+package: install
+	@test -n "$(MODEL_FILE)" || { echo "make package needs MODEL_FILE=path/to/model.joblib" >&2; exit 2; }
+	$(BIN)/python -m training package "$(MODEL_FILE)" --name "$(NAME)" --version "$(VERSION)" \
+		$(if $(REFERENCE_DATA),--reference-data "$(REFERENCE_DATA)") \
+		$(if $(TARGET),--target "$(TARGET)") \
+		$(if $(FEATURES),--features "$(FEATURES)") $(PACKAGE_ARGS)
 
 # Train only when no bundle of this model exists yet.
 bundle: install

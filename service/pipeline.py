@@ -84,7 +84,7 @@ class PredictionPipeline:
         )
 
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
-        return np.array(list(map(self._read_row, instances)), dtype=np.float32)
+        return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
     async def infer(self, rows: FloatMatrix) -> list[dict[str, Any]]:
         outputs = await self.predictor.predict(rows)

@@ -86,7 +86,7 @@ def example_row(manifest: Manifest) -> list[float]:
 
 
 def example_rows(manifest: Manifest, n_rows: int) -> FloatMatrix:
-    return np.tile(np.asarray(example_row(manifest), dtype=np.float32), (n_rows, 1))
+    return np.tile(np.asarray(example_row(manifest), dtype=np.float64), (n_rows, 1))
 
 
 def _median_seconds(call: Callable[[], object], repeats: int) -> float:

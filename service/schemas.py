@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from service.manifest import CategoryFeature, FeatureSpec, IntegerFeature, Manifest
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Integers travel as float32 to the model, which holds each one exactly up to 2**24.
+# An ONNX model takes float32, which holds every integer exactly up to 2**24.
 INTEGER_LIMIT = 2**24
 
 

@@ -5,9 +5,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-# One row per instance, one float32 column per feature in manifest order; a
-# category is carried as the index of its value in the feature's categories.
-FloatMatrix = npt.NDArray[np.float32]
+# One row per instance, one column per feature in manifest order; a category
+# is carried as the index of its value in the feature's categories. float64:
+# the sklearn backend sees exactly the values the client sent (an ONNX graph
+# takes float32, and the parity gate measured that rounding).
+FloatMatrix = npt.NDArray[np.float64]
 Outputs = npt.NDArray[np.floating]
 
 

@@ -26,7 +26,10 @@ def _column_feeds(manifest: Manifest, names: list[str]) -> Callable[[FloatMatrix
         result: Feeds = {}
         for name, j, values in decoders:
             column = rows[:, j : j + 1]
-            result[name] = column if values is None else values[column.astype(np.intp)]
+            if values is None:
+                result[name] = column.astype(np.float32)
+            else:
+                result[name] = values[column.astype(np.intp)]
         return result
 
     return feeds
@@ -54,7 +57,9 @@ class OnnxBackend:
         self._outputs = [output]
         if info.input_name is not None:
             matrix_input = info.input_name
-            self._feeds: Callable[[FloatMatrix], Feeds] = lambda rows: {matrix_input: rows}
+            self._feeds: Callable[[FloatMatrix], Feeds] = lambda rows: {
+                matrix_input: rows.astype(np.float32)
+            }
         else:
             assert info.column_inputs is not None  # guaranteed by Manifest validation
             self._feeds = _column_feeds(manifest, info.column_inputs)

@@ -223,7 +223,7 @@ class ModelMetrics:
         histogram_add_one(self._rows, rows)
 
     def observe_predictions(
-        self, rows: npt.NDArray[np.float32], outputs: npt.NDArray[np.floating]
+        self, rows: npt.NDArray[np.float64], outputs: npt.NDArray[np.floating]
     ) -> None:
         if rows.shape[0] == 1:
             # The common single-row request: plain Python beats numpy's
