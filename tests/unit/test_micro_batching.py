@@ -17,7 +17,7 @@ POISON = -1.0
 T = TypeVar("T")
 
 
-def _model(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+def _model(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """A deterministic stand-in: row-dependent probabilities; poison rows fail the call."""
     if (rows[:, 0] == POISON).any():
         raise ValueError("poisoned batch")
@@ -25,8 +25,8 @@ def _model(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return np.stack([first, 1 - first], axis=1)
 
 
-def _row(value: float) -> npt.NDArray[np.float32]:
-    return np.array([[value, 0.0]], dtype=np.float32)
+def _row(value: float) -> npt.NDArray[np.float64]:
+    return np.array([[value, 0.0]], dtype=np.float64)
 
 
 async def _with_batcher(batcher: MicroBatcher, work: Coroutine[Any, Any, T]) -> T:
@@ -46,7 +46,7 @@ def test_concurrent_rows_get_their_own_answers_in_batches() -> None:
         queue_size=1000,
         on_batch=lambda rows, _: batches.append(rows),
     )
-    values = np.random.default_rng(7).normal(size=300).astype(np.float32)
+    values = np.random.default_rng(7).normal(size=300).astype(np.float64)
 
     async def burst() -> list[npt.NDArray[np.floating]]:
         return await asyncio.gather(*(batcher.predict(_row(v)) for v in values))
@@ -79,7 +79,7 @@ def test_a_failing_batch_fails_only_its_own_callers() -> None:
 def test_a_full_queue_refuses_instead_of_growing() -> None:
     release = threading.Event()
 
-    def slow_model(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    def slow_model(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         release.wait(5)
         return _model(rows)
 
