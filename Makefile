@@ -51,9 +51,10 @@ bundle: install
 serve: bundle
 	MODEL_NAME=$(MODEL_NAME) $(BIN)/gunicorn -c gunicorn.conf.py
 
-# Prometheus (and promtool) from Debian's archive, for the metrics tests.
+# Prometheus (and promtool) from Debian's archive, for the metrics tests; libgomp1 for LightGBM.
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || tests/support/install-system-deps.sh
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		&& /sbin/ldconfig -p | grep -q libgomp.so.1 || tests/support/install-system-deps.sh
 
 test: install system-deps bundle
 	$(BIN)/python -m pytest tests/unit tests/api tests/process

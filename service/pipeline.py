@@ -98,7 +98,9 @@ class PredictionPipeline:
         winners = probabilities.argmax(axis=1)
         # Plain floats via tolist() (iterating numpy scalars costs ~10x more);
         # 7 decimals hide float32 noise such as 0.9900000095367432.
-        rows = np.round(probabilities.astype(np.float64), PROBABILITY_DECIMALS).tolist()
+        # Clipped: float32 sums of many trees can come out at 1.0000001.
+        clipped = np.clip(probabilities.astype(np.float64), 0.0, 1.0)
+        rows = np.round(clipped, PROBABILITY_DECIMALS).tolist()
         return [
             {
                 "predicted_class": winner,

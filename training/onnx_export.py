@@ -163,6 +163,21 @@ def _register_boosting_converters(model: Any) -> dict[str, int] | None:
     return {"": get_latest_tested_opset_version(), "ai.onnx.ml": 3}
 
 
+def _without_xgboost_feature_names(model: Any) -> Any:
+    """onnxmltools reads XGBoost features only by the names f0, f1, ...; a model
+    fitted on a DataFrame keeps column names in its booster. The converted copy
+    forgets them (the graph takes columns by position, in manifest order)."""
+    if not any(type(s).__module__.startswith("xgboost") for s in _steps(model)):
+        return model
+    import copy
+
+    model = copy.deepcopy(model)
+    for step in _steps(model):
+        if type(step).__module__.startswith("xgboost"):
+            step.get_booster().feature_names = None
+    return model
+
+
 def _column_layout(model: Any, inputs: ModelInput) -> bool:
     """Per-feature inputs when a tensor cannot hold every feature (strings beside
     numbers) or a ColumnTransformer selects columns by name."""
@@ -177,6 +192,7 @@ def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     target_opset = _register_boosting_converters(model)
+    model = _without_xgboost_feature_names(model)
     if _column_layout(model, inputs):
         initial_types: list[tuple[str, Any]] = [
             (

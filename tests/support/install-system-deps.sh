@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the process tests need from Debian's archive: Prometheus and
-# promtool. Package scripts must not start a system Prometheus beside ours.
+# Installs what the tests need from Debian's archive: Prometheus and promtool
+# for the process tests, libgomp1 (OpenMP) for LightGBM. Package scripts must not start a system Prometheus beside ours.
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -12,5 +12,5 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 trap '[ "$created_policy" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d' EXIT
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus libgomp1 >/dev/null
 command -v prometheus promtool
