@@ -72,7 +72,7 @@ def measure(key: str, work: Path) -> dict[str, Any]:
         settings = ServiceSettings(
             model_dir=work / "models",
             model_name=name,
-            backend=backend,  # type: ignore[arg-type]
+            backend=backend,
             metrics_enabled=False,
             micro_batching=False,
         )
