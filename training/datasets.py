@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,11 +209,15 @@ def _target(table: _Table, path: Path, target: str, task: Task) -> tuple[NDArray
     return np.asarray(labels, dtype=object), labels
 
 
-def _feature_column(table: _Table, index: int, typed: bool) -> tuple[FeatureKind, NDArray[Any]]:
-    """Integer, number, or (typed tables only) category: what every value of the column allows."""
+def _feature_column(
+    table: _Table, index: int, typed: bool, categorical: Collection[str]
+) -> tuple[FeatureKind, NDArray[Any]]:
+    """Integer, number, or (typed tables only) category: what every value of the
+    column allows, unless the model is known to take it as a category."""
     name = table.header[index]
     values = table.column(index)
-    if typed and not all(_is_number(v) for v in values if v.lower() not in _MISSING):
+    text = name in categorical
+    if text or (typed and not all(_is_number(v) for v in values if v.lower() not in _MISSING)):
         for line, v in zip(table.lines, values, strict=True):
             if v.lower() in _MISSING:
                 raise TrainingError(f"column {name!r} has a missing value on line {line}")
@@ -226,7 +230,12 @@ def _feature_column(table: _Table, index: int, typed: bool) -> tuple[FeatureKind
 
 
 def load_csv(
-    path: Path, target: str | None, task: Task = "classification", *, typed: bool = False
+    path: Path,
+    target: str | None,
+    task: Task = "classification",
+    *,
+    typed: bool = False,
+    categorical: Collection[str] = (),
 ) -> Dataset:
     """Read a CSV with a header row: every column but `target` is a feature.
 
@@ -247,7 +256,7 @@ def load_csv(
     kinds: list[FeatureKind] = []
     columns: list[NDArray[Any]] = []
     for i in feature_columns:
-        kind, column = _feature_column(table, i, typed)
+        kind, column = _feature_column(table, i, typed, categorical)
         kinds.append(kind)
         columns.append(column)
     infos = feature_infos([header[i] for i in feature_columns], kinds)

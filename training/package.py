@@ -8,7 +8,7 @@ through the same ONNX conversion, parity gate and validation as a fitted one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,12 +134,26 @@ def class_names(model: Any, data: Dataset | None) -> list[str]:
     )
 
 
-def _reference(config: PackageConfig, task: Task) -> Dataset | None:
+def _reference(config: PackageConfig, task: Task, categorical: Collection[str]) -> Dataset | None:
     if config.reference_data is None:
         if config.target is not None:
             raise TrainingError("--target is only meaningful with --reference-data")
         return None
-    return load_csv(config.reference_data, config.target, task, typed=True)
+    return load_csv(config.reference_data, config.target, task, typed=True, categorical=categorical)
+
+
+def _reference_header(config: PackageConfig) -> list[str] | None:
+    """Feature columns as written: packaging keeps names as they are, since the
+    model may select its columns by them."""
+    if config.reference_data is None:
+        return None
+    header = _raw_header(config.reference_data)
+    if config.target is not None and config.target not in header:
+        raise TrainingError(
+            f"target column {config.target!r} is not in the header of "
+            f"{config.reference_data}: {header}"
+        )
+    return [c for c in header if c != config.target]
 
 
 def _encoded_categories(model: Any, names: list[str]) -> dict[str, list[str]]:
@@ -187,6 +201,48 @@ def _columns_in_order(data: Dataset, header: list[str], names: list[str]) -> NDA
     return data.X[:, [index[n] for n in names]]
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    metrics: dict[str, Any] | None
+    target_statistics: dict[str, Any] | None
+
+
+def _evaluate(
+    model: Any,
+    task: Task,
+    data: Dataset | None,
+    x: NDArray[Any] | None,
+    inputs: onnx_export.ModelInput,
+    classes: list[str] | None,
+) -> _Evaluation:
+    """Run the model on the reference rows (a model that fails on them is refused)
+    and score it where the reference data has the target."""
+    if x is None or data is None:
+        return _Evaluation(None, None)
+    try:
+        outputs = onnx_export.sklearn_outputs(model, inputs.for_sklearn(x), task)
+    except Exception as exc:
+        raise TrainingError(
+            f"the model fails on the reference data: {type(exc).__name__}: {exc}"
+        ) from None
+    if data.y is None:
+        return _Evaluation(None, None)
+    target_statistics = None
+    if task == "classification":
+        assert classes is not None
+        truth: NDArray[Any] = np.asarray(data.target_labels, dtype=object)
+        predicted = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
+    else:
+        truth, predicted = data.y, outputs
+        target_statistics = features.target_statistics(np.asarray(data.y, dtype=np.float64))
+    metrics = {
+        "evaluated_on": "reference",
+        "n_rows": len(truth),
+        **fit.score(model, x, truth, task, y_pred=predicted),
+    }
+    return _Evaluation(metrics, target_statistics)
+
+
 def package(config: PackageConfig, warn: Warn) -> Path:
     bundle_writer.check_version(config.version)
     name = bundle_writer.check_name(config.name)
@@ -195,49 +251,21 @@ def package(config: PackageConfig, warn: Warn) -> Path:
 
     model = load_model(config.model_file)
     task = task_of(model)
-    data = _reference(config, task)
-    header = None
-    if data is not None:
-        # Packaging keeps column names as they are: the model may select columns by them.
-        header = [c for c in _raw_header(config.reference_data) if c != config.target]
+    header = _reference_header(config)
     names, as_frame = resolve_feature_names(model, config.features, header)
     encoded = _encoded_categories(model, names)
+    data = _reference(config, task, categorical=encoded)
     infos = _infos(names, data, header, encoded)
     x = _columns_in_order(data, header, names) if data is not None and header else None
     specs = [
         features.feature_spec(info, x[:, j]) if x is not None else _unreferenced(info, encoded)
         for j, info in enumerate(infos)
     ]
+    classes = class_names(model, data) if task == "classification" else None
+    if classes is not None and len(classes) < 2:
+        raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
     inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
-    metrics: dict[str, Any] | None = None
-    target_stats: dict[str, Any] | None = None
-    classes: list[str] | None = None
-    parity_rows: NDArray[Any] = np.empty((0, len(names)), dtype=object)
-    if x is not None:
-        parity_rows = x
-        try:
-            outputs = onnx_export.sklearn_outputs(model, inputs.for_sklearn(x), task)
-        except Exception as exc:
-            raise TrainingError(
-                f"the model fails on the reference data: {type(exc).__name__}: {exc}"
-            ) from None
-    if task == "classification":
-        classes = class_names(model, data)
-        if len(classes) < 2:
-            raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
-    if data is not None and data.y is not None and x is not None:
-        if task == "classification":
-            truth = np.asarray(data.target_labels, dtype=object)
-            assert classes is not None
-            predicted = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
-        else:
-            truth, predicted = data.y, outputs
-            target_stats = features.target_statistics(np.asarray(data.y, dtype=np.float64))
-        metrics = {
-            "evaluated_on": "reference",
-            "n_rows": len(truth),
-            **fit.score(model, x, truth, task, y_pred=predicted),
-        }
+    evaluation = _evaluate(model, task, data, x, inputs, classes)
     bundle = Publication(
         name=name,
         version=config.version,
@@ -249,9 +277,9 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         data=data,
         specs=specs,
         classes=classes,
-        target_statistics=target_stats,
-        metrics=metrics,
-        parity_rows=parity_rows,
+        target_statistics=evaluation.target_statistics,
+        metrics=evaluation.metrics,
+        parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
     )
     return publish(
         bundle,
@@ -271,12 +299,16 @@ def _unreferenced(info: FeatureInfo, encoded: dict[str, list[str]]) -> dict[str,
     return spec | {"categories": encoded[info.name], "frequencies": None}
 
 
-def _raw_header(path: Path | None) -> list[str]:
+def _raw_header(path: Path) -> list[str]:
     import csv
 
-    assert path is not None
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        for row in csv.reader(handle):
-            if any(c.strip() for c in row):
-                return [c.strip() for c in row]
-    return []
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            for row in csv.reader(handle):
+                if any(c.strip() for c in row):
+                    return [c.strip() for c in row]
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TrainingError(f"{path} is not a readable UTF-8 CSV file: {exc}") from None
+    raise TrainingError(f"{path} is empty; a header row is required")

@@ -191,3 +191,39 @@ def test_a_data_set_of_the_other_task_is_a_clear_error(tmp_path: Path) -> None:
     result = run(*FAST, "--dataset", "iris", "--task", "regression", "--output-dir", tmp_path)
     assert result.returncode == 1
     assert "data set 'iris' is for classification, not regression" in result.stderr
+
+
+def test_a_text_column_of_numeric_codes_stays_a_category(tmp_path: Path) -> None:
+    """The model's own encoder says which columns are text, even when they look numeric."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {"area": rng.uniform(10, 90, 90), "dept": rng.choice(["75", "69", "06"], 90)}
+    )
+    price = frame.area * 3 + (frame.dept == "75") * 50
+    encode = ColumnTransformer([("dept", OneHotEncoder(), ["dept"])], remainder="passthrough")
+    model = Pipeline([("encode", encode), ("model", LinearRegression())]).fit(frame, price)
+    joblib.dump(model, tmp_path / "classifier.joblib")
+    frame.assign(price=price).to_csv(tmp_path / "flats.csv", index=False)
+    result = package(
+        tmp_path, "--name", "flats", "--reference-data", tmp_path / "flats.csv", "--target", "price"
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(Path(result.stdout.splitlines()[-1]))
+    dept = next(f for f in manifest["features"] if f["name"] == "dept")
+    assert dept["kind"] == "category"
+    assert sorted(dept["categories"]) == ["06", "69", "75"]
+    assert manifest["backend"] == "onnx"
+
+
+def test_a_missing_reference_file_is_one_clear_line(article_files: Path) -> None:
+    result = package(
+        article_files, "--name", "x", "--features", IRIS_NAMES, "--reference-data", "nope.csv"
+    )
+    assert result.returncode == 1
+    assert "cannot read nope.csv" in result.stderr
