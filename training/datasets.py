@@ -212,17 +212,20 @@ def _target(table: _Table, path: Path, target: str, task: Task) -> tuple[NDArray
 def _feature_column(
     table: _Table, index: int, typed: bool, categorical: Collection[str]
 ) -> tuple[FeatureKind, NDArray[Any]]:
-    """Integer, number, or (typed tables only) category: what every value of the
-    column allows, unless the model is known to take it as a category."""
+    """What every value of the column allows: a category when no value is a number
+    (or the model is known to take the column as text), else a number, or with
+    `typed` an integer when every value is a whole number. A column mixing
+    numbers and text is a typo more often than a category: an error."""
     name = table.header[index]
     values = table.column(index)
-    text = name in categorical
-    if text or (typed and not all(_is_number(v) for v in values if v.lower() not in _MISSING)):
-        for line, v in zip(table.lines, values, strict=True):
-            if v.lower() in _MISSING:
-                raise TrainingError(f"column {name!r} has a missing value on line {line}")
+    present = [(line, v) for line, v in zip(table.lines, values, strict=True)]
+    for line, v in present:
+        if v.lower() in _MISSING:
+            raise TrainingError(f"column {name!r} has a missing value on line {line}")
+    numeric = [_is_number(v) for v in values]
+    if name in categorical or not any(numeric):
         return "category", np.asarray(values, dtype=object)
-    numbers = [_parse_number(v, name, line) for v, line in zip(values, table.lines, strict=True)]
+    numbers = [_parse_number(v, name, line) for line, v in present]
     kind: FeatureKind = (
         "integer" if typed and all(_INTEGER_RE.match(v) for v in values) else "number"
     )

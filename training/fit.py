@@ -9,8 +9,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.manifest import Task
-from training.datasets import Dataset
+from training.datasets import Dataset, FeatureInfo
 from training.errors import TrainingError
+from training.onnx_export import ModelInput
 
 ESTIMATORS = ("random_forest", "hist_gradient_boosting", "linear")
 
@@ -23,6 +24,24 @@ class FitResult:
     y_train: NDArray[Any]
     y_test: NDArray[Any]
     metrics: dict[str, Any]
+    inputs: ModelInput  # how the model takes rows (a DataFrame when text is among them)
+
+
+def with_encoder(estimator: Any, features: list[FeatureInfo]) -> Any:
+    """One-hot-encode the text columns (selected by name) in front of the estimator;
+    a category unseen in training encodes as all zeros rather than failing."""
+    categories = [f.name for f in features if f.kind == "category"]
+    if not categories:
+        return estimator
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    encode = ColumnTransformer(
+        [("categories", OneHotEncoder(handle_unknown="ignore", sparse_output=False), categories)],
+        remainder="passthrough",
+    )
+    return Pipeline([("encode", encode), ("estimator", estimator)])
 
 
 def build_estimator(
@@ -110,7 +129,10 @@ def fit(
     model = build_estimator(
         estimator, task, n_estimators=n_estimators, max_depth=max_depth, random_state=random_state
     )
-    model.fit(x_train, y_train)
+    model = with_encoder(model, data.features)
+    # Text columns are selected by name, so such a model is fitted on a DataFrame.
+    inputs = ModelInput(data.features, as_frame=any(f.kind == "category" for f in data.features))
+    model.fit(inputs.for_sklearn(x_train), y_train)
     # Label index == class index is what lets the service map probability
     # columns straight to `classes`.
     n_classes = len(data.class_names or ())
@@ -122,6 +144,6 @@ def fit(
         "n_rows": len(y_test),
         "n_train": len(y_train),
         "test_size": float(test_size),
-        **score(model, x_test, y_test, task),
+        **score(model, inputs.for_sklearn(x_test), y_test, task),
     }
-    return FitResult(model, x_train, x_test, y_train, y_test, metrics)
+    return FitResult(model, x_train, x_test, y_train, y_test, metrics, inputs)

@@ -177,7 +177,7 @@ def train(config: TrainConfig, warn: Warn = _stderr_warning) -> Path:
         force=config.force,
         model=fitted.model,
         task=task,
-        inputs=onnx_export.ModelInput(data.features),
+        inputs=fitted.inputs,
         data=data,
         # Bounds describe what the model was fitted on, so the training split.
         specs=features.feature_specs(fitted.X_train, data.features),

@@ -227,3 +227,44 @@ def test_a_missing_reference_file_is_one_clear_line(article_files: Path) -> None
     )
     assert result.returncode == 1
     assert "cannot read nope.csv" in result.stderr
+
+
+def test_fitting_a_csv_with_a_text_column_one_hot_encodes_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    lines = ["rooms,area,city,price"]
+    for _ in range(200):
+        rooms, area, city = rng.integers(1, 8), rng.uniform(20, 200), rng.choice(["a", "b", "c"])
+        lines.append(
+            f"{rooms},{area:.1f},{city},{12 * area + 50 * rooms + (city == 'a') * 400:.1f}"
+        )
+    (tmp_path / "flats.csv").write_text("\n".join(lines) + "\n")
+    result = run(
+        *FAST,
+        "--csv",
+        tmp_path / "flats.csv",
+        "--target",
+        "price",
+        "--task",
+        "regression",
+        "--estimator",
+        "linear",
+        "--output-dir",
+        tmp_path / "out",
+    )
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.splitlines()[-1])
+    manifest = Manifest.model_validate(manifest_of(path))
+    kinds = {f.name: f.kind for f in manifest.features}
+    assert kinds == {"rooms": "number", "area": "number", "city": "category"}
+    assert manifest.backend == "onnx"
+    assert manifest.onnx is not None
+    assert manifest.onnx.column_inputs == ["rooms", "area", "city"]
+    model = joblib.load(path / "model.joblib")
+    assert model.named_steps["encode"].transformers_[0][2] == ["city"]
+
+
+def test_a_column_mixing_numbers_and_text_is_a_typo_not_a_category(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("a,b,y\n1,2,x\n2,oops,y\n3,4,x\n")
+    result = run("--csv", tmp_path / "d.csv", "--target", "y", "--output-dir", tmp_path)
+    assert result.returncode == 1
+    assert "column 'b' is not numeric: 'oops' on line 3" in result.stderr
