@@ -8,15 +8,23 @@ MODEL_NAME ?= iris
 VERSION ?= 1.0.0
 TRAIN_ARGS ?=
 API_KEYS_FILE ?= secrets/api-keys
+# make package: a model file the user already fitted, and what describes it.
+MODEL_FILE ?=
+REFERENCE_DATA ?=
+TARGET ?=
+FEATURES ?=
+NAME ?= $(MODEL_NAME)
+PACKAGE_ARGS ?=
 
-.PHONY: help install train bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean \
+.PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean \
 	api-key api-key-revoke
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
 	@echo "make test     unit, deploy, API and process tests (installs what they need)"
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
-	@echo "make train    DATASET=iris|wine|breast_cancer MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
+	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
@@ -32,6 +40,14 @@ install: $(BIN)/.installed
 
 train: install
 	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
+
+# Bundle a model the user already fitted (see README, "Serve your own model").
+package: install
+	@test -n "$(MODEL_FILE)" || { echo "make package needs MODEL_FILE=path/to/model.joblib" >&2; exit 2; }
+	$(BIN)/python -m training package "$(MODEL_FILE)" --name "$(NAME)" --version "$(VERSION)" \
+		$(if $(REFERENCE_DATA),--reference-data "$(REFERENCE_DATA)") \
+		$(if $(TARGET),--target "$(TARGET)") \
+		$(if $(FEATURES),--features "$(FEATURES)") $(PACKAGE_ARGS)
 
 # Train only when no bundle of this model exists yet.
 bundle: install
@@ -52,12 +68,13 @@ api-key-revoke:
 	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-open]" >&2; exit 2; }
 	@$(PYTHON) -m service.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
 
-# Prometheus (and promtool), nginx and its njs module from Debian's archive,
-# for the metrics and proxy tests.
+# Prometheus (and promtool), nginx and its njs module (the proxy tests) and
+# libgomp1 (LightGBM) from Debian's archive.
 NJS_MODULE := /usr/lib/nginx/modules/ngx_http_js_module.so
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null \
-		&& test -e $(NJS_MODULE) || tests/support/install-system-deps.sh
+		&& test -e $(NJS_MODULE) && /sbin/ldconfig -p | grep -q libgomp.so.1 \
+		|| tests/support/install-system-deps.sh
 
 # checkov (for tests/deploy) in a virtualenv of its own: its pins clash with
 # the project's (packaging 23.2, boto3, networkx 2...). Its lock comes from

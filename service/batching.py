@@ -29,7 +29,7 @@ from service.backends.base import FloatMatrix
 from service.logs import APP_LOGGER
 
 log = logging.getLogger(APP_LOGGER)
-Probabilities = npt.NDArray[np.floating]
+Outputs = npt.NDArray[np.floating]
 
 
 class BatchQueueFullError(Exception):
@@ -43,13 +43,13 @@ class InferenceError(Exception):
 @dataclass
 class _Waiting:
     rows: FloatMatrix
-    answer: asyncio.Future[Probabilities]
+    answer: asyncio.Future[Outputs]
 
 
 class MicroBatcher:
     def __init__(
         self,
-        infer: Callable[[FloatMatrix], Probabilities],
+        infer: Callable[[FloatMatrix], Outputs],
         *,
         max_rows: int,
         wait_seconds: float,
@@ -106,10 +106,10 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_everyone(InferenceError("server shutting down"))
 
-    async def predict_proba(self, rows: FloatMatrix) -> Probabilities:
+    async def predict(self, rows: FloatMatrix) -> Outputs:
         if len(self._waiting) >= self._queue_size:
             raise BatchQueueFullError(f"{len(self._waiting)} requests already waiting")
-        answer: asyncio.Future[Probabilities] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(rows, answer))
         self._queued_rows += rows.shape[0]
         self._arrived.set()
@@ -145,7 +145,7 @@ class MicroBatcher:
             rows = np.concatenate([waiting.rows for waiting in batch])
             start = loop.time()
             try:
-                probabilities = await to_thread.run_sync(self._infer, rows)
+                outputs = await to_thread.run_sync(self._infer, rows)
             except Exception as exc:
                 log.exception("batch inference failed", extra={"fields": {"rows": len(rows)}})
                 error = InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
@@ -158,7 +158,7 @@ class MicroBatcher:
             for waiting in batch:
                 count = waiting.rows.shape[0]
                 if not waiting.answer.done():
-                    waiting.answer.set_result(probabilities[offset : offset + count])
+                    waiting.answer.set_result(outputs[offset : offset + count])
                 offset += count
             self._in_flight = []
             # After the answers: a failing callback costs a restart, not these callers.

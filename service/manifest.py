@@ -1,21 +1,24 @@
 """The bundle manifest: the one contract between training and serving.
 
-This pydantic model is the single definition of `manifest.json`. Training never
-imports the service, so `make schema` exports this model as
-`training/manifest.schema.json`, which training validates every manifest against
-before it writes a bundle; a unit test keeps the two in sync.
+This pydantic model is the single definition of `manifest.json`: training
+builds a manifest by validating it with this model (the only thing training
+imports from the service; this module depends on pydantic and the standard
+library alone), and the service validates it again on load. `make schema`
+exports it as `training/manifest.schema.json`, the published contract for
+other readers and writers; a unit test keeps the two in sync.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[2] = 2
 MODEL_FILE_SKLEARN = "model.joblib"
 MODEL_FILE_ONNX = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -25,43 +28,78 @@ SEMVER_PATTERN = (
     r"(?:-((?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
-SEMVER_RE = re.compile(SEMVER_PATTERN)
+# ASCII: a Unicode digit would pass `[0-9]`-free engines' `\d` and surprise everyone.
+SEMVER_RE = re.compile(SEMVER_PATTERN, re.ASCII)
 # Names become URL segments, Prometheus label values and Python identifiers.
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+NAME_RE = re.compile(NAME_PATTERN, re.ASCII)
 FEATURE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+FEATURE_NAME_RE = re.compile(FEATURE_NAME_PATTERN, re.ASCII)
 # A bundle file name is joined to the bundle path: no separators, no dot-files.
 FILE_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# A category value is a JSON string in requests and a label value in metrics.
+MAX_CATEGORIES = 1000
+MAX_CATEGORY_LENGTH = 200
+DECILE_COUNT = 9
 
 Backend = Literal["onnx", "sklearn"]
+Task = Literal["classification", "regression"]
+FeatureKind = Literal["number", "integer", "category"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN is not JSON, and no statistic may be non-finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class FeatureSpec(_Strict):
+def _check_deciles(what: str, deciles: list[float] | None) -> None:
+    if deciles is not None and deciles != sorted(deciles):
+        raise ValueError(f"{what}: deciles must be non-decreasing")
+
+
+class _FeatureBase(_Strict):
     name: str = Field(pattern=FEATURE_NAME_PATTERN)
     description: str
     unit: str | None = None
+
+
+class _NumericFeature(_FeatureBase):
     # Requests outside these bounds are rejected: far outside the training
     # range a value is almost always a unit or encoding mistake.
     minimum: float | None = None
     exclusive_minimum: float | None = None
     maximum: float | None = None
     exclusive_maximum: float | None = None
-    training_min: float
-    training_max: float
-    training_mean: float
-    # Nine decile edges of the training data: bucket edges for the live
-    # input histograms, so dashboards compare live inputs with training.
-    deciles: list[float] = Field(min_length=9, max_length=9)
+    # Statistics of the training (or reference) data; all absent when a model
+    # was packaged without reference data, which turns its drift metrics off.
+    training_min: float | None = None
+    training_max: float | None = None
+    training_mean: float | None = None
+    # Nine decile edges: bucket edges for the live input histograms, so
+    # dashboards compare live inputs with the reference data.
+    deciles: list[float] | None = Field(
+        default=None, min_length=DECILE_COUNT, max_length=DECILE_COUNT
+    )
+
+    @property
+    def has_reference(self) -> bool:
+        return self.deciles is not None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.deciles != sorted(self.deciles):
-            raise ValueError(f"feature {self.name!r}: deciles must be non-decreasing")
-        if self.training_min > self.training_max:
+        stats = (self.training_min, self.training_max, self.training_mean, self.deciles)
+        if any(s is None for s in stats) and any(s is not None for s in stats):
+            raise ValueError(
+                f"feature {self.name!r}: training_min, training_max, training_mean and "
+                "deciles come together"
+            )
+        _check_deciles(f"feature {self.name!r}", self.deciles)
+        if (
+            self.training_min is not None
+            and self.training_max is not None
+            and self.training_min > self.training_max
+        ):
             raise ValueError(f"feature {self.name!r}: training_min exceeds training_max")
         if self.minimum is not None and self.exclusive_minimum is not None:
             raise ValueError(f"feature {self.name!r}: set minimum or exclusive_minimum, not both")
@@ -70,9 +108,76 @@ class FeatureSpec(_Strict):
         return self
 
 
+class NumberFeature(_NumericFeature):
+    kind: Literal["number"] = "number"
+
+
+class IntegerFeature(_NumericFeature):
+    """A whole number: requests must send a JSON integer (not 1.5, not a boolean)."""
+
+    kind: Literal["integer"] = "integer"
+
+    @model_validator(mode="after")
+    def _whole_bounds(self) -> Self:
+        for bound in (self.minimum, self.exclusive_minimum, self.maximum, self.exclusive_maximum):
+            if bound is not None and not float(bound).is_integer():
+                raise ValueError(f"feature {self.name!r}: integer bounds must be whole numbers")
+        return self
+
+
+class CategoryFeature(_FeatureBase):
+    """A string from a closed set; anything else is rejected with a 422."""
+
+    kind: Literal["category"] = "category"
+    categories: list[Annotated[str, Field(min_length=1, max_length=MAX_CATEGORY_LENGTH)]] = Field(
+        min_length=1, max_length=MAX_CATEGORIES
+    )
+    # Share of each category in the reference data, in `categories` order;
+    # absent without reference data.
+    frequencies: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        return self.frequencies is not None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"feature {self.name!r}: categories must be unique")
+        if self.frequencies is not None:
+            if len(self.frequencies) != len(self.categories):
+                raise ValueError(
+                    f"feature {self.name!r}: one frequency per category, in the same order"
+                )
+            if not math.isclose(sum(self.frequencies), 1.0, abs_tol=1e-6):
+                raise ValueError(f"feature {self.name!r}: frequencies must sum to 1")
+        return self
+
+
+FeatureSpec = Annotated[
+    NumberFeature | IntegerFeature | CategoryFeature, Field(discriminator="kind")
+]
+
+
+class TargetStatistics(_Strict):
+    """What a regressor's target looked like: bucket edges of the live prediction histogram."""
+
+    minimum: float
+    maximum: float
+    mean: float
+    deciles: list[float] = Field(min_length=DECILE_COUNT, max_length=DECILE_COUNT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        _check_deciles("target", self.deciles)
+        if self.minimum > self.maximum:
+            raise ValueError("target: minimum exceeds maximum")
+        return self
+
+
 class DatasetInfo(_Strict):
     source: str
-    target: str
+    target: str | None = None
     n_rows: int = Field(ge=1)
 
 
@@ -84,6 +189,9 @@ class LibraryVersions(_Strict):
     skl2onnx: str | None = None
     onnx: str | None = None
     onnxruntime: str | None = None
+    onnxmltools: str | None = None
+    xgboost: str | None = None
+    lightgbm: str | None = None
 
 
 class EstimatorInfo(_Strict):
@@ -93,28 +201,51 @@ class EstimatorInfo(_Strict):
 
 
 class EvaluationMetrics(_Strict):
-    accuracy: float = Field(ge=0, le=1)
-    f1_macro: float = Field(ge=0, le=1)
-    n_train: int = Field(ge=1)
-    n_test: int = Field(ge=1)
-    test_size: float = Field(gt=0, lt=1)
+    """Scores on held-out rows (fitting) or on the reference data (packaging)."""
+
+    evaluated_on: Literal["held_out", "reference"]
+    n_rows: int = Field(ge=1, description="Rows scored.")
+    n_train: int | None = Field(default=None, ge=1)
+    test_size: float | None = Field(default=None, gt=0, lt=1)
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    f1_macro: float | None = Field(default=None, ge=0, le=1)
+    r2: float | None = Field(default=None, le=1)
+    mean_absolute_error: float | None = Field(default=None, ge=0)
+    root_mean_squared_error: float | None = Field(default=None, ge=0)
 
 
 class ParityReport(_Strict):
     passed: bool
-    test_rows: int = Field(ge=0)
-    random_rows: int = Field(ge=0)
+    test_rows: int = Field(ge=0, description="Rows of real data compared.")
+    random_rows: int = Field(ge=0, description="Rows drawn at random inside the feature bounds.")
     class_mismatches: int = Field(ge=0)
-    max_abs_probability_diff: float | None = None
-    tolerance: float
+    compared: Literal["probabilities", "predictions"]
+    max_abs_diff: float | None = None
+    # Regression only: |onnx - sklearn| / max(1, |sklearn|), what the tolerance bounds.
+    max_rel_diff: float | None = None
+    tolerance: float = Field(
+        ge=0,
+        description="Bound on the absolute probability difference (classification) or on "
+        "the relative prediction difference |onnx - sklearn| / max(1, |sklearn|) (regression).",
+    )
     reason: str | None = None
 
 
 class OnnxInfo(_Strict):
     opset: int = Field(ge=1)
-    input_name: str
-    label_output: str
-    probabilities_output: str
+    # Either one float32 [N, n_features] input, or one [N, 1] input per
+    # feature in feature order (float32, or string for a category).
+    input_name: str | None = None
+    column_inputs: list[str] | None = None
+    label_output: str | None = None
+    probabilities_output: str | None = None
+    prediction_output: str | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> Self:
+        if (self.input_name is None) == (self.column_inputs is None):
+            raise ValueError("onnx: set exactly one of input_name and column_inputs")
+        return self
 
 
 class FileEntry(_Strict):
@@ -123,16 +254,24 @@ class FileEntry(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
     created_at: datetime
-    dataset: DatasetInfo
+    task: Task
+    dataset: DatasetInfo | None = Field(
+        description="The training or reference data; absent when packaged without any."
+    )
     libraries: LibraryVersions
     estimator: EstimatorInfo
     features: list[FeatureSpec] = Field(min_length=1, max_length=4096)
-    classes: list[str] = Field(min_length=2)
-    metrics: EvaluationMetrics
+    classes: list[str] | None = Field(
+        default=None, min_length=2, description="Class names in output order (classification)."
+    )
+    target_statistics: TargetStatistics | None = Field(
+        default=None, description="The reference target's statistics (regression)."
+    )
+    metrics: EvaluationMetrics | None = None
     parity: ParityReport
     onnx: OnnxInfo | None = None
     backend: Backend = Field(
@@ -142,11 +281,10 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        names = [f.name for f in self.features]
+        names = self.feature_names
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError("class names must be unique")
+        self._check_task()
         if MODEL_FILE_SKLEARN not in self.files:
             raise ValueError(f"files must list {MODEL_FILE_SKLEARN}")
         has_onnx = MODEL_FILE_ONNX in self.files
@@ -156,11 +294,60 @@ class Manifest(_Strict):
             )
         if has_onnx != (self.onnx is not None):
             raise ValueError("model.onnx and the onnx section come together")
+        if self.onnx is not None:
+            self._check_onnx(self.onnx)
         return self
+
+    def _check_task(self) -> None:
+        if self.task == "classification":
+            if self.classes is None:
+                raise ValueError("a classification bundle lists its classes")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("class names must be unique")
+            if self.target_statistics is not None:
+                raise ValueError("target_statistics describe a regression target")
+            if self.parity.compared != "probabilities":
+                raise ValueError("classification parity compares probabilities")
+            scores: tuple[float | None, ...] = ()
+            if self.metrics is not None:
+                scores = (self.metrics.accuracy, self.metrics.f1_macro)
+        else:
+            if self.classes is not None:
+                raise ValueError("a regression bundle has no classes")
+            if self.parity.compared != "predictions":
+                raise ValueError("regression parity compares predictions")
+            if self.metrics is not None:
+                scores = (
+                    self.metrics.r2,
+                    self.metrics.mean_absolute_error,
+                    self.metrics.root_mean_squared_error,
+                )
+            else:
+                scores = ()
+        if any(score is None for score in scores):
+            raise ValueError(f"metrics lack the scores of a {self.task} model")
+
+    def _check_onnx(self, onnx: OnnxInfo) -> None:
+        if onnx.column_inputs is not None and len(onnx.column_inputs) != len(self.features):
+            raise ValueError("onnx.column_inputs needs one input per feature")
+        if onnx.input_name is not None and any(f.kind == "category" for f in self.features):
+            raise ValueError("a category feature needs onnx.column_inputs")
+        output = onnx.probabilities_output if self.task == "classification" else None
+        output = output or (onnx.prediction_output if self.task == "regression" else None)
+        if output is None:
+            needed = (
+                "probabilities_output" if self.task == "classification" else "prediction_output"
+            )
+            raise ValueError(f"a {self.task} ONNX model needs onnx.{needed}")
 
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    @property
+    def has_reference_data(self) -> bool:
+        """Drift metrics need reference statistics for every feature."""
+        return all(f.has_reference for f in self.features)
 
 
 def json_schema() -> dict[str, Any]:

@@ -42,6 +42,16 @@ def build_openapi(app: FastAPI, is_open: Callable[[str], bool]) -> dict[str, Any
     paths["/predict/batch"]["post"]["requestBody"] = _request_body(
         pipeline.models.batch, components
     )
+    for path, model in (
+        ("/predict", pipeline.models.response),
+        ("/predict/batch", pipeline.models.batch_response),
+    ):
+        # Classification or regression answers, as this bundle gives them.
+        schema = model.model_json_schema(ref_template=REF)
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        ok = paths[path]["post"]["responses"]["200"]["content"]["application/json"]
+        ok["schema"] = {"$ref": REF.format(model=model.__name__)}
     manifest = pipeline.predictor.manifest
     document["info"]["x-model"] = {"name": manifest.name, "version": manifest.version}
     app.openapi_schema = document

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=BaseModel)
 PROBABILITY_DECIMALS = 7
+# A closed set of a thousand categories makes a long "expected one of" message;
+# error bodies stay bounded.
+MAX_ERROR_MESSAGE = 300
 
 
 # An error body lists at most this many errors, then says how many there were.
@@ -65,7 +68,11 @@ def validation_errors(
     # errors() builds every entry, so it is only called on errors bounded by
     # DIRECT_VALIDATION_MAX_KEYS, one instance, or the model's own fields.
     return [
-        {"loc": ["body", *prefix, *error["loc"]], "msg": error["msg"], "type": error["type"]}
+        {
+            "loc": ["body", *prefix, *error["loc"]],
+            "msg": _bounded(error["msg"]),
+            "type": error["type"],
+        }
         for error in exc.errors(include_url=False, include_context=False, include_input=False)[
             :limit
         ]
@@ -147,6 +154,12 @@ def _parse_bounded(model: type[M], body: bytes) -> M:
     raise RequestBodyError(errors.listed, errors.count)
 
 
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return message[: MAX_ERROR_MESSAGE - 3] + "..."
+
+
 def parse_body(model: type[M], body: bytes) -> M:
     try:
         if body.count(b":") > DIRECT_VALIDATION_MAX_KEYS:
@@ -175,28 +188,30 @@ class PredictionPipeline:
         self.max_batch_size = max_batch_size
         self.models: RequestModels = build_request_models(manifest, max_batch_size)
         self._read_row = _row_reader(manifest.feature_names)
-        self._class_names = list(manifest.classes)
+        self._class_names = list(manifest.classes or ())
         self._version = manifest.version
+        self._answers: Callable[[npt.NDArray[np.floating]], list[dict[str, Any]]] = (
+            self.regression_predictions if manifest.task == "regression" else self.class_predictions
+        )
 
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
-        return np.array(list(map(self._read_row, instances)), dtype=np.float32)
+        return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
-    async def infer(
-        self, rows: FloatMatrix
-    ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.intp]]:
-        probabilities = await self.predictor.predict_proba(rows)
-        winners = probabilities.argmax(axis=1)
+    async def infer(self, rows: FloatMatrix) -> list[dict[str, Any]]:
+        outputs = await self.predictor.predict(rows)
+        answers = self._answers(outputs)
         if self.metrics is not None:
-            self.metrics.observe_predictions(rows, winners)
-        return probabilities, winners
+            self.metrics.observe_predictions(rows, outputs)
+        return answers
 
-    def predictions(
-        self, probabilities: npt.NDArray[np.floating], winners: npt.NDArray[np.intp]
-    ) -> list[dict[str, Any]]:
+    def class_predictions(self, probabilities: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
         names = self._class_names
+        winners = probabilities.argmax(axis=1)
         # Plain floats via tolist() (iterating numpy scalars costs ~10x more);
         # 7 decimals hide float32 noise such as 0.9900000095367432.
-        rows = np.round(probabilities.astype(np.float64), PROBABILITY_DECIMALS).tolist()
+        # Clipped: float32 sums of many trees can come out at 1.0000001.
+        clipped = np.clip(probabilities.astype(np.float64), 0.0, 1.0)
+        rows = np.round(clipped, PROBABILITY_DECIMALS).tolist()
         return [
             {
                 "predicted_class": winner,
@@ -207,16 +222,24 @@ class PredictionPipeline:
             for winner, row in zip(winners.tolist(), rows, strict=True)
         ]
 
+    @staticmethod
+    def regression_predictions(values: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
+        # float32 models: the shortest repr of the float32 value, not its
+        # float64 expansion (151.3 rather than 151.3000030517578).
+        if values.dtype == np.float32:
+            return [{"prediction": float(str(v))} for v in values]
+        return [{"prediction": v} for v in values.astype(np.float64).tolist()]
+
     async def predict_one(self, body: bytes) -> bytes:
         instance = parse_body(self.models.instance, body)
         rows = self.features([instance])
-        (prediction,) = self.predictions(*await self.infer(rows))
+        (prediction,) = await self.infer(rows)
         prediction["model_version"] = self._version
         return orjson.dumps(prediction)
 
     async def predict_batch(self, body: bytes) -> bytes:
         batch = parse_body(self.models.batch, body)
         rows = self.features(batch.instances)  # type: ignore[attr-defined]
-        predictions = self.predictions(*await self.infer(rows))
+        predictions = await self.infer(rows)
         response = {"predictions": predictions, "model_version": self._version}
         return orjson.dumps(response)

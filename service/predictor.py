@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 from anyio import to_thread
 
 from service.backends import InferenceBackend, load_backend
-from service.backends.base import FloatMatrix
+from service.backends.base import FloatMatrix, Outputs
 from service.batching import MicroBatcher
 from service.bundle import (
     BundleError,
@@ -22,7 +21,7 @@ from service.bundle import (
     verify_bundle,
     verify_pinned,
 )
-from service.manifest import Manifest
+from service.manifest import CategoryFeature, Manifest
 from service.settings import ServiceSettings
 
 # Work longer than this on the event loop delays every other request of the
@@ -52,7 +51,7 @@ class Predictor:
         self, *, max_rows: int, wait_seconds: float, queue_size: int
     ) -> MicroBatcher:
         self.batcher = MicroBatcher(
-            self.backend.predict_proba,
+            self.backend.predict,
             max_rows=max_rows,
             wait_seconds=wait_seconds,
             queue_size=queue_size,
@@ -64,16 +63,34 @@ class Predictor:
         if self.on_backend_call is not None:
             self.on_backend_call(rows, seconds)
 
-    async def predict_proba(self, rows: FloatMatrix) -> npt.NDArray[np.floating]:
+    async def predict(self, rows: FloatMatrix) -> Outputs:
+        """Probabilities (classification) or predictions (regression) for the rows."""
         if self.batcher is not None and rows.shape[0] == 1:
-            return await self.batcher.predict_proba(rows)
+            return await self.batcher.predict(rows)
         start = time.perf_counter()
         if rows.shape[0] <= self.inline_max_rows:
-            probabilities = self.backend.predict_proba(rows)
+            outputs = self.backend.predict(rows)
         else:
-            probabilities = await to_thread.run_sync(self.backend.predict_proba, rows)
+            outputs = await to_thread.run_sync(self.backend.predict, rows)
         self._backend_called(rows.shape[0], time.perf_counter() - start)
-        return probabilities
+        return outputs
+
+
+def example_row(manifest: Manifest) -> list[float]:
+    """A plausible row in the backend's encoding: reference means, the most
+    frequent category (listed first), or a value inside the bounds."""
+    row: list[float] = []
+    for feature in manifest.features:
+        if isinstance(feature, CategoryFeature):
+            row.append(0.0)
+        elif feature.training_mean is not None:
+            row.append(feature.training_mean)
+        else:
+            lower = feature.minimum
+            if feature.exclusive_minimum is not None:
+                lower = feature.exclusive_minimum + 1
+            row.append(max(0.0, lower) if lower is not None else 0.0)
+    return row
 
 
 def start_micro_batching(predictor: Predictor, settings: ServiceSettings) -> None:
@@ -90,8 +107,7 @@ def start_micro_batching(predictor: Predictor, settings: ServiceSettings) -> Non
 
 
 def example_rows(manifest: Manifest, n_rows: int) -> FloatMatrix:
-    means = [feature.training_mean for feature in manifest.features]
-    return np.tile(np.asarray(means, dtype=np.float32), (n_rows, 1))
+    return np.tile(np.asarray(example_row(manifest), dtype=np.float64), (n_rows, 1))
 
 
 def _median_seconds(call: Callable[[], object], repeats: int) -> float:
@@ -108,14 +124,14 @@ def inline_row_limit(
 ) -> tuple[int, float]:
     """Measure this backend on this machine: how many rows fit in the inline budget."""
     one = example_rows(manifest, 1)
-    single = _median_seconds(lambda: backend.predict_proba(one), repeats=15)
+    single = _median_seconds(lambda: backend.predict(one), repeats=15)
     if single > INLINE_BUDGET_SECONDS:
         return 0, single
     probe_rows = min(max_rows, 100)
     if probe_rows <= 1:
         return probe_rows, single
     many = example_rows(manifest, probe_rows)
-    batch = _median_seconds(lambda: backend.predict_proba(many), repeats=5)
+    batch = _median_seconds(lambda: backend.predict(many), repeats=5)
     per_row = max((batch - single) / (probe_rows - 1), 1e-9)
     return min(max_rows, 1 + int((INLINE_BUDGET_SECONDS - single) / per_row)), single
 
@@ -123,17 +139,17 @@ def inline_row_limit(
 def warm_up(backend: InferenceBackend, manifest: Manifest, path: Path) -> None:
     """One real prediction before serving: a model that cannot answer is refused now."""
     try:
-        probabilities = np.asarray(backend.predict_proba(example_rows(manifest, 2)))
+        outputs = np.asarray(backend.predict(example_rows(manifest, 2)))
     except Exception as exc:
         raise BundleError(path, f"warm-up prediction failed: {type(exc).__name__}: {exc}") from None
-    expected = (2, len(manifest.classes))
-    if probabilities.shape != expected:
+    expected = (2,) if manifest.classes is None else (2, len(manifest.classes))
+    if outputs.shape != expected:
         raise BundleError(
-            path, f"warm-up prediction has shape {probabilities.shape}, expected {expected}"
+            path, f"warm-up prediction has shape {outputs.shape}, expected {expected}"
         )
-    if not np.all(np.isfinite(probabilities)) or not np.allclose(
-        probabilities.sum(axis=1), 1.0, atol=1e-3
-    ):
+    if not np.all(np.isfinite(outputs)):
+        raise BundleError(path, "warm-up prediction is not finite")
+    if manifest.classes is not None and not np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
         raise BundleError(path, "warm-up prediction returned probabilities that do not sum to 1")
 
 

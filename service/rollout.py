@@ -52,20 +52,51 @@ class TrialResult(BaseModel):
 # --------------------------------------------------------------- the trial --
 
 
-def _trial_rows(manifest: Manifest, max_rows: int) -> list[dict[str, float]]:
-    """The mean, each training decile, and random rows inside the training range."""
+Instance = dict[str, float | int | str]
+
+
+def _trial_rows(manifest: Manifest, example: Instance, max_rows: int) -> list[Instance]:
+    """The reference example, each training decile, and random rows inside the
+    training range (every category in turn); a feature without reference
+    statistics keeps its example value."""
     import numpy as np
 
-    features = manifest.features
-    rows = [{f.name: f.training_mean for f in features}]
-    rows += [{f.name: f.deciles[k] for f in features} for k in range(9)]
+    from service.manifest import CategoryFeature, IntegerFeature
+
     rng = np.random.default_rng(0)
-    lows = np.array([f.training_min for f in features])
-    highs = np.array([f.training_max for f in features])
-    count = max(0, min(TRIAL_RANDOM_ROWS, max_rows) - len(rows))
-    for values in rng.uniform(lows, highs, size=(count, len(features))).tolist():
-        rows.append(dict(zip([f.name for f in features], values, strict=True)))
+    count = max(1, min(TRIAL_RANDOM_ROWS, max_rows))
+    columns: dict[str, list[float | int | str]] = {}
+    for feature in manifest.features:
+        if isinstance(feature, CategoryFeature):
+            column: list[float | int | str] = [
+                feature.categories[i % len(feature.categories)] for i in range(count)
+            ]
+        elif feature.deciles is not None:
+            # The manifest gives deciles, min, max and mean together.
+            assert feature.training_min is not None
+            assert feature.training_max is not None
+            values = [
+                *feature.deciles,
+                *rng.uniform(feature.training_min, feature.training_max, count).tolist(),
+            ]
+            if isinstance(feature, IntegerFeature):
+                column = [round(v) for v in values]
+            else:
+                column = list(values)
+        else:
+            column = [example[feature.name]]
+        columns[feature.name] = column
+    rows = [example]
+    for i in range(count - 1):
+        rows.append({name: column[i % len(column)] for name, column in columns.items()})
     return rows[:max_rows]
+
+
+def _agree(single: dict[str, Any], batch: dict[str, Any]) -> bool:
+    if "predicted_class_name" in batch:
+        return bool(single["predicted_class_name"] == batch["predicted_class_name"])
+    scale = max(1.0, abs(batch["prediction"]))
+    return bool(abs(single["prediction"] - batch["prediction"]) <= 1e-6 * scale)
 
 
 async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
@@ -77,24 +108,27 @@ async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
     try:
         manifest = predictor.manifest
         pipeline = PredictionPipeline(predictor, settings.max_batch_size)
-        rows = _trial_rows(manifest, settings.max_batch_size)
+        rows = _trial_rows(manifest, pipeline.models.example, settings.max_batch_size)
         batch = orjson.loads(await pipeline.predict_batch(orjson.dumps({"instances": rows})))
         answers = batch["predictions"]
-        # One single-row prediction per class the batch reached, through the
-        # same path a request takes; it must agree with the batch.
-        first_row_of: dict[str, int] = {}
+        # Single-row predictions through the same path a request takes, which
+        # must agree with the batch: one per class the batch reached, or, for
+        # a regressor, the example and the first decile rows.
+        checked: dict[str, int] = {}
         for index, answer in enumerate(answers):
-            first_row_of.setdefault(answer["predicted_class_name"], index)
-        for name, index in first_row_of.items():
+            key = answer.get("predicted_class_name", str(index))
+            if key not in checked and (manifest.classes is not None or index < 4):
+                checked[key] = index
+        for index in checked.values():
             single = orjson.loads(await pipeline.predict_one(orjson.dumps(rows[index])))
-            if single["predicted_class_name"] != name or single["model_version"] != path.name:
+            if not _agree(single, answers[index]) or single["model_version"] != path.name:
                 raise BundleError(path, f"trial: single-row answer {single} disagrees with batch")
         return TrialResult(
             ok=True,
             version=manifest.version,
             manifest_sha256=predictor.manifest_sha256,
             backend=predictor.backend.name,
-            classes_predicted=[c for c in manifest.classes if c in first_row_of],
+            classes_predicted=[c for c in manifest.classes or () if c in checked],
         )
     finally:
         if predictor.batcher is not None:

@@ -1,21 +1,24 @@
 """Request models built from the manifest, and the fixed response models.
 
-The request models are generated per bundle so that any data set gets a
-correctly typed API: one strict float field per feature, with the feature's
-description, unit and bounds in the OpenAPI schema.
+The request models are generated per bundle so that any model gets a
+correctly typed API: one strict field per feature (a float, an integer, or a
+string from a closed set), with the feature's description, unit, bounds or
+allowed values in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from service.manifest import FeatureSpec, Manifest
+from service.manifest import CategoryFeature, FeatureSpec, IntegerFeature, Manifest
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# An ONNX model takes float32, which holds every integer exactly up to 2**24.
+INTEGER_LIMIT = 2**24
 
 
 class _Response(BaseModel):
@@ -38,6 +41,19 @@ class BatchPredictionResponse(_Response):
     model_version: str
 
 
+class RegressionPrediction(_Response):
+    prediction: float = Field(description="The model's predicted value.")
+
+
+class RegressionPredictionResponse(RegressionPrediction):
+    model_version: str
+
+
+class RegressionBatchPredictionResponse(_Response):
+    predictions: list[RegressionPrediction]
+    model_version: str
+
+
 class ErrorItem(BaseModel):
     loc: list[str | int] = Field(description="Where the problem is: body, then keys and indexes.")
     msg: str
@@ -49,31 +65,71 @@ class ErrorResponse(BaseModel):
     request_id: str | None = None
 
 
-def _example_value(feature: FeatureSpec) -> float:
-    value = round(feature.training_mean, 2)
-    return min(max(value, feature.training_min), feature.training_max)
+def example_value(feature: FeatureSpec) -> float | int | str:
+    """A value from the reference data: its mean, or its most frequent category."""
+    if isinstance(feature, CategoryFeature):
+        return feature.categories[0]
+    lower = feature.exclusive_minimum if feature.exclusive_minimum is not None else feature.minimum
+    if feature.training_mean is None or feature.training_min is None:
+        value = 0.0 if lower is None or lower < 0 else lower + 1
+    else:
+        assert feature.training_max is not None
+        value = min(
+            max(round(feature.training_mean, 2), feature.training_min), feature.training_max
+        )
+    return round(value) if isinstance(feature, IntegerFeature) else value
+
+
+def _description(feature: FeatureSpec) -> str:
+    return feature.description + (f" Unit: {feature.unit}." if feature.unit else "")
+
+
+def category_field(feature: CategoryFeature) -> Any:
+    """One of the allowed strings; validation also turns it into its index, the
+    form the backends and metrics take."""
+    codes = {value: float(i) for i, value in enumerate(feature.categories)}
+    allowed = Literal[tuple(feature.categories)]  # type: ignore[valid-type]
+    return Annotated[
+        allowed,
+        AfterValidator(codes.__getitem__),
+        # A literal matches exact strings only: no `strict` needed (nor accepted).
+        Field(
+            description=_description(feature),
+            json_schema_extra={"examples": [example_value(feature)]},
+        ),
+    ]
 
 
 def feature_field(feature: FeatureSpec) -> Any:
-    """A strict float: booleans, strings, NaN and infinities are rejected, and so
+    """A strict number: booleans, strings, NaN and infinities are rejected, and so
     are values outside the feature's bounds or outside float32 range (the
-    model computes in float32, where they would silently become inf)."""
-    maximum = feature.maximum if feature.maximum is not None else FLOAT32_MAX
-    minimum = feature.minimum if feature.minimum is not None else -FLOAT32_MAX
-    description = feature.description + (f" Unit: {feature.unit}." if feature.unit else "")
-    extra: dict[str, Any] = {"examples": [_example_value(feature)]}
+    model computes in float32, where they would silently become inf). An
+    integer feature also rejects fractions."""
+    if isinstance(feature, CategoryFeature):
+        return category_field(feature)
+    integer = isinstance(feature, IntegerFeature)
+    limit = float(INTEGER_LIMIT) if integer else FLOAT32_MAX
+    maximum = feature.maximum if feature.maximum is not None else limit
+    minimum = feature.minimum if feature.minimum is not None else -limit
+    extra: dict[str, Any] = {"examples": [example_value(feature)]}
     if feature.unit:
         extra["x-unit"] = feature.unit
+
+    def bound(value: float | None) -> float | int | None:
+        if value is None:
+            return None
+        return int(value) if integer else value
+
     return Annotated[
-        float,
+        int if integer else float,
         Field(
             strict=True,
             allow_inf_nan=False,
-            description=description,
-            gt=feature.exclusive_minimum,
-            ge=None if feature.exclusive_minimum is not None else max(minimum, -FLOAT32_MAX),
-            lt=feature.exclusive_maximum,
-            le=None if feature.exclusive_maximum is not None else min(maximum, FLOAT32_MAX),
+            description=_description(feature),
+            gt=bound(feature.exclusive_minimum),
+            ge=None if feature.exclusive_minimum is not None else bound(max(minimum, -limit)),
+            lt=bound(feature.exclusive_maximum),
+            le=None if feature.exclusive_maximum is not None else bound(min(maximum, limit)),
             json_schema_extra=extra,
         ),
     ]
@@ -87,11 +143,13 @@ def _title(name: str) -> str:
 class RequestModels:
     instance: type[BaseModel]
     batch: type[BaseModel]
-    example: dict[str, float]
+    example: dict[str, float | int | str]
+    response: type[BaseModel]
+    batch_response: type[BaseModel]
 
 
 def build_request_models(manifest: Manifest, max_batch_size: int) -> RequestModels:
-    example = {f.name: _example_value(f) for f in manifest.features}
+    example = {f.name: example_value(f) for f in manifest.features}
     example_json: dict[str, Any] = dict(example)
     strict_object = ConfigDict(
         extra="forbid", frozen=True, json_schema_extra={"examples": [example_json]}
@@ -106,4 +164,13 @@ def build_request_models(manifest: Manifest, max_batch_size: int) -> RequestMode
         ),
         instances=(list[instance], Field(min_length=1, max_length=max_batch_size)),
     )
-    return RequestModels(instance=instance, batch=batch, example=example)
+    regression = manifest.task == "regression"
+    return RequestModels(
+        instance=instance,
+        batch=batch,
+        example=example,
+        response=RegressionPredictionResponse if regression else PredictionResponse,
+        batch_response=(
+            RegressionBatchPredictionResponse if regression else BatchPredictionResponse
+        ),
+    )

@@ -8,12 +8,15 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from training.bundle_writer import MANIFEST_FILE, check_name, check_version
 from training.datasets import BUILTIN_DATASETS
 from training.errors import TrainingError
+from training.fit import ESTIMATORS
+from training.package import PackageConfig, package
 from training.pipeline import TrainConfig, train
+from training.pipeline import _stderr_warning as warn_on_stderr
 
 PREFIX = "training: error: "
 T = TypeVar("T")
@@ -58,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="python -m training",
-        description="Train a classifier and write a versioned model bundle "
-        "(model.joblib, model.onnx, manifest.json) to DIR/<name>/<version>/.",
+        description="Train a classifier or regressor and write a versioned model bundle "
+        "(model.joblib, model.onnx, manifest.json) to DIR/<name>/<version>/. "
+        "To bundle a model you already have: python -m training package --help",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument(
@@ -67,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--csv", type=Path, metavar="PATH", help="CSV file with a header row")
     p.add_argument("--target", metavar="COLUMN", help="target column of --csv")
+    p.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="default: the data set's (diabetes is regression), else classification",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="random_forest",
+        help="linear: logistic or linear regression after a StandardScaler",
+    )
     p.add_argument(
         "--name", type=_via(check_name), help="bundle name (default: data set name or CSV stem)"
     )
@@ -77,9 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-state", type=int, default=42, metavar="SEED")
     p.add_argument("--test-size", type=open_fraction, default=0.25, metavar="FRACTION")
     p.add_argument("--min-accuracy", type=closed_fraction, default=0.9, metavar="FRACTION")
+    p.add_argument(
+        "--min-r2",
+        type=_checked(float, math.isfinite, "a finite number"),
+        default=0.0,
+        metavar="R2",
+        help="regression quality gate on the held-out rows",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle version")
     p.add_argument("--parity-random-rows", type=non_negative_int, default=5000, metavar="N")
-    p.add_argument("--parity-tolerance", type=non_negative, default=1e-5, metavar="TOL")
+    p.add_argument(
+        "--parity-tolerance",
+        type=non_negative,
+        default=None,
+        metavar="TOL",
+        help="max probability difference (default 1e-5), or for regression max relative "
+        "prediction difference |onnx - sklearn| / max(1, |sklearn|) (default 1e-4)",
+    )
     p.add_argument("--no-onnx", action="store_true", help="write an sklearn-only bundle")
     return p
 
@@ -95,6 +124,8 @@ def config_from(argv: Sequence[str] | None) -> TrainConfig:
         dataset=args.dataset or "iris",
         csv=args.csv,
         target=args.target,
+        task=args.task,
+        estimator=args.estimator,
         name=args.name,
         version=args.version,
         output_dir=args.output_dir,
@@ -103,6 +134,7 @@ def config_from(argv: Sequence[str] | None) -> TrainConfig:
         random_state=args.random_state,
         test_size=args.test_size,
         min_accuracy=args.min_accuracy,
+        min_r2=args.min_r2,
         force=args.force,
         parity_random_rows=args.parity_random_rows,
         parity_tolerance=args.parity_tolerance,
@@ -110,10 +142,92 @@ def config_from(argv: Sequence[str] | None) -> TrainConfig:
     )
 
 
+def build_package_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m training package",
+        description="Turn a model you already fitted (a joblib file of a scikit-learn "
+        "estimator or pipeline, XGBoost or LightGBM) into a versioned bundle in "
+        "DIR/<name>/<version>/.",
+    )
+    p.add_argument("model_file", type=Path, metavar="MODEL_FILE", help="a joblib file")
+    p.add_argument("--name", type=_via(check_name), required=True)
+    p.add_argument("--version", type=_via(check_version), required=True, metavar="X.Y.Z")
+    p.add_argument(
+        "--reference-data",
+        type=Path,
+        metavar="CSV",
+        help="rows like those the model was fitted on (header row): feature kinds, bounds, "
+        "deciles, category values; without it drift metrics are off",
+    )
+    p.add_argument("--target", metavar="COLUMN", help="target column of --reference-data")
+    p.add_argument(
+        "--features",
+        type=lambda text: [n.strip() for n in text.split(",")],
+        metavar="a,b,c",
+        help="feature names in the model's column order, for a model fitted without names",
+    )
+    p.add_argument("--output-dir", type=Path, default=Path("artifacts"), metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle version")
+    p.add_argument(
+        "--parity-random-rows",
+        type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+        default=5000,
+        metavar="N",
+    )
+    p.add_argument(
+        "--parity-tolerance",
+        type=_checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        default=None,
+        metavar="TOL",
+    )
+    p.add_argument("--no-onnx", action="store_true", help="write an sklearn-only bundle")
+    return p
+
+
+def package_config_from(argv: Sequence[str]) -> PackageConfig:
+    args = build_package_parser().parse_args(argv)
+    return PackageConfig(
+        model_file=args.model_file,
+        name=args.name,
+        version=args.version,
+        reference_data=args.reference_data,
+        target=args.target,
+        features=args.features,
+        output_dir=args.output_dir,
+        force=args.force,
+        parity_random_rows=args.parity_random_rows,
+        parity_tolerance=args.parity_tolerance,
+        onnx=not args.no_onnx,
+    )
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    metrics, parity = manifest["metrics"], manifest["parity"]
+    scores = "no reference target"
+    if metrics is not None and manifest["task"] == "classification":
+        scores = f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}"
+    elif metrics is not None:
+        scores = (
+            f"R² {metrics['r2']:.4f}, MAE {metrics['mean_absolute_error']:.4g}, "
+            f"RMSE {metrics['root_mean_squared_error']:.4g}"
+        )
+    return (
+        f"{manifest['name']} {manifest['version']} ({manifest['task']}): {scores}, "
+        f"backend {manifest['backend']}, parity {'passed' if parity['passed'] else 'not passed'}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config = config_from(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    run: Callable[[], Path]
+    if arguments[:1] == ["package"]:
+        package_config = package_config_from(arguments[1:])
+        run = lambda: package(package_config, warn_on_stderr)  # noqa: E731
+    else:
+        config = config_from(arguments)
+        run = lambda: train(config)  # noqa: E731
     try:
-        path = train(config)
+        path = run()
         manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     except TrainingError as exc:
         print(PREFIX + " ".join(str(exc).split()), file=sys.stderr)
@@ -127,12 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"{PREFIX}unexpected {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
-    metrics, parity = manifest["metrics"], manifest["parity"]
-    print(
-        f"{manifest['name']} {manifest['version']}: accuracy {metrics['accuracy']:.4f}, "
-        f"macro F1 {metrics['f1_macro']:.4f}, backend {manifest['backend']}, "
-        f"parity {'passed' if parity['passed'] else 'not passed'}"
-    )
+    print(summary(manifest))
     print(path)
     return 0
 

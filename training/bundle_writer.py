@@ -9,54 +9,45 @@ import io
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from service.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE_ONNX,
+    MODEL_FILE_SKLEARN,
+    NAME_PATTERN,
+    NAME_RE,
+    SCHEMA_VERSION,
+    SEMVER_RE,
+    Manifest,
+)
 from training.datasets import Dataset
 from training.errors import TrainingError
 from training.onnx_export import OnnxOutcome
 
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
-SCHEMA_VERSION = 1
-MODEL_FILE_SKLEARN = "model.joblib"
-MODEL_FILE_ONNX = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-
-
-@cache
-def schema() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
-    return loaded
-
-
-def _pattern(field: str) -> re.Pattern[str]:
-    # Taken from the generated schema so training and service can never disagree.
-    # ASCII: a Unicode digit in a version would pass `\d` but surprise everyone.
-    return re.compile(schema()["properties"][field]["pattern"], re.ASCII)
+__all__ = ["MANIFEST_FILE", "MODEL_FILE_ONNX", "MODEL_FILE_SKLEARN"]
 
 
 def check_name(name: str) -> str:
-    if not _pattern("name").match(name):
-        raise TrainingError(
-            f"invalid model name {name!r}: must match {schema()['properties']['name']['pattern']}"
-        )
+    if not NAME_RE.match(name):
+        raise TrainingError(f"invalid model name {name!r}: must match {NAME_PATTERN}")
     return name
 
 
 def check_version(version: str) -> str:
-    if not _pattern("version").match(version):
+    if not SEMVER_RE.match(version):
         raise TrainingError(f"invalid version {version!r}: must be a semantic version like 1.0.0")
     return version
 
 
-def library_versions(with_onnx: bool) -> dict[str, str | None]:
+def library_versions(with_onnx: bool, boosting: set[str]) -> dict[str, str | None]:
     def version(dist: str) -> str | None:
         try:
             return importlib.metadata.version(dist)
@@ -76,6 +67,9 @@ def library_versions(with_onnx: bool) -> dict[str, str | None]:
         "skl2onnx": version("skl2onnx") if with_onnx else None,
         "onnx": version("onnx") if with_onnx else None,
         "onnxruntime": version("onnxruntime") if with_onnx else None,
+        "onnxmltools": version("onnxmltools") if with_onnx and boosting else None,
+        "xgboost": version("xgboost") if "xgboost" in boosting else None,
+        "lightgbm": version("lightgbm") if "lightgbm" in boosting else None,
     }
 
 
@@ -113,28 +107,38 @@ def build_manifest(
     *,
     name: str,
     version: str,
-    data: Dataset,
+    data: Dataset | None,
     model: Any,
+    task: str,
     features: list[dict[str, Any]],
-    metrics: dict[str, float | int],
+    classes: list[str] | None,
+    target_statistics: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
     outcome: OnnxOutcome,
     files: dict[str, bytes],
 ) -> dict[str, Any]:
     has_onnx = outcome.model_bytes is not None
+    steps = [model, *(step for _, step in getattr(model, "steps", []))]
+    boosting = {type(s).__module__.split(".")[0] for s in steps} & {"xgboost", "lightgbm"}
+    dataset = None
+    if data is not None:
+        dataset = {"source": data.source, "target": data.target, "n_rows": len(data.X)}
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "dataset": {"source": data.source, "target": data.target, "n_rows": len(data.y)},
-        "libraries": library_versions(has_onnx),
+        "task": task,
+        "dataset": dataset,
+        "libraries": library_versions(has_onnx, boosting),
         "estimator": {
             "class_name": type(model).__name__,
             "module": type(model).__module__,
-            "params": json_safe(model.get_params()),
+            "params": json_safe(model.get_params(deep=False)),
         },
         "features": features,
-        "classes": list(data.class_names),
+        "classes": classes,
+        "target_statistics": target_statistics,
         "metrics": metrics,
         "parity": outcome.parity.as_dict(),
         "onnx": outcome.info,
@@ -143,47 +147,14 @@ def build_manifest(
     }
 
 
-def validate(manifest: dict[str, Any]) -> None:
-    """Schema check plus the cross-field rules of service/manifest.py the schema cannot say."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(
-        schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
-    )
-    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "<root>"
-        raise TrainingError(f"manifest fails {SCHEMA_PATH.name} at {where}: {error.message}")
-    problems = _invariant_problems(manifest)
-    if problems:
-        raise TrainingError("manifest is inconsistent: " + "; ".join(problems))
-
-
-def _invariant_problems(m: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    for f in m["features"]:
-        if f["deciles"] != sorted(f["deciles"]):
-            problems.append(f"feature {f['name']!r}: deciles must be non-decreasing")
-        if f["training_min"] > f["training_max"]:
-            problems.append(f"feature {f['name']!r}: training_min exceeds training_max")
-        for a, b in (("minimum", "exclusive_minimum"), ("maximum", "exclusive_maximum")):
-            if f.get(a) is not None and f.get(b) is not None:
-                problems.append(f"feature {f['name']!r}: set {a} or {b}, not both")
-    names = [f["name"] for f in m["features"]]
-    if len(set(names)) != len(names):
-        problems.append("feature names must be unique")
-    if len(set(m["classes"])) != len(m["classes"]):
-        problems.append("class names must be unique")
-    if MODEL_FILE_SKLEARN not in m["files"]:
-        problems.append(f"files must list {MODEL_FILE_SKLEARN}")
-    has_onnx = MODEL_FILE_ONNX in m["files"]
-    if m["backend"] == "onnx" and not (has_onnx and m["onnx"] and m["parity"]["passed"]):
-        problems.append(
-            "backend 'onnx' needs model.onnx, its onnx section and a passed parity gate"
-        )
-    if has_onnx != (m.get("onnx") is not None):
-        problems.append("model.onnx and the onnx section come together")
-    return problems
+def validate(manifest: dict[str, Any]) -> Manifest:
+    """Validate with the manifest model itself: the same rules the service applies."""
+    try:
+        return Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = "/".join(str(p) for p in first["loc"]) or "<root>"
+        raise TrainingError(f"manifest is invalid at {where}: {first['msg']}") from None
 
 
 def bundle_path(output_dir: Path, name: str, version: str) -> Path:

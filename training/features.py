@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from training.datasets import FeatureInfo
 # mistake, yet a model should still accept honest outliers: allow 10 spans.
 BOUND_SPANS = 10.0
 DECILE_LEVELS = tuple(i / 10 for i in range(1, 10))
+# The model computes in float32, which holds every integer up to 2**24 exactly.
+INTEGER_LIMIT = float(2**24)
 
 
 def tidy(value: float) -> float:
@@ -22,8 +25,8 @@ def tidy(value: float) -> float:
     return float(f"{value:.10g}")
 
 
-def bounds(column: NDArray[np.float64]) -> dict[str, float]:
-    """Bounds for one feature: keys are FeatureSpec's minimum/exclusive_minimum/maximum."""
+def bounds(column: NDArray[np.float64], integer: bool = False) -> dict[str, float]:
+    """Bounds for one feature: keys are the manifest's minimum/exclusive_minimum/maximum."""
     lo = float(column.min())
     hi = float(column.max())
     span = hi - lo
@@ -40,6 +43,13 @@ def bounds(column: NDArray[np.float64]) -> dict[str, float]:
     else:
         result["minimum"] = tidy(lo - BOUND_SPANS * span)
     result["maximum"] = tidy(hi + BOUND_SPANS * span)
+    if integer:
+        result = {
+            key: float(
+                np.clip(np.floor(v) if "min" in key else np.ceil(v), -INTEGER_LIMIT, INTEGER_LIMIT)
+            )
+            for key, v in result.items()
+        }
     return result
 
 
@@ -51,21 +61,55 @@ def deciles(column: NDArray[np.float64]) -> list[float]:
     return [tidy(float(v)) for v in edges]
 
 
-def feature_specs(x: NDArray[np.float64], infos: list[FeatureInfo]) -> list[dict[str, Any]]:
-    """FeatureSpec dicts for the manifest, computed from the rows the model was fitted on."""
-    specs: list[dict[str, Any]] = []
-    for j, info in enumerate(infos):
-        column = x[:, j]
-        specs.append(
-            {
-                "name": info.name,
-                "description": info.description,
-                "unit": info.unit,
-                **bounds(column),
-                "training_min": float(column.min()),
-                "training_max": float(column.max()),
-                "training_mean": float(column.mean()),
-                "deciles": deciles(column),
-            }
-        )
-    return specs
+def numeric_statistics(column: NDArray[np.float64]) -> dict[str, Any]:
+    return {
+        "training_min": float(column.min()),
+        "training_max": float(column.max()),
+        "training_mean": float(column.mean()),
+        "deciles": deciles(column),
+    }
+
+
+def target_statistics(y: NDArray[np.float64]) -> dict[str, Any]:
+    return {
+        "minimum": float(y.min()),
+        "maximum": float(y.max()),
+        "mean": float(y.mean()),
+        "deciles": deciles(y),
+    }
+
+
+def category_statistics(column: NDArray[Any]) -> dict[str, Any]:
+    """The closed set, most frequent first, with each value's share of the rows."""
+    counts = Counter(str(v) for v in column)
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    total = sum(counts.values())
+    return {
+        "categories": [value for value, _ in ordered],
+        "frequencies": [count / total for _, count in ordered],
+    }
+
+
+def feature_spec(info: FeatureInfo, column: NDArray[Any] | None) -> dict[str, Any]:
+    """One manifest feature entry; without reference data only the kind and wide bounds."""
+    spec: dict[str, Any] = {
+        "kind": info.kind,
+        "name": info.name,
+        "description": info.description,
+        "unit": info.unit,
+    }
+    if info.kind == "category":
+        if column is None:
+            raise ValueError(f"category feature {info.name!r} needs its allowed values")
+        return spec | category_statistics(column)
+    if column is None:
+        if info.kind == "integer":
+            spec |= {"minimum": -INTEGER_LIMIT, "maximum": INTEGER_LIMIT}
+        return spec
+    numbers = np.asarray(column, dtype=np.float64)
+    return spec | bounds(numbers, integer=info.kind == "integer") | numeric_statistics(numbers)
+
+
+def feature_specs(x: NDArray[Any], infos: list[FeatureInfo]) -> list[dict[str, Any]]:
+    """Manifest feature entries, computed from the rows the model was fitted on."""
+    return [feature_spec(info, x[:, j]) for j, info in enumerate(infos)]

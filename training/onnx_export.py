@@ -8,9 +8,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from service.manifest import Task
+from training.datasets import FeatureInfo
+
 INPUT_NAME = "input"
 # Fixed so the gate is reproducible; the rows only need to cover the box.
 PARITY_SEED = 20240611
+# Classification: absolute probability difference. Regression: relative
+# prediction difference |onnx - sklearn| / max(1, |sklearn|); float32 sums of
+# many trees or large linear terms differ from float64 in the 7th digit.
+DEFAULT_TOLERANCE: dict[Task, float] = {"classification": 1e-5, "regression": 1e-4}
+# Without reference data the random rows are drawn from this box.
+UNREFERENCED_RANGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -19,7 +28,9 @@ class ParityReport:
     test_rows: int
     random_rows: int
     class_mismatches: int
-    max_abs_probability_diff: float | None
+    compared: str
+    max_abs_diff: float | None
+    max_rel_diff: float | None
     tolerance: float
     reason: str | None
 
@@ -34,56 +45,203 @@ class OnnxOutcome:
     parity: ParityReport
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """How the estimator takes its rows: feature kinds, and whether it was fitted
+    on a pandas DataFrame (then columns are selected by name)."""
+
+    features: list[FeatureInfo]
+    as_frame: bool = False
+
+    @property
+    def has_categories(self) -> bool:
+        return any(f.kind == "category" for f in self.features)
+
+    def for_sklearn(self, x: NDArray[Any]) -> Any:
+        """Rows as the estimator expects them, with the exact values (as the service's
+        sklearn backend passes them)."""
+        if self.as_frame:
+            import pandas as pd
+
+            return pd.DataFrame(
+                {f.name: self._column(x, j, f) for j, f in enumerate(self.features)}
+            )
+        if not self.has_categories:
+            return np.asarray(x, dtype=np.float64)
+        rows = np.empty(x.shape, dtype=object)
+        for j, f in enumerate(self.features):
+            rows[:, j] = self._column(x, j, f)
+        return rows
+
+    def for_onnx(self, x: NDArray[Any], info: dict[str, Any]) -> dict[str, NDArray[Any]]:
+        if info.get("input_name"):
+            return {info["input_name"]: np.asarray(x, dtype=np.float32)}
+        feeds: dict[str, NDArray[Any]] = {}
+        for j, (f, name) in enumerate(zip(self.features, info["column_inputs"], strict=True)):
+            column = self._column(x, j, f)
+            dtype = object if f.kind == "category" else np.float32
+            feeds[name] = np.asarray(column, dtype=dtype).reshape(-1, 1)
+        return feeds
+
+    @staticmethod
+    def _column(x: NDArray[Any], j: int, f: FeatureInfo) -> NDArray[Any]:
+        if f.kind == "category":
+            return np.asarray([str(v) for v in x[:, j]], dtype=object)
+        return np.asarray(x[:, j], dtype=np.float64)
+
+
 class _GraphError(Exception):
     pass
 
 
-def skipped(reason: str, tolerance: float) -> OnnxOutcome:
+def skipped(reason: str, tolerance: float, task: Task) -> OnnxOutcome:
     """An outcome with no ONNX model and the reason recorded in the parity report."""
-    report = ParityReport(False, 0, 0, 0, None, tolerance, reason)
+    report = ParityReport(False, 0, 0, 0, _compared(task), None, None, tolerance, reason)
     return OnnxOutcome(None, None, report)
 
 
-def convert(model: Any, n_features: int) -> bytes:
+def _compared(task: Task) -> str:
+    return "probabilities" if task == "classification" else "predictions"
+
+
+def _steps(model: Any) -> list[Any]:
+    steps = getattr(model, "steps", None)
+    if steps is None:
+        return [model]
+    return [model, *(s for _, step in steps for s in _steps(step))]
+
+
+def _register_boosting_converters(model: Any) -> dict[str, int] | None:
+    """XGBoost and LightGBM converters live in onnxmltools; skl2onnx learns them here,
+    so they convert alone or inside a pipeline. Imported only for such models."""
+    modules = {type(step).__module__.split(".")[0] for step in _steps(model)}
+    if not modules & {"xgboost", "lightgbm"}:
+        return None
+    from skl2onnx import get_latest_tested_opset_version, update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes,
+        calculate_linear_regressor_output_shapes,
+    )
+
+    classifier_options = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
+    if "xgboost" in modules:
+        from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
+        from xgboost import XGBClassifier, XGBRegressor
+
+        update_registered_converter(
+            XGBClassifier,
+            "XGBoostXGBClassifier",
+            calculate_linear_classifier_output_shapes,
+            convert_xgboost,
+            options=classifier_options,
+        )
+        update_registered_converter(
+            XGBRegressor,
+            "XGBoostXGBRegressor",
+            calculate_linear_regressor_output_shapes,
+            convert_xgboost,
+        )
+    if "lightgbm" in modules:
+        from lightgbm import LGBMClassifier, LGBMRegressor
+        from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+
+        update_registered_converter(
+            LGBMClassifier,
+            "LightGbmLGBMClassifier",
+            calculate_linear_classifier_output_shapes,
+            convert_lightgbm,
+            options=classifier_options,
+        )
+        update_registered_converter(
+            LGBMRegressor,
+            "LightGbmLGBMRegressor",
+            calculate_linear_regressor_output_shapes,
+            convert_lightgbm,
+            options={"split": None},
+        )
+    # onnxmltools writes the ai.onnx.ml tree operators of version 3.
+    return {"": get_latest_tested_opset_version(), "ai.onnx.ml": 3}
+
+
+def _without_xgboost_feature_names(model: Any) -> Any:
+    """onnxmltools reads XGBoost features only by the names f0, f1, ...; a model
+    fitted on a DataFrame keeps column names in its booster. The converted copy
+    forgets them (the graph takes columns by position, in manifest order)."""
+    if not any(type(s).__module__.startswith("xgboost") for s in _steps(model)):
+        return model
+    import copy
+
+    model = copy.deepcopy(model)
+    for step in _steps(model):
+        if type(step).__module__.startswith("xgboost"):
+            step.get_booster().feature_names = None
+    return model
+
+
+def _column_layout(model: Any, inputs: ModelInput) -> bool:
+    """Per-feature inputs when a tensor cannot hold every feature (strings beside
+    numbers) or a ColumnTransformer selects columns by name."""
+    from sklearn.compose import ColumnTransformer
+
+    return inputs.has_categories or any(isinstance(s, ColumnTransformer) for s in _steps(model))
+
+
+def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
     # Imported lazily: skl2onnx is slow to import and unused with --no-onnx.
     from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
-    onx = convert_sklearn(
-        model,
-        initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
+    target_opset = _register_boosting_converters(model)
+    model = _without_xgboost_feature_names(model)
+    if _column_layout(model, inputs):
+        initial_types: list[tuple[str, Any]] = [
+            (
+                f.name,
+                StringTensorType([None, 1]) if f.kind == "category" else FloatTensorType([None, 1]),
+            )
+            for f in inputs.features
+        ]
+    else:
+        initial_types = [(INPUT_NAME, FloatTensorType([None, len(inputs.features)]))]
+    options: dict[int, dict[str, Any]] = {}
+    if task == "classification":
         # Without zipmap the probabilities are a plain [N, k] float tensor,
         # which the service reads without per-row dict allocation.
-        options={id(model): {"zipmap": False}},
+        options = {id(_steps(model)[-1]): {"zipmap": False}}
+    onx = convert_sklearn(
+        model, initial_types=initial_types, options=options, target_opset=target_opset
     )
     data: bytes = onx.SerializeToString()
     return data
 
 
-def graph_info(model_bytes: bytes) -> dict[str, Any]:
+def graph_info(model_bytes: bytes, task: Task, n_features: int) -> dict[str, Any]:
     """Read opset and tensor names from the graph itself rather than trusting defaults."""
     import onnx
 
     proto = onnx.load_from_string(model_bytes)
     inputs = [i.name for i in proto.graph.input]
-    int64 = onnx.TensorProto.INT64
     float32 = onnx.TensorProto.FLOAT
-    labels = [o.name for o in proto.graph.output if o.type.tensor_type.elem_type == int64]
-    probabilities = [o.name for o in proto.graph.output if o.type.tensor_type.elem_type == float32]
-    if len(inputs) != 1 or len(labels) != 1 or len(probabilities) != 1:
-        raise _GraphError(
-            f"expected one input, one int64 and one float output; got inputs {inputs}, "
-            f"outputs {[o.name for o in proto.graph.output]}"
-        )
+    outputs = [o.name for o in proto.graph.output]
+    floats = [o.name for o in proto.graph.output if o.type.tensor_type.elem_type == float32]
+    others = [name for name in outputs if name not in floats]
+    if len(floats) != 1 or (task == "classification" and len(others) != 1):
+        raise _GraphError(f"unexpected outputs {outputs} for a {task} model")
     opsets = [op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")]
     if not opsets:
         raise _GraphError("graph declares no default-domain opset")
-    return {
-        "opset": int(max(opsets)),
-        "input_name": inputs[0],
-        "label_output": labels[0],
-        "probabilities_output": probabilities[0],
-    }
+    info: dict[str, Any] = {"opset": int(max(opsets))}
+    if len(inputs) == 1 and n_features >= 1 and inputs[0] == INPUT_NAME:
+        info["input_name"] = inputs[0]
+    elif len(inputs) == n_features:
+        info["column_inputs"] = inputs
+    else:
+        raise _GraphError(f"graph has inputs {inputs} for {n_features} features")
+    if task == "classification":
+        info |= {"label_output": others[0], "probabilities_output": floats[0]}
+    else:
+        info["prediction_output"] = floats[0]
+    return info
 
 
 def session(model_bytes: bytes) -> Any:
@@ -96,84 +254,112 @@ def session(model_bytes: bytes) -> Any:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def random_rows(
-    training_min: NDArray[np.float64], training_max: NDArray[np.float64], n: int
-) -> NDArray[np.float64]:
+def random_rows(specs: list[dict[str, Any]], n: int) -> NDArray[Any]:
+    """Rows drawn inside each feature's reference range (or its allowed values)."""
     rng = np.random.default_rng(PARITY_SEED)
-    rows: NDArray[np.float64] = rng.uniform(training_min, training_max, size=(n, len(training_min)))
+    numeric = all(s["kind"] != "category" for s in specs)
+    rows = np.empty((n, len(specs)), dtype=np.float64 if numeric else object)
+    for j, spec in enumerate(specs):
+        if spec["kind"] == "category":
+            rows[:, j] = rng.choice(np.asarray(spec["categories"], dtype=object), size=n)
+            continue
+        lo = spec.get("training_min", -UNREFERENCED_RANGE)
+        hi = spec.get("training_max", UNREFERENCED_RANGE)
+        column = rng.uniform(lo, hi, size=n)
+        rows[:, j] = np.round(column) if spec["kind"] == "integer" else column
     return rows
+
+
+def sklearn_outputs(model: Any, rows: Any, task: Task) -> NDArray[np.float64]:
+    method = model.predict_proba if task == "classification" else model.predict
+    result = np.asarray(method(rows), dtype=np.float64)
+    return result if task == "classification" else result.reshape(-1)
 
 
 def check_parity(
     model_bytes: bytes,
     info: dict[str, Any],
     model: Any,
-    x_test: NDArray[np.float64],
-    probes: NDArray[np.float64],
+    inputs: ModelInput,
+    task: Task,
+    x_test: NDArray[Any],
+    probes: NDArray[Any],
     tolerance: float,
 ) -> ParityReport:
-    """Compare ONNX Runtime with sklearn on the test rows and the random probe rows."""
+    """Compare ONNX Runtime with sklearn on the real rows and the random probe rows."""
     n_test, n_random = len(x_test), len(probes)
+    compared = _compared(task)
 
-    def failed(reason: str, mismatches: int = 0, diff: float | None = None) -> ParityReport:
-        return ParityReport(False, n_test, n_random, mismatches, diff, tolerance, reason)
-
-    rows = np.vstack([x_test, probes]).astype(np.float32)
-    try:
-        sess = session(model_bytes)
-        onnx_labels, onnx_proba = sess.run(
-            [info["label_output"], info["probabilities_output"]], {info["input_name"]: rows}
+    def report(
+        reason: str | None, mismatches: int = 0, diff: float | None = None, rel: float | None = None
+    ) -> ParityReport:
+        return ParityReport(
+            reason is None, n_test, n_random, mismatches, compared, diff, rel, tolerance, reason
         )
-    except Exception as exc:
-        return failed(f"onnxruntime failed: {_one_line(exc)}")
-    # Both sides see the identical float32 values, so any difference is the
-    # converter's, not input rounding.
-    sk_proba = np.asarray(model.predict_proba(rows.astype(np.float64)), dtype=np.float64)
-    sk_labels = np.asarray(model.classes_)[np.argmax(sk_proba, axis=1)]
-    onnx_labels = np.asarray(onnx_labels).reshape(-1)
-    onnx_proba = np.asarray(onnx_proba, dtype=np.float64)
-    if onnx_proba.shape != sk_proba.shape or onnx_labels.shape != sk_labels.shape:
-        return failed(f"output shapes differ: onnx {onnx_proba.shape}, sklearn {sk_proba.shape}")
 
-    mismatch = onnx_labels != sk_labels
-    test_mm = int(mismatch[:n_test].sum())
-    random_mm = int(mismatch[n_test:].sum())
-    diff = float(np.max(np.abs(onnx_proba - sk_proba)))
+    rows = np.concatenate([x_test, probes]) if n_random else x_test
+    output = info["probabilities_output"] if task == "classification" else info["prediction_output"]
+    try:
+        (onnx_out,) = session(model_bytes).run([output], inputs.for_onnx(rows, info))
+    except Exception as exc:
+        return report(f"onnxruntime failed: {_one_line(exc)}")
+    # sklearn sees the exact values and ONNX their float32 rounding, as the
+    # two backends of the service do: the gate measures what clients would see.
+    sk_out = sklearn_outputs(model, inputs.for_sklearn(rows), task)
+    onnx_out = np.asarray(onnx_out, dtype=np.float64)
+    if task == "regression":
+        onnx_out = onnx_out.reshape(-1)
+    if onnx_out.shape != sk_out.shape:
+        return report(f"output shapes differ: onnx {onnx_out.shape}, sklearn {sk_out.shape}")
+
     problems: list[str] = []
-    if test_mm:
-        problems.append(f"{test_mm} class mismatches in {n_test} test rows")
-    if random_mm:
-        problems.append(f"{random_mm} class mismatches in {n_random} random rows")
+    mismatches = 0
+    if task == "classification":
+        mismatch = onnx_out.argmax(axis=1) != sk_out.argmax(axis=1)
+        test_mm, random_mm = int(mismatch[:n_test].sum()), int(mismatch[n_test:].sum())
+        mismatches = test_mm + random_mm
+        if test_mm:
+            problems.append(f"{test_mm} class mismatches in {n_test} data rows")
+        if random_mm:
+            problems.append(f"{random_mm} class mismatches in {n_random} random rows")
+    abs_diff = np.abs(onnx_out - sk_out)
+    diff = float(np.max(abs_diff)) if abs_diff.size else 0.0
+    rel: float | None = None
     if not np.isfinite(diff):
-        problems.append("onnx probabilities are not finite")
-        diff_out: float | None = None
-    else:
-        diff_out = diff
+        problems.append(f"onnx {compared} are not finite")
+        return report("; ".join(problems), mismatches)
+    if task == "classification":
         if diff > tolerance:
             problems.append(
                 f"max probability difference {diff:.3g} exceeds tolerance {tolerance:g}"
             )
-    if problems:
-        return failed("; ".join(problems), test_mm + random_mm, diff_out)
-    return ParityReport(True, n_test, n_random, 0, diff_out, tolerance, None)
+    else:
+        rel = float(np.max(abs_diff / np.maximum(1.0, np.abs(sk_out)))) if abs_diff.size else 0.0
+        if rel > tolerance:
+            problems.append(
+                f"max relative prediction difference {rel:.3g} exceeds tolerance {tolerance:g}"
+            )
+    return report("; ".join(problems) or None, mismatches, diff, rel)
 
 
 def export(
     model: Any,
-    x_train: NDArray[np.float64],
-    x_test: NDArray[np.float64],
+    inputs: ModelInput,
+    task: Task,
+    specs: list[dict[str, Any]],
+    x_test: NDArray[Any],
     *,
     parity_random_rows: int,
     tolerance: float,
 ) -> OnnxOutcome:
     """Convert and gate; any failure yields an sklearn-only outcome with the reason."""
     try:
-        model_bytes = convert(model, x_train.shape[1])
-        info = graph_info(model_bytes)
+        model_bytes = convert(model, inputs, task)
+        info = graph_info(model_bytes, task, len(inputs.features))
     except Exception as exc:
-        return skipped(f"conversion failed: {_one_line(exc)}", tolerance)
-    probes = random_rows(x_train.min(axis=0), x_train.max(axis=0), parity_random_rows)
-    report = check_parity(model_bytes, info, model, x_test, probes, tolerance)
+        return skipped(f"conversion failed: {_one_line(exc)}", tolerance, task)
+    probes = random_rows(specs, parity_random_rows)
+    report = check_parity(model_bytes, info, model, inputs, task, x_test, probes, tolerance)
     if not report.passed:
         return OnnxOutcome(None, None, report)
     return OnnxOutcome(model_bytes, info, report)

@@ -1,4 +1,4 @@
-"""Inference backends: each turns a float32 feature matrix into class probabilities."""
+"""Inference backends: each turns a feature matrix into probabilities or predicted values."""
 
 from __future__ import annotations
 

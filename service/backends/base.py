@@ -5,12 +5,18 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-FloatMatrix = npt.NDArray[np.float32]
+# One row per instance, one column per feature in manifest order; a category
+# is carried as the index of its value in the feature's categories. float64:
+# the sklearn backend sees exactly the values the client sent (an ONNX graph
+# takes float32, and the parity gate measured that rounding).
+FloatMatrix = npt.NDArray[np.float64]
+Outputs = npt.NDArray[np.floating]
 
 
 class InferenceBackend(Protocol):
     name: str
 
-    def predict_proba(self, rows: FloatMatrix) -> npt.NDArray[np.floating]:
-        """Probabilities of shape (n_rows, n_classes), columns in manifest class order."""
+    def predict(self, rows: FloatMatrix) -> Outputs:
+        """Classification: probabilities (n_rows, n_classes) in manifest class order.
+        Regression: predictions (n_rows,)."""
         ...

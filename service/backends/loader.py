@@ -53,19 +53,16 @@ def load_backend(
     manifest = bundle.manifest
     try:
         if backend == "onnx":
-            assert manifest.onnx is not None  # guaranteed by Manifest validation
             # Imported here so an sklearn-only deployment needs no ONNX Runtime,
             # and an ONNX worker never imports scikit-learn.
             from service.backends.onnx import OnnxBackend
 
-            return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest.onnx)
+            return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest)
         from service.backends.sklearn import SklearnBackend, UntrustedModelError
 
         try:
             check_sklearn_compatible(bundle)
-            return SklearnBackend(
-                bundle.files[MODEL_FILE_SKLEARN], len(manifest.classes), trusted_sha256
-            )
+            return SklearnBackend(bundle.files[MODEL_FILE_SKLEARN], manifest, trusted_sha256)
         except UntrustedModelError as exc:
             raise BundleError(bundle.path, str(exc)) from None
     except BundleError:

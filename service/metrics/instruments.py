@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.manifest import Manifest
+from service.manifest import CategoryFeature, Manifest
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
@@ -117,6 +117,17 @@ OPEN_FDS = Gauge(
     registry=None,
 )
 
+PREDICTION_VALUE_METRIC = "model_prediction_value"
+CATEGORIES = Counter(
+    "model_feature_category_total",
+    "Live category inputs, by value (the most frequent reference values; the rest as 'other').",
+    ["model", "version", "feature", "value"],
+    registry=None,
+)
+# Label values come from the manifest, never from clients; this caps how many.
+MAX_CATEGORY_LABELS = 50
+OTHER_CATEGORY = "other"
+
 FEATURE_METRIC = "model_feature_value"
 # registry=None throughout: scrapes build a fresh registry over the multiprocess
 # files, and the default registry's process collector would clash by name.
@@ -135,27 +146,64 @@ def _feature_histogram(feature: str, buckets: tuple[float, ...]) -> Histogram:
     )
 
 
+@functools.cache
+def _prediction_histogram(buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(
+        PREDICTION_VALUE_METRIC,
+        "Predicted values of a regressor, bucketed at the training target's deciles.",
+        ["model", "version"],
+        buckets=buckets,
+        registry=None,
+    )
+
+
+def _category_counters(feature: CategoryFeature, labels: tuple[str, str]) -> list[Counter]:
+    """A counter per category code; past the most frequent values they share 'other'.
+
+    Categories are listed most frequent first when the manifest has reference
+    frequencies, so the named ones are the ones worth a series.
+    """
+    named = feature.categories[:MAX_CATEGORY_LABELS]
+    counters = [CATEGORIES.labels(*labels, feature.name, value) for value in named]
+    if len(feature.categories) > len(named):
+        other = CATEGORIES.labels(*labels, feature.name, OTHER_CATEGORY)
+        counters += [other] * (len(feature.categories) - len(named))
+    return counters
+
+
 class ModelMetrics:
-    """Inference metrics bound to one bundle's labels."""
+    """Inference metrics bound to one bundle's labels.
+
+    Histograms are buffered in the worker (statistics, not accounting:
+    service.metrics.buffered); the prediction and category counters are
+    written through.
+    """
 
     def __init__(self, manifest: Manifest, backend: str, checksum: str) -> None:
         labels = (manifest.name, manifest.version)
-        # Histograms are buffered in the worker (statistics, not accounting);
-        # the prediction counters are written through: service.metrics.buffered.
         self._duration = BufferedHistogram(INFERENCE_DURATION.labels(*labels, backend))
         self._rows = BufferedHistogram(BATCH_ROWS.labels(*labels))
-        self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes]
-        # One histogram per feature, bucketed at the training deciles, so a
-        # dashboard reads the live share per training decile (each ~10%).
-        # All share one metric name; each has its own bucket edges.
-        self._features = BufferedHistograms(
-            [
-                _feature_histogram(feature.name, tuple(sorted(set(feature.deciles)))).labels(
-                    *labels, feature.name
-                )
-                for feature in manifest.features
-            ]
-        )
+        self._classification = manifest.task == "classification"
+        self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes or ()]
+        self._values: BufferedHistogram | None = None
+        if manifest.target_statistics is not None:
+            edges = tuple(sorted(set(manifest.target_statistics.deciles)))
+            self._values = BufferedHistogram(_prediction_histogram(edges).labels(*labels))
+        # One histogram per numeric feature, bucketed at the training deciles,
+        # so a dashboard reads the live share per training decile (each ~10%).
+        # All share one metric name; each has its own bucket edges. Without
+        # reference data a feature has no deciles and no histogram.
+        self._histogram_columns: list[int] = []
+        histograms: list[Histogram] = []
+        self._categories: list[tuple[int, list[Counter]]] = []
+        for column, feature in enumerate(manifest.features):
+            if isinstance(feature, CategoryFeature):
+                self._categories.append((column, _category_counters(feature, labels)))
+            elif feature.deciles is not None:
+                histogram = _feature_histogram(feature.name, tuple(sorted(set(feature.deciles))))
+                self._histogram_columns.append(column)
+                histograms.append(histogram.labels(*labels, feature.name))
+        self._features = BufferedHistograms(histograms)
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
@@ -163,15 +211,36 @@ class ModelMetrics:
         self._rows.add_one(rows)
 
     def observe_predictions(
-        self, rows: npt.NDArray[np.float32], winners: npt.NDArray[np.intp]
+        self, rows: npt.NDArray[np.float64], outputs: npt.NDArray[np.floating]
     ) -> None:
         if rows.shape[0] == 1:
             # The common single-row request: plain Python beats numpy's
             # per-call overhead several times over.
-            self._by_class[int(winners[0])].inc(1)
-            self._features.add_row(rows[0].tolist())
+            self._observe_output(outputs)
+            values = rows[0].tolist()
+            self._features.add_row([values[column] for column in self._histogram_columns])
+            for column, counters in self._categories:
+                counters[int(values[column])].inc(1)
             return
-        for class_index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
-            if count:
-                self._by_class[class_index].inc(int(count))
-        self._features.add_columns(rows)
+        self._observe_outputs(outputs)
+        self._features.add_columns(rows[:, self._histogram_columns])
+        for column, counters in self._categories:
+            codes = rows[:, column].astype(np.intp)
+            for code, count in enumerate(np.bincount(codes, minlength=len(counters)).tolist()):
+                if count:
+                    counters[code].inc(count)
+
+    def _observe_output(self, outputs: npt.NDArray[np.floating]) -> None:
+        if self._classification:
+            self._by_class[int(outputs[0].argmax())].inc(1)
+        elif self._values is not None:
+            self._values.add_one(float(outputs[0]))
+
+    def _observe_outputs(self, outputs: npt.NDArray[np.floating]) -> None:
+        if self._classification:
+            winners = outputs.argmax(axis=1)
+            for index, count in enumerate(np.bincount(winners, minlength=len(self._by_class))):
+                if count:
+                    self._by_class[index].inc(int(count))
+        elif self._values is not None:
+            self._values.add_many(outputs.astype(np.float64))

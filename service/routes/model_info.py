@@ -4,13 +4,24 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
+from service.manifest import Manifest
 from service.pipeline import PredictionPipeline
 from service.rollout_record import read_record
 
 router = APIRouter(tags=["model"])
 
 
-@router.get("/model-info", summary="What is serving: estimator, features, classes, checksums")
+def _drift(manifest: Manifest) -> dict[str, Any]:
+    if manifest.has_reference_data:
+        return {"enabled": True, "reason": None}
+    return {
+        "enabled": False,
+        "reason": "the bundle was packaged without reference data: no feature deciles or "
+        "category frequencies to compare live inputs with",
+    }
+
+
+@router.get("/model-info", summary="What is serving: task, estimator, features, classes, checksums")
 async def model_info(request: Request) -> dict[str, Any]:
     pipeline: PredictionPipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
@@ -20,6 +31,7 @@ async def model_info(request: Request) -> dict[str, Any]:
     return {
         "name": manifest.name,
         "version": manifest.version,
+        "task": manifest.task,
         "created_at": manifest.created_at.isoformat(),
         "estimator_type": manifest.estimator.class_name,
         "estimator_module": manifest.estimator.module,
@@ -28,7 +40,12 @@ async def model_info(request: Request) -> dict[str, Any]:
         "feature_names": manifest.feature_names,
         "features": [f.model_dump() for f in manifest.features],
         "class_labels": manifest.classes,
-        "training_metrics": manifest.metrics.model_dump(),
+        "target_statistics": (
+            manifest.target_statistics.model_dump() if manifest.target_statistics else None
+        ),
+        "dataset": manifest.dataset.model_dump() if manifest.dataset else None,
+        "drift_metrics": _drift(manifest),
+        "training_metrics": manifest.metrics.model_dump() if manifest.metrics else None,
         "parity": manifest.parity.model_dump(),
         "libraries": manifest.libraries.model_dump(),
         "checksums": predictor.checksums,

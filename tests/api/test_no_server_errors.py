@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +12,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.bundles import SETOSA
+from service.app import create_app
+from service.settings import ServiceSettings
+from tests.support.bundles import SETOSA, pinned_digests
+from tests.support.user_models import CITIES, MIXED_NAME, package_mixed_regressor
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -118,3 +123,50 @@ def test_a_bug_still_answers_json_500_with_the_request_id(
     (record,) = [r for r in caplog.records if r.getMessage() == "unhandled exception"]
     assert record.fields["request_id"] == "bug-1"  # type: ignore[attr-defined]
     assert "simulated bug" in str(record.exc_info)
+
+
+@pytest.fixture(scope="module")
+def mixed_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return package_mixed_regressor(tmp_path_factory.mktemp("mixed"))
+
+
+@pytest.fixture(params=["onnx", "sklearn"])
+def mixed_client(request: pytest.FixtureRequest, mixed_model_dir: Path) -> Iterator[TestClient]:
+    """A regressor with integer, number and category features, on each backend."""
+    settings = ServiceSettings(
+        model_dir=mixed_model_dir,
+        model_name=MIXED_NAME,
+        backend=request.param,
+        trusted_model_sha256=pinned_digests(mixed_model_dir),
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+category_values = st.one_of(st.sampled_from(CITIES), feature_values, st.just("PARIS"))
+nearly_valid_mixed_rows = st.fixed_dictionaries(
+    {"rooms": feature_values, "area": feature_values, "city": category_values},
+    optional={"extra": feature_values},
+)
+
+
+@FUZZ
+@given(rows=st.lists(nearly_valid_mixed_rows, min_size=1, max_size=4))
+def test_nearly_valid_rows_of_every_feature_kind_never_cause_a_server_error(
+    mixed_client: TestClient, rows: list[dict[str, Any]]
+) -> None:
+    single = mixed_client.post(
+        "/predict",
+        content=json.dumps(rows[0]).encode(),
+        headers={"content-type": "application/json"},
+    )
+    _assert_client_error_or_ok(single)
+    if single.status_code == 200:
+        assert set(single.json()) == {"prediction", "model_version"}
+    _assert_client_error_or_ok(
+        mixed_client.post(
+            "/predict/batch",
+            content=json.dumps({"instances": rows}).encode(),
+            headers={"content-type": "application/json"},
+        )
+    )

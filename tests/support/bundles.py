@@ -29,6 +29,11 @@ def model_sha256(bundle: Path) -> str:
     return hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest()
 
 
+def pinned_digests(model_dir: Path) -> str:
+    """TRUSTED_MODEL_SHA256 for every bundle under model_dir, as an operator pins them."""
+    return ",".join(model_sha256(m.parent) for m in sorted(model_dir.rglob("model.joblib")))
+
+
 def trusting(*bundles: Path) -> dict[str, str]:
     """Settings (as environment variables) that pin these bundles' native models."""
     return {"TRUSTED_MODEL_SHA256": ",".join(model_sha256(b) for b in bundles)}

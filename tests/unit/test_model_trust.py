@@ -83,7 +83,7 @@ def test_a_digest_pinned_in_a_sha256sum_file_lets_the_model_load(
             model_dir=bundle_path.parents[1], backend="sklearn", trusted_digests_file=digests
         )
     )
-    probabilities = predictor.backend.predict_proba(example_rows(predictor.manifest, 3))
+    probabilities = predictor.backend.predict(example_rows(predictor.manifest, 3))
     assert np.allclose(probabilities.sum(axis=1), 1.0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -119,9 +120,9 @@ def test_cli_usage_errors_exit_2_with_the_error_prefix(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_training_never_imports_service_and_defers_onnx_imports() -> None:
+def test_training_imports_only_the_manifest_of_the_service_and_defers_onnx_imports() -> None:
     code = (
-        "import sys, training.__main__, training.pipeline\n"
+        "import sys, training.__main__, training.pipeline, training.package\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('service', 'skl2onnx', 'onnxruntime', 'sklearn'))\n"
         "print(bad)\n"
@@ -129,11 +130,35 @@ def test_training_never_imports_service_and_defers_onnx_imports() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "['service', 'service.manifest']"
 
 
-def test_training_source_has_no_service_import() -> None:
+def _imported_modules(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_the_manifest_is_the_only_service_module_training_imports() -> None:
+    """One definition of the manifest: training validates with the service's model."""
     for path in (ROOT / "training").rglob("*.py"):
-        text = path.read_text()
-        assert "import service" not in text, path
-        assert "from service" not in text, path
+        service = {m for m in _imported_modules(path) if m.split(".")[0] == "service"}
+        assert service <= {"service.manifest"}, path
+
+
+def test_the_service_imports_nothing_from_training() -> None:
+    for path in (ROOT / "service").rglob("*.py"):
+        assert not any(m.split(".")[0] == "training" for m in _imported_modules(path)), path
+
+
+def test_the_manifest_module_needs_only_pydantic_and_the_standard_library() -> None:
+    third_party = {
+        m.split(".")[0]
+        for m in _imported_modules(ROOT / "service" / "manifest.py")
+        if m.split(".")[0] not in sys.stdlib_module_names
+    }
+    assert third_party == {"pydantic"}

@@ -33,6 +33,7 @@ def test_iris_features_get_identifier_names_units_and_original_wording() -> None
     assert data.source == "sklearn:iris"
     assert data.X.dtype == np.float64
     assert data.X.shape == (150, 4)
+    assert data.y is not None
     assert data.y.tolist() == sorted(data.y.tolist())  # iris is ordered by class
     assert set(data.y.tolist()) == {0, 1, 2}
 
@@ -105,6 +106,7 @@ def test_csv_with_header_and_string_target_encodes_sorted_classes(tmp_path: Path
     )
     data = load_csv(path, "species")
     assert data.class_names == ["bird", "cat", "dog"]
+    assert data.y is not None
     assert data.y.tolist() == [1, 2, 0, 1]
     assert data.X.tolist() == [[4.0, 25.0], [30.5, 60.0], [0.1, 5.0], [5.0, 27.0]]
     assert [(f.name, f.unit) for f in data.features] == [("weight", "kg"), ("height", None)]
@@ -117,6 +119,7 @@ def test_csv_target_column_may_be_in_the_middle_and_numeric(tmp_path: Path) -> N
     data = load_csv(path, "label")
     assert data.class_names == ["0", "1"]
     assert data.X.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert data.y is not None
     assert data.y.tolist() == [1, 0]
 
 

@@ -73,7 +73,7 @@ def test_feature_specs_hold_only_json_plain_values() -> None:
         for key, value in spec.items():
             if key == "deciles":
                 assert all(type(v) is float for v in value)
-            elif key not in ("name", "description", "unit"):
+            elif key not in ("kind", "name", "description", "unit"):
                 assert type(value) is float, key
     assert specs[1]["minimum"] == pytest.approx(-1.0 - 20.0)
     assert specs[1]["training_mean"] == pytest.approx(0.5 / 3)

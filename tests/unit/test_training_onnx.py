@@ -13,6 +13,7 @@ import pytest
 
 from training import onnx_export
 from training.datasets import load_builtin
+from training.features import feature_specs
 from training.fit import FitResult, fit
 from training.pipeline import TrainConfig, train
 
@@ -30,6 +31,13 @@ def iris_fit() -> FitResult:
     )
 
 
+IRIS_INPUT = onnx_export.ModelInput(load_builtin("iris").features)
+
+
+def specs_of(result: FitResult) -> list[dict[str, Any]]:
+    return feature_specs(result.X_train, IRIS_INPUT.features)
+
+
 def manifest_of(path: Path) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads((path / "manifest.json").read_text())
     return loaded
@@ -37,7 +45,13 @@ def manifest_of(path: Path) -> dict[str, Any]:
 
 def test_export_passes_the_gate_and_records_graph_names(iris_fit: FitResult) -> None:
     outcome = onnx_export.export(
-        iris_fit.model, iris_fit.X_train, iris_fit.X_test, parity_random_rows=500, tolerance=1e-5
+        iris_fit.model,
+        IRIS_INPUT,
+        "classification",
+        specs_of(iris_fit),
+        iris_fit.X_test,
+        parity_random_rows=500,
+        tolerance=1e-5,
     )
     assert outcome.model_bytes is not None
     assert outcome.info is not None
@@ -51,8 +65,9 @@ def test_export_passes_the_gate_and_records_graph_names(iris_fit: FitResult) -> 
     assert report.test_rows == len(iris_fit.X_test)
     assert report.random_rows == 500
     assert report.class_mismatches == 0
-    assert report.max_abs_probability_diff is not None
-    assert report.max_abs_probability_diff <= 1e-5
+    assert report.compared == "probabilities"
+    assert report.max_abs_diff is not None
+    assert report.max_abs_diff <= 1e-5
 
 
 def test_onnxruntime_predictions_equal_sklearn_predictions_from_the_bundle(
@@ -79,28 +94,35 @@ def test_onnxruntime_predictions_equal_sklearn_predictions_from_the_bundle(
 
 
 def test_gate_fails_against_a_different_sklearn_model(iris_fit: FitResult) -> None:
-    model_bytes = onnx_export.convert(iris_fit.model, 4)
-    info = onnx_export.graph_info(model_bytes)
+    model_bytes = onnx_export.convert(iris_fit.model, IRIS_INPUT, "classification")
+    info = onnx_export.graph_info(model_bytes, "classification", 4)
     other = fit(
         load_builtin("iris"), n_estimators=3, max_depth=1, random_state=7, test_size=0.25
     ).model
-    probes = onnx_export.random_rows(iris_fit.X_train.min(0), iris_fit.X_train.max(0), 500)
-    report = onnx_export.check_parity(model_bytes, info, other, iris_fit.X_test, probes, 1e-5)
+    probes = onnx_export.random_rows(specs_of(iris_fit), 500)
+    report = onnx_export.check_parity(
+        model_bytes, info, other, IRIS_INPUT, "classification", iris_fit.X_test, probes, 1e-5
+    )
     assert not report.passed
     assert report.class_mismatches > 0
     assert report.reason is not None
     assert "class mismatches in 500 random rows" in report.reason
-    assert report.max_abs_probability_diff is not None
-    assert report.max_abs_probability_diff > 1e-5
+    assert report.max_abs_diff is not None
+    assert report.max_abs_diff > 1e-5
 
 
 def test_random_parity_rows_stay_inside_the_training_box() -> None:
     lo, hi = np.array([1.0, -5.0]), np.array([2.0, 5.0])
-    rows = onnx_export.random_rows(lo, hi, 1000)
+    specs = [
+        {"kind": "number", "training_min": 1.0, "training_max": 2.0},
+        {"kind": "integer", "training_min": -5.0, "training_max": 5.0},
+    ]
+    rows = onnx_export.random_rows(specs, 1000)
     assert rows.shape == (1000, 2)
     assert (rows >= lo).all()
     assert (rows <= hi).all()
-    np.testing.assert_array_equal(rows, onnx_export.random_rows(lo, hi, 1000))  # seeded
+    assert (rows[:, 1] == np.round(rows[:, 1])).all()
+    np.testing.assert_array_equal(rows, onnx_export.random_rows(specs, 1000))  # seeded
 
 
 def test_failed_parity_gate_writes_an_sklearn_only_bundle_with_the_reason(
@@ -133,7 +155,7 @@ def test_failed_parity_gate_writes_an_sklearn_only_bundle_with_the_reason(
 def test_conversion_failure_writes_an_sklearn_only_bundle_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_convert(model: Any, n_features: int) -> bytes:
+    def broken_convert(model: Any, *args: Any) -> bytes:
         raise RuntimeError("Unable to find a shape calculator\nfor type X")
 
     monkeypatch.setattr(onnx_export, "convert", broken_convert)
@@ -168,7 +190,9 @@ def test_no_onnx_writes_an_sklearn_only_bundle_and_never_converts(
         "test_rows": 0,
         "random_rows": 0,
         "class_mismatches": 0,
-        "max_abs_probability_diff": None,
+        "compared": "probabilities",
+        "max_abs_diff": None,
+        "max_rel_diff": None,
         "tolerance": 1e-5,
         "reason": "disabled by --no-onnx",
     }

@@ -1,0 +1,314 @@
+"""`python -m training package`: turn a model the user already fitted into a bundle.
+
+Everything the manifest needs is read from the estimator (feature names, task,
+classes) and from optional reference data (feature kinds, bounds, deciles,
+category frequencies, target statistics, scores). The bundle then goes
+through the same ONNX conversion, parity gate and validation as a fitted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.manifest import FEATURE_NAME_PATTERN, FEATURE_NAME_RE, FeatureKind, Task
+from training import bundle_writer, features, fit, onnx_export
+from training.datasets import Dataset, FeatureInfo, load_csv
+from training.errors import TrainingError
+from training.pipeline import Publication, Warn, publish
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    model_file: Path
+    name: str
+    version: str
+    reference_data: Path | None = None
+    target: str | None = None
+    features: Sequence[str] | None = None
+    output_dir: Path = Path("artifacts")
+    force: bool = False
+    parity_random_rows: int = 5000
+    parity_tolerance: float | None = None
+    onnx: bool = True
+
+
+def load_model(path: Path) -> Any:
+    """Unpickle the user's own model file (trusted by the person running this command)."""
+    import joblib
+
+    try:
+        model = joblib.load(path)
+    except FileNotFoundError:
+        raise TrainingError(f"cannot read {path}: no such file") from None
+    except Exception as exc:
+        raise TrainingError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(model, "predict", None)):
+        raise TrainingError(f"{path} holds a {type(model).__name__}, not a fitted estimator")
+    return model
+
+
+def task_of(model: Any) -> Task:
+    from sklearn.base import is_classifier, is_regressor
+
+    if is_classifier(model):
+        if not callable(getattr(model, "predict_proba", None)):
+            raise TrainingError(
+                f"{type(model).__name__} has no predict_proba; the API answers with probabilities"
+            )
+        return "classification"
+    if is_regressor(model):
+        return "regression"
+    raise TrainingError(f"{type(model).__name__} is neither a classifier nor a regressor")
+
+
+def _differ(a: Sequence[str], b: Sequence[str]) -> str:
+    only_a = [n for n in a if n not in b]
+    only_b = [n for n in b if n not in a]
+    if not only_a and not only_b:
+        return "same names in another order"
+    return f"only in the first: {only_a}; only in the second: {only_b}"
+
+
+def resolve_feature_names(
+    model: Any, given: Sequence[str] | None, header: Sequence[str] | None
+) -> tuple[list[str], bool]:
+    """Names and order: feature_names_in_, else --features, else the CSV header.
+
+    Returns the names and whether the estimator was fitted on a DataFrame.
+    """
+    fitted = getattr(model, "feature_names_in_", None)
+    n_in = getattr(model, "n_features_in_", None)
+    sources: list[tuple[str, list[str]]] = []
+    if fitted is not None:
+        sources.append(("the model's feature_names_in_", [str(n) for n in fitted]))
+    if given is not None:
+        sources.append(("--features", list(given)))
+    if header is not None:
+        sources.append(("the reference data's columns", list(header)))
+    if not sources:
+        raise TrainingError(
+            "the model does not record its feature names: pass --features a,b,c "
+            "or --reference-data with a header row"
+        )
+    chosen_from, names = sources[0]
+    for source, other in sources[1:]:
+        if other != names:
+            raise TrainingError(
+                f"feature names from {chosen_from} and {source} differ ({_differ(names, other)})"
+            )
+    if n_in is not None and len(names) != int(n_in):
+        raise TrainingError(
+            f"the model takes {n_in} features but {chosen_from} names {len(names)}: {names}"
+        )
+    for n in names:
+        if not FEATURE_NAME_RE.match(n):
+            raise TrainingError(
+                f"feature name {n!r} is not usable as an API field; names must match "
+                f"{FEATURE_NAME_PATTERN} (rename it with --features and a matching CSV header)"
+            )
+    if len(set(names)) != len(names):
+        raise TrainingError(f"feature names repeat: {names}")
+    return names, fitted is not None
+
+
+def class_names(model: Any, data: Dataset | None) -> list[str]:
+    """Class names in predict_proba column order.
+
+    When the classes are encoded as 0..k-1 and the reference target holds k
+    other labels, the labels are mapped in sorted order (LabelEncoder's).
+    """
+    classes = [str(c) for c in model.classes_]
+    labels = sorted(set(data.target_labels)) if data and data.target_labels else None
+    if labels is None or set(labels) <= set(classes):
+        return classes
+    if classes == [str(i) for i in range(len(classes))] and len(labels) == len(classes):
+        return labels
+    raise TrainingError(
+        f"the reference target's values {labels[:10]} are not the model's classes {classes[:10]}"
+    )
+
+
+def _reference(config: PackageConfig, task: Task, categorical: Collection[str]) -> Dataset | None:
+    if config.reference_data is None:
+        if config.target is not None:
+            raise TrainingError("--target is only meaningful with --reference-data")
+        return None
+    return load_csv(config.reference_data, config.target, task, typed=True, categorical=categorical)
+
+
+def _reference_header(config: PackageConfig) -> list[str] | None:
+    """Feature columns as written: packaging keeps names as they are, since the
+    model may select its columns by them."""
+    if config.reference_data is None:
+        return None
+    header = _raw_header(config.reference_data)
+    if config.target is not None and config.target not in header:
+        raise TrainingError(
+            f"target column {config.target!r} is not in the header of "
+            f"{config.reference_data}: {header}"
+        )
+    return [c for c in header if c != config.target]
+
+
+def _encoded_categories(model: Any, names: list[str]) -> dict[str, list[str]]:
+    """String columns a OneHotEncoder or OrdinalEncoder inside a ColumnTransformer knows."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
+
+    found: dict[str, list[str]] = {}
+    for step in onnx_export._steps(model):
+        if not isinstance(step, ColumnTransformer):
+            continue
+        for _, transformer, columns in getattr(step, "transformers_", []):
+            encoder = onnx_export._steps(transformer)[-1]
+            if not isinstance(encoder, OneHotEncoder | OrdinalEncoder):
+                continue
+            selected = [names[c] if isinstance(c, int | np.integer) else str(c) for c in columns]
+            for column, values in zip(selected, encoder.categories_, strict=False):
+                if values.dtype == object:
+                    found[column] = [str(v) for v in values]
+    return found
+
+
+def _infos(
+    names: list[str],
+    data: Dataset | None,
+    header: list[str] | None,
+    encoded: dict[str, list[str]],
+) -> list[FeatureInfo]:
+    kinds: dict[str, FeatureKind] = {}
+    if data is not None and header is not None:
+        kinds = {column: f.kind for column, f in zip(header, data.features, strict=True)}
+    return [
+        FeatureInfo(
+            name=n,
+            description=n.replace("_", " ").capitalize(),
+            unit=None,
+            kind="category" if n in encoded else kinds.get(n, "number"),
+        )
+        for n in names
+    ]
+
+
+def _columns_in_order(data: Dataset, header: list[str], names: list[str]) -> NDArray[Any]:
+    index = {column: j for j, column in enumerate(header)}
+    return data.X[:, [index[n] for n in names]]
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    metrics: dict[str, Any] | None
+    target_statistics: dict[str, Any] | None
+
+
+def _evaluate(
+    model: Any,
+    task: Task,
+    data: Dataset | None,
+    x: NDArray[Any] | None,
+    inputs: onnx_export.ModelInput,
+    classes: list[str] | None,
+) -> _Evaluation:
+    """Run the model on the reference rows (a model that fails on them is refused)
+    and score it where the reference data has the target."""
+    if x is None or data is None:
+        return _Evaluation(None, None)
+    try:
+        outputs = onnx_export.sklearn_outputs(model, inputs.for_sklearn(x), task)
+    except Exception as exc:
+        raise TrainingError(
+            f"the model fails on the reference data: {type(exc).__name__}: {exc}"
+        ) from None
+    if data.y is None:
+        return _Evaluation(None, None)
+    target_statistics = None
+    if task == "classification":
+        assert classes is not None
+        truth: NDArray[Any] = np.asarray(data.target_labels, dtype=object)
+        predicted = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
+    else:
+        truth, predicted = data.y, outputs
+        target_statistics = features.target_statistics(np.asarray(data.y, dtype=np.float64))
+    metrics = {
+        "evaluated_on": "reference",
+        "n_rows": len(truth),
+        **fit.score(model, x, truth, task, y_pred=predicted),
+    }
+    return _Evaluation(metrics, target_statistics)
+
+
+def package(config: PackageConfig, warn: Warn) -> Path:
+    bundle_writer.check_version(config.version)
+    name = bundle_writer.check_name(config.name)
+    target = bundle_writer.bundle_path(config.output_dir, name, config.version)
+    bundle_writer.refuse_existing(target, config.force)
+
+    model = load_model(config.model_file)
+    task = task_of(model)
+    header = _reference_header(config)
+    names, as_frame = resolve_feature_names(model, config.features, header)
+    encoded = _encoded_categories(model, names)
+    data = _reference(config, task, categorical=encoded)
+    infos = _infos(names, data, header, encoded)
+    x = _columns_in_order(data, header, names) if data is not None and header else None
+    specs = [
+        features.feature_spec(info, x[:, j]) if x is not None else _unreferenced(info, encoded)
+        for j, info in enumerate(infos)
+    ]
+    classes = class_names(model, data) if task == "classification" else None
+    if classes is not None and len(classes) < 2:
+        raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
+    inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
+    evaluation = _evaluate(model, task, data, x, inputs, classes)
+    bundle = Publication(
+        name=name,
+        version=config.version,
+        output_dir=config.output_dir,
+        force=config.force,
+        model=model,
+        task=task,
+        inputs=inputs,
+        data=data,
+        specs=specs,
+        classes=classes,
+        target_statistics=evaluation.target_statistics,
+        metrics=evaluation.metrics,
+        parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
+    )
+    return publish(
+        bundle,
+        onnx=config.onnx,
+        parity_random_rows=config.parity_random_rows,
+        tolerance=config.parity_tolerance,
+        warn=warn,
+    )
+
+
+def _unreferenced(info: FeatureInfo, encoded: dict[str, list[str]]) -> dict[str, Any]:
+    """A feature spec without reference data: a category's allowed values come
+    from the model's own encoder, with no frequencies."""
+    if info.kind != "category":
+        return features.feature_spec(info, None)
+    spec = features.feature_spec(info, np.asarray(encoded[info.name], dtype=object))
+    return spec | {"categories": encoded[info.name], "frequencies": None}
+
+
+def _raw_header(path: Path) -> list[str]:
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            for row in csv.reader(handle):
+                if any(c.strip() for c in row):
+                    return [c.strip() for c in row]
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise TrainingError(f"{path} is not a readable UTF-8 CSV file: {exc}") from None
+    raise TrainingError(f"{path} is empty; a header row is required")
