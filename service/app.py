@@ -20,14 +20,15 @@ from starlette.types import Receive, Scope, Send
 
 from service.bundle import BundleError
 from service.errors import install_error_handlers
-from service.fastpath import PredictionFastPath
+from service.fastpath import FastPath
 from service.logs import APP_LOGGER, AccessLog, configure_logging
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
 from service.predictor import Predictor, load_predictor
-from service.routes import health, model_info, predict
+from service.routes import health, model_info
+from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class MlApi:
             from service.metrics.http import HttpMetrics
 
             http_metrics = HttpMetrics()
-        fast_path = PredictionFastPath(api)
+        fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
         self._asgi = RequestContextMiddleware(
             limited, AccessLog(settings.log_level), metrics=http_metrics
@@ -155,7 +156,6 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         lifespan=lifespan,
     )
     api.state.pipeline = None
-    api.include_router(predict.router)
     api.include_router(health.router)
     api.include_router(model_info.router)
     if settings.metrics_enabled:
@@ -165,7 +165,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     install_error_handlers(api)
 
     def openapi() -> dict[str, Any]:
-        return build_openapi(api)
+        return build_openapi(api, FAST_ROUTES)
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings)
