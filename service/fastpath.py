@@ -156,7 +156,7 @@ class RouteTable:
     def match(self, path: str) -> tuple[dict[str, FastRoute], dict[str, str]] | None:
         # The V2 specification's own document writes the server metadata
         # path as /v2/: a trailing slash is the same resource there.
-        if len(path) > 4 and path[-1] == "/" and is_v2_path(path):
+        if len(path) > 3 and path[-1] == "/" and is_v2_path(path):
             path = path[:-1]
         methods = self._static.get(path)
         if methods is not None:

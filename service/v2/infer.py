@@ -159,7 +159,9 @@ class InferenceCodec:
             else:
                 if "data" not in entry:
                     raise TensorError(f"{where}: no data and no binary_data_size")
-                tensor_values = json_tensor(entry["data"], datatype, shape, where, bools_possible)
+                tensor_values = json_tensor(
+                    entry["data"], datatype, shape, where, tensor.feature_names, bools_possible
+                )
             tensor.check(tensor_values)
             values[tensor.name] = tensor_values
         if offset != len(binary):

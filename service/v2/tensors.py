@@ -91,7 +91,12 @@ def _first_wrong_element(elements: Sequence[Any], datatype: Datatype) -> tuple[i
 
 
 def json_tensor(
-    data: Any, datatype: Datatype, shape: tuple[int, int], where: str, bools_possible: bool
+    data: Any,
+    datatype: Datatype,
+    shape: tuple[int, int],
+    where: str,
+    column_names: Sequence[str],
+    bools_possible: bool,
 ) -> npt.NDArray[Any]:
     """`data` (flat, or nested as the shape) as an array of that shape.
 
@@ -128,7 +133,7 @@ def json_tensor(
     if parsed is None or wrong is not None:
         index, reason = wrong or (0, "is not a number")
         row, column = divmod(index, columns)
-        raise TensorError(f"{where} row {row} column {column}: {reason}")
+        raise TensorError(f"{where} row {row} feature '{column_names[column]}': {reason}")
     return np.frombuffer(parsed, dtype=parsed.typecode).reshape(shape)
 
 
