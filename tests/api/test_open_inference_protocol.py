@@ -201,28 +201,40 @@ def _inf_rows() -> np.ndarray:
     return rows
 
 
+Frame = tuple[bytes, dict[str, str]]
+
+
+def _truncated() -> Frame:
+    body, headers = binary_request(ROWS)
+    return body[:-5], headers
+
+
+def _header_length(value: str) -> Frame:
+    body, _ = binary_request(ROWS)
+    return body, {HEADER_LENGTH: value}
+
+
+def _trailing_bytes() -> Frame:
+    body, headers = binary_request(ROWS)
+    return body + b"\0\0\0\0", headers
+
+
 BINARY_ERRORS: dict[str, tuple[Any, str]] = {
-    "NaN in a binary tensor": (lambda: binary_request(_nan_rows()), "row 1 feature 'petal_length'"),
+    "NaN in a binary tensor": (
+        lambda: binary_request(_nan_rows()),
+        "row 1 feature 'petal_length': NaN",
+    ),
     "infinity in a binary tensor": (
         lambda: binary_request(_inf_rows()),
-        "row 0 feature 'petal_width'",
+        "row 0 feature 'petal_width': inf",
     ),
-    "truncated binary body": (
-        lambda: (lambda b, h: (b[:-5], h))(*binary_request(ROWS)),
-        "binary_data_size",
-    ),
+    "truncated binary body": (_truncated, "binary_data_size"),
     "header length beyond the body": (
-        lambda: (lambda b, h: (b, {HEADER_LENGTH: str(len(b) + 1)}))(*binary_request(ROWS)),
+        lambda: _header_length(str(len(_truncated()[0]) + 6)),
         "Inference-Header-Content-Length",
     ),
-    "header length not a number": (
-        lambda: (lambda b, h: (b, {HEADER_LENGTH: "-3"}))(*binary_request(ROWS)),
-        "Inference-Header-Content-Length",
-    ),
-    "bytes after the tensors": (
-        lambda: (lambda b, h: (b + b"\0\0\0\0", h))(*binary_request(ROWS)),
-        "after the binary tensor data",
-    ),
+    "header length not a number": (lambda: _header_length("-3"), "Inference-Header-Content-Length"),
+    "bytes after the tensors": (_trailing_bytes, "after the binary tensor data"),
     "size not matching the shape": (lambda: _declared_shape([1, 4]), "needs 16"),
 }
 
