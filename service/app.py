@@ -100,7 +100,8 @@ class MlApi:
     """The ASGI application Gunicorn serves.
 
     Request context (id, access log, HTTP metrics), the body limit and the
-    prediction fast path wrap the FastAPI app from outside, so a prediction
+    fast path (the prediction and Open Inference Protocol routes of
+    service.routes.table) wrap the FastAPI app from outside, so a prediction
     skips FastAPI's per-request machinery entirely; every other route, and
     the lifespan, is FastAPI's.
     """
