@@ -14,11 +14,13 @@ import pytest
 import schemathesis
 import tritonclient.http as triton
 import yaml
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from tritonclient.utils import InferenceServerException
 
+from service.fastpath import FastRoute
+from service.routes.table import FAST_ROUTES
 from tests.support.bundles import REPO
 from tests.support.servers import Gunicorn, running_gunicorn
 from tests.support.v2 import FEATURES, ROWS, binary_request, read_response
@@ -236,3 +238,22 @@ def test_no_version_name_causes_a_server_error(case: Any, server: Gunicorn) -> N
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize("route", FAST_ROUTES, ids=lambda route: f"{route.method} {route.path}")
+def test_the_fast_routes_answer_as_their_own_document_says(
+    server: Gunicorn, route: FastRoute
+) -> None:
+    document = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    document.config.generation.update(modes=list(GenerationMode))
+    operations = [result.ok() for result in document.get_all_operations()]  # type: ignore[union-attr]
+    (operation,) = [
+        op for op in operations if op.path == route.path and op.method.upper() == route.method
+    ]
+
+    @given(case=operation.as_strategy())
+    @SCHEMA_RUN
+    def conforms(case: Any) -> None:
+        case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
+
+    conforms()
