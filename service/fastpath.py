@@ -189,11 +189,15 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         methods, params = found
-        route = methods.get(scope["method"])
+        method = scope["method"]
+        # HEAD is GET without the body, as on FastAPI's routes.
+        route = methods.get("GET" if method == "HEAD" else method)
         scope["route"] = route or next(iter(methods.values()))
         try:
             if route is None:
-                raise MethodNotAllowedError(sorted(methods))
+                raise MethodNotAllowedError(
+                    sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
+                )
             body = b""
             if route.accepts is not None:
                 content_type = _content_type(scope)
@@ -224,4 +228,6 @@ class FastPath:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": response.body})
+        await send(
+            {"type": "http.response.body", "body": b"" if method == "HEAD" else response.body}
+        )

@@ -323,7 +323,14 @@ def test_wrong_method_is_405_with_allow(onnx_client: TestClient) -> None:
     response = onnx_client.get(INFER)
     _error(response, 405)
     assert response.headers["allow"] == "POST"
-    assert onnx_client.delete("/v2/models/iris").headers["allow"] == "GET"
+    assert onnx_client.delete("/v2/models/iris").headers["allow"] == "GET, HEAD"
+
+
+def test_head_is_get_without_the_body(onnx_client: TestClient) -> None:
+    get = onnx_client.get("/v2/models/iris/ready")
+    head = onnx_client.head("/v2/models/iris/ready")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == get.headers["content-length"]
 
 
 def test_body_limit_answers_413_in_the_v2_shape(make_client: ClientFactory) -> None:
