@@ -17,7 +17,7 @@ from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import tensor_map
 
 if TYPE_CHECKING:
-    from service.fastpath import Documenter
+    from service.fastpath import Documenter, Handler
     from service.pipeline import PredictionPipeline
 
 SERVER_NAME = "ml-api"
@@ -175,7 +175,9 @@ _MODEL = "/v2/models/{model_name}"
 _VERSION = _MODEL + "/versions/{model_version}"
 
 
-def _get(path: str, handler: Any, summary: str, ok: type[BaseModel], errors: Any) -> FastRoute:
+def _get(
+    path: str, handler: Handler, summary: str, ok: type[BaseModel], errors: dict[int, str]
+) -> FastRoute:
     return FastRoute(
         "GET", path, handler, summary=summary, tags=TAGS, document=_documented(ok, errors)
     )
