@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel
 
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import json_body, responses, schema_ref
-from service.v2 import schemas
 from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import tensor_map
 
@@ -130,9 +128,13 @@ _INFER_ERRORS = {
 }
 
 
-def _documented(ok: type[BaseModel], errors: dict[int, str]) -> Documenter:
+def _documented(ok: str, errors: dict[int, str]) -> Documenter:
     def document(components: dict[str, Any], _: PredictionPipeline | None) -> dict[str, Any]:
-        return {"responses": responses(components, ok, errors, schemas.V2Error)}
+        # The payload models only document: workers import them on the first
+        # /openapi.json, not at every boot.
+        from service.v2 import schemas
+
+        return {"responses": responses(components, getattr(schemas, ok), errors, schemas.V2Error)}
 
     return document
 
@@ -140,6 +142,8 @@ def _documented(ok: type[BaseModel], errors: dict[int, str]) -> Documenter:
 def _document_infer(
     components: dict[str, Any], pipeline: PredictionPipeline | None
 ) -> dict[str, Any]:
+    from service.v2 import schemas
+
     example = None
     if pipeline is not None:
         tensor = served_model(pipeline).codec.tensors.inputs[0]
@@ -175,9 +179,7 @@ _MODEL = "/v2/models/{model_name}"
 _VERSION = _MODEL + "/versions/{model_version}"
 
 
-def _get(
-    path: str, handler: Handler, summary: str, ok: type[BaseModel], errors: dict[int, str]
-) -> FastRoute:
+def _get(path: str, handler: Handler, summary: str, ok: str, errors: dict[int, str]) -> FastRoute:
     return FastRoute(
         "GET", path, handler, summary=summary, tags=TAGS, document=_documented(ok, errors)
     )
@@ -197,21 +199,19 @@ def _infer(path: str, summary: str) -> FastRoute:
 
 
 ROUTES = (
-    _get("/v2", server_metadata, "Server metadata", schemas.ServerMetadata, {}),
-    _get("/v2/health/live", server_live, "Server live", schemas.ServerLive, {}),
+    _get("/v2", server_metadata, "Server metadata", "ServerMetadata", {}),
+    _get("/v2/health/live", server_live, "Server live", "ServerLive", {}),
     _get(
         "/v2/health/ready",
         server_ready,
         "Server ready",
-        schemas.ServerReady,
+        "ServerReady",
         {503: "Model not loaded yet."},
     ),
-    _get(_MODEL, model_metadata, "Model metadata", schemas.ModelMetadata, _MODEL_ERRORS),
-    _get(_MODEL + "/ready", model_ready, "Model ready", schemas.ModelReady, _MODEL_ERRORS),
-    _get(_VERSION, model_metadata, "Model version metadata", schemas.ModelMetadata, _MODEL_ERRORS),
-    _get(
-        _VERSION + "/ready", model_ready, "Model version ready", schemas.ModelReady, _MODEL_ERRORS
-    ),
+    _get(_MODEL, model_metadata, "Model metadata", "ModelMetadata", _MODEL_ERRORS),
+    _get(_MODEL + "/ready", model_ready, "Model ready", "ModelReady", _MODEL_ERRORS),
+    _get(_VERSION, model_metadata, "Model version metadata", "ModelMetadata", _MODEL_ERRORS),
+    _get(_VERSION + "/ready", model_ready, "Model version ready", "ModelReady", _MODEL_ERRORS),
     _infer(_MODEL + "/infer", "Inference"),
     _infer(_VERSION + "/infer", "Inference on a named version"),
 )
