@@ -21,6 +21,7 @@ from service.v2.mapping import Inference, InputTensor, OutputTensor, TensorMap, 
 from service.v2.tensors import (
     ALL_DATATYPES,
     NUMERIC_DATATYPES,
+    Datatype,
     TensorError,
     binary_tensor,
     json_tensor,
@@ -68,24 +69,55 @@ def _split(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
 
 
 def _shape(tensor: InputTensor, value: Any, max_rows: int) -> tuple[int, int]:
-    where = f"input '{tensor.name}'"
-    if (
-        type(value) is not list
-        or len(value) != 2
-        or not all(type(dimension) is int and dimension >= 0 for dimension in value)
-    ):
+    if type(value) is not list or len(value) != 2:
+        rows = columns = None
+    else:
+        rows, columns = value
+    if type(rows) is not int or type(columns) is not int or rows < 0 or columns < 0:
         raise TensorError(
-            f"{where}: shape must be [rows, {len(tensor.columns)}], got {orjson.dumps(value)!r}"
+            f"input '{tensor.name}': shape must be [rows, {len(tensor.columns)}], "
+            f"got {orjson.dumps(value).decode()}"
         )
-    rows, columns = value
     if columns != len(tensor.columns):
         raise TensorError(
-            f"{where}: shape {value} has {columns} columns, the model takes "
+            f"input '{tensor.name}': shape {value} has {columns} columns, the model takes "
             f"{len(tensor.columns)} ({', '.join(tensor.feature_names)})"
         )
     if not 1 <= rows <= max_rows:
-        raise TensorError(f"{where}: shape {value} must have 1 to {max_rows} rows")
+        raise TensorError(f"input '{tensor.name}': shape {value} must have 1 to {max_rows} rows")
     return rows, columns
+
+
+def _datatype(tensor: InputTensor, name: Any) -> Datatype:
+    datatype = NUMERIC_DATATYPES.get(name) if type(name) is str else None
+    if datatype is None or name not in tensor.accepted:
+        if type(name) is not str or name not in ALL_DATATYPES:
+            raise TensorError(f"input '{tensor.name}': unknown datatype {name!r}")
+        check_datatype(tensor, name)
+    assert datatype is not None  # every accepted datatype is numeric today
+    return datatype
+
+
+def _binary_input(
+    tensor: InputTensor,
+    entry: dict[str, Any],
+    binary: bytes,
+    offset: int,
+    size: Any,
+    datatype: Datatype,
+    shape: tuple[int, int],
+) -> npt.NDArray[Any]:
+    where = f"input '{tensor.name}'"
+    if type(size) is not int or size < 0:
+        raise TensorError(f"{where}: binary_data_size must be a non-negative integer")
+    if "data" in entry:
+        raise TensorError(f"{where}: has both data and binary_data_size")
+    if offset + size > len(binary):
+        raise TensorError(
+            f"{where}: binary_data_size {size} goes past the end of the body "
+            f"({len(binary) - offset} bytes left)"
+        )
+    return binary_tensor(binary, offset, size, datatype, shape, where)
 
 
 class InferenceCodec:
@@ -125,8 +157,9 @@ class InferenceCodec:
         by_name = self.tensors.inputs_by_name
         values: dict[str, npt.NDArray[Any]] = {}
         offset = 0
-        for index, raw in enumerate(inputs):
-            entry = _object(raw, f"inputs[{index}]")
+        for index, entry in enumerate(inputs):
+            if type(entry) is not dict:
+                raise TensorError(f"inputs[{index}] must be an object")
             name = entry.get("name")
             tensor = by_name.get(name) if type(name) is str else None
             if tensor is None:
@@ -136,40 +169,34 @@ class InferenceCodec:
                 )
             if name in values:
                 raise TensorError(f"input '{name}' is given twice")
-            datatype_name = entry.get("datatype")
-            if type(datatype_name) is not str or datatype_name not in ALL_DATATYPES:
-                raise TensorError(f"input '{name}': unknown datatype {datatype_name!r}")
-            check_datatype(tensor, datatype_name)
-            datatype = NUMERIC_DATATYPES[datatype_name]
+            datatype = _datatype(tensor, entry.get("datatype"))
             shape = _shape(tensor, entry.get("shape"), self.max_rows)
-            size = _parameters(entry, f"input '{name}'").get("binary_data_size")
-            where = f"input '{name}'"
+            parameters = entry.get("parameters")
+            size = None
+            if parameters is not None:
+                size = _object(parameters, f"input '{name}' parameters").get("binary_data_size")
             if size is not None:
-                if type(size) is not int or size < 0:
-                    raise TensorError(f"{where}: binary_data_size must be a non-negative integer")
-                if "data" in entry:
-                    raise TensorError(f"{where}: has both data and binary_data_size")
-                if offset + size > len(binary):
-                    raise TensorError(
-                        f"{where}: binary_data_size {size} goes past the end of the body "
-                        f"({len(binary) - offset} bytes left)"
-                    )
-                tensor_values = binary_tensor(binary, offset, size, datatype, shape, where)
+                tensor_values = _binary_input(tensor, entry, binary, offset, size, datatype, shape)
                 offset += size
-            else:
-                if "data" not in entry:
-                    raise TensorError(f"{where}: no data and no binary_data_size")
+            elif "data" in entry:
                 tensor_values = json_tensor(
-                    entry["data"], datatype, shape, where, tensor.feature_names, bools_possible
+                    entry["data"],
+                    datatype,
+                    shape,
+                    f"input '{name}'",
+                    tensor.feature_names,
+                    bools_possible,
                 )
+            else:
+                raise TensorError(f"input '{name}': no data and no binary_data_size")
             tensor.check(tensor_values)
             values[tensor.name] = tensor_values
         if offset != len(binary):
             raise TensorError(
                 f"the body has {len(binary) - offset} bytes after the binary tensor data"
             )
-        missing = [name for name in by_name if name not in values]
-        if missing:
+        if len(values) != len(by_name):
+            missing = [name for name in by_name if name not in values]
             raise TensorError("missing input " + ", ".join(f"'{name}'" for name in missing))
         return self._assemble(values)
 

@@ -29,6 +29,7 @@ from service.schemas import FLOAT32_MAX
 from service.v2.tensors import NUMERIC_DATATYPES, TensorError, bytes_tensor_binary
 
 FEATURES_INPUT = "features"
+SMALL_TENSOR = 64
 # What the pipeline's inference returns: class probabilities and the winning class.
 Inference = tuple[npt.NDArray[np.floating], npt.NDArray[np.intp]]
 
@@ -43,6 +44,14 @@ class Bounds:
     upper: npt.NDArray[np.float64]
     lower_text: tuple[str, ...]
     upper_text: tuple[str, ...]
+
+    @functools.cached_property
+    def lower_list(self) -> list[float]:
+        return [float(bound) for bound in self.lower]
+
+    @functools.cached_property
+    def upper_list(self) -> list[float]:
+        return [float(bound) for bound in self.upper]
 
     @functools.cached_property
     def tiled_lower(self) -> npt.NDArray[np.float64]:
@@ -104,17 +113,27 @@ class InputTensor:
         row, several times slower.
         """
         bounds = self.bounds
-        flat = values.astype(np.float64, copy=False).reshape(-1)
-        block = bounds.tiled_lower.size
-        for start in range(0, flat.size, block):
-            chunk = flat[start : start + block]
-            size = chunk.size
-            if not (
-                (chunk >= bounds.tiled_lower[:size]) & (chunk <= bounds.tiled_upper[:size])
-            ).all():
-                break
+        if values.size <= SMALL_TENSOR:
+            # A few rows: numpy's per-call overhead would cost more than the work.
+            lower, upper = bounds.lower_list, bounds.upper_list
+            if all(
+                lower[column] <= value <= upper[column]
+                for row in values.tolist()
+                for column, value in enumerate(row)
+            ):
+                return
         else:
-            return
+            flat = values.astype(np.float64, copy=False).reshape(-1)
+            block = bounds.tiled_lower.size
+            for start in range(0, flat.size, block):
+                chunk = flat[start : start + block]
+                size = chunk.size
+                if not (
+                    (chunk >= bounds.tiled_lower[:size]) & (chunk <= bounds.tiled_upper[:size])
+                ).all():
+                    break
+            else:
+                return
         valid = (values >= bounds.lower) & (values <= bounds.upper)
         invalid = np.argwhere(~valid)
         row, column = (int(i) for i in invalid[0])

@@ -395,3 +395,19 @@ def test_single_row_answers_like_predict(client: TestClient) -> None:
     np.testing.assert_allclose(
         outputs["probabilities"][0], [expected["probabilities"][c] for c in CLASSES], atol=1e-6
     )
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 100, 1000])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf, 0.0, 50.0])
+def test_bounds_hold_for_small_and_large_tensors(
+    onnx_client: TestClient, rows: int, bad: float
+) -> None:
+    # Up to 64 elements are checked in Python, more by numpy: the same rules.
+    data = np.tile(ROWS[:1], (rows, 1))
+    data[rows - 1, 1] = bad
+    body, headers = binary_request(data)
+    message = _error(onnx_client.post(INFER, content=body, headers=headers), 400)
+    assert message.startswith(f"input 'features' row {rows - 1} feature 'sepal_width': ")
+    data[rows - 1, 1] = 28.4  # the inclusive maximum itself is valid
+    body, headers = binary_request(data)
+    assert onnx_client.post(INFER, content=body, headers=headers).status_code == 200
