@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from service.auth import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
 from service.bundle import BundleError
 from service.errors import install_error_handlers
-from service.fastpath import PredictionFastPath
+from service.fastpath import FastPath
 from service.keyfile import KeyFileError
 from service.logs import APP_LOGGER, AccessLog, configure_logging
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
@@ -32,7 +32,8 @@ from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
 from service.predictor import Predictor, load_predictor, start_micro_batching
-from service.routes import health, model_info, predict
+from service.routes import health, model_info
+from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ class MlApi:
     """The ASGI application Gunicorn serves.
 
     Request context (id, access log, HTTP metrics), the body limit and the
-    prediction fast path wrap the FastAPI app from outside, so a prediction
+    fast path (the prediction and Open Inference Protocol routes of
+    service.routes.table) wrap the FastAPI app from outside, so a prediction
     skips FastAPI's per-request machinery entirely; every other route, and
     the lifespan, is FastAPI's.
     """
@@ -164,7 +166,7 @@ class MlApi:
             from service.metrics.http import HttpMetrics
 
             http_metrics = HttpMetrics()
-        fast_path = PredictionFastPath(api)
+        fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
         authenticated = ApiKeyMiddleware(limited, keys, public_paths)
         self._asgi = RequestContextMiddleware(
@@ -232,7 +234,6 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     api.state.pipeline = None
     api.state.rollouts_dir = settings.prometheus_multiproc_dir
     api.state.keys = keys
-    api.include_router(predict.router)
     api.include_router(health.router)
     api.include_router(model_info.router)
     if settings.metrics_enabled:
@@ -244,7 +245,9 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     public_paths = set(DOCS_PATHS) if settings.docs == "public" else set()
 
     def openapi() -> dict[str, Any]:
-        return build_openapi(api, lambda path: is_open_path(path, public_paths | OPEN_PATHS))
+        return build_openapi(
+            api, FAST_ROUTES, lambda path: is_open_path(path, public_paths | OPEN_PATHS)
+        )
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings, keys, public_paths)

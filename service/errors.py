@@ -1,77 +1,177 @@
-"""Every error leaves as JSON saying what is wrong and where, with the request id."""
+"""Every error leaves as JSON saying what is wrong and where.
+
+One table maps an exception to its status, headers and detail; the fast path
+and FastAPI's exception handlers both answer through it. The body shape
+depends on the API family: ml-api's own routes answer
+`{"detail": ..., "request_id": ...}`, the Open Inference Protocol routes under
+/v2 answer `{"error": "..."}` as that protocol requires.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Scope, Send
 
 from service.batching import BatchQueueFullError, InferenceError
 from service.logs import INTERNAL_ERROR, log_unexpected
-from service.middleware import BodyTooLargeError, error_payload, request_id_of
 from service.pipeline import RequestBodyError
 
+V2_PREFIX = "/v2"
 
-def error_response(
-    request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None
-) -> Response:
+
+class ClientError(Exception):
+    """A request the service refuses, with the status and message to answer it with."""
+
+    status = 400
+
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class NotFoundError(ClientError):
+    status = 404
+
+
+class MethodNotAllowedError(ClientError):
+    status = 405
+
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__("Method Not Allowed", {"allow": ", ".join(allowed)})
+
+
+class UnsupportedMediaTypeError(ClientError):
+    status = 415
+
+
+class ModelNotLoadedError(ClientError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("model not loaded", {"retry-after": "1"})
+
+
+class BodyTooLargeError(Exception):
+    def __init__(self, limit: int, size: int | None = None) -> None:
+        of_size = f" of {size} bytes" if size is not None else ""
+        self.detail = f"request body{of_size} exceeds the limit of {limit} bytes"
+        super().__init__(self.detail)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    status: int
+    detail: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _client_error(exc: Exception) -> ErrorAnswer:
+    assert isinstance(exc, ClientError)
+    return ErrorAnswer(exc.status, exc.detail, exc.headers)
+
+
+def _http_error(exc: Exception) -> ErrorAnswer:
+    assert isinstance(exc, HTTPException)
+    return ErrorAnswer(exc.status_code, exc.detail, dict(exc.headers or {}))
+
+
+ERROR_TABLE: dict[type[Exception], Callable[[Exception], ErrorAnswer]] = {
+    ClientError: _client_error,
+    RequestBodyError: lambda exc: ErrorAnswer(422, exc.errors),  # type: ignore[attr-defined]
+    BodyTooLargeError: lambda exc: ErrorAnswer(413, str(exc), {"connection": "close"}),
+    BatchQueueFullError: lambda exc: ErrorAnswer(503, f"server busy: {exc}", {"retry-after": "1"}),
+    # Valid inputs, failed backend call (validation runs first): only that
+    # batch's callers see it.
+    InferenceError: lambda exc: ErrorAnswer(500, str(exc)),
+    HTTPException: _http_error,
+}
+
+
+def answer_for(exc: Exception, scope: Scope) -> ErrorAnswer:
+    for kind in type(exc).__mro__:
+        answer = ERROR_TABLE.get(kind)
+        if answer is not None:
+            return answer(exc)
+    # A bug: the tests send every malformed shape they can think of and
+    # assert none gets here.
+    log_unexpected(exc, request_id_of(scope), scope["path"])
+    return ErrorAnswer(500, INTERNAL_ERROR)
+
+
+def request_id_of(scope: Scope) -> str | None:
+    state = scope.get("state")
+    return state.get("request_id") if isinstance(state, dict) else None
+
+
+def is_v2_path(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def _message(detail: Any) -> str:
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}"
+            if isinstance(item, dict)
+            else str(item)
+            for item in detail
+        )
+    return str(detail)
+
+
+def error_payload(scope: Scope, detail: Any) -> bytes:
+    if is_v2_path(scope["path"]):
+        return orjson.dumps({"error": _message(detail)})
+    return orjson.dumps({"detail": detail, "request_id": request_id_of(scope)})
+
+
+async def send_json_bytes(
+    send: Send,
+    status: int,
+    payload: bytes,
+    headers: dict[str, str] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
+    raw_headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(payload))]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def send_error(
+    send: Send, scope: Scope, status: int, detail: Any, headers: dict[str, str] | None = None
+) -> None:
+    await send_json_bytes(send, status, error_payload(scope, detail), headers)
+
+
+async def send_exception(send: Send, scope: Scope, exc: Exception) -> None:
+    answer = answer_for(exc, scope)
+    await send_error(send, scope, answer.status, answer.detail, answer.headers)
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    answer = answer_for(exc, request.scope)
     return Response(
-        error_payload(request.scope, detail),
-        status,
-        headers=dict(headers or {}),
+        error_payload(request.scope, answer.detail),
+        answer.status,
+        headers=answer.headers,
         media_type="application/json",
     )
 
 
-async def _invalid_body(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestBodyError)
-    return error_response(request, 422, exc.errors)
-
-
-async def _request_validation(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return error_response(request, 422, errors)
-
-
-async def _too_large(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BodyTooLargeError)
-    return error_response(request, 413, exc.detail, {"connection": "close"})
-
-
-async def _queue_full(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BatchQueueFullError)
-    return error_response(request, 503, f"server busy: {exc}", {"retry-after": "1"})
-
-
-async def _inference_failed(request: Request, exc: Exception) -> Response:
-    # The inputs were valid (validation runs first): the backend failed on a
-    # batch. Only that batch's callers see this.
-    assert isinstance(exc, InferenceError)
-    return error_response(request, 500, str(exc))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error_response(request, exc.status_code, exc.detail, exc.headers)
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    # Reaching this is a bug: the tests send every malformed shape they can
-    # think of and assert none gets here.
-    log_unexpected(exc, request_id_of(request.scope), request.url.path)
-    return error_response(request, 500, INTERNAL_ERROR)
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestBodyError, _invalid_body)
-    app.add_exception_handler(RequestValidationError, _request_validation)
-    app.add_exception_handler(BodyTooLargeError, _too_large)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(BatchQueueFullError, _queue_full)
-    app.add_exception_handler(InferenceError, _inference_failed)
-    app.add_exception_handler(Exception, _unexpected)
+    # Only what FastAPI's own routes can raise: predictions never reach FastAPI
+    # (the fast path answers them), and FastAPI's routes take no parameters.
+    app.add_exception_handler(HTTPException, _handle)
+    app.add_exception_handler(ClientError, _handle)
+    app.add_exception_handler(Exception, _handle)

@@ -1,42 +1,99 @@
-"""POST /predict and /predict/batch served straight from ASGI.
+"""The routes answered straight from ASGI, declared once in one table.
 
-These two routes are the whole point of the service and cost microseconds of
-model time, so FastAPI's per-request machinery (routing, dependency solving,
-Request and Response objects, the exception middleware) would be most of the
-cost. This layer answers them directly with the same pipeline, the same
-validation and the same error bodies; the FastAPI routes stay declared for the
-OpenAPI document and answer 503 while no model is loaded.
+Predictions cost microseconds of model time, so FastAPI's per-request
+machinery (routing, dependency solving, Request and Response objects, the
+exception middleware) would be most of the cost. Each `FastRoute` is declared
+once: the fast path dispatches from the table, the OpenAPI document is built
+from it (service.openapi) and the request metrics label requests with its
+path template (scope["route"].path, as FastAPI's own routes do). Requests
+that match no route go on to FastAPI.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from starlette.applications import Starlette
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.batching import BatchQueueFullError, InferenceError
-from service.logs import INTERNAL_ERROR, log_unexpected
-from service.middleware import BodyTooLargeError, request_id_of, send_error, send_json_bytes
-from service.pipeline import PredictionPipeline, RequestBodyError
+from service.errors import (
+    MethodNotAllowedError,
+    ModelNotLoadedError,
+    NotFoundError,
+    UnsupportedMediaTypeError,
+    is_v2_path,
+    send_exception,
+)
 
+if TYPE_CHECKING:
+    from service.pipeline import PredictionPipeline
 
-@dataclass(frozen=True)
-class RouteTemplate:
-    """What the request metrics read from scope["route"] for the handler label."""
-
-    path: str
-
-
-PREDICT = RouteTemplate("/predict")
-PREDICT_BATCH = RouteTemplate("/predict/batch")
-_ROUTES = {PREDICT.path: PREDICT, PREDICT_BATCH.path: PREDICT_BATCH}
-JSON_REQUIRED = "request body must be application/json"
+JSON = b"application/json"
+_PARAMETER = re.compile(r"\{([a-z_]+)\}")
 
 
 class ClientDisconnectedError(Exception):
     pass
+
+
+@dataclass(slots=True)
+class FastRequest:
+    scope: Scope
+    params: dict[str, str]
+    body: bytes
+    pipeline: PredictionPipeline | None
+    server_version: str
+
+    def require_pipeline(self) -> PredictionPipeline:
+        if self.pipeline is None:
+            raise ModelNotLoadedError
+        return self.pipeline
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return bytes(value)
+        return None
+
+
+@dataclass(slots=True)
+class FastResponse:
+    body: bytes
+    status: int = 200
+    content_type: bytes = JSON
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BodyTypes:
+    accepts: Callable[[str | None], bool]
+    description: str
+
+
+Handler = Callable[[FastRequest], Awaitable[FastResponse]]
+# (components, pipeline or None before startup) -> the operation's OpenAPI fields.
+Documenter = Callable[[dict[str, Any], "PredictionPipeline | None"], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    method: str
+    # The path template: what the router matches and the metrics' handler label.
+    path: str
+    handler: Handler
+    summary: str
+    tags: tuple[str, ...]
+    document: Documenter
+    # Media types a request body may have (checked before the body is read);
+    # None: the route takes no body.
+    accepts: BodyTypes | None = None
+    description: str | None = None
+
+    @property
+    def parameters(self) -> list[str]:
+        return _PARAMETER.findall(self.path)
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -44,6 +101,9 @@ def is_json_content_type(content_type: str | None) -> bool:
         return True
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
+
+
+JSON_BODY = BodyTypes(is_json_content_type, "request body must be application/json")
 
 
 def _content_type(scope: Scope) -> str | None:
@@ -64,58 +124,110 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-class PredictionFastPath:
-    def __init__(self, app: Starlette) -> None:
+def _compile(template: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    end = 0
+    for found in _PARAMETER.finditer(template):
+        parts += [re.escape(template[end : found.start()]), f"(?P<{found.group(1)}>[^/]+)"]
+        end = found.end()
+    parts.append(re.escape(template[end:]))
+    return re.compile("".join(parts))
+
+
+class RouteTable:
+    """Path → {method: route}: static paths by dict lookup, templates by regex."""
+
+    def __init__(self, routes: Iterable[FastRoute]) -> None:
+        self.routes = tuple(routes)
+        self._static: dict[str, dict[str, FastRoute]] = {}
+        self._templated: list[tuple[re.Pattern[str], dict[str, FastRoute]]] = []
+        by_path: dict[str, dict[str, FastRoute]] = {}
+        for route in self.routes:
+            methods = by_path.setdefault(route.path, {})
+            if route.method in methods:
+                raise ValueError(f"{route.method} {route.path} is declared twice")
+            methods[route.method] = route
+        for path, methods in by_path.items():
+            if _PARAMETER.search(path):
+                self._templated.append((_compile(path), methods))
+            else:
+                self._static[path] = methods
+
+    def match(self, path: str) -> tuple[dict[str, FastRoute], dict[str, str]] | None:
+        # The V2 specification's own document writes the server metadata
+        # path as /v2/: a trailing slash is the same resource there.
+        if len(path) > 3 and path[-1] == "/" and is_v2_path(path):
+            path = path[:-1]
+        methods = self._static.get(path)
+        if methods is not None:
+            return methods, {}
+        for pattern, methods in self._templated:
+            found = pattern.fullmatch(path)
+            if found is not None:
+                return methods, found.groupdict()
+        return None
+
+
+class FastPath:
+    def __init__(self, app: ASGIApp, routes: Iterable[FastRoute], server_version: str) -> None:
         self.app = app
+        self.table = RouteTable(routes)
+        self._server_version = server_version
         # Where the lifespan puts the loaded pipeline.
-        self._state = app.state
+        self._state = getattr(app, "state", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            route = _ROUTES.get(scope["path"])
-            pipeline = getattr(self._state, "pipeline", None) if route else None
-            if route is not None and pipeline is not None:
-                scope["route"] = route
-                await self._predict(scope, receive, send, pipeline, route is PREDICT_BATCH)
-                return
-        await self.app(scope, receive, send)
-
-    async def _predict(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        pipeline: PredictionPipeline,
-        batch: bool,
-    ) -> None:
-        if not is_json_content_type(_content_type(scope)):
-            await send_error(send, scope, 415, JSON_REQUIRED)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        headers: dict[str, str] = {}
-        detail: Any
+        found = self.table.match(scope["path"])
+        if found is None:
+            if is_v2_path(scope["path"]):
+                # The V2 namespace is all ours: its 404s answer in its error shape.
+                await send_exception(send, scope, NotFoundError(f"no endpoint {scope['path']}"))
+                return
+            await self.app(scope, receive, send)
+            return
+        methods, params = found
+        method = scope["method"]
+        # HEAD is GET without the body, as on FastAPI's routes.
+        route = methods.get("GET" if method == "HEAD" else method)
+        scope["route"] = route or next(iter(methods.values()))
         try:
-            body = await _read_body(receive)
-            predict = pipeline.predict_batch if batch else pipeline.predict_one
-            payload = await predict(body)
+            if route is None:
+                raise MethodNotAllowedError(
+                    sorted({*methods, *(("HEAD",) if "GET" in methods else ())})
+                )
+            body = b""
+            if route.accepts is not None:
+                content_type = _content_type(scope)
+                if not route.accepts.accepts(content_type):
+                    raise UnsupportedMediaTypeError(route.accepts.description)
+                body = await _read_body(receive)
+            request = FastRequest(
+                scope,
+                params,
+                body,
+                getattr(self._state, "pipeline", None),
+                self._server_version,
+            )
+            response = await route.handler(request)
         except ClientDisconnectedError:
             return
-        except RequestBodyError as exc:
-            status, detail = 422, exc.errors
-        except BodyTooLargeError as exc:
-            status, detail = 413, exc.detail
-            headers["connection"] = "close"
-        except BatchQueueFullError as exc:
-            status, detail = 503, f"server busy: {exc}"
-            headers["retry-after"] = "1"
-        except InferenceError as exc:
-            # Valid inputs, failed backend call: only this batch's callers see it.
-            status, detail = 500, str(exc)
         except Exception as exc:
-            # A bug: the tests send every malformed shape they can think of and
-            # assert none gets here. Outside FastAPI, so answered as FastAPI would.
-            log_unexpected(exc, request_id_of(scope), scope["path"])
-            status, detail = 500, INTERNAL_ERROR
-        else:
-            await send_json_bytes(send, 200, payload)
+            await send_exception(send, scope, exc)
             return
-        await send_error(send, scope, status, detail, headers)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"content-length", b"%d" % len(response.body)),
+                    *response.headers,
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if method == "HEAD" else response.body}
+        )

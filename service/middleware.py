@@ -6,11 +6,17 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Re-exported: the helpers every ASGI layer answers errors with.
+from service.errors import BodyTooLargeError as BodyTooLargeError
+from service.errors import error_payload as error_payload
+from service.errors import request_id_of as request_id_of
+from service.errors import send_error as send_error
+from service.errors import send_exception
+from service.errors import send_json_bytes as send_json_bytes
 from service.logs import AccessLog
 
 if TYPE_CHECKING:
@@ -30,11 +36,6 @@ def method_label(method: str) -> str:
 REQUEST_ID_HEADER = b"x-request-id"
 # Ids from clients or the proxy are echoed into logs and headers: keep them short and inert.
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
-
-
-def request_id_of(scope: Scope) -> str | None:
-    state = scope.get("state")
-    return state.get("request_id") if isinstance(state, dict) else None
 
 
 class RequestContextMiddleware:
@@ -101,37 +102,6 @@ class RequestContextMiddleware:
             )
 
 
-class BodyTooLargeError(Exception):
-    def __init__(self, limit: int, size: int | None = None) -> None:
-        of_size = f" of {size} bytes" if size is not None else ""
-        self.detail = f"request body{of_size} exceeds the limit of {limit} bytes"
-        super().__init__(self.detail)
-        self.limit = limit
-
-
-def error_payload(scope: Scope, detail: Any) -> bytes:
-    """The one error body shape: {"detail": ..., "request_id": ...}."""
-    return orjson.dumps({"detail": detail, "request_id": request_id_of(scope)})
-
-
-async def send_json_bytes(
-    send: Send, status: int, payload: bytes, headers: dict[str, str] | None = None
-) -> None:
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def send_error(
-    send: Send, scope: Scope, status: int, detail: Any, headers: dict[str, str] | None = None
-) -> None:
-    await send_json_bytes(send, status, error_payload(scope, detail), headers)
-
-
 class BodySizeLimitMiddleware:
     """413 for bodies over the limit, without reading them whole: a declared
     Content-Length is refused before any body is read, and a chunked body is
@@ -147,8 +117,7 @@ class BodySizeLimitMiddleware:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                too_large = BodyTooLargeError(self.max_bytes, int(value))
-                await send_error(send, scope, 413, too_large.detail, {"connection": "close"})
+                await send_exception(send, scope, BodyTooLargeError(self.max_bytes, int(value)))
                 return
         received = 0
 

@@ -1,57 +1,108 @@
-"""The OpenAPI document, completed with the request schemas of the loaded bundle."""
+"""The OpenAPI document: FastAPI's routes plus the fast path's route table.
+
+The fast routes document themselves (their request schemas come from the
+loaded bundle), so a route is declared once and documented from that
+declaration.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from service.openapi_security import declare_api_key_security
-from service.pipeline import PredictionPipeline
+
+if TYPE_CHECKING:
+    from service.fastpath import FastRoute
+    from service.pipeline import PredictionPipeline
 
 REF = "#/components/schemas/{model}"
 
 
-def _request_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+def schema_ref(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    """Add `model` (and what it refers to) to the components; return a reference to it."""
     schema = model.model_json_schema(ref_template=REF)
     components.update(schema.pop("$defs", {}))
     components[model.__name__] = schema
-    return {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def json_body(
+    schema: dict[str, Any], *, example: Any = None, extra_media_types: Iterable[str] = ()
+) -> dict[str, Any]:
+    media = {"schema": schema} | ({"example": example} if example is not None else {})
+    content = {"application/json": media}
+    for media_type in extra_media_types:
+        content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    return {"required": True, "content": content}
+
+
+def responses(
+    components: dict[str, Any],
+    ok: type[BaseModel],
+    errors: dict[int, str],
+    error_model: type[BaseModel],
+    *,
+    ok_media_types: Iterable[str] = (),
+) -> dict[str, Any]:
+    ok_content: dict[str, Any] = {"application/json": {"schema": schema_ref(ok, components)}}
+    for media_type in ok_media_types:
+        ok_content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    documented: dict[str, Any] = {"200": {"description": "OK", "content": ok_content}}
+    error_schema = schema_ref(error_model, components)
+    for status, description in errors.items():
+        documented[str(status)] = {
+            "description": description,
+            "content": {"application/json": {"schema": error_schema}},
+        }
+    return documented
+
+
+def _operation(
+    route: FastRoute, components: dict[str, Any], pipeline: PredictionPipeline | None
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "tags": list(route.tags),
+        "summary": route.summary,
+        "operationId": f"{route.method.lower()}_{route.path.strip('/').replace('/', '_')}".replace(
+            "{", ""
+        ).replace("}", ""),
     }
+    if route.description:
+        operation["description"] = route.description
+    if route.parameters:
+        operation["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in route.parameters
+        ]
+    operation.update(route.document(components, pipeline))
+    return operation
 
 
-def build_openapi(app: FastAPI, is_open: Callable[[str], bool]) -> dict[str, Any]:
+def build_openapi(
+    app: FastAPI, fast_routes: Iterable[FastRoute], is_open: Callable[[str], bool]
+) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    declare_api_key_security(document, is_open)
     pipeline: PredictionPipeline | None = getattr(app.state, "pipeline", None)
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    paths = document.setdefault("paths", {})
+    for route in fast_routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(
+            route, components, pipeline
+        )
+    # After the fast routes: their operations need the security requirement too.
+    declare_api_key_security(document, is_open)
     if pipeline is None:
         # Not cached: before startup the bundle's schemas are unknown.
         return document
-    components = document.setdefault("components", {}).setdefault("schemas", {})
-    paths = document["paths"]
-    paths["/predict"]["post"]["requestBody"] = _request_body(pipeline.models.instance, components)
-    paths["/predict/batch"]["post"]["requestBody"] = _request_body(
-        pipeline.models.batch, components
-    )
-    for path, model in (
-        ("/predict", pipeline.models.response),
-        ("/predict/batch", pipeline.models.batch_response),
-    ):
-        # Classification or regression answers, as this bundle gives them.
-        schema = model.model_json_schema(ref_template=REF)
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
-        ok = paths[path]["post"]["responses"]["200"]["content"]["application/json"]
-        ok["schema"] = {"$ref": REF.format(model=model.__name__)}
     manifest = pipeline.predictor.manifest
     document["info"]["x-model"] = {"name": manifest.name, "version": manifest.version}
     app.openapi_schema = document

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from service.backends.base import FloatMatrix
+from service.backends.base import FloatMatrix, Outputs
 from service.predictor import Predictor
 from service.schemas import RequestModels, build_request_models
 
@@ -197,12 +197,15 @@ class PredictionPipeline:
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
         return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
-    async def infer(self, rows: FloatMatrix) -> list[dict[str, Any]]:
+    async def outputs(self, rows: FloatMatrix) -> Outputs:
+        """The backend's raw answer (probabilities, or predicted values), with its metrics."""
         outputs = await self.predictor.predict(rows)
-        answers = self._answers(outputs)
         if self.metrics is not None:
             self.metrics.observe_predictions(rows, outputs)
-        return answers
+        return outputs
+
+    async def infer(self, rows: FloatMatrix) -> list[dict[str, Any]]:
+        return self._answers(await self.outputs(rows))
 
     def class_predictions(self, probabilities: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
         names = self._class_names

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 
+from service.errors import ModelNotLoadedError
 from service.manifest import Manifest
 from service.pipeline import PredictionPipeline
 from service.rollout_record import read_record
@@ -25,7 +26,7 @@ def _drift(manifest: Manifest) -> dict[str, Any]:
 async def model_info(request: Request) -> dict[str, Any]:
     pipeline: PredictionPipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
-        raise HTTPException(503, "model not loaded", headers={"retry-after": "1"})
+        raise ModelNotLoadedError
     predictor = pipeline.predictor
     manifest = predictor.manifest
     return {

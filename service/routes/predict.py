@@ -1,47 +1,67 @@
-"""The prediction routes as FastAPI sees them: their OpenAPI documentation,
-and the answer while no model is loaded.
-
-Once the lifespan has loaded the model, service.fastpath answers both routes
-before FastAPI is reached, with the same validation and error bodies. The
-request body schemas depend on the bundle and are added to the OpenAPI
-document by service.openapi.
-"""
+"""POST /predict and /predict/batch: ml-api's own prediction API, on the fast path."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from typing import TYPE_CHECKING, Any
 
+from service.fastpath import JSON_BODY, Documenter, FastRequest, FastResponse, FastRoute
+from service.openapi import json_body, responses, schema_ref
 from service.schemas import BatchPredictionResponse, ErrorResponse, PredictionResponse
 
-router = APIRouter(tags=["predict"])
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    413: {"model": ErrorResponse, "description": "Body larger than MAX_REQUEST_BYTES."},
-    415: {"model": ErrorResponse, "description": "Body is not JSON."},
-    422: {"model": ErrorResponse, "description": "Body is not valid for this model."},
-    503: {"model": ErrorResponse, "description": "Model not loaded yet, or server busy."},
+    from service.pipeline import PredictionPipeline
+
+_ERRORS = {
+    413: "Body larger than MAX_REQUEST_BYTES.",
+    415: "Body is not JSON.",
+    422: "Body is not valid for this model.",
+    503: "Model not loaded yet, or server busy.",
 }
 
 
-def _not_loaded() -> HTTPException:
-    return HTTPException(503, "model not loaded", headers={"retry-after": "1"})
+async def predict(request: FastRequest) -> FastResponse:
+    return FastResponse(await request.require_pipeline().predict_one(request.body))
 
 
-@router.post(
-    "/predict",
-    response_model=PredictionResponse,
-    responses=_ERRORS,
-    summary="Predict the class of one instance",
+async def predict_batch(request: FastRequest) -> FastResponse:
+    return FastResponse(await request.require_pipeline().predict_batch(request.body))
+
+
+def _documenter(request_model: str, response_model: str, unloaded: type[BaseModel]) -> Documenter:
+    def document(components: dict[str, Any], pipeline: PredictionPipeline | None) -> dict[str, Any]:
+        if pipeline is None:
+            return {"responses": responses(components, unloaded, _ERRORS, ErrorResponse)}
+        # Request and answer schemas are the bundle's (its features; a
+        # classifier's or a regressor's answer): known once it is loaded.
+        ok = getattr(pipeline.models, response_model)
+        model = getattr(pipeline.models, request_model)
+        return {
+            "responses": responses(components, ok, _ERRORS, ErrorResponse),
+            "requestBody": json_body(schema_ref(model, components)),
+        }
+
+    return document
+
+
+ROUTES = (
+    FastRoute(
+        "POST",
+        "/predict",
+        predict,
+        summary="Predict one instance: its class (classifier) or value (regressor)",
+        tags=("predict",),
+        document=_documenter("instance", "response", PredictionResponse),
+        accepts=JSON_BODY,
+    ),
+    FastRoute(
+        "POST",
+        "/predict/batch",
+        predict_batch,
+        summary="Predict 1 to MAX_BATCH_SIZE instances in one inference call",
+        tags=("predict",),
+        document=_documenter("batch", "batch_response", BatchPredictionResponse),
+        accepts=JSON_BODY,
+    ),
 )
-async def predict() -> PredictionResponse:
-    raise _not_loaded()
-
-
-@router.post(
-    "/predict/batch",
-    response_model=BatchPredictionResponse,
-    responses=_ERRORS,
-    summary="Predict the classes of 1 to MAX_BATCH_SIZE instances in one inference call",
-)
-async def predict_batch() -> BatchPredictionResponse:
-    raise _not_loaded()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,7 @@ from service.app import create_app
 from service.settings import ServiceSettings
 from tests.support.bundles import SETOSA, pinned_digests
 from tests.support.user_models import CITIES, MIXED_NAME, package_mixed_regressor
+from tests.support.v2 import HEADER_LENGTH, INFER
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -44,9 +46,14 @@ FUZZ = settings(
 
 def _assert_client_error_or_ok(response: Any) -> None:
     assert response.status_code < 500, response.text
+    if response.headers.get(HEADER_LENGTH) is not None:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/octet-stream"
+        return
     assert response.headers["content-type"].startswith("application/json")
     if response.status_code >= 400:
-        assert response.json()["detail"]
+        body = response.json()
+        assert body["error"] if response.request.url.path.startswith("/v2") else body["detail"]
 
 
 @FUZZ
@@ -92,7 +99,19 @@ def test_nearly_valid_rows_never_cause_a_server_error(
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
 @pytest.mark.parametrize(
-    "path", ["/predict", "/predict/batch", "/nope", "/health/../predict", "/%ff", "/model-info?x=1"]
+    "path",
+    [
+        "/predict",
+        "/predict/batch",
+        "/nope",
+        "/health/../predict",
+        "/%ff",
+        "/model-info?x=1",
+        "/v2",
+        "/v2/models/iris/infer",
+        "/v2/models/%ff/ready",
+        "/v2/models//infer",
+    ],
 )
 def test_wrong_methods_and_paths_are_client_errors(
     onnx_client: TestClient, method: str, path: str
@@ -123,6 +142,114 @@ def test_a_bug_still_answers_json_500_with_the_request_id(
     (record,) = [r for r in caplog.records if r.getMessage() == "unhandled exception"]
     assert record.fields["request_id"] == "bug-1"  # type: ignore[attr-defined]
     assert "simulated bug" in str(record.exc_info)
+
+
+V2_DATATYPES = ["FP32", "FP64", "INT8", "INT32", "UINT64", "FP16", "BOOL", "BYTES", "?"]
+DTYPES = {"FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT32": "<i4", "UINT64": "<u8"}
+tensor_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.floats(min_value=0.1, max_value=20),
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+shapes = st.one_of(
+    st.tuples(st.integers(0, 3), st.integers(0, 5)).map(list),
+    st.lists(st.integers(-2, 5), max_size=3),
+    json_values,
+)
+v2_inputs = st.fixed_dictionaries(
+    {"name": st.sampled_from(["features", "other", ""]) | json_values, "shape": shapes},
+    optional={
+        "datatype": st.sampled_from(V2_DATATYPES) | json_values,
+        "data": st.lists(tensor_values, max_size=12) | json_values,
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": json_values}),
+    },
+)
+v2_requests = st.fixed_dictionaries(
+    {"inputs": st.lists(v2_inputs, max_size=2) | json_values},
+    optional={
+        "id": json_values,
+        "parameters": st.dictionaries(st.sampled_from(["binary_data_output", "x"]), json_values),
+        "outputs": st.lists(
+            st.fixed_dictionaries(
+                {"name": st.sampled_from(["probabilities", "predicted_class", "nope"])},
+                optional={"parameters": st.fixed_dictionaries({"binary_data": json_values})},
+            ),
+            max_size=3,
+        )
+        | json_values,
+    },
+)
+
+
+@FUZZ
+@given(request=v2_requests)
+def test_arbitrary_v2_requests_never_cause_a_server_error(
+    onnx_client: TestClient, request: dict[str, Any]
+) -> None:
+    _assert_client_error_or_ok(onnx_client.post(INFER, content=json.dumps(request).encode()))
+
+
+def _raw(values: list[float], dtype: str) -> bytes:
+    with np.errstate(all="ignore"):  # NaN and overflow casts are what this fuzzes
+        return np.array(values, dtype=np.float64).astype(dtype).tobytes()
+
+
+@st.composite
+def binary_frames(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    """A binary-extension request, valid or broken anywhere: sizes, shapes, header length, bytes."""
+    rows = draw(st.integers(0, 4))
+    columns = draw(st.sampled_from([4, 4, 4, 3, 5]))
+    datatype = draw(st.sampled_from([*DTYPES, "FP16", "BYTES"]))
+    itemsize = np.dtype(DTYPES.get(datatype, "<f4")).itemsize
+    true_size = rows * columns * itemsize
+    payload = draw(
+        st.binary(min_size=true_size, max_size=true_size)
+        | st.binary(max_size=true_size + 8)
+        | st.lists(tensor_values, min_size=rows * columns, max_size=rows * columns).map(
+            lambda values: _raw(values, DTYPES.get(datatype, "<f4"))
+        )
+    )
+    declared = draw(st.just(len(payload)) | st.integers(-2, true_size + 8) | json_values)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [rows, columns],
+                    "datatype": datatype,
+                    "parameters": {"binary_data_size": declared},
+                }
+            ],
+            "parameters": {"binary_data_output": draw(st.booleans())},
+        }
+    ).encode()
+    length: Any = draw(
+        st.just(len(header))
+        | st.integers(-1, len(header) + len(payload) + 2)
+        | st.text(alphabet="0123456789 +-x.", max_size=4)
+    )
+    return header + payload, {HEADER_LENGTH: str(length)}
+
+
+@FUZZ
+@given(frame=binary_frames())
+def test_arbitrary_binary_frames_never_cause_a_server_error(
+    onnx_client: TestClient, frame: tuple[bytes, dict[str, str]]
+) -> None:
+    body, headers = frame
+    for content_type in ("application/octet-stream", None):
+        extra = {"content-type": content_type} if content_type else {}
+        _assert_client_error_or_ok(onnx_client.post(INFER, content=body, headers=headers | extra))
+
+
+@FUZZ
+@given(body=st.binary(max_size=300), length=st.integers(0, 320))
+def test_arbitrary_bytes_with_a_header_length_never_cause_a_server_error(
+    onnx_client: TestClient, body: bytes, length: int
+) -> None:
+    _assert_client_error_or_ok(
+        onnx_client.post(INFER, content=body, headers={HEADER_LENGTH: str(length)})
+    )
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from tests.bench import stages
 
@@ -175,15 +176,129 @@ def wait_all_workers(server: Server, workers: int) -> None:
     time.sleep(1.0)
 
 
+def lua_string(data: bytes) -> str:
+    """Any bytes as a Lua string literal (binary tensors included)."""
+    printable = {c for c in range(32, 127)} - {ord('"'), ord("\\")}
+    return '"' + "".join(chr(b) if b in printable else f"\\{b:03d}" for b in data) + '"'
+
+
 def wrk_script(work: Path, path: str, body: bytes, headers: dict[str, str] | None = None) -> Path:
     headers = {"Content-Type": "application/json", **(headers or {})}
     script = work / f"wrk-{abs(hash((path, body, tuple(headers.items()))))}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(body.decode())}\n"
+        f"wrk.body = {lua_string(body)}\n"
         + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
     )
     return script
+
+
+V2_INFER = "/v2/models/iris/infer"
+
+
+def v2_bodies(rows: int) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """V2 infer requests for `rows` rows as one FP32 tensor: JSON data, and binary in and out."""
+    values = [float(v) for v in SETOSA.values()] * rows
+    tensor = {"name": "features", "shape": [rows, len(SETOSA)], "datatype": "FP32"}
+    json_body = json.dumps({"inputs": [{**tensor, "data": values}]}).encode()
+    raw = np.asarray(values, dtype="<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return {
+        "json": (json_body, {"Content-Type": "application/json"}),
+        "binary": (
+            header + raw,
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(header)),
+            },
+        ),
+    }
+
+
+def check_v2_request(server: Server, body: bytes, headers: dict[str, str]) -> None:
+    response = httpx.post(server.url + V2_INFER, content=body, headers=headers, timeout=10)
+    if response.status_code != 200:
+        raise RuntimeError(f"V2 request refused: {response.status_code} {response.text[:300]}")
+
+
+def measure_v2(
+    wrk: str, server: Server, work: Path, seconds: int, connections: int, repeats: int = 3
+) -> dict[str, float]:
+    """V2 against ml-api's own routes on the same server, interleaved: rows/s
+    for 1,000-row batches (V2 JSON, V2 binary, /predict/batch) and req/s for
+    single rows (V2 JSON, /predict)."""
+    batch_body = json.dumps({"instances": [SETOSA] * 1000}).encode()
+    scripts: dict[str, tuple[str, Path, int, int]] = {
+        "predict_batch_1000": (
+            "/predict/batch",
+            wrk_script(work, "/predict/batch", batch_body),
+            8,
+            1000,
+        ),
+        "predict_single": (
+            "/predict",
+            wrk_script(work, "/predict", json.dumps(SETOSA).encode()),
+            connections,
+            1,
+        ),
+    }
+    for kind, (body, headers) in v2_bodies(1000).items():
+        check_v2_request(server, body, headers)
+        scripts[f"v2_{kind}_1000"] = (V2_INFER, wrk_script(work, V2_INFER, body, headers), 8, 1000)
+    single, single_headers = v2_bodies(1)["json"]
+    check_v2_request(server, single, single_headers)
+    scripts["v2_single"] = (
+        V2_INFER,
+        wrk_script(work, V2_INFER, single, single_headers),
+        connections,
+        1,
+    )
+    runs: dict[str, list[float]] = {name: [] for name in scripts}
+    for _ in range(repeats):
+        for name, (path, script, conns, rows) in scripts.items():
+            result = run_wrk(wrk, server, script, path, seconds, conns)
+            if result["non_2xx"]:
+                raise RuntimeError(f"{name}: {result['non_2xx']} non-2xx answers")
+            runs[name].append(result["rps"] * rows)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def v2_targets(v2: dict[str, float]) -> dict[str, list[Any]]:
+    batch = v2["predict_batch_1000"]
+    return {
+        "V2 JSON 1000x4 >= 500k rows/s": [round(v2["v2_json_1000"]), v2["v2_json_1000"] >= 5e5],
+        "V2 binary 1000x4 >= 700k rows/s": [
+            round(v2["v2_binary_1000"]),
+            v2["v2_binary_1000"] >= 7e5,
+        ],
+        "V2 JSON >= 2.5x /predict/batch (1000 rows)": [
+            round(v2["v2_json_1000"] / batch, 2),
+            v2["v2_json_1000"] >= 2.5 * batch,
+        ],
+        "V2 binary >= 2.5x /predict/batch (1000 rows)": [
+            round(v2["v2_binary_1000"] / batch, 2),
+            v2["v2_binary_1000"] >= 2.5 * batch,
+        ],
+        "V2 single row >= 0.9x /predict": [
+            round(v2["v2_single"] / v2["predict_single"], 2),
+            v2["v2_single"] >= 0.9 * v2["predict_single"],
+        ],
+    }
+
+
+def print_v2(v2: dict[str, float]) -> None:
+    print(
+        "V2 (same server, interleaved): "
+        f"JSON 1000x4 {v2['v2_json_1000']:,.0f} rows/s, "
+        f"binary 1000x4 {v2['v2_binary_1000']:,.0f} rows/s, "
+        f"/predict/batch 1000 {v2['predict_batch_1000']:,.0f} rows/s; "
+        f"single row V2 {v2['v2_single']:,.0f} req/s vs /predict {v2['predict_single']:,.0f} req/s"
+    )
 
 
 def _ms(text: str) -> float:
@@ -358,6 +473,11 @@ def main() -> int:
         help="comma-separated subset for a focused A/B: single-row rounds only, ratios to the"
         f" first named (default: all of {', '.join(SERVERS)})",
     )
+    parser.add_argument(
+        "--only-v2",
+        action="store_true",
+        help="only the Open Inference Protocol measurements (one ml-api server)",
+    )
     args = parser.parse_args()
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
@@ -427,6 +547,8 @@ def full(args: argparse.Namespace) -> int:
     wrk = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
     bundle = train(work)
+    if args.only_v2:
+        return only_v2(wrk, work, bundle, args)
     servers: dict[str, Server] = {}
     report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)}}
     try:
@@ -457,6 +579,7 @@ def full(args: argparse.Namespace) -> int:
                 for _ in range(3)
             ]
             batch[f"{rows}_rows_per_request"] = statistics.median(r["rps"] for r in runs) * rows
+        v2 = measure_v2(wrk, servers[ML_API], work, args.seconds, args.connections)
         ml_workers = servers[ML_API].workers()
         rss = {name: [round(rss_mib(p), 1) for p in s.workers()] for name, s in servers.items()}
         maps_sklearn_now = any(maps_sklearn(pid) for pid in ml_workers)
@@ -466,6 +589,7 @@ def full(args: argparse.Namespace) -> int:
         report.update(
             servers=results,
             batch_rows_per_second=batch,
+            open_inference_protocol=v2,
             worker_rss_mib=rss,
             onnx_worker_maps_sklearn=maps_sklearn_now,
         )
@@ -500,6 +624,7 @@ def full(args: argparse.Namespace) -> int:
             results[SKLEARN]["rps"] >= 10 * article,
         ],
         "onnx worker does not import sklearn": [None, not report["onnx_worker_maps_sklearn"]],
+        **v2_targets(v2),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
@@ -508,6 +633,7 @@ def full(args: argparse.Namespace) -> int:
         "\n/predict/batch rows/s: "
         + ", ".join(f"{k.split('_')[0]} rows: {v:,.0f}" for k, v in batch.items())
     )
+    print_v2(v2)
     print("worker RSS MiB: " + ", ".join(f"{k} {v}" for k, v in report["worker_rss_mib"].items()))
     print(
         "start to first answer s: "
@@ -525,6 +651,22 @@ def full(args: argparse.Namespace) -> int:
         print(f"  {'MET ' if met else 'MISS'} {target}: {value}")
     print(f"\nJSON: {args.output}")
     print(json.dumps(report))
+    return 0
+
+
+def only_v2(wrk: str, work: Path, bundle: Path, args: argparse.Namespace) -> int:
+    server = start(ML_API, work, bundle, args.workers)
+    try:
+        first_answer_seconds(server, time.monotonic())
+        wait_all_workers(server, args.workers)
+        v2 = measure_v2(wrk, server, work, args.seconds, args.connections, repeats=args.rounds)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print_v2(v2)
+    print("\ntargets:")
+    for target, (value, met) in v2_targets(v2).items():
+        print(f"  {'MET ' if met else 'MISS'} {target}: {value}")
     return 0
 
 

@@ -1,0 +1,273 @@
+"""V2 inference: request (JSON, or JSON header + binary tensors) → feature rows → response.
+
+The binary tensor data extension: `Inference-Header-Content-Length` says how
+many leading bytes of the body are the JSON header; the rest is the inputs'
+raw little-endian data, in input order, each `parameters.binary_data_size`
+bytes long. Outputs go back the same way when the request asks for it
+(`parameters.binary_data_output`, or per output `parameters.binary_data`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from service.backends.base import FloatMatrix
+from service.v2.mapping import Inference, InputTensor, OutputTensor, TensorMap, check_datatype
+from service.v2.tensors import (
+    ALL_DATATYPES,
+    NUMERIC_DATATYPES,
+    Datatype,
+    TensorError,
+    binary_tensor,
+    json_tensor,
+)
+
+HEADER_LENGTH = b"inference-header-content-length"
+OCTET_STREAM = b"application/octet-stream"
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    id: str | None
+    rows: FloatMatrix
+    outputs: list[tuple[OutputTensor, bool]]
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise TensorError(f"{where} must be an object")
+    return value
+
+
+def _parameters(container: dict[str, Any], where: str) -> dict[str, Any]:
+    parameters = container.get("parameters")
+    return {} if parameters is None else _object(parameters, f"{where} parameters")
+
+
+def _flag(parameters: dict[str, Any], name: str, where: str, default: bool) -> bool:
+    value = parameters.get(name, default)
+    if type(value) is not bool:
+        raise TensorError(f"{where} parameter {name} must be true or false")
+    return value
+
+
+def _split(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise TensorError(
+            f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a "
+            f"length within the {len(body)}-byte body"
+        )
+    length = int(header_length)
+    return body[:length], body[length:]
+
+
+def _shape(tensor: InputTensor, value: Any, max_rows: int) -> tuple[int, int]:
+    if type(value) is not list or len(value) != 2:
+        rows = columns = None
+    else:
+        rows, columns = value
+    if type(rows) is not int or type(columns) is not int or rows < 0 or columns < 0:
+        raise TensorError(
+            f"input '{tensor.name}': shape must be [rows, {len(tensor.columns)}], "
+            f"got {orjson.dumps(value).decode()}"
+        )
+    if columns != len(tensor.columns):
+        raise TensorError(
+            f"input '{tensor.name}': shape {value} has {columns} columns, the model takes "
+            f"{len(tensor.columns)} ({', '.join(tensor.feature_names)})"
+        )
+    if not 1 <= rows <= max_rows:
+        raise TensorError(f"input '{tensor.name}': shape {value} must have 1 to {max_rows} rows")
+    return rows, columns
+
+
+def _datatype(tensor: InputTensor, name: Any) -> Datatype:
+    datatype = NUMERIC_DATATYPES.get(name) if type(name) is str else None
+    if datatype is None or name not in tensor.accepted:
+        if type(name) is not str or name not in ALL_DATATYPES:
+            raise TensorError(f"input '{tensor.name}': unknown datatype {name!r}")
+        check_datatype(tensor, name)
+    assert datatype is not None  # every accepted datatype is numeric today
+    return datatype
+
+
+def _binary_input(
+    tensor: InputTensor,
+    entry: dict[str, Any],
+    binary: bytes,
+    offset: int,
+    size: Any,
+    datatype: Datatype,
+    shape: tuple[int, int],
+) -> npt.NDArray[Any]:
+    where = f"input '{tensor.name}'"
+    if type(size) is not int or size < 0:
+        raise TensorError(f"{where}: binary_data_size must be a non-negative integer")
+    if "data" in entry:
+        raise TensorError(f"{where}: has both data and binary_data_size")
+    if offset + size > len(binary):
+        raise TensorError(
+            f"{where}: binary_data_size {size} goes past the end of the body "
+            f"({len(binary) - offset} bytes left)"
+        )
+    return binary_tensor(binary, offset, size, datatype, shape, where)
+
+
+class InferenceCodec:
+    """Decodes requests into feature rows and encodes predictions, for one bundle."""
+
+    def __init__(
+        self, tensors: TensorMap, model_name: str, model_version: str, max_rows: int
+    ) -> None:
+        self.tensors = tensors
+        self.model_name = model_name
+        self.model_version = model_version
+        self.max_rows = max_rows
+        self.n_features = sum(len(tensor.columns) for tensor in tensors.inputs)
+
+    def decode(self, body: bytes, header_length: bytes | None) -> ParsedRequest:
+        header, binary = _split(body, header_length)
+        try:
+            request = orjson.loads(header)
+        except orjson.JSONDecodeError as exc:
+            raise TensorError(f"request is not valid JSON: {exc}") from None
+        request = _object(request, "the request")
+        request_id = request.get("id")
+        if request_id is not None and type(request_id) is not str:
+            raise TensorError("id must be a string")
+        binary_output = _flag(
+            _parameters(request, "request"), "binary_data_output", "request", False
+        )
+        # Booleans are numbers to the array module: only look for them when
+        # the body could hold one.
+        bools_possible = b"true" in header or b"false" in header
+        rows = self._rows(request.get("inputs"), binary, bools_possible)
+        return ParsedRequest(request_id, rows, self._outputs(request.get("outputs"), binary_output))
+
+    def _rows(self, inputs: Any, binary: bytes, bools_possible: bool) -> FloatMatrix:
+        if type(inputs) is not list or not inputs:
+            raise TensorError("inputs must be a non-empty array")
+        by_name = self.tensors.inputs_by_name
+        values: dict[str, npt.NDArray[Any]] = {}
+        offset = 0
+        for index, entry in enumerate(inputs):
+            if type(entry) is not dict:
+                raise TensorError(f"inputs[{index}] must be an object")
+            name = entry.get("name")
+            tensor = by_name.get(name) if type(name) is str else None
+            if tensor is None:
+                raise TensorError(
+                    f"inputs[{index}]: unknown input {name!r}; the model takes "
+                    + ", ".join(f"'{n}'" for n in by_name)
+                )
+            if name in values:
+                raise TensorError(f"input '{name}' is given twice")
+            datatype = _datatype(tensor, entry.get("datatype"))
+            shape = _shape(tensor, entry.get("shape"), self.max_rows)
+            parameters = entry.get("parameters")
+            size = None
+            if parameters is not None:
+                size = _object(parameters, f"input '{name}' parameters").get("binary_data_size")
+            if size is not None:
+                tensor_values = _binary_input(tensor, entry, binary, offset, size, datatype, shape)
+                offset += size
+            elif "data" in entry:
+                tensor_values = json_tensor(
+                    entry["data"],
+                    datatype,
+                    shape,
+                    f"input '{name}'",
+                    tensor.feature_names,
+                    bools_possible,
+                )
+            else:
+                raise TensorError(f"input '{name}': no data and no binary_data_size")
+            tensor.check(tensor_values)
+            values[tensor.name] = tensor_values
+        if offset != len(binary):
+            raise TensorError(
+                f"the body has {len(binary) - offset} bytes after the binary tensor data"
+            )
+        if len(values) != len(by_name):
+            missing = [name for name in by_name if name not in values]
+            raise TensorError("missing input " + ", ".join(f"'{name}'" for name in missing))
+        return self._assemble(values)
+
+    def _assemble(self, values: dict[str, npt.NDArray[Any]]) -> FloatMatrix:
+        inputs = self.tensors.inputs
+        if len(inputs) == 1 and inputs[0].columns == tuple(range(self.n_features)):
+            return values[inputs[0].name].astype(np.float32)
+        covered = sorted(column for tensor in inputs for column in tensor.columns)
+        if covered != list(range(self.n_features)):
+            raise TensorError(
+                "this model has category features, which V2 inference does not take yet; "
+                "use /predict or /predict/batch"
+            )
+        counts = {tensor.name: values[tensor.name].shape[0] for tensor in inputs}
+        if len(set(counts.values())) != 1:
+            raise TensorError(f"inputs have different row counts: {counts}")
+        rows = np.empty((next(iter(counts.values())), self.n_features), dtype=np.float32)
+        for tensor in inputs:
+            rows[:, list(tensor.columns)] = values[tensor.name]
+        return rows
+
+    def _outputs(self, requested: Any, binary_default: bool) -> list[tuple[OutputTensor, bool]]:
+        if requested is None:
+            return [(output, binary_default) for output in self.tensors.outputs]
+        if type(requested) is not list:
+            raise TensorError("outputs must be an array")
+        by_name = self.tensors.outputs_by_name
+        selected: list[tuple[OutputTensor, bool]] = []
+        for index, raw in enumerate(requested):
+            entry = _object(raw, f"outputs[{index}]")
+            name = entry.get("name")
+            output = by_name.get(name) if type(name) is str else None
+            if output is None:
+                raise TensorError(
+                    f"outputs[{index}]: unknown output {name!r}; the model has "
+                    + ", ".join(f"'{n}'" for n in by_name)
+                )
+            if any(chosen is output for chosen, _ in selected):
+                raise TensorError(f"output '{name}' is requested twice")
+            where = f"output '{name}'"
+            binary = _flag(_parameters(entry, where), "binary_data", where, binary_default)
+            selected.append((output, binary))
+        return selected
+
+    def encode(self, request: ParsedRequest, inference: Inference) -> tuple[bytes, int | None]:
+        """The response body, and the JSON header's length when binary data follows it."""
+        n_rows = request.rows.shape[0]
+        outputs: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
+        for output, binary in request.outputs:
+            values = output.values(inference)
+            entry: dict[str, Any] = {
+                "name": output.name,
+                "datatype": output.datatype,
+                "shape": [n_rows] if output.width is None else [n_rows, output.width],
+            }
+            if binary:
+                raw = output.binary(values)
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                entry["data"] = output.json(values)
+            outputs.append(entry)
+        response: dict[str, Any] = {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+        }
+        if request.id is not None:
+            response["id"] = request.id
+        response["outputs"] = outputs
+        header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not chunks:
+            return header, None
+        return header + b"".join(chunks), len(header)

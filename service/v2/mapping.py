@@ -1,0 +1,269 @@
+"""How a model's features and predictions map onto V2 tensors: a function of the manifest.
+
+Numeric features travel as one FP32 matrix `features` of shape
+[-1, n_features] (columns in manifest order: the columnar batch V2 clients
+send). A classifier answers with three outputs: `predicted_class` (INT64),
+`predicted_class_name` (BYTES) and `probabilities` (FP32, [-1, n_classes]) —
+the fields of /predict, as tensors; a regressor with one, `prediction` (FP64,
+[-1]). `InputTensor.columns` says which manifest features a tensor carries.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.backends.base import Outputs
+from service.manifest import IntegerFeature, Manifest, NumberFeature
+from service.schemas import FLOAT32_MAX
+from service.v2.tensors import NUMERIC_DATATYPES, TensorError, bytes_tensor_binary
+
+FEATURES_INPUT = "features"
+SMALL_TENSOR = 64
+# What the pipeline's inference returns: class probabilities [n, k], or predicted values [n].
+Inference = Outputs
+
+
+@dataclass
+class Bounds:
+    """Inclusive float64 bounds per column: exclusive manifest bounds become the
+    next representable double, so two comparisons check everything and NaN
+    fails both."""
+
+    lower: npt.NDArray[np.float64]
+    upper: npt.NDArray[np.float64]
+    lower_text: tuple[str, ...]
+    upper_text: tuple[str, ...]
+
+    @functools.cached_property
+    def lower_list(self) -> list[float]:
+        return [float(bound) for bound in self.lower]
+
+    @functools.cached_property
+    def upper_list(self) -> list[float]:
+        return [float(bound) for bound in self.upper]
+
+    @functools.cached_property
+    def tiled_lower(self) -> npt.NDArray[np.float64]:
+        return np.tile(self.lower, _block_rows(self.lower.size))
+
+    @functools.cached_property
+    def tiled_upper(self) -> npt.NDArray[np.float64]:
+        return np.tile(self.upper, _block_rows(self.upper.size))
+
+
+def _block_rows(columns: int) -> int:
+    return max(1, 16384 // columns)
+
+
+def _bounds(features: list[NumberFeature | IntegerFeature]) -> Bounds:
+    lower, upper, lower_text, upper_text = [], [], [], []
+    for feature in features:
+        if feature.exclusive_minimum is not None:
+            lower.append(np.nextafter(feature.exclusive_minimum, np.inf))
+            lower_text.append(f"greater than {feature.exclusive_minimum}")
+        else:
+            minimum = max(feature.minimum, -FLOAT32_MAX) if feature.minimum is not None else None
+            lower.append(minimum if minimum is not None else -FLOAT32_MAX)
+            lower_text.append(f"at least {minimum if minimum is not None else -FLOAT32_MAX}")
+        if feature.exclusive_maximum is not None:
+            upper.append(np.nextafter(feature.exclusive_maximum, -np.inf))
+            upper_text.append(f"less than {feature.exclusive_maximum}")
+        else:
+            maximum = min(feature.maximum, FLOAT32_MAX) if feature.maximum is not None else None
+            upper.append(maximum if maximum is not None else FLOAT32_MAX)
+            upper_text.append(f"at most {maximum if maximum is not None else FLOAT32_MAX}")
+    return Bounds(
+        np.asarray(lower, dtype=np.float64),
+        np.asarray(upper, dtype=np.float64),
+        tuple(lower_text),
+        tuple(upper_text),
+    )
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    name: str
+    datatype: str
+    # Manifest feature indices, in the tensor's column order.
+    columns: tuple[int, ...]
+    feature_names: tuple[str, ...]
+    accepted: frozenset[str]
+    bounds: Bounds
+
+    @property
+    def shape(self) -> list[int]:
+        return [-1, len(self.columns)]
+
+    def check(self, values: npt.NDArray[Any]) -> None:
+        """The manifest's bounds, float32 range, no NaN or infinity: vectorised.
+
+        Compared flat against bounds tiled to a block of rows: broadcasting a
+        row of bounds over a narrow matrix runs numpy's inner loop once per
+        row, several times slower.
+        """
+        bounds = self.bounds
+        if values.size <= SMALL_TENSOR:
+            # A few rows: numpy's per-call overhead would cost more than the work.
+            lower, upper = bounds.lower_list, bounds.upper_list
+            if all(
+                lower[column] <= value <= upper[column]
+                for row in values.tolist()
+                for column, value in enumerate(row)
+            ):
+                return
+        else:
+            flat = values.astype(np.float64, copy=False).reshape(-1)
+            block = bounds.tiled_lower.size
+            for start in range(0, flat.size, block):
+                chunk = flat[start : start + block]
+                size = chunk.size
+                if not (
+                    (chunk >= bounds.tiled_lower[:size]) & (chunk <= bounds.tiled_upper[:size])
+                ).all():
+                    break
+            else:
+                return
+        valid = (values >= bounds.lower) & (values <= bounds.upper)
+        invalid = np.argwhere(~valid)
+        row, column = (int(i) for i in invalid[0])
+        value = values[row, column].item()
+        if isinstance(value, float) and np.isnan(value):
+            reason = "NaN is not a number"
+        elif isinstance(value, float) and np.isinf(value):
+            reason = f"{value} is not finite"
+        elif value < bounds.lower[column]:
+            reason = f"{value} is out of bounds: must be {bounds.lower_text[column]}"
+        else:
+            reason = f"{value} is out of bounds: must be {bounds.upper_text[column]}"
+        more = len(invalid) - 1
+        raise TensorError(
+            f"input '{self.name}' row {row} feature '{self.feature_names[column]}': {reason}"
+            + (f" ({more} more invalid values)" if more else "")
+        )
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    # None: one element per row (shape [-1]); else [-1, width].
+    width: int | None
+    values: Callable[[Inference], npt.NDArray[Any]]
+    # Little-endian bytes of the values, as the binary extension sends them.
+    binary: Callable[[npt.NDArray[Any]], bytes]
+    # The values as JSON-serialisable data (orjson serialises numpy arrays).
+    json: Callable[[npt.NDArray[Any]], Any]
+
+    @property
+    def shape(self) -> list[int]:
+        return [-1] if self.width is None else [-1, self.width]
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    inputs: tuple[InputTensor, ...]
+    outputs: tuple[OutputTensor, ...]
+    properties: dict[str, str]
+
+    @functools.cached_property
+    def outputs_by_name(self) -> dict[str, OutputTensor]:
+        return {output.name: output for output in self.outputs}
+
+    @functools.cached_property
+    def inputs_by_name(self) -> dict[str, InputTensor]:
+        return {tensor.name: tensor for tensor in self.inputs}
+
+
+def _numeric_inputs(manifest: Manifest) -> tuple[InputTensor, ...]:
+    numeric = [
+        (column, feature)
+        for column, feature in enumerate(manifest.features)
+        if isinstance(feature, NumberFeature | IntegerFeature)
+    ]
+    return (
+        InputTensor(
+            FEATURES_INPUT,
+            "FP32",
+            tuple(column for column, _ in numeric),
+            tuple(feature.name for _, feature in numeric),
+            frozenset(NUMERIC_DATATYPES),
+            _bounds([feature for _, feature in numeric]),
+        ),
+    )
+
+
+def _little_endian(values: npt.NDArray[Any]) -> bytes:
+    return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
+    names = np.asarray(classes, dtype=object)
+    encoded = [name.encode() for name in classes]
+    framed = [bytes_tensor_binary([name]) for name in encoded]
+
+    def class_index(inference: Inference) -> npt.NDArray[Any]:
+        winners: npt.NDArray[Any] = inference.argmax(axis=1).astype(np.int64, copy=False)
+        return winners
+
+    def probabilities(inference: Inference) -> npt.NDArray[Any]:
+        return np.ascontiguousarray(np.clip(inference, 0.0, 1.0), dtype=np.float32)
+
+    return (
+        OutputTensor(
+            "predicted_class",
+            "INT64",
+            None,
+            class_index,
+            _little_endian,
+            lambda values: values,
+        ),
+        OutputTensor(
+            "predicted_class_name",
+            "BYTES",
+            None,
+            class_index,
+            lambda values: b"".join(map(framed.__getitem__, values.tolist())),
+            lambda values: names[values].tolist(),
+        ),
+        OutputTensor(
+            "probabilities",
+            "FP32",
+            len(classes),
+            probabilities,
+            _little_endian,
+            lambda values: values.ravel(),
+        ),
+    )
+
+
+def _regression_outputs() -> tuple[OutputTensor, ...]:
+    def prediction(inference: Inference) -> npt.NDArray[Any]:
+        return np.ascontiguousarray(inference.reshape(-1), dtype=np.float64)
+
+    return (OutputTensor("prediction", "FP64", None, prediction, _little_endian, lambda v: v),)
+
+
+def tensor_map(manifest: Manifest) -> TensorMap:
+    # Not tensors, but what a client needs to build and read them.
+    properties = {"task": manifest.task, "feature_names": json.dumps(manifest.feature_names)}
+    if manifest.classes is None:
+        outputs = _regression_outputs()
+    else:
+        outputs = _classification_outputs(manifest.classes)
+        properties["classes"] = json.dumps(manifest.classes)
+    return TensorMap(inputs=_numeric_inputs(manifest), outputs=outputs, properties=properties)
+
+
+def check_datatype(tensor: InputTensor, datatype: str) -> None:
+    if datatype not in tensor.accepted:
+        raise TensorError(
+            f"input '{tensor.name}': datatype {datatype!r} is not accepted; use one of "
+            + ", ".join(sorted(tensor.accepted))
+        )

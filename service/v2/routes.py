@@ -1,0 +1,217 @@
+"""The Open Inference Protocol (KServe V2) REST endpoints, as fast-path routes."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from service.errors import NotFoundError
+from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
+from service.openapi import json_body, responses, schema_ref
+from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
+from service.v2.mapping import tensor_map
+
+if TYPE_CHECKING:
+    from service.fastpath import Documenter, Handler
+    from service.pipeline import PredictionPipeline
+
+SERVER_NAME = "ml-api"
+EXTENSIONS = ["binary_tensor_data"]
+# "<project>_<format>", as the specification names platforms.
+PLATFORMS = {"onnx": "onnx_onnxv1", "sklearn": "sklearn_joblib"}
+TAGS = ("open inference protocol",)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What V2 needs of the loaded bundle, built once per pipeline."""
+
+    name: str
+    version: str
+    metadata: bytes
+    codec: InferenceCodec
+
+
+@functools.lru_cache(maxsize=2)
+def served_model(pipeline: PredictionPipeline) -> ServedModel:
+    manifest = pipeline.predictor.manifest
+    tensors = tensor_map(manifest)
+    metadata = {
+        "name": manifest.name,
+        "versions": [manifest.version],
+        "platform": PLATFORMS.get(pipeline.predictor.backend.name, pipeline.predictor.backend.name),
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.outputs
+        ],
+        "properties": tensors.properties,
+    }
+    codec = InferenceCodec(tensors, manifest.name, manifest.version, pipeline.max_batch_size)
+    return ServedModel(manifest.name, manifest.version, orjson.dumps(metadata), codec)
+
+
+def _model(request: FastRequest) -> ServedModel:
+    """The model the URL names, if it is the one serving (and the version, if named)."""
+    model = served_model(request.require_pipeline())
+    name = request.params["model_name"]
+    if name != model.name:
+        raise NotFoundError(f"unknown model '{name}': this server serves '{model.name}'")
+    version = request.params.get("model_version")
+    if version is not None and version != model.version:
+        raise NotFoundError(
+            f"unknown version '{version}' of model '{name}': the version serving is "
+            f"'{model.version}'"
+        )
+    return model
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> FastResponse:
+    return FastResponse(orjson.dumps(payload), status)
+
+
+async def server_metadata(request: FastRequest) -> FastResponse:
+    return _json({"name": SERVER_NAME, "version": request.server_version, "extensions": EXTENSIONS})
+
+
+async def server_live(request: FastRequest) -> FastResponse:
+    return _json({"live": True})
+
+
+async def server_ready(request: FastRequest) -> FastResponse:
+    ready = request.pipeline is not None
+    return _json({"ready": ready}, 200 if ready else 503)
+
+
+async def model_metadata(request: FastRequest) -> FastResponse:
+    return FastResponse(_model(request).metadata)
+
+
+async def model_ready(request: FastRequest) -> FastResponse:
+    # Only the version serving is known here, and it is ready once loaded.
+    return _json({"name": _model(request).name, "ready": True})
+
+
+async def infer(request: FastRequest) -> FastResponse:
+    model = _model(request)
+    parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
+    inference = await request.require_pipeline().outputs(parsed.rows)
+    body, header_length = model.codec.encode(parsed, inference)
+    if header_length is None:
+        return FastResponse(body)
+    return FastResponse(
+        body, content_type=OCTET_STREAM, headers=[(HEADER_LENGTH, b"%d" % header_length)]
+    )
+
+
+def _json_or_binary(content_type: str | None) -> bool:
+    if is_json_content_type(content_type):
+        return True
+    assert content_type is not None
+    return content_type.split(";", 1)[0].strip().lower() == "application/octet-stream"
+
+
+INFER_BODY = BodyTypes(
+    _json_or_binary, "request body must be application/json or application/octet-stream"
+)
+_MODEL_ERRORS = {404: "Unknown model or version.", 503: "Model not loaded yet."}
+_INFER_ERRORS = {
+    400: "Invalid request: the message names the input, row and feature.",
+    404: "Unknown model or version.",
+    413: "Body larger than MAX_REQUEST_BYTES.",
+    415: "Body is neither JSON nor the binary tensor extension's octet stream.",
+    503: "Model not loaded yet, or server busy.",
+}
+
+
+def _documented(ok: str, errors: dict[int, str]) -> Documenter:
+    def document(components: dict[str, Any], _: PredictionPipeline | None) -> dict[str, Any]:
+        # The payload models only document: workers import them on the first
+        # /openapi.json, not at every boot.
+        from service.v2 import schemas
+
+        return {"responses": responses(components, getattr(schemas, ok), errors, schemas.V2Error)}
+
+    return document
+
+
+def _document_infer(
+    components: dict[str, Any], pipeline: PredictionPipeline | None
+) -> dict[str, Any]:
+    from service.v2 import schemas
+
+    example = None
+    if pipeline is not None:
+        tensor = served_model(pipeline).codec.tensors.inputs[0]
+        row = [pipeline.models.example[name] for name in tensor.feature_names]
+        example = {
+            "id": "42",
+            "inputs": [
+                {"name": tensor.name, "shape": [1, len(row)], "datatype": "FP32", "data": row}
+            ],
+        }
+    return {
+        "requestBody": json_body(
+            schema_ref(schemas.InferenceRequest, components),
+            example=example,
+            extra_media_types=["application/octet-stream"],
+        ),
+        "responses": responses(
+            components,
+            schemas.InferenceResponse,
+            _INFER_ERRORS,
+            schemas.V2Error,
+            ok_media_types=["application/octet-stream"],
+        ),
+    }
+
+
+_BINARY = (
+    "With the binary tensor data extension the body is the JSON request followed by "
+    "the inputs' raw little-endian bytes; the header Inference-Header-Content-Length "
+    "gives the JSON part's length. Binary outputs come back the same way."
+)
+_MODEL = "/v2/models/{model_name}"
+_VERSION = _MODEL + "/versions/{model_version}"
+
+
+def _get(path: str, handler: Handler, summary: str, ok: str, errors: dict[int, str]) -> FastRoute:
+    return FastRoute(
+        "GET", path, handler, summary=summary, tags=TAGS, document=_documented(ok, errors)
+    )
+
+
+def _infer(path: str, summary: str) -> FastRoute:
+    return FastRoute(
+        "POST",
+        path,
+        infer,
+        summary=summary,
+        tags=TAGS,
+        document=_document_infer,
+        accepts=INFER_BODY,
+        description=_BINARY,
+    )
+
+
+ROUTES = (
+    _get("/v2", server_metadata, "Server metadata", "ServerMetadata", {}),
+    _get("/v2/health/live", server_live, "Server live", "ServerLive", {}),
+    _get(
+        "/v2/health/ready",
+        server_ready,
+        "Server ready",
+        "ServerReady",
+        {503: "Model not loaded yet."},
+    ),
+    _get(_MODEL, model_metadata, "Model metadata", "ModelMetadata", _MODEL_ERRORS),
+    _get(_MODEL + "/ready", model_ready, "Model ready", "ModelReady", _MODEL_ERRORS),
+    _get(_VERSION, model_metadata, "Model version metadata", "ModelMetadata", _MODEL_ERRORS),
+    _get(_VERSION + "/ready", model_ready, "Model version ready", "ModelReady", _MODEL_ERRORS),
+    _infer(_MODEL + "/infer", "Inference"),
+    _infer(_VERSION + "/infer", "Inference on a named version"),
+)

@@ -1,0 +1,259 @@
+"""A real V2 client (tritonclient) and the specification's own OpenAPI document
+(schemathesis) against a real Gunicorn server."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+import tritonclient.http as triton
+import yaml
+from hypothesis import HealthCheck, given, settings
+from schemathesis.generation.modes import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+from tritonclient.utils import InferenceServerException
+
+from service.fastpath import FastRoute
+from service.routes.table import FAST_ROUTES
+from tests.support.bundles import REPO
+from tests.support.servers import Gunicorn, running_gunicorn
+from tests.support.v2 import FEATURES, ROWS, binary_request, read_response
+
+pytestmark = pytest.mark.process
+
+# Read where it lives (beside the clone, in CI too), never copied into the repo.
+SPEC = REPO.parent / "shared" / "reference" / "open-inference-protocol" / "open_inference_rest.yaml"
+CLASSES = ["setosa", "versicolor", "virginica"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, trained_bundle: Path) -> Iterator[Gunicorn]:
+    model_dir = trained_bundle.parents[1]  # read-only use: no copy needed
+    with running_gunicorn(model_dir, tmp_path_factory.mktemp("v2-server")) as gunicorn:
+        yield gunicorn
+
+
+@pytest.fixture
+def client(server: Gunicorn) -> Iterator[triton.InferenceServerClient]:
+    triton_client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield triton_client
+    triton_client.close()
+
+
+def _inputs(rows: np.ndarray, binary: bool) -> list[triton.InferInput]:
+    tensor = triton.InferInput("features", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    return [tensor]
+
+
+def test_server_and_model_health_and_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("iris")
+    assert client.is_model_ready("iris", "1.0.0")
+    assert not client.is_model_ready("iris", "9.9.9")
+    assert not client.is_model_ready("wine")
+    server = client.get_server_metadata()
+    assert server["name"] == "ml-api"
+    assert "binary_tensor_data" in server["extensions"]
+    for version in ("", "1.0.0"):
+        metadata = client.get_model_metadata("iris", version)
+        assert metadata["versions"] == ["1.0.0"]
+        assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
+        assert [o["name"] for o in metadata["outputs"]] == [
+            "predicted_class",
+            "predicted_class_name",
+            "probabilities",
+        ]
+
+
+@pytest.mark.parametrize("binary_inputs", [False, True])
+@pytest.mark.parametrize("binary_outputs", [False, True])
+def test_inference_equals_predict_for_the_same_rows(
+    client: triton.InferenceServerClient,
+    server: Gunicorn,
+    binary_inputs: bool,
+    binary_outputs: bool,
+) -> None:
+    rows = np.vstack([ROWS, np.array([[6.0, 2.9, 4.5, 1.5]], dtype=np.float32)])
+    outputs = [
+        triton.InferRequestedOutput(name, binary_data=binary_outputs)
+        for name in ("predicted_class", "predicted_class_name", "probabilities")
+    ]
+    result = client.infer(
+        "iris", _inputs(rows, binary_inputs), outputs=outputs, request_id="triton-1"
+    )
+    assert result.get_response()["id"] == "triton-1"
+    assert result.get_response()["model_version"] == "1.0.0"
+    instances = [dict(zip(FEATURES, row, strict=True)) for row in rows.tolist()]
+    expected = httpx.post(f"{server.url}/predict/batch", json={"instances": instances}).json()
+    predictions = expected["predictions"]
+    assert result.as_numpy("predicted_class").tolist() == [
+        p["predicted_class"] for p in predictions
+    ]
+    names = [
+        n.decode() if isinstance(n, bytes) else n for n in result.as_numpy("predicted_class_name")
+    ]
+    assert names == [p["predicted_class_name"] for p in predictions]
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"),
+        [[p["probabilities"][c] for c in CLASSES] for p in predictions],
+        atol=1e-6,
+    )
+
+
+def test_default_request_gets_every_output_in_binary(client: triton.InferenceServerClient) -> None:
+    # Without `outputs`, tritonclient asks for binary_data_output.
+    result = client.infer("iris", _inputs(ROWS, True), model_version="1.0.0")
+    assert result.as_numpy("probabilities").shape == (2, 3)
+    assert result.as_numpy("predicted_class").tolist() == [0, 2]
+    assert [n.decode() for n in result.as_numpy("predicted_class_name")] == ["setosa", "virginica"]
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "fragment"),
+    [
+        (lambda c: c.get_model_metadata("wine"), "404", "unknown model 'wine'"),
+        (lambda c: c.get_model_metadata("iris", "2.0.0"), "404", "unknown version '2.0.0'"),
+        (lambda c: c.infer("wine", _inputs(ROWS, True)), "404", "unknown model"),
+        (lambda c: c.infer("iris", _inputs(ROWS, True), "0.9.0"), "404", "unknown version"),
+        (lambda c: c.infer("iris", _wrong_datatype()), "400", "datatype 'FP16'"),
+        (lambda c: c.infer("iris", _inputs(ROWS[:, :3].copy(), True)), "400", "3 columns"),
+        (lambda c: c.infer("iris", _inputs(_with_nan(), True)), "400", "row 1 feature"),
+        (
+            lambda c: c.infer("iris", _inputs(ROWS, False), outputs=[_output("label")]),
+            "400",
+            "unknown output 'label'",
+        ),
+    ],
+)
+def test_errors_reach_the_client_with_status_and_message(
+    client: triton.InferenceServerClient, call: Any, status: str, fragment: str
+) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        call(client)
+    assert raised.value.status() == status
+    assert fragment in raised.value.message()
+
+
+def _wrong_datatype() -> list[triton.InferInput]:
+    tensor = triton.InferInput("features", [2, 4], "FP16")
+    tensor.set_data_from_numpy(ROWS.astype(np.float16), binary_data=True)
+    return [tensor]
+
+
+def _with_nan() -> np.ndarray:
+    rows = ROWS.copy()
+    rows[1, 0] = np.nan
+    return rows
+
+
+def _output(name: str) -> triton.InferRequestedOutput:
+    return triton.InferRequestedOutput(name, binary_data=False)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "fragment"),
+    [
+        (lambda body, length: (body[:-3], length), "binary_data_size"),
+        (lambda body, length: (body, str(len(body) + 10)), "Inference-Header-Content-Length"),
+    ],
+)
+def test_broken_binary_framing_is_400_over_http(
+    server: Gunicorn, mangle: Any, fragment: str
+) -> None:
+    body, headers = binary_request(_with_nan()[:1])
+    body, length = mangle(body, headers["inference-header-content-length"])
+    response = httpx.post(
+        f"{server.url}/v2/models/iris/infer",
+        content=body,
+        headers={"inference-header-content-length": length},
+    )
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
+
+
+def test_binary_response_over_http_reads_back(server: Gunicorn) -> None:
+    body, headers = binary_request(ROWS, parameters={"binary_data_output": True})
+    response = httpx.post(f"{server.url}/v2/models/iris/infer", content=body, headers=headers)
+    outputs = read_response(response.content, response.headers["inference-header-content-length"])
+    assert outputs["outputs"]["predicted_class_name"] == ["setosa", "virginica"]
+
+
+def _specification(model: str, version: str | None) -> dict[str, Any]:
+    """The reference document with the model name (and version) filled in."""
+    document: dict[str, Any] = yaml.safe_load(SPEC.read_text())
+    paths: dict[str, Any] = {}
+    for path, item in document["paths"].items():
+        item = copy.deepcopy(item)
+        path = path.replace("${MODEL_NAME}", model)
+        path = (
+            path.replace("${MODEL_VERSION}", version)
+            if version
+            else path.replace("${MODEL_VERSION}", "{MODEL_VERSION}")
+        )
+        item["parameters"] = [
+            p
+            for p in item.get("parameters", [])
+            if p["name"] != "MODEL_NAME" and (version is None) == (p["name"] == "MODEL_VERSION")
+        ] or None
+        if item["parameters"] is None:
+            del item["parameters"]
+        paths[path] = item
+    document["paths"] = paths
+    return document
+
+
+served_schema = schemathesis.openapi.from_dict(_specification("iris", "1.0.0"))
+any_version_schema = schemathesis.openapi.from_dict(_specification("iris", None))
+for _schema in (served_schema, any_version_schema):
+    # Requests that do not fit the document too (negative_data_rejection: 4xx).
+    _schema.config.generation.update(modes=list(GenerationMode))
+SCHEMA_RUN = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@served_schema.parametrize()
+@SCHEMA_RUN
+def test_every_response_matches_the_specification(case: Any, server: Gunicorn) -> None:
+    # Every check but one: the document's request schema admits any tensors,
+    # and the specification itself answers those the model cannot take with
+    # the documented 400 {"error"} (which the remaining checks verify).
+    case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
+
+
+@any_version_schema.parametrize()
+@SCHEMA_RUN
+def test_no_version_name_causes_a_server_error(case: Any, server: Gunicorn) -> None:
+    response = case.call(base_url=server.url)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize("route", FAST_ROUTES, ids=lambda route: f"{route.method} {route.path}")
+def test_the_fast_routes_answer_as_their_own_document_says(
+    server: Gunicorn, route: FastRoute
+) -> None:
+    document = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    document.config.generation.update(modes=list(GenerationMode))
+    operations = [result.ok() for result in document.get_all_operations()]  # type: ignore[union-attr]
+    (operation,) = [
+        op for op in operations if op.path == route.path and op.method.upper() == route.method
+    ]
+
+    @given(case=operation.as_strategy())
+    @SCHEMA_RUN
+    def conforms(case: Any) -> None:
+        case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
+
+    conforms()
