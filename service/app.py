@@ -244,10 +244,16 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
 
     public_paths = set(DOCS_PATHS) if settings.docs == "public" else set()
 
+    documented_auth: list[bool] = []
+
     def openapi() -> dict[str, Any]:
-        return build_openapi(
-            api, FAST_ROUTES, lambda path: is_open_path(path, public_paths | OPEN_PATHS)
-        )
+        # The document says what a client must send now: the security schemes
+        # appear when the first key is added and go with the last one.
+        if documented_auth != [keys.enabled]:
+            documented_auth[:] = [keys.enabled]
+            api.openapi_schema = None
+        is_open = lambda path: is_open_path(path, public_paths | OPEN_PATHS)  # noqa: E731
+        return build_openapi(api, FAST_ROUTES, is_open if keys.enabled else None)
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings, keys, public_paths)

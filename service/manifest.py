@@ -253,6 +253,28 @@ class FileEntry(_Strict):
     size_bytes: int = Field(ge=0)
 
 
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest (ml-api before user models: numeric features, a
+    classifier) in today's terms, so bundles built then keep serving."""
+    upgraded = {**data, "schema_version": SCHEMA_VERSION, "task": "classification"}
+    upgraded["features"] = [
+        {**f, "kind": "number"} if isinstance(f, dict) else f for f in data.get("features", [])
+    ]
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict) and "n_test" in metrics:
+        rest = {k: v for k, v in metrics.items() if k != "n_test"}
+        upgraded["metrics"] = {"evaluated_on": "held_out", "n_rows": metrics["n_test"], **rest}
+    parity = data.get("parity")
+    if isinstance(parity, dict) and "max_abs_probability_diff" in parity:
+        rest = {k: v for k, v in parity.items() if k != "max_abs_probability_diff"}
+        upgraded["parity"] = {
+            **rest,
+            "compared": "probabilities",
+            "max_abs_diff": parity["max_abs_probability_diff"],
+        }
+    return upgraded
+
+
 class Manifest(_Strict):
     schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
@@ -278,6 +300,13 @@ class Manifest(_Strict):
         description="The backend this bundle supports best; 'sklearn' means no usable ONNX model."
     )
     files: dict[Annotated[str, Field(pattern=FILE_NAME_PATTERN)], FileEntry]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_schema_1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            return _upgrade_v1(data)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -84,8 +84,9 @@ def _operation(
 
 
 def build_openapi(
-    app: FastAPI, fast_routes: Iterable[FastRoute], is_open: Callable[[str], bool]
+    app: FastAPI, fast_routes: Iterable[FastRoute], is_open: Callable[[str], bool] | None
 ) -> dict[str, Any]:
+    """`is_open`: which paths need no API key; None while auth is disabled."""
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(
@@ -99,7 +100,8 @@ def build_openapi(
             route, components, pipeline
         )
     # After the fast routes: their operations need the security requirement too.
-    declare_api_key_security(document, is_open)
+    if is_open is not None:
+        declare_api_key_security(document, is_open)
     if pipeline is None:
         # Not cached: before startup the bundle's schemas are unknown.
         return document

@@ -26,8 +26,8 @@ UNAUTHORIZED = "No valid API key (missing, malformed, unknown or revoked)."
 def declare_api_key_security(document: dict[str, Any], is_open: Callable[[str], bool]) -> None:
     """Either scheme satisfies every operation except those on open paths.
 
-    Declared whether or not keys are configured now: keys can be added while
-    the server runs, and the document is built once.
+    Declared while keys are configured; the application rebuilds the document
+    when the first key is added or the last one revoked.
     """
     components = document.setdefault("components", {})
     components["securitySchemes"] = SCHEMES

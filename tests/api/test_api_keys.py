@@ -267,6 +267,24 @@ def test_a_key_added_to_an_open_service_closes_it(
         assert client.get("/health").json()["auth"] == "enabled"
 
 
+def test_the_document_declares_api_keys_only_while_keys_are_configured(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "api-keys"
+    with make_client(api_keys_file=keys_file) as client:
+        open_document = client.get("/openapi.json").json()
+        assert "security" not in open_document
+        assert "securitySchemes" not in open_document.get("components", {})
+        add_key(keys_file, "first")
+        wait_for(
+            lambda: client.get("/model-info").status_code == 401,
+            RELOAD_BOUND_SECONDS,
+            what="the new key to close the service",
+        )
+        closed_document = client.get("/openapi.json").json()
+        assert closed_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
+
+
 def test_an_unusable_keys_file_stops_startup_instead_of_serving_open(
     make_client: ClientFactory, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,9 +9,10 @@ import httpx
 import pandas as pd
 import pytest
 
+from service.metrics.buffered import FLUSH_SECONDS
 from tests.support.bundles import pinned_digests
 from tests.support.scrape import sample, scrape, series
-from tests.support.servers import running_gunicorn
+from tests.support.servers import running_gunicorn, wait_for
 from tests.support.user_models import MIXED_NAME, mixed_regressor, package_mixed_regressor
 
 pytestmark = pytest.mark.process
@@ -60,6 +61,13 @@ def test_workers_answer_like_the_estimator_and_count_every_input(
                 samples, "model_feature_category_total", **labels, feature="city", value=city
             )
             assert counted == rounds
-        predicted = sample(samples, "model_prediction_value_count", **labels)
+
+        # Histograms are buffered in each worker and flushed within FLUSH_SECONDS.
+        def all_predictions_flushed() -> bool:
+            latest = scrape(client, server.url)
+            return sample(latest, "model_prediction_value_count", **labels) >= rounds * len(ROWS)
+
+        wait_for(all_predictions_flushed, 10 * FLUSH_SECONDS, interval=0.1, what="histogram flush")
+        predicted = sample(scrape(client, server.url), "model_prediction_value_count", **labels)
         assert predicted == rounds * len(ROWS)
         assert not series(samples, "model_predictions_total")  # no classes for a regressor

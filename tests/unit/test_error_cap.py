@@ -65,7 +65,10 @@ def test_a_mebibyte_of_unknown_keys_lists_twenty_errors_and_the_total(
         "msg": "Extra inputs are not permitted",
         "type": "extra_forbidden",
     }
-    assert len(error_payload({"path": "/predict", "state": {"request_id": "r"}}, error.errors)) < 8 * 1024
+    assert (
+        len(error_payload({"path": "/predict", "state": {"request_id": "r"}}, error.errors))
+        < 8 * 1024
+    )
 
 
 def test_bounded_and_direct_validation_count_the_same_errors(models: RequestModels) -> None:

@@ -56,3 +56,41 @@ def test_inconsistent_manifests_are_rejected(
     mutate(raw)
     with pytest.raises(ValidationError, match=message):
         Manifest.model_validate(raw)
+
+
+NEW_PARITY_FIELDS = ("compared", "max_abs_diff", "max_rel_diff")
+
+
+def test_a_schema_1_manifest_from_before_user_models_still_validates(model_dir: Path) -> None:
+    """Bundles written before manifests had a task and feature kinds keep serving."""
+    current = json.loads((model_dir / "iris" / "1.0.0" / "manifest.json").read_text())
+    metrics, parity = dict(current["metrics"]), dict(current["parity"])
+    schema_1 = {
+        **current,
+        "schema_version": 1,
+        "features": [
+            {k: v for k, v in feature.items() if k != "kind"} for feature in current["features"]
+        ],
+        "metrics": {
+            "accuracy": metrics["accuracy"],
+            "f1_macro": metrics["f1_macro"],
+            "n_train": metrics["n_train"],
+            "n_test": metrics["n_rows"],
+            "test_size": metrics["test_size"],
+        },
+        "parity": {
+            **{
+                k: v
+                for k, v in parity.items()
+                if k not in ("compared", "max_abs_diff", "max_rel_diff")
+            },
+            "max_abs_probability_diff": parity["max_abs_diff"],
+        },
+    }
+    del schema_1["task"]
+    upgraded = Manifest.model_validate(schema_1)
+    assert upgraded.task == "classification"
+    assert [f.kind for f in upgraded.features] == ["number"] * len(current["features"])
+    assert upgraded.metrics is not None
+    assert upgraded.metrics.n_rows == metrics["n_rows"]
+    assert upgraded.parity.max_abs_diff == parity["max_abs_diff"]
