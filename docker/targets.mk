@@ -13,6 +13,9 @@
 #                         build ml-api:x.y.z and roll the api service to it, one
 #                         task at a time; returns when converged or rolled back
 #   make stack-scale REPLICAS=n
+#   make stack-keys       swap the running stack's API keys for the keys file's
+#                         content (swarm secrets are immutable: a new one, rolled
+#                         into the api start-first, then into the proxy)
 #   make stack-down       remove the stack (and the swarm, if stack-up made it)
 #
 # Variables: VERSION (model version, 1.0.0), MODEL_NAME, DATASET, OFFLINE (1: use
@@ -44,7 +47,7 @@ endif
 DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON) TRAIN_ARGS="$(TRAIN_ARGS)"
 E2E_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 
-.PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-down
+.PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-keys stack-down
 
 engine:
 	PYTHON=$(PYTHON) docker/ensure-engine.sh start
@@ -66,8 +69,12 @@ down:
 	$(DOCKER_ENV) docker compose down --remove-orphans
 
 # The swarm stack (deploy/swarm/): same images, PROXY_PORT and OFFLINE=1.
+# Both need the keys file (stack.sh refuses without it, as `up` does).
 stack-up: image
-	$(DOCKER_ENV) API_REPLICAS=$(API_REPLICAS) deploy/swarm/stack.sh up
+	API_KEYS_FILE=$(API_KEYS_FILE) $(DOCKER_ENV) API_REPLICAS=$(API_REPLICAS) deploy/swarm/stack.sh up
+
+stack-keys:
+	API_KEYS_FILE=$(API_KEYS_FILE) deploy/swarm/stack.sh keys
 
 stack-rollout: image
 	$(DOCKER_ENV) deploy/swarm/stack.sh rollout $(VERSION)

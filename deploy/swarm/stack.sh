@@ -11,6 +11,12 @@
 #                              return 0 when the update converged, 1 when swarm
 #                              rolled it back, 2 when it paused
 #   stack.sh scale N           N api replicas; return when converged
+#   stack.sh keys              rotate the API keys of the running stack to
+#                              the keys file's current content: a new secret,
+#                              swapped into the api (start-first, one task at a
+#                              time: no request lost) and then the proxy
+#                              (stop-first: it holds the host port); return
+#                              when both converged
 #   stack.sh init              only the swarm part of `up`
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
@@ -20,7 +26,10 @@
 # API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE / GRAFANA_IMAGE,
 # GRAFANA_REPLICAS (1; 0 without a Grafana image), SWARM_ADVERTISE_ADDR
 # (127.0.0.1: a single-node swarm reachable from this host only),
-# STACK_TIMEOUT (seconds to wait for convergence, 300).
+# STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
+# host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
+# must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
+# other proxy limits (README, "Configuration").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,6 +64,7 @@ ensure_swarm() {
 # immutable, so an edited file must become a new config.
 config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
+        docker/nginx/render.sh docker/nginx/api_keys.js \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
@@ -62,6 +72,19 @@ config_tag() {
 }
 
 service() { printf '%s_%s' "$STACK_NAME" "$1"; }
+
+# The keys file, as an absolute path (stack.yaml's relative paths would be
+# relative to deploy/swarm). Missing: refuse, as `make up` does; docker would
+# only say it cannot read the secret's file.
+keys_source() {
+    local file="${API_KEYS_FILE:-secrets/api-keys}"
+    case "$file" in /*) ;; *) file="$PWD/$file" ;; esac
+    [ -f "$file" ] || die "no API keys file $file: run 'make api-key NAME=<id>' (an empty file runs the API open)"
+    printf '%s' "$file"
+}
+
+# Secrets are immutable: a name per content, like the configs.
+keys_tag() { sha256sum <"$1" | cut -c1-12; }
 
 # "running/desired" for a service, counting only tasks that are running
 # (healthy, for a service with a health check) and meant to be.
@@ -97,10 +120,12 @@ wait_for_prediction() {
 cmd_up() {
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
+    API_KEYS_SOURCE="$(keys_source)"
     ensure_swarm
     CONFIG_TAG="$(config_tag)"
-    export CONFIG_TAG
-    log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG)"
+    KEYS_TAG="$(keys_tag "$API_KEYS_SOURCE")"
+    export CONFIG_TAG API_KEYS_SOURCE KEYS_TAG
+    log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
     wait_converged api
@@ -109,8 +134,32 @@ cmd_up() {
     wait_for_prediction
 }
 
+# update_field SERVICE FIELD: a field of the service's last update.
 update_field() {
-    docker service inspect "$(service api)" --format "{{if .UpdateStatus}}{{.UpdateStatus.$1}}{{end}}"
+    docker service inspect "$(service "$1")" --format "{{if .UpdateStatus}}{{.UpdateStatus.$2}}{{end}}"
+}
+
+# wait_update SERVICE STARTED_BEFORE: until the update started after
+# STARTED_BEFORE ends. 0 completed, 1 rolled back, 2 paused.
+wait_update() {
+    local name="$1" before="$2" deadline=$((SECONDS + TIMEOUT)) state="" started
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        started="$(update_field "$name" StartedAt)"
+        state="$(update_field "$name" State)"
+        if [ "$started" != "$before" ]; then
+            case "$state" in
+                completed) return 0 ;;
+                rollback_completed)
+                    log "update of $(service "$name") rolled back: $(update_field "$name" Message)"
+                    return 1 ;;
+                paused|rollback_paused)
+                    log "update of $(service "$name") $state: $(update_field "$name" Message)"
+                    return 2 ;;
+            esac
+        fi
+        sleep 1
+    done
+    die "the update of $(service "$name") did not finish within ${TIMEOUT}s (state: ${state:-unknown})"
 }
 
 cmd_rollout() {
@@ -125,30 +174,63 @@ cmd_rollout() {
         log "$svc already runs $image"
         return 0
     fi
-    local before
-    before="$(update_field StartedAt)"
+    local before status=0
+    before="$(update_field api StartedAt)"
     log "rolling $svc from $current to $image (start-first, one task at a time)"
     docker service update --detach --no-resolve-image --image "$image" "$svc" >/dev/null
-    local deadline=$((SECONDS + TIMEOUT)) state="" started
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        started="$(update_field StartedAt)"
-        state="$(update_field State)"
-        if [ "$started" != "$before" ]; then
-            case "$state" in
-                completed)
-                    log "update completed: $svc runs $image"
-                    return 0 ;;
-                rollback_completed)
-                    log "update rolled back: $(update_field Message); $svc runs $current again"
-                    return 1 ;;
-                paused|rollback_paused)
-                    log "update $state: $(update_field Message)"
-                    return 2 ;;
-            esac
+    wait_update api "$before" || status=$?
+    case "$status" in
+        0) log "update completed: $svc runs $image" ;;
+        1) log "update rolled back; $svc runs $current again" ;;
+    esac
+    return "$status"
+}
+
+# The name of the secret a service mounts as api-keys.
+mounted_keys_secret() {
+    docker service inspect "$(service "$1")" \
+        --format '{{range .Spec.TaskTemplate.ContainerSpec.Secrets}}{{if eq .File.Name "api-keys"}}{{.SecretName}}{{end}}{{end}}'
+}
+
+# Swarm secrets cannot change: a new one per content, swapped into each
+# service by a rolling update (the api's is start-first and loses nothing;
+# the proxy's is stop-first, its port is refused while nginx restarts).
+# Mount options as in stack.yaml.
+cmd_keys() {
+    local source secret svc old status
+    source="$(keys_source)"
+    docker service inspect "$(service api)" >/dev/null 2>&1 || die "no service $(service api): run \`make stack-up\` first"
+    secret="$STACK_NAME-api-keys-$(keys_tag "$source")"
+    if ! docker secret inspect "$secret" >/dev/null 2>&1; then
+        # The stack's label: `stack-down` removes it with the stack.
+        docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
+    fi
+    local -A mount=(
+        [api]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
+        [proxy]="source=$secret,target=api-keys,mode=0444"
+    )
+    local stale=()
+    for svc in api proxy; do
+        old="$(mounted_keys_secret "$svc")"
+        if [ "$old" = "$secret" ]; then
+            log "$(service "$svc") mounts $secret already"
+            continue
         fi
-        sleep 1
+        log "$(service "$svc"): API keys $old -> $secret"
+        local before
+        before="$(update_field "$svc" StartedAt)"
+        docker service update --detach --secret-rm "$old" --secret-add "${mount[$svc]}" "$(service "$svc")" >/dev/null
+        status=0
+        wait_update "$svc" "$before" || status=$?
+        [ "$status" = 0 ] || die "$(service "$svc") did not take the new keys (its tasks keep $old)"
+        stale+=("$old")
     done
-    die "the update of $svc did not finish within ${TIMEOUT}s (state: ${state:-unknown})"
+    for old in "${stale[@]}"; do
+        docker secret rm "$old" >/dev/null 2>&1 || true
+    done
+    wait_converged api
+    wait_converged proxy
+    log "API keys of $STACK_NAME are $secret"
 }
 
 cmd_scale() {
@@ -193,6 +275,7 @@ case "${1:-}" in
     init) ensure_swarm ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
+    keys) cmd_keys ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | init | rollout VERSION | scale N | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
 esac

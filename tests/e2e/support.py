@@ -160,9 +160,16 @@ class LoadStream:
     prediction, including a connection error, is a failure.
     """
 
-    def __init__(self, proxy: str, threads: int = 3, pause: float = 0.05) -> None:
+    def __init__(
+        self,
+        proxy: str,
+        threads: int = 3,
+        pause: float = 0.05,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.proxy = proxy
         self.pause = pause
+        self.headers = headers or {}
         self.results: list[tuple[float, float, int, str]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -173,7 +180,9 @@ class LoadStream:
         while not self._stop.is_set():
             start = time.monotonic()
             try:
-                resp = http("POST", f"{self.proxy}/predict", SETOSA, timeout=15)
+                resp = http(
+                    "POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15
+                )
                 body = resp.json() if resp.status == 200 else {}
                 version = str(body.get("model_version", ""))
                 ok = resp.status == 200 and body.get("predicted_class_name") == "setosa"

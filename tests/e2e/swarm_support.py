@@ -8,15 +8,38 @@ import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tests.e2e.support import DOCKER_DIR, IMAGE, ROOT, TIMINGS, LoadStream, free_port, http, run
+from service import keyfile
+from tests.e2e.support import (
+    DOCKER_DIR,
+    IMAGE,
+    ROOT,
+    SETOSA,
+    TIMINGS,
+    LoadStream,
+    Response,
+    free_port,
+    http,
+    run,
+)
 
 STACK_SH = ROOT / "deploy" / "swarm" / "stack.sh"
 SECOND_NODE_SH = ROOT / "deploy" / "swarm" / "second-node.sh"
 IMAGE_NAME = IMAGE.split(":")[0]
 NEXT_VERSION = "1.1.0"
 UNSERVABLE_VERSION = "1.2.0"
+
+
+def keys_file(stack: str) -> Path:
+    return Path(f"/tmp/{stack}-api-keys")
+
+
+def add_key(path: Path, key_id: str) -> str:
+    key = keyfile.mint_key()
+    keyfile.update(path, add=keyfile.StoredKey(key_id, keyfile.digest_of(key)))
+    return key
 
 
 def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> dict[str, str]:
@@ -32,19 +55,43 @@ def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> di
         # The tests need no dashboards; without a registry there is no image.
         "GRAFANA_REPLICAS": "0",
         "API_REPLICAS": "3",
+        # The swarm secret's source (Swarm.__post_init__ writes it).
+        "API_KEYS_FILE": str(keys_file(stack)),
     }
 
 
 @dataclass
 class Swarm:
+    """A stack with API keys on, as in production: one key, which every
+    request through the proxy carries."""
+
     stack_name: str
     env: dict[str, str]
     proxy: str = field(init=False)
     prometheus: str = field(init=False)
+    key: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.proxy = f"http://127.0.0.1:{self.env['PROXY_PORT']}"
         self.prometheus = f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
+        path = Path(self.env["API_KEYS_FILE"])
+        path.unlink(missing_ok=True)
+        self.key = add_key(path, "e2e-swarm")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def predict(self, headers: dict[str, str] | None = None) -> Response:
+        return http(
+            "POST",
+            f"{self.proxy}/predict",
+            SETOSA,
+            headers=self.headers if headers is None else headers,
+        )
+
+    def load(self) -> LoadStream:
+        return LoadStream(self.proxy, headers=self.headers)
 
     def stack(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([str(STACK_SH), *args], env=self.env, check=check, timeout=600)

@@ -13,17 +13,20 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, SETOSA, TIMINGS, LoadStream, http, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
     UNSERVABLE_VERSION,
     Swarm,
+    add_key,
     assert_targets_are_the_tasks,
     build_image,
+    proxy_retries,
     remove_stack,
     report,
     stack_env,
@@ -57,8 +60,10 @@ def swarm(image: str, base_images: dict[str, str]) -> Iterator[Swarm]:
 
 
 def test_stack_serves_through_the_proxy(swarm: Swarm) -> None:
-    resp = http("POST", f"{swarm.proxy}/predict", SETOSA)
+    resp = swarm.predict()
     assert resp.status == 200, resp.body
+    # The keys secret reaches the api: without a key, 401.
+    assert swarm.predict(headers={}).status == 401
     assert resp.json()["model_version"] == MODEL_VERSION
     assert swarm.image() == IMAGE
     assert_targets_are_the_tasks(swarm, 3)
@@ -79,7 +84,7 @@ def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm)
 
 def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swarm) -> None:
     since = time.time()
-    with LoadStream(swarm.proxy) as load:
+    with swarm.load() as load:
         time.sleep(2)
         t0 = time.monotonic()
         done = swarm.stack("rollout", NEXT_VERSION, check=False)
@@ -98,7 +103,7 @@ def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swar
 
 def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) -> None:
     since = time.time()
-    with LoadStream(swarm.proxy) as load:
+    with swarm.load() as load:
         time.sleep(2)
         t0 = time.monotonic()
         done = swarm.stack("rollout", f"{UNSERVABLE_VERSION}-unservable", check=False)
@@ -114,7 +119,7 @@ def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) 
 
 def test_scaling_under_load_loses_no_request(swarm: Swarm) -> None:
     since = time.time()
-    with LoadStream(swarm.proxy) as load:
+    with swarm.load() as load:
         time.sleep(2)
         swarm.stack("scale", "5")
         assert_targets_are_the_tasks(swarm, 5)
@@ -125,6 +130,47 @@ def test_scaling_under_load_loses_no_request(swarm: Swarm) -> None:
     assert load.versions_since(0) == {NEXT_VERSION}
 
 
+def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) -> None:
+    """stack.sh keys (make stack-keys): a new secret, rolled into the api
+    start-first and then the proxy, which is stop-first (it holds the host
+    port), so connections may be refused while nginx restarts; no request may
+    get an HTTP error (a 401 for the key in both sets, a 5xx)."""
+    path = Path(swarm.env["API_KEYS_FILE"])
+    new = {"Authorization": f"Bearer {add_key(path, 'e2e-rotated')}"}
+    assert swarm.predict(headers=new).status == 401  # secrets are immutable: not yet
+    since = time.time()
+    with swarm.load() as load:
+        time.sleep(2)
+        t0 = time.monotonic()
+        swarm.stack("keys")
+        TIMINGS["swarm key rotation"] = time.monotonic() - t0
+        time.sleep(2)
+    refused = [f for f in load.failures if not f[:3].isdigit()]
+    TIMINGS["swarm key rotation: refused while the proxy restarted"] = len(refused)
+    answered_wrong = [f for f in load.failures if f[:3].isdigit()]
+    TIMINGS["swarm key rotation: requests sent/failed"] = (
+        f"{len(load.results)}/{len(load.failures)}"
+    )
+    assert not answered_wrong, answered_wrong[:5]
+    assert len(load.results) > len(load.failures)
+    assert swarm.predict(headers=new).status == 200
+    logged, _ = proxy_retries(swarm, since)
+    assert logged > 0
+    # The proxy has the new set too: the new key has a bucket of its own.
+    logs = run(
+        ["docker", "service", "logs", "--raw", "--since", str(int(since)), f"{STACK}_proxy"]
+    ).stdout
+    assert '"key_id":"e2e-rotated"' in logs
+    assert (
+        len(
+            run(
+                ["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"]
+            ).stdout.split()
+        )
+        == 1
+    )
+
+
 def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
     before = TIMINGS["swarm before the tests"]
     swarm.stack("down")
@@ -133,3 +179,7 @@ def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
         ["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}"]
     ).stdout.split()
     assert not leftovers
+    # The stack's secrets (also those stack.sh keys made) went with it.
+    assert not run(
+        ["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"], check=False
+    ).stdout.split()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, SETOSA, TIMINGS, LoadStream, http, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -84,7 +84,7 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
     )
     assert_targets_are_the_tasks(sw, 3)
     since = time.time()
-    with LoadStream(sw.proxy) as load:
+    with sw.load() as load:
         time.sleep(2)
         t0 = time.monotonic()
         done = sw.stack("rollout", NEXT_VERSION, check=False)
@@ -98,8 +98,5 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
     assert len(set(tasks.values())) == 2, tasks
     assert_targets_are_the_tasks(sw, 3)
     # The proxy (on this node) reaches the tasks on node 2 over the overlay.
-    answered = {
-        http("POST", f"{sw.proxy}/predict", SETOSA).headers["x-upstream-addr"].rsplit(":", 1)[0]
-        for _ in range(30)
-    }
+    answered = {sw.predict().headers["x-upstream-addr"].rsplit(":", 1)[0] for _ in range(30)}
     assert answered == set(tasks), (answered, tasks)
