@@ -81,11 +81,17 @@ class MicroBatcher:
             return
         exc = task.exception()
         log.error(
-            "micro-batcher task died; failing its waiting callers and restarting",
+            "micro-batcher task died; failing the batch it held and restarting",
             exc_info=exc,
-            extra={"fields": {"waiting": len(self._waiting) + len(self._in_flight)}},
+            extra={"fields": {"in_batch": len(self._in_flight), "queued": len(self._waiting)}},
         )
-        self._fail_everyone(InferenceError(f"batching failed: {type(exc).__name__}: {exc}"))
+        # The batch it held cannot be answered; callers still queued (some may
+        # have arrived after the failure) are served by the restarted task.
+        in_flight, self._in_flight = self._in_flight, []
+        error = InferenceError(f"batching failed: {type(exc).__name__}: {exc}")
+        for entry in in_flight:
+            if not entry.answer.done():
+                entry.answer.set_exception(error)
         self.restarts += 1
         self.start()
 

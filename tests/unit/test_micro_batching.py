@@ -160,4 +160,6 @@ def test_a_failing_batch_callback_does_not_cost_the_callers_their_answers() -> N
     answers = asyncio.run(_with_batcher(batcher, two_rounds()))
     assert np.array_equal(answers[0], _model(_row(0.2)))
     assert np.array_equal(answers[1], _model(_row(0.3)))
-    assert batcher.restarts == 2
+    # The first batch's callback killed the task, which restarted to serve the
+    # second; whether the second death is seen before stop() is a race.
+    assert batcher.restarts >= 1
