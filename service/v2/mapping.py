@@ -110,12 +110,29 @@ class InputTensor:
     feature_names: tuple[str, ...]
     accepted: frozenset[str]
     bounds: Bounds
+    # Positions (in this tensor) of the integer features: whole numbers only, as /predict.
+    integers: tuple[int, ...] = ()
 
     @property
     def shape(self) -> list[int]:
         return [-1, len(self.columns)]
 
     def check(self, values: npt.NDArray[Any]) -> None:
+        self._check_bounds(values)
+        if self.integers and values.dtype.kind == "f":
+            whole = values[:, list(self.integers)]
+            fractional = np.argwhere(whole != np.floor(whole))
+            if fractional.size:
+                row, position = (int(i) for i in fractional[0])
+                column = self.integers[position]
+                more = len(fractional) - 1
+                raise TensorError(
+                    f"input '{self.name}' row {row} feature '{self.feature_names[column]}': "
+                    f"{values[row, column].item()} is not an integer"
+                    + (f" ({more} more invalid values)" if more else "")
+                )
+
+    def _check_bounds(self, values: npt.NDArray[Any]) -> None:
         """The manifest's bounds, float32 range, no NaN or infinity: vectorised.
 
         Compared flat against bounds tiled to a block of rows: broadcasting a
@@ -281,6 +298,7 @@ def _inputs(manifest: Manifest) -> tuple[ModelInput, ...]:
             tuple(feature.name for _, feature in numeric),
             frozenset(NUMERIC_DATATYPES),
             _bounds([feature for _, feature in numeric]),
+            tuple(i for i, (_, f) in enumerate(numeric) if isinstance(f, IntegerFeature)),
         ),
         *categories,
     )

@@ -325,7 +325,7 @@ def mixed_v2_requests(draw: st.DrawFn) -> dict[str, Any]:
     if broken == "numbers":
         numbers["datatype"] = draw(st.sampled_from(["FP32", "FP64", "INT32", "BYTES"]))
         numbers["data"] = draw(
-            st.lists(tensor_values, min_size=rows * 2, max_size=rows * 2) | json_values
+            st.one_of(st.lists(tensor_values, min_size=rows * 2, max_size=rows * 2), json_values)
         )
     city_rows = draw(st.integers(0, 5)) if broken == "rows" else rows
     nested = draw(st.booleans())

@@ -193,6 +193,10 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         "unknown input 'town'",
     ),
     "category given twice": ({"inputs": [*_inputs(), _inputs()[1]]}, "given twice"),
+    "fraction for an integer feature": (
+        {"inputs": _inputs(numbers=[[3, 80.5], [2.5, 30.0], [1, 20.0]])},
+        "input 'features' row 1 feature 'rooms': 2.5 is not an integer",
+    ),
     "BYTES for the numeric matrix": (
         {"inputs": [{**_inputs()[0], "datatype": "BYTES"}, _inputs()[1]]},
         "datatype 'BYTES' is not accepted",
