@@ -4,9 +4,10 @@ Numeric (number and integer) features travel as one FP32 matrix `features`
 of shape [-1, n_numeric] (columns in manifest order among the numeric
 features: the columnar batch V2 clients send); a model without numeric
 features has no `features` input. Each category feature is a BYTES input of
-its own, named after the feature, shape [-1] ([-1, 1] is accepted too): one
-string per row, one of the feature's categories, which the metadata lists in
-`properties["categories"]` (JSON: feature name to allowed values). The codec
+its own, named after the feature (`features_category` for one called
+`features` beside the numeric matrix), shape [-1] ([-1, 1] is accepted too):
+one string per row, one of the feature's categories, which the metadata
+lists in `properties["categories"]` (JSON: input name to allowed values). The codec
 turns each string into its index in the manifest's `categories`, the column
 the backends take. A classifier answers with three outputs: `predicted_class` (INT64),
 `predicted_class_name` (BYTES) and `probabilities` (FP32, [-1, n_classes]) —
@@ -202,6 +203,7 @@ class CategoryTensor:
     """One category feature as a BYTES tensor: a string per row, sent as its index."""
 
     name: str
+    feature: str
     column: int
     categories: tuple[str, ...]
     datatype: ClassVar[str] = "BYTES"
@@ -217,7 +219,7 @@ class CategoryTensor:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return (self.name,)
+        return (self.feature,)
 
     @functools.cached_property
     def _index(self) -> dict[Any, int]:
@@ -235,7 +237,7 @@ class CategoryTensor:
         row = found.index(None)
         more = found.count(None) - 1
         raise TensorError(
-            f"{where} row {row} feature '{self.name}': {self._shown(values[row])} "
+            f"{where} row {row} feature '{self.feature}': {self._shown(values[row])} "
             f"{self._allowed()}" + (f" ({more} more invalid values)" if more else "")
         )
 
@@ -277,19 +279,29 @@ class TensorMap:
         return {tensor.name: tensor for tensor in self.inputs}
 
 
+def _unique(name: str, taken: set[str]) -> str:
+    """The feature's name as its input's, suffixed if the numeric matrix took it."""
+    unique = name
+    while unique in taken:
+        unique += "_category"
+    taken.add(unique)
+    return unique
+
+
 def _inputs(manifest: Manifest) -> tuple[ModelInput, ...]:
     numeric = [
         (column, feature)
         for column, feature in enumerate(manifest.features)
         if isinstance(feature, NumberFeature | IntegerFeature)
     ]
-    categories = tuple(
-        CategoryTensor(feature.name, column, tuple(feature.categories))
-        for column, feature in enumerate(manifest.features)
-        if isinstance(feature, CategoryFeature)
-    )
+    taken = {FEATURES_INPUT} if numeric else set()
+    categories = []
+    for column, feature in enumerate(manifest.features):
+        if isinstance(feature, CategoryFeature):
+            name = _unique(feature.name, taken)
+            categories.append(CategoryTensor(name, feature.name, column, tuple(feature.categories)))
     if not numeric:
-        return categories
+        return tuple(categories)
     return (
         InputTensor(
             FEATURES_INPUT,
