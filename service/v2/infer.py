@@ -17,12 +17,20 @@ import numpy.typing as npt
 import orjson
 
 from service.backends.base import FloatMatrix
-from service.v2.mapping import Inference, InputTensor, OutputTensor, TensorMap, check_datatype
+from service.v2.mapping import (
+    CategoryTensor,
+    Inference,
+    InputTensor,
+    OutputTensor,
+    TensorMap,
+    check_datatype,
+)
 from service.v2.tensors import (
     ALL_DATATYPES,
     NUMERIC_DATATYPES,
     Datatype,
     TensorError,
+    binary_bytes_tensor,
     binary_tensor,
     json_tensor,
 )
@@ -88,6 +96,63 @@ def _shape(tensor: InputTensor, value: Any, max_rows: int) -> tuple[int, int]:
     return rows, columns
 
 
+def _category_shape(tensor: CategoryTensor, value: Any, max_rows: int) -> int:
+    """Rows of a [rows] or [rows, 1] shape."""
+    dims = value if type(value) is list and len(value) in (1, 2) else None
+    if dims is None or any(type(d) is not int or d < 0 for d in dims) or dims[1:] not in ([], [1]):
+        raise TensorError(
+            f"input '{tensor.name}': shape must be [rows] or [rows, 1], "
+            f"got {orjson.dumps(value).decode()}"
+        )
+    rows: int = dims[0]
+    if not 1 <= rows <= max_rows:
+        raise TensorError(f"input '{tensor.name}': shape {value} must have 1 to {max_rows} rows")
+    return rows
+
+
+def _category_datatype(tensor: CategoryTensor, name: Any) -> None:
+    if type(name) is not str or name not in ALL_DATATYPES:
+        raise TensorError(f"input '{tensor.name}': unknown datatype {name!r}")
+    check_datatype(tensor, name)
+
+
+def _json_strings(tensor: CategoryTensor, data: Any, rows: int) -> list[Any]:
+    where = f"input '{tensor.name}'"
+    if type(data) is not list:
+        raise TensorError(f"{where}: data must be an array")
+    elements: list[Any] = data
+    if elements and type(elements[0]) is list:
+        # Nested as the shape [rows, 1].
+        if len(elements) != rows or any(type(row) is not list or len(row) != 1 for row in elements):
+            raise TensorError(f"{where}: nested data must be {rows} arrays of 1 element")
+        elements = [row[0] for row in elements]
+    if len(elements) != rows:
+        raise TensorError(f"{where}: shape has {rows} rows, data has {len(elements)} elements")
+    return elements
+
+
+def _category_input(
+    tensor: CategoryTensor,
+    entry: dict[str, Any],
+    binary: bytes,
+    offset: int,
+    size: Any,
+    max_rows: int,
+) -> npt.NDArray[np.float64]:
+    """The column of category indices a BYTES input carries, from JSON or binary data."""
+    where = f"input '{tensor.name}'"
+    _category_datatype(tensor, entry.get("datatype"))
+    rows = _category_shape(tensor, entry.get("shape"), max_rows)
+    if size is not None:
+        _check_binary_size(where, entry, binary, offset, size)
+        values: list[Any] = binary_bytes_tensor(binary, offset, size, rows, where)
+    elif "data" in entry:
+        values = _json_strings(tensor, entry["data"], rows)
+    else:
+        raise TensorError(f"{where}: no data and no binary_data_size")
+    return tensor.indices(values, where)
+
+
 def _datatype(tensor: InputTensor, name: Any) -> Datatype:
     datatype = NUMERIC_DATATYPES.get(name) if type(name) is str else None
     if datatype is None or name not in tensor.accepted:
@@ -108,6 +173,13 @@ def _binary_input(
     shape: tuple[int, int],
 ) -> npt.NDArray[Any]:
     where = f"input '{tensor.name}'"
+    _check_binary_size(where, entry, binary, offset, size)
+    return binary_tensor(binary, offset, size, datatype, shape, where)
+
+
+def _check_binary_size(
+    where: str, entry: dict[str, Any], binary: bytes, offset: int, size: Any
+) -> None:
     if type(size) is not int or size < 0:
         raise TensorError(f"{where}: binary_data_size must be a non-negative integer")
     if "data" in entry:
@@ -117,7 +189,6 @@ def _binary_input(
             f"{where}: binary_data_size {size} goes past the end of the body "
             f"({len(binary) - offset} bytes left)"
         )
-    return binary_tensor(binary, offset, size, datatype, shape, where)
 
 
 class InferenceCodec:
@@ -169,12 +240,18 @@ class InferenceCodec:
                 )
             if name in values:
                 raise TensorError(f"input '{name}' is given twice")
-            datatype = _datatype(tensor, entry.get("datatype"))
-            shape = _shape(tensor, entry.get("shape"), self.max_rows)
             parameters = entry.get("parameters")
             size = None
             if parameters is not None:
                 size = _object(parameters, f"input '{name}' parameters").get("binary_data_size")
+            if isinstance(tensor, CategoryTensor):
+                values[tensor.name] = _category_input(
+                    tensor, entry, binary, offset, size, self.max_rows
+                )
+                offset += size or 0
+                continue
+            datatype = _datatype(tensor, entry.get("datatype"))
+            shape = _shape(tensor, entry.get("shape"), self.max_rows)
             if size is not None:
                 tensor_values = _binary_input(tensor, entry, binary, offset, size, datatype, shape)
                 offset += size
@@ -202,20 +279,23 @@ class InferenceCodec:
 
     def _assemble(self, values: dict[str, npt.NDArray[Any]]) -> FloatMatrix:
         inputs = self.tensors.inputs
-        if len(inputs) == 1 and inputs[0].columns == tuple(range(self.n_features)):
+        if len(inputs) == 1 and isinstance(inputs[0], InputTensor):
             return values[inputs[0].name].astype(np.float32)
-        covered = sorted(column for tensor in inputs for column in tensor.columns)
-        if covered != list(range(self.n_features)):
-            raise TensorError(
-                "this model has category features, which V2 inference does not take yet; "
-                "use /predict or /predict/batch"
-            )
-        counts = {tensor.name: values[tensor.name].shape[0] for tensor in inputs}
-        if len(set(counts.values())) != 1:
-            raise TensorError(f"inputs have different row counts: {counts}")
-        rows = np.empty((next(iter(counts.values())), self.n_features), dtype=np.float32)
+        first, *others = inputs
+        n_rows = values[first.name].shape[0]
+        for tensor in others:
+            if values[tensor.name].shape[0] != n_rows:
+                raise TensorError(
+                    f"inputs have different row counts: '{first.name}' has {n_rows}, "
+                    f"'{tensor.name}' has {values[tensor.name].shape[0]}"
+                )
+        # float64 as /predict builds them: category indices and integers stay exact.
+        rows = np.empty((n_rows, self.n_features), dtype=np.float64)
         for tensor in inputs:
-            rows[:, list(tensor.columns)] = values[tensor.name]
+            if isinstance(tensor, CategoryTensor):
+                rows[:, tensor.column] = values[tensor.name]
+            else:
+                rows[:, list(tensor.columns)] = values[tensor.name]
         return rows
 
     def _outputs(self, requested: Any, binary_default: bool) -> list[tuple[OutputTensor, bool]]:

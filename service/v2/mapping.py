@@ -1,8 +1,15 @@
 """How a model's features and predictions map onto V2 tensors: a function of the manifest.
 
-Numeric features travel as one FP32 matrix `features` of shape
-[-1, n_features] (columns in manifest order: the columnar batch V2 clients
-send). A classifier answers with three outputs: `predicted_class` (INT64),
+Numeric (number and integer) features travel as one FP32 matrix `features`
+of shape [-1, n_numeric] (columns in manifest order among the numeric
+features: the columnar batch V2 clients send); a model without numeric
+features has no `features` input. Each category feature is a BYTES input of
+its own, named after the feature (`features_category` for one called
+`features` beside the numeric matrix), shape [-1] ([-1, 1] is accepted too):
+one string per row, one of the feature's categories, which the metadata
+lists in `properties["categories"]` (JSON: input name to allowed values). The codec
+turns each string into its index in the manifest's `categories`, the column
+the backends take. A classifier answers with three outputs: `predicted_class` (INT64),
 `predicted_class_name` (BYTES) and `probabilities` (FP32, [-1, n_classes]) —
 the fields of /predict, as tensors; a regressor with one, `prediction` (FP64,
 [-1]). `InputTensor.columns` says which manifest features a tensor carries.
@@ -14,18 +21,26 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from service.backends.base import Outputs
-from service.manifest import IntegerFeature, Manifest, NumberFeature
+from service.manifest import CategoryFeature, IntegerFeature, Manifest, NumberFeature
 from service.schemas import FLOAT32_MAX
-from service.v2.tensors import NUMERIC_DATATYPES, TensorError, bytes_tensor_binary
+from service.v2.tensors import (
+    NUMERIC_DATATYPES,
+    TensorError,
+    bytes_tensor_binary,
+    describe,
+)
 
 FEATURES_INPUT = "features"
 SMALL_TENSOR = 64
+# How much of a rejected value, and how many allowed values, an error message shows.
+SHOWN_VALUE_CHARS = 60
+SHOWN_CATEGORIES = 10
 # What the pipeline's inference returns: class probabilities [n, k], or predicted values [n].
 Inference = Outputs
 
@@ -96,12 +111,29 @@ class InputTensor:
     feature_names: tuple[str, ...]
     accepted: frozenset[str]
     bounds: Bounds
+    # Positions (in this tensor) of the integer features: whole numbers only, as /predict.
+    integers: tuple[int, ...] = ()
 
     @property
     def shape(self) -> list[int]:
         return [-1, len(self.columns)]
 
     def check(self, values: npt.NDArray[Any]) -> None:
+        self._check_bounds(values)
+        if self.integers and values.dtype.kind == "f":
+            whole = values[:, list(self.integers)]
+            fractional = np.argwhere(whole != np.floor(whole))
+            if fractional.size:
+                row, position = (int(i) for i in fractional[0])
+                column = self.integers[position]
+                more = len(fractional) - 1
+                raise TensorError(
+                    f"input '{self.name}' row {row} feature '{self.feature_names[column]}': "
+                    f"{values[row, column].item()} is not an integer"
+                    + (f" ({more} more invalid values)" if more else "")
+                )
+
+    def _check_bounds(self, values: npt.NDArray[Any]) -> None:
         """The manifest's bounds, float32 range, no NaN or infinity: vectorised.
 
         Compared flat against bounds tiled to a block of rows: broadcasting a
@@ -167,8 +199,74 @@ class OutputTensor:
 
 
 @dataclass(frozen=True)
+class CategoryTensor:
+    """One category feature as a BYTES tensor: a string per row, sent as its index."""
+
+    name: str
+    feature: str
+    column: int
+    categories: tuple[str, ...]
+    datatype: ClassVar[str] = "BYTES"
+    accepted: ClassVar[frozenset[str]] = frozenset({"BYTES"})
+
+    @property
+    def shape(self) -> list[int]:
+        return [-1]
+
+    @property
+    def columns(self) -> tuple[int, ...]:
+        return (self.column,)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return (self.feature,)
+
+    @functools.cached_property
+    def _index(self) -> dict[Any, int]:
+        # Strings from JSON, bytes from the binary extension: no decoding step.
+        index: dict[Any, int] = {value: i for i, value in enumerate(self.categories)}
+        index.update((value.encode(), i) for i, value in enumerate(self.categories))
+        return index
+
+    def indices(self, values: list[Any], where: str) -> npt.NDArray[np.float64]:
+        """Each value's index in the feature's categories; a 400 naming the first stranger."""
+        get = self._index.get
+        found = [get(value) if type(value) in (str, bytes) else None for value in values]
+        if None not in found:
+            return np.asarray(found, dtype=np.float64)
+        row = found.index(None)
+        more = found.count(None) - 1
+        raise TensorError(
+            f"{where} row {row} feature '{self.feature}': {self._shown(values[row])} "
+            f"{self._allowed()}" + (f" ({more} more invalid values)" if more else "")
+        )
+
+    @staticmethod
+    def _shown(value: Any) -> str:
+        if type(value) is bytes:
+            value = value.decode("utf-8", errors="replace")
+        if type(value) is not str:
+            return f"is {describe(value)}, not a string"
+        shown = json.dumps(value[:SHOWN_VALUE_CHARS], ensure_ascii=False)
+        return shown + ("..." if len(value) > SHOWN_VALUE_CHARS else "")
+
+    def _allowed(self) -> str:
+        shown = ", ".join(
+            json.dumps(value[:SHOWN_VALUE_CHARS], ensure_ascii=False)
+            + ("..." if len(value) > SHOWN_VALUE_CHARS else "")
+            for value in self.categories[:SHOWN_CATEGORIES]
+        )
+        rest = len(self.categories) - SHOWN_CATEGORIES
+        tail = f" and {rest} more (see the model metadata's properties)" if rest > 0 else ""
+        return f"is not one of the allowed values: {shown}{tail}"
+
+
+ModelInput = InputTensor | CategoryTensor
+
+
+@dataclass(frozen=True)
 class TensorMap:
-    inputs: tuple[InputTensor, ...]
+    inputs: tuple[ModelInput, ...]
     outputs: tuple[OutputTensor, ...]
     properties: dict[str, str]
 
@@ -177,16 +275,33 @@ class TensorMap:
         return {output.name: output for output in self.outputs}
 
     @functools.cached_property
-    def inputs_by_name(self) -> dict[str, InputTensor]:
+    def inputs_by_name(self) -> dict[str, ModelInput]:
         return {tensor.name: tensor for tensor in self.inputs}
 
 
-def _numeric_inputs(manifest: Manifest) -> tuple[InputTensor, ...]:
+def _unique(name: str, taken: set[str]) -> str:
+    """The feature's name as its input's, suffixed if the numeric matrix took it."""
+    unique = name
+    while unique in taken:
+        unique += "_category"
+    taken.add(unique)
+    return unique
+
+
+def _inputs(manifest: Manifest) -> tuple[ModelInput, ...]:
     numeric = [
         (column, feature)
         for column, feature in enumerate(manifest.features)
         if isinstance(feature, NumberFeature | IntegerFeature)
     ]
+    taken = {FEATURES_INPUT} if numeric else set()
+    categories = []
+    for column, feature in enumerate(manifest.features):
+        if isinstance(feature, CategoryFeature):
+            name = _unique(feature.name, taken)
+            categories.append(CategoryTensor(name, feature.name, column, tuple(feature.categories)))
+    if not numeric:
+        return tuple(categories)
     return (
         InputTensor(
             FEATURES_INPUT,
@@ -195,7 +310,9 @@ def _numeric_inputs(manifest: Manifest) -> tuple[InputTensor, ...]:
             tuple(feature.name for _, feature in numeric),
             frozenset(NUMERIC_DATATYPES),
             _bounds([feature for _, feature in numeric]),
+            tuple(i for i, (_, f) in enumerate(numeric) if isinstance(f, IntegerFeature)),
         ),
+        *categories,
     )
 
 
@@ -258,10 +375,14 @@ def tensor_map(manifest: Manifest) -> TensorMap:
     else:
         outputs = _classification_outputs(manifest.classes)
         properties["classes"] = json.dumps(manifest.classes)
-    return TensorMap(inputs=_numeric_inputs(manifest), outputs=outputs, properties=properties)
+    inputs = _inputs(manifest)
+    categories = {t.name: list(t.categories) for t in inputs if isinstance(t, CategoryTensor)}
+    if categories:
+        properties["categories"] = json.dumps(categories)
+    return TensorMap(inputs=inputs, outputs=outputs, properties=properties)
 
 
-def check_datatype(tensor: InputTensor, datatype: str) -> None:
+def check_datatype(tensor: ModelInput, datatype: str) -> None:
     if datatype not in tensor.accepted:
         raise TensorError(
             f"input '{tensor.name}': datatype {datatype!r} is not accepted; use one of "

@@ -12,7 +12,7 @@ from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import json_body, responses, schema_ref
 from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
-from service.v2.mapping import tensor_map
+from service.v2.mapping import CategoryTensor, tensor_map
 
 if TYPE_CHECKING:
     from service.fastpath import Documenter, Handler
@@ -146,14 +146,14 @@ def _document_infer(
 
     example = None
     if pipeline is not None:
-        tensor = served_model(pipeline).codec.tensors.inputs[0]
-        row = [pipeline.models.example[name] for name in tensor.feature_names]
-        example = {
-            "id": "42",
-            "inputs": [
-                {"name": tensor.name, "shape": [1, len(row)], "datatype": "FP32", "data": row}
-            ],
-        }
+        inputs = []
+        for tensor in served_model(pipeline).codec.tensors.inputs:
+            row = [pipeline.models.example[name] for name in tensor.feature_names]
+            shape = [1] if isinstance(tensor, CategoryTensor) else [1, len(row)]
+            inputs.append(
+                {"name": tensor.name, "shape": shape, "datatype": tensor.datatype, "data": row}
+            )
+        example = {"id": "42", "inputs": inputs}
     return {
         "requestBody": json_body(
             schema_ref(schemas.InferenceRequest, components),

@@ -49,14 +49,22 @@ class ModelMetadata(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     properties: dict[str, str] = Field(
-        description="task, feature_names (the input's column order) and classes, as JSON text."
+        description=(
+            "task, feature_names (the manifest's feature order), classes, and categories "
+            "(each category input's allowed values), as JSON text."
+        )
     )
 
 
 class RequestInput(BaseModel):
     name: str
     shape: list[int]
-    datatype: str = Field(description="FP32, FP64 or an integer type (INT8..INT64, UINT8..UINT64).")
+    datatype: str = Field(
+        description=(
+            "features: FP32, FP64 or an integer type (INT8..INT64, UINT8..UINT64); "
+            "a category input: BYTES."
+        )
+    )
     parameters: Parameters | None = Field(
         default=None,
         description="binary_data_size: this input's bytes follow the JSON (binary extension).",

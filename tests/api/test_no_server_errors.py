@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from service.app import create_app
 from service.settings import ServiceSettings
+from service.v2.tensors import bytes_tensor_binary
 from tests.support.bundles import SETOSA, pinned_digests
 from tests.support.user_models import CITIES, MIXED_NAME, package_mixed_regressor
 from tests.support.v2 import HEADER_LENGTH, INFER
@@ -295,5 +296,134 @@ def test_nearly_valid_rows_of_every_feature_kind_never_cause_a_server_error(
             "/predict/batch",
             content=json.dumps({"instances": rows}).encode(),
             headers={"content-type": "application/json"},
+        )
+    )
+
+
+MIXED_INFER = f"/v2/models/{MIXED_NAME}/infer"
+city_elements = st.one_of(
+    st.sampled_from(CITIES), st.text(max_size=8), feature_values, st.lists(st.sampled_from(CITIES))
+)
+# (rooms, area) rows within the manifest's bounds.
+valid_numbers = st.tuples(st.integers(1, 67), st.floats(0.5, 1993.0))
+# Which part of the request a draw breaks: none (a valid request) or one.
+BREAKABLE = ["none", "none", "numbers", "shape", "datatype", "data", "inputs", "rows"]
+
+
+@st.composite
+def mixed_v2_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """The mixed model's two inputs (FP32 matrix, BYTES cities), valid or broken in one place."""
+    broken = draw(st.sampled_from(BREAKABLE))
+    rows = draw(st.integers(1, 4))
+    valid_rows = draw(st.lists(valid_numbers, min_size=rows, max_size=rows))
+    numbers = {
+        "name": "features",
+        "shape": [rows, 2],
+        "datatype": draw(st.sampled_from(["FP32", "FP64"])),
+        "data": [value for row in valid_rows for value in row],
+    }
+    if broken == "numbers":
+        numbers["datatype"] = draw(st.sampled_from(["FP32", "FP64", "INT32", "BYTES"]))
+        numbers["data"] = draw(
+            st.one_of(st.lists(tensor_values, min_size=rows * 2, max_size=rows * 2), json_values)
+        )
+    city_rows = draw(st.integers(0, 5)) if broken == "rows" else rows
+    nested = draw(st.booleans())
+    cities: Any = draw(st.lists(st.sampled_from(CITIES), min_size=city_rows, max_size=city_rows))
+    if broken == "data":
+        cities = draw(st.lists(city_elements, min_size=city_rows, max_size=city_rows) | json_values)
+    city = {
+        "name": "city",
+        "shape": [city_rows, 1] if nested else [city_rows],
+        "datatype": "BYTES",
+        "data": [[c] for c in cities] if nested and isinstance(cities, list) else cities,
+    }
+    if broken == "shape":
+        city["shape"] = draw(shapes)
+    if broken == "datatype":
+        city["datatype"] = draw(st.sampled_from(V2_DATATYPES) | json_values)
+    inputs = draw(st.sampled_from([[numbers, city], [city, numbers]]))
+    if broken == "inputs":
+        city["name"] = draw(st.sampled_from(["city", "features", "town"]))
+        inputs = draw(st.sampled_from([[city], [numbers], [numbers, city, city]]))
+    return {"inputs": inputs}
+
+
+@st.composite
+def mixed_binary_frames(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    """Both inputs as binary data, with the BYTES tensor valid or broken in one place."""
+    broken = draw(st.sampled_from(BREAKABLE))
+    rows = draw(st.integers(1, 4))
+    valid_rows = draw(st.lists(valid_numbers, min_size=rows, max_size=rows))
+    raw_numbers = np.asarray(valid_rows, dtype="<f4").tobytes()
+    if broken == "numbers":
+        raw_numbers = _raw(
+            draw(st.lists(tensor_values, min_size=rows * 2, max_size=rows * 2)), "<f4"
+        )
+    city_rows = draw(st.integers(0, 5)) if broken == "rows" else rows
+    element = st.sampled_from(CITIES).map(str.encode)
+    if broken == "data":
+        element = element | st.binary(max_size=8)
+    cities = draw(st.lists(element, min_size=city_rows, max_size=city_rows))
+    raw_cities = bytes_tensor_binary(cities)
+    declared: Any = len(raw_cities)
+    if broken == "inputs":
+        raw_cities = draw(st.binary(max_size=40))
+        declared = draw(
+            st.just(len(raw_cities)) | st.integers(-2, len(raw_cities) + 8) | json_values
+        )
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [rows, 2],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw_numbers)},
+                },
+                {
+                    "name": "city",
+                    "shape": draw(shapes) if broken == "shape" else [city_rows],
+                    "datatype": draw(st.sampled_from(V2_DATATYPES))
+                    if broken == "datatype"
+                    else "BYTES",
+                    "parameters": {"binary_data_size": declared},
+                },
+            ],
+            "parameters": {"binary_data_output": draw(st.booleans())},
+        }
+    ).encode()
+    return header + raw_numbers + raw_cities, {HEADER_LENGTH: str(len(header))}
+
+
+def _assert_a_prediction_or_client_error(response: Any) -> None:
+    _assert_client_error_or_ok(response)
+    if response.status_code == 200:
+        length = int(response.headers.get(HEADER_LENGTH, len(response.content)))
+        (output,) = json.loads(response.content[:length])["outputs"]
+        assert (output["name"], output["datatype"]) == ("prediction", "FP64")
+
+
+@FUZZ
+@given(request=mixed_v2_requests())
+def test_v2_requests_with_category_inputs_never_cause_a_server_error(
+    mixed_client: TestClient, request: dict[str, Any]
+) -> None:
+    _assert_a_prediction_or_client_error(
+        mixed_client.post(MIXED_INFER, content=json.dumps(request).encode())
+    )
+
+
+@FUZZ
+@given(frame=mixed_binary_frames())
+def test_binary_category_tensors_never_cause_a_server_error(
+    mixed_client: TestClient, frame: tuple[bytes, dict[str, str]]
+) -> None:
+    body, headers = frame
+    _assert_a_prediction_or_client_error(
+        mixed_client.post(
+            MIXED_INFER,
+            content=body,
+            headers=headers | {"content-type": "application/octet-stream"},
         )
     )

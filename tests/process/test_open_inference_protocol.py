@@ -21,8 +21,9 @@ from tritonclient.utils import InferenceServerException
 
 from service.fastpath import FastRoute
 from service.routes.table import FAST_ROUTES
-from tests.support.bundles import REPO
+from tests.support.bundles import REPO, pinned_digests
 from tests.support.servers import Gunicorn, running_gunicorn
+from tests.support.user_models import MIXED_NAME, package_mixed_regressor
 from tests.support.v2 import FEATURES, ROWS, binary_request, read_response
 
 pytestmark = pytest.mark.process
@@ -257,3 +258,49 @@ def test_the_fast_routes_answer_as_their_own_document_says(
         case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
 
     conforms()
+
+
+def test_tritonclient_sends_category_features_as_bytes_tensors(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Integer, number and category features through a real V2 client, binary and JSON."""
+    model_dir = package_mixed_regressor(tmp_path_factory.mktemp("flats"))
+    env = {"MODEL_NAME": MIXED_NAME, "TRUSTED_MODEL_SHA256": pinned_digests(model_dir)}
+    rows = [
+        {"rooms": 3, "area": 80.5, "city": "lyon"},
+        {"rooms": 5, "area": 150.0, "city": "paris"},
+    ]
+    with running_gunicorn(model_dir, tmp_path_factory.mktemp("flats-server"), env=env) as server:
+        expected = [
+            answer["prediction"]
+            for answer in httpx.post(
+                f"{server.url}/predict/batch", json={"instances": rows}
+            ).json()["predictions"]
+        ]
+        triton_client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+        try:
+            metadata = triton_client.get_model_metadata(MIXED_NAME)
+            assert [(i["name"], i["datatype"]) for i in metadata["inputs"]] == [
+                ("features", "FP32"),
+                ("city", "BYTES"),
+            ]
+            for binary in (True, False):
+                numbers = triton.InferInput("features", [2, 2], "FP32")
+                numbers.set_data_from_numpy(
+                    np.array([[r["rooms"], r["area"]] for r in rows], dtype=np.float32),
+                    binary_data=binary,
+                )
+                city = triton.InferInput("city", [2], "BYTES")
+                city.set_data_from_numpy(
+                    np.array([str(r["city"]).encode() for r in rows], dtype=object),
+                    binary_data=binary,
+                )
+                result = triton_client.infer(MIXED_NAME, [numbers, city])
+                predicted = result.as_numpy("prediction")
+                assert predicted is not None
+                assert predicted.tolist() == pytest.approx(expected, rel=1e-6)
+            city.set_data_from_numpy(np.array([b"lyon", b"rome"], dtype=object))
+            with pytest.raises(InferenceServerException, match="row 1 feature 'city'"):
+                triton_client.infer(MIXED_NAME, [numbers, city])
+        finally:
+            triton_client.close()

@@ -15,7 +15,11 @@ FEATURES = list(SETOSA)
 ROWS = np.array([list(SETOSA.values()), list(VIRGINICA.values())], dtype=np.float32)
 HEADER_LENGTH = "inference-header-content-length"
 INFER = "/v2/models/iris/infer"
-DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
+DTYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "INT64": np.dtype("<i8"),
+}
 
 
 def json_request(
