@@ -152,3 +152,27 @@ def test_model_failing_the_packagers_checks_fails_the_build(
     assert line in output, output[-3000:]
     assert "blood_pressure" in output
     assert run(["docker", "image", "inspect", f"{TAG.split(':')[0]}:0.9.2"], check=False).returncode
+
+
+def test_boosting_model_is_refused_by_the_image_build_with_one_line(
+    base_images: dict[str, str], user_model: UserModel, tmp_path: Path
+) -> None:
+    # The build environment has no `boosting` extra (README, "In a container").
+    xgboost = pytest.importorskip("xgboost")
+    _, reference, _, rows = user_model
+    model_file = tmp_path / "xgb.joblib"
+    joblib.dump(xgboost.XGBRegressor(n_estimators=3).fit(rows, np.arange(len(rows))), model_file)
+    failed = _make_image(
+        {**os.environ, **base_images},
+        MODEL_FILE=str(model_file),
+        REFERENCE_DATA=str(reference),
+        TARGET="progression",
+        NAME="boosted",
+        VERSION="0.9.3",
+    )
+    assert failed.returncode != 0
+    line = (
+        "training: error: cannot load /usermodel/model.joblib: "
+        "ModuleNotFoundError: No module named 'xgboost'"
+    )
+    assert line in failed.stdout + failed.stderr, (failed.stdout + failed.stderr)[-3000:]
