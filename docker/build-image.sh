@@ -80,6 +80,7 @@ if [ -n "${MODEL_FILE:-}" ]; then
     if [ -n "${FEATURES:-}" ]; then package_args+=" --features $FEATURES"; fi
     common+=(
         --build-arg "MODEL_SOURCE=package"
+        --build-arg "BUILD_DEPS=deps-boosting"
         --build-arg "USER_MODEL_IMAGE=$usermodel_image"
         --build-arg "PACKAGE_ARGS=$package_args"
         --build-arg "DATASET=package:$(basename "$MODEL_FILE")"
