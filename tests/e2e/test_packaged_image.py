@@ -71,7 +71,9 @@ def packaged_image(base_images: dict[str, str], user_model: UserModel) -> Iterat
     size = run(["docker", "image", "inspect", TAG, "--format", "{{.Size}}"]).stdout.strip()
     TIMINGS["image size (packaged user model)"] = f"{int(size) / 1e6:.0f} MB"
     yield TAG
-    run(["docker", "image", "rm", TAG], check=False)
+    # -f: `docker stop` returns before the engine removes a --rm container,
+    # which would still hold the image.
+    run(["docker", "image", "rm", "-f", TAG], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -195,4 +197,4 @@ def test_sklearn_only_lightgbm_bundle_gets_the_boosting_extra_and_serves(
         finally:
             run(["docker", "stop", "-t", "10", cid], check=False)
     finally:
-        run(["docker", "image", "rm", tag], check=False)
+        run(["docker", "image", "rm", "-f", tag], check=False)
