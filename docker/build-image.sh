@@ -9,6 +9,14 @@
 # the same by itself; passing it here only makes the label exact).
 # Everything but the labels comes from cache in the second pass.
 #
+# With MODEL_FILE (a fitted model saved with joblib) the image bakes that
+# model, packaged by `python -m training package` inside the build, instead of
+# training: its file and REFERENCE_DATA (optional CSV) go into a FROM-scratch
+# image of their own (ml-api-usermodel:<digest>, removed afterwards), which the
+# Dockerfile's `package` stage mounts; the main build context stays the
+# allow-listed source tree. TARGET and FEATURES are the packager's --target and
+# --features, PACKAGE_ARGS any more of its options.
+#
 # Environment: MODEL_VERSION (1.0.0), MODEL_NAME (iris), DATASET (iris),
 # PYTHON_BASE_IMAGE (python:3.12-slim-bookworm), IMAGE_NAME (ml-api),
 # IMAGE_TAG (MODEL_VERSION), TRAIN_ARGS (more `python -m training` options,
@@ -17,6 +25,8 @@
 # CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt; passed as a BuildKit secret
 # when the file exists), PYTHON (python3, to read the manifest).
 set -euo pipefail
+
+die() { echo "[build-image] $*" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODEL_VERSION="${MODEL_VERSION:-1.0.0}"
@@ -44,9 +54,41 @@ fi
 if [ -n "${BUILD_PROGRESS:-}" ]; then common+=(--progress "$BUILD_PROGRESS"); fi
 
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+usermodel_image=
+cleanup() {
+    rm -rf "$out"
+    if [ -n "$usermodel_image" ]; then docker image rm "$usermodel_image" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
 
-echo "[build-image] training $MODEL_NAME $MODEL_VERSION on $BASE" >&2
+if [ -n "${MODEL_FILE:-}" ]; then
+    [ -f "$MODEL_FILE" ] || die "MODEL_FILE $MODEL_FILE: no such file"
+    if [ -n "${REFERENCE_DATA:-}" ]; then
+        [ -f "$REFERENCE_DATA" ] || die "REFERENCE_DATA $REFERENCE_DATA: no such file"
+    fi
+    mkdir -p "$out/usermodel/files"
+    cp "$MODEL_FILE" "$out/usermodel/files/model.joblib"
+    if [ -n "${REFERENCE_DATA:-}" ]; then cp "$REFERENCE_DATA" "$out/usermodel/files/reference.csv"; fi
+    printf 'FROM scratch\nCOPY . /\n' > "$out/usermodel/Dockerfile"
+    # Named by content, so builds of different models never share a tag.
+    digest="$(cat "$out"/usermodel/files/* | sha256sum | cut -c1-16)"
+    usermodel_image="ml-api-usermodel:$digest"
+    "$ROOT/docker/docker-build.sh" -q -f "$out/usermodel/Dockerfile" -t "$usermodel_image" \
+        "$out/usermodel/files" >/dev/null
+    package_args="${PACKAGE_ARGS:-}"
+    if [ -n "${TARGET:-}" ]; then package_args+=" --target $TARGET"; fi
+    if [ -n "${FEATURES:-}" ]; then package_args+=" --features $FEATURES"; fi
+    common+=(
+        --build-arg "MODEL_SOURCE=package"
+        --build-arg "BUILD_DEPS=deps-boosting"
+        --build-arg "USER_MODEL_IMAGE=$usermodel_image"
+        --build-arg "PACKAGE_ARGS=$package_args"
+        --build-arg "DATASET=package:$(basename "$MODEL_FILE")"
+    )
+    echo "[build-image] packaging $MODEL_FILE as $MODEL_NAME $MODEL_VERSION on $BASE" >&2
+else
+    echo "[build-image] training $MODEL_NAME $MODEL_VERSION on $BASE" >&2
+fi
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target bundle -o "type=local,dest=$out" "$ROOT"
 
 read -r sha backend < <("$PYTHON" - "$out/manifest.json" <<'PY'

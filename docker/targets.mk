@@ -1,6 +1,10 @@
 # Container verbs, included from the top-level Makefile (`-include docker/targets.mk`).
 #
 #   make image            build ml-api:$(VERSION) (trains the model inside the build)
+#   make image MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv
+#              TARGET=col FEATURES=a,b,c]
+#                         bake the user's fitted model instead, packaged inside the
+#                         build (a model that fails the packager's gates fails it)
 #   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana)
 #   make down             docker compose down
 #   make e2e              end-to-end test: engine, images, compose stack, scale, drain,
@@ -44,7 +48,11 @@ COMPOSE_SERVICES :=
 OFFLINE_DEP :=
 endif
 
-DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON) TRAIN_ARGS="$(TRAIN_ARGS)"
+# A packaged model is named by NAME, as for `make package`.
+IMAGE_MODEL_NAME = $(if $(MODEL_FILE),$(or $(NAME),$(MODEL_NAME)),$(MODEL_NAME))
+DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(IMAGE_MODEL_NAME) DATASET=$(DATASET) PYTHON=$(PYTHON) TRAIN_ARGS="$(TRAIN_ARGS)" \
+	MODEL_FILE="$(MODEL_FILE)" REFERENCE_DATA="$(REFERENCE_DATA)" TARGET="$(TARGET)" FEATURES="$(FEATURES)" \
+	PACKAGE_ARGS="$(PACKAGE_ARGS)"
 E2E_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 
 .PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-keys stack-down

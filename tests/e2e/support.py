@@ -90,6 +90,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_api_container(image: str, *options: str) -> tuple[str, str]:
+    """`docker run -d` the image as production runs it (read-only root, tmpfs
+    for /tmp and the metrics directory) on a free loopback port; returns the
+    container id and the API's base URL."""
+    port = free_port()
+    cid = run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "--rm",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            "/run/ml-api-metrics:uid=10001,gid=10001,mode=0700",
+            *options,
+            "-p",
+            f"127.0.0.1:{port}:8000",
+            image,
+        ]
+    ).stdout.strip()
+    return cid, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(cid: str, url: str, timeout: float = 60) -> None:
+    """Until /health/ready answers 200; else fail with the container's logs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if http("GET", f"{url}/health/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    logs = run(["docker", "logs", cid], check=False)
+    raise AssertionError(f"{cid[:12]} not ready within {timeout:.0f} s\n{logs.stdout}{logs.stderr}")
+
+
 @dataclass
 class Response:
     status: int

@@ -15,7 +15,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.e2e.support import DOCKER_DIR, IMAGE, SETOSA, TIMINGS, free_port, http, run
+from tests.e2e.support import (
+    DOCKER_DIR,
+    IMAGE,
+    SETOSA,
+    TIMINGS,
+    http,
+    run,
+    start_api_container,
+    wait_ready,
+)
 
 ONNX_IMAGE_LIMIT_BYTES = 250_000_000
 NOT_IN_ONNX_IMAGE = ("sklearn", "scipy", "skl2onnx", "onnx")
@@ -43,48 +52,20 @@ def _started_at(cid: str) -> float:
 def _start_to_ready(image: str, label: str) -> dict[str, object]:
     """Times from `docker run` and from the container's start to the first 200
     of /health/ready (reported, not asserted); returns /model-info."""
-    port = free_port()
     t0 = time.monotonic()
-    cid = run(
-        [
-            "docker",
-            "run",
-            "-d",
-            "--rm",
-            "--read-only",
-            "--tmpfs",
-            "/tmp",
-            "--tmpfs",
-            "/run/ml-api-metrics:uid=10001,gid=10001,mode=0700",
-            "-e",
-            "WEB_CONCURRENCY=2",
-            "-p",
-            f"127.0.0.1:{port}:8000",
-            image,
-        ]
-    ).stdout.strip()
+    cid, url = start_api_container(image, "-e", "WEB_CONCURRENCY=2")
     try:
-        deadline = t0 + 60
-        while time.monotonic() < deadline:
-            try:
-                if http("GET", f"http://127.0.0.1:{port}/health/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            logs = run(["docker", "logs", cid], check=False)
-            raise AssertionError(f"{image} not ready within 60 s\n{logs.stdout}{logs.stderr}")
+        wait_ready(cid, url)
         ready_wall, ready = time.time(), time.monotonic()
         TIMINGS[f"docker run -> ready ({label})"] = ready - t0
         TIMINGS[f"container start -> ready ({label})"] = ready_wall - _started_at(cid)
         TIMINGS[f"load average then ({label})"] = (
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
-        predicted = http("POST", f"http://127.0.0.1:{port}/predict", SETOSA)
+        predicted = http("POST", f"{url}/predict", SETOSA)
         assert predicted.status == 200, predicted.body
         assert predicted.json()["predicted_class_name"] == "setosa"
-        info: dict[str, object] = http("GET", f"http://127.0.0.1:{port}/model-info").json()
+        info: dict[str, object] = http("GET", f"{url}/model-info").json()
         return info
     finally:
         run(["docker", "stop", "-t", "10", cid], check=False)
