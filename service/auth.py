@@ -27,6 +27,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import keyfile
+from service.errors import is_v2_path
 from service.logs import APP_LOGGER
 from service.middleware import request_id_of, send_error, send_json_bytes
 
@@ -51,7 +52,6 @@ MALFORMED_AUTHORIZATION = "malformed Authorization header: expected 'Bearer <key
 MALFORMED_API_KEY = "malformed X-API-Key header: expected the key alone"
 INVALID = "invalid API key"
 CHALLENGE = {"www-authenticate": "Bearer"}
-V2_PREFIX = "/v2/"
 
 Signature = tuple[int, int, int] | None  # inode, size, mtime in ns; None: no file
 
@@ -197,8 +197,7 @@ class ApiKeyMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, detail: str) -> None:
-        path = scope["path"]
-        if path == V2_PREFIX.rstrip("/") or path.startswith(V2_PREFIX):
+        if is_v2_path(scope["path"]):
             # Open Inference Protocol clients read errors as {"error": "..."}.
             payload = orjson.dumps({"error": detail, "request_id": request_id_of(scope)})
             await send_json_bytes(send, 401, payload, CHALLENGE)

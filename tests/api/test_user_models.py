@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.support.bundles import pinned_digests
-from tests.support.user_models import BUILDERS, UserModel, one_hot_pipeline
+from tests.support.user_models import BUILDERS, UserModel, one_hot_pipeline, package_user_model
 from training.package import PackageConfig, package
 
 ROWS_COMPARED = 60
@@ -43,23 +43,8 @@ def packaged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     import json
 
     name = request.param.replace("_", "-")
-    user = BUILDERS[request.param]()
     work = tmp_path_factory.mktemp(request.param)
-    joblib.dump(user.model, work / "model.joblib")
-    user.reference.to_csv(work / "reference.csv", index=False)
-    path = package(
-        PackageConfig(
-            model_file=work / "model.joblib",
-            name=name,
-            version="1.0.0",
-            reference_data=work / "reference.csv",
-            target=user.target,
-            features=user.features,
-            output_dir=work / "models",
-            parity_random_rows=500,
-        ),
-        warn=lambda _: None,
-    )
+    user, path = package_user_model(request.param, work, parity_random_rows=500)
     manifest = json.loads((path / "manifest.json").read_text())
     return Packaged(user, work / "models", name, manifest)
 

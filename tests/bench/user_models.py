@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import joblib
 import orjson
 
 from service.app import start_serving
 from service.settings import ServiceSettings
-from tests.support.user_models import BUILDERS
-from training.package import PackageConfig, package
+from tests.support.bundles import pinned_digests
+from tests.support.user_models import BUILDERS, package_user_model
 
 CALLS = 2000
 
@@ -47,22 +46,8 @@ async def _median_us(settings: ServiceSettings, body: bytes) -> float:
 
 
 def measure(key: str, work: Path) -> dict[str, Any]:
-    user = BUILDERS[key]()
-    joblib.dump(user.model, work / "model.joblib")
-    user.reference.to_csv(work / "reference.csv", index=False)
-    name = key.replace("_", "-")
-    path = package(
-        PackageConfig(
-            model_file=work / "model.joblib",
-            name=name,
-            version="1.0.0",
-            reference_data=work / "reference.csv",
-            target=user.target,
-            features=user.features,
-            output_dir=work / "models",
-        ),
-        warn=lambda _: None,
-    )
+    user, path = package_user_model(key, work)
+    name = path.parent.name
     manifest = json.loads((path / "manifest.json").read_text())
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in user.x.iloc[0].items()}
     body = orjson.dumps(row)
@@ -73,6 +58,8 @@ def measure(key: str, work: Path) -> dict[str, Any]:
             model_dir=work / "models",
             model_name=name,
             backend=backend,
+            # The native model is loaded only when pinned, as an operator would pin it.
+            trusted_model_sha256=pinned_digests(work / "models"),
             metrics_enabled=False,
             micro_batching=False,
         )

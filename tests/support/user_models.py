@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,3 +219,25 @@ BUILDERS: dict[str, Callable[[], UserModel]] = {
     "lightgbm_regressor": lightgbm_regressor,
     "one_hot_pipeline": one_hot_pipeline,
 }
+
+
+def package_user_model(
+    key: str, work: Path, parity_random_rows: int | None = None
+) -> tuple[UserModel, Path]:
+    """Fit BUILDERS[key], save it as a user would, and package it with its
+    reference data into work/models; returns the model and the bundle path."""
+    user = BUILDERS[key]()
+    joblib.dump(user.model, work / "model.joblib")
+    user.reference.to_csv(work / "reference.csv", index=False)
+    config = PackageConfig(
+        model_file=work / "model.joblib",
+        name=key.replace("_", "-"),
+        version="1.0.0",
+        reference_data=work / "reference.csv",
+        target=user.target,
+        features=user.features,
+        output_dir=work / "models",
+    )
+    if parity_random_rows is not None:
+        config = dataclasses.replace(config, parity_random_rows=parity_random_rows)
+    return user, package(config, warn=lambda _: None)
