@@ -97,7 +97,7 @@ class FastRoute:
 
 
 def is_json_content_type(content_type: str | None) -> bool:
-    if content_type is None:
+    if content_type is None or content_type == "application/json":
         return True
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
@@ -114,7 +114,14 @@ def _content_type(scope: Scope) -> str | None:
 
 
 async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        # The usual case: the whole body in one message.
+        body: bytes = message.get("body", b"")
+        return body
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnectedError
+    chunks: list[bytes] = [message.get("body", b"")]
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -3,9 +3,9 @@ access log, and the request body limit. API keys: service.auth."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,7 +60,8 @@ class RequestContextMiddleware:
                 request_id = value.decode()
                 break
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            # 128 random bits as 32 hex digits, like uuid4().hex at a fifth of its cost.
+            request_id = os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         encoded_id = request_id.encode()
         # Stays None only if no response was started: the client went away (499).
@@ -116,8 +117,13 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await send_exception(send, scope, BodyTooLargeError(self.max_bytes, int(value)))
+            if name == b"content-length" and value.isdigit():
+                if int(value) > self.max_bytes:
+                    await send_exception(send, scope, BodyTooLargeError(self.max_bytes, int(value)))
+                    return
+                # The HTTP parser delivers exactly the declared length (the
+                # rest is the next request): nothing left to count.
+                await self.app(scope, receive, send)
                 return
         received = 0
 

@@ -232,7 +232,12 @@ class ModelMetrics:
 
     def _observe_output(self, outputs: npt.NDArray[np.floating]) -> None:
         if self._classification:
-            self._by_class[int(outputs[0].argmax())].inc(1)
+            row = outputs[0].tolist()
+            total = sum(row)
+            # argmax of a short list is the first of equal maxima, as numpy's;
+            # numpy's also counts a NaN as the maximum.
+            winner = row.index(max(row)) if total == total else int(outputs[0].argmax())
+            self._by_class[winner].inc(1)
         elif self._values is not None:
             self._values.add_one(float(outputs[0]))
 
