@@ -43,6 +43,19 @@ def _column_feeds(manifest: Manifest, names: list[str]) -> Callable[[FloatMatrix
     return feeds
 
 
+def new_session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # One thread per worker: Gunicorn already runs a worker per core, and
+    # a single-row tree ensemble is far too small to gain from more.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(
+        model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+
 class SingleRowCall:
     """A preallocated IO binding for one [1, F] row and one output: no feed dict,
     no input or output allocation per call.
@@ -74,11 +87,12 @@ class SingleRowCall:
         self._iobinding = self._binding._iobinding
         self._run = session._sess.run_with_iobinding
         self._run_options = run_options
-        self._lock = threading.Lock()
+        # Held while the buffers are in use.
+        self.lock = threading.Lock()
 
     def __call__(self, row: FloatMatrix) -> Outputs | None:
         """The output for a [1, F] row, or None while another thread runs one."""
-        if not self._lock.acquire(blocking=False):
+        if not self.lock.acquire(blocking=False):
             return None
         try:
             # Converts in place exactly as rows.astype(np.float32) would.
@@ -87,7 +101,7 @@ class SingleRowCall:
             # A copy: the caller keeps the array, the buffer is overwritten next call.
             return self._output.copy()
         finally:
-            self._lock.release()
+            self.lock.release()
 
 
 class OnnxBackend:
@@ -97,16 +111,7 @@ class OnnxBackend:
         info = manifest.onnx
         if info is None:
             raise ValueError("the manifest has no onnx section")
-        options = ort.SessionOptions()
-        # One thread per worker: Gunicorn already runs a worker per core, and
-        # a single-row tree ensemble is far too small to gain from more.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(
-            model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self._session = new_session(model_bytes)
         self._regression = manifest.task == "regression"
         output = info.prediction_output if self._regression else info.probabilities_output
         assert output is not None  # guaranteed by Manifest validation
