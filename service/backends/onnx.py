@@ -116,7 +116,7 @@ class OnnxBackend:
         output = info.prediction_output if self._regression else info.probabilities_output
         assert output is not None  # guaranteed by Manifest validation
         self._outputs = [output]
-        # Kept: without one, every run builds a default RunOptions (~2 µs).
+        # Kept: a run given None instead measured ~2 µs slower per call.
         self._run_options = ort.RunOptions()
         # The checks InferenceSession.run adds guard against feeds this class
         # never builds (missing inputs, foreign OrtValues) and a fallback for
