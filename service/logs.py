@@ -93,9 +93,10 @@ class AccessLog:
     Lines from several workers sharing stdout never interleave: each write
     carries whole lines and at most ATOMIC_WRITE_BYTES (a pipe writes that
     much atomically), except a longer line, which is written alone as before.
-    Nothing is lost: asyncio.run and uvloop run the ready callbacks before
-    closing their loop, flush() is there for a lifespan's end, and whatever is
-    still pending at interpreter exit is written by an atexit hook.
+    Nothing is lost: asyncio.Runner (asyncio.run, uvicorn's worker, on
+    asyncio's loop or uvloop's) runs the ready callbacks while shutting down,
+    before closing its loop; lines a loop left behind anyway go out before the
+    next line, on flush_access_logs() (a lifespan's end) or at interpreter exit.
 
     Used from one event-loop thread at a time (a worker's loop); without a
     running loop each line is written at once.
@@ -169,9 +170,14 @@ class AccessLog:
 _LIVE: weakref.WeakSet[AccessLog] = weakref.WeakSet()
 
 
-def _flush_all() -> None:
+def flush_access_logs() -> None:
+    """Write the lines every access log still holds (a lifespan's end, exit)."""
     for access_log in list(_LIVE):
-        access_log.flush()
+        try:
+            access_log.flush()
+        except OSError:
+            # stdout gone (a closed pipe): the other logs may still have a place to go.
+            continue
 
 
 def _forget_all_pending() -> None:
@@ -179,7 +185,7 @@ def _forget_all_pending() -> None:
         access_log._forget_pending()
 
 
-atexit.register(_flush_all)
+atexit.register(flush_access_logs)
 os.register_at_fork(after_in_child=_forget_all_pending)
 
 

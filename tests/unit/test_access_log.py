@@ -236,18 +236,24 @@ def test_a_request_logged_as_the_loop_ends_is_written(run: Runner, tmp_path: Pat
     assert json.loads(line)["status"] == 204
 
 
-def test_lines_left_by_a_loop_stopped_before_its_flush_go_out_first() -> None:
-    read_end, write_end = os.pipe()
-    log = AccessLog("INFO", fd=write_end)
+def _log_on_a_loop_stopped_before_its_flush(log: AccessLog, request_id: str) -> None:
+    """The write's flush is scheduled, but the loop stops and closes first."""
     loop = asyncio.new_event_loop()
 
     def log_and_stop() -> None:
-        log.write({**REQUEST, "request_id": "old loop"})
+        log.write({**REQUEST, "request_id": request_id})
         loop.stop()
 
     loop.call_soon(log_and_stop)
     loop.run_forever()
     loop.close()
+
+
+def test_lines_left_by_a_loop_stopped_before_its_flush_go_out_first() -> None:
+    read_end, write_end = os.pipe()
+    log = AccessLog("INFO", fd=write_end)
+    _log_on_a_loop_stopped_before_its_flush(log, "old loop")
+    assert _read_all(read_end) == b""
 
     async def next_loop() -> None:
         log.write({**REQUEST, "request_id": "new loop"})
@@ -255,6 +261,15 @@ def test_lines_left_by_a_loop_stopped_before_its_flush_go_out_first() -> None:
     asyncio.run(next_loop())
     ids = [json.loads(line)["request_id"] for line in _read_all(read_end).splitlines()]
     assert ids == ["old loop", "new loop"]
+
+
+def test_flushing_the_access_logs_writes_what_a_stopped_loop_left() -> None:
+    read_end, write_end = os.pipe()
+    log = AccessLog("INFO", fd=write_end)
+    _log_on_a_loop_stopped_before_its_flush(log, "left behind")
+    assert _read_all(read_end) == b""
+    logs.flush_access_logs()
+    assert json.loads(_read_all(read_end))["request_id"] == "left behind"
 
 
 _STOPPED_LOOP_THEN_EXIT = """
