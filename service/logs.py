@@ -132,8 +132,9 @@ class AccessLog:
             self._write_all(line)
             return
         if self._flush_loop is not loop:
-            # Pending lines of another loop (closed before its flush ran) go first.
-            self.flush()
+            if self._flush_loop is not None:
+                # Lines of another loop, closed before its flush ran, go first.
+                self.flush()
             loop.call_soon(self.flush)
             self._flush_loop = loop
         if len(self._pending) + len(line) > ATOMIC_WRITE_BYTES:
@@ -144,22 +145,24 @@ class AccessLog:
         self._pending += line
 
     def flush(self) -> None:
-        """Write every pending line now (the end of a lifespan, exit, a test)."""
+        """Write every pending line now (the loop's callback, a lifespan's end, exit)."""
         self._flush_loop = None
         self._write_pending()
 
     def _write_pending(self) -> None:
-        if not self._pending:
-            return
-        # Taken before writing: a write that raises must not leave the lines
-        # to be written again by the next flush.
-        lines, self._pending = self._pending, bytearray()
-        self._write_all(lines)
+        lines = self._pending
+        if lines:
+            # Taken before writing: a write that raises must not leave the
+            # lines to be written again by the next flush.
+            self._pending = bytearray()
+            self._write_all(lines)
 
     def _write_all(self, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        written = os.write(self._fd, data)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
 
     def _forget_pending(self) -> None:
         # In a forked child: the parent writes its own pending lines.

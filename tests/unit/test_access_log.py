@@ -205,6 +205,29 @@ def test_a_line_longer_than_an_atomic_write_is_written_alone(writes: _RecordedWr
     assert b"".join(writes.calls) == received
 
 
+@pytest.mark.parametrize("in_loop", [False, True], ids=["no loop", "in a loop"])
+def test_a_short_write_is_continued_until_every_line_is_out(
+    monkeypatch: pytest.MonkeyPatch, in_loop: bool
+) -> None:
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:100])))
+    read_end, write_end = os.pipe()
+    log = AccessLog("INFO", fd=write_end)
+    sent = [{**REQUEST, "request_id": f"{i}"} for i in range(5)]
+
+    async def main() -> None:
+        for fields in sent:
+            log.write(fields)
+
+    if in_loop:
+        asyncio.run(main())
+    else:
+        for fields in sent:
+            log.write(fields)
+    lines = _read_all(read_end).splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ["0", "1", "2", "3", "4"]
+
+
 @RUNNERS
 def test_a_request_logged_as_the_loop_ends_is_written(run: Runner, tmp_path: Path) -> None:
     out = tmp_path / "stdout"
