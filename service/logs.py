@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import math
 import os
 import sys
 import time
+import weakref
 from typing import Any
 
 import orjson
@@ -14,11 +18,31 @@ ACCESS_LOGGER = "ml_api.access"
 APP_LOGGER = "ml_api"
 
 
-def _timestamp(seconds: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        + f".{int(seconds % 1 * 1000):03d}Z"
-    )
+class _Timestamps:
+    """ISO 8601 UTC with milliseconds, as time.strftime would give it.
+
+    strftime and gmtime cost about 1.5 µs and their result only changes once a
+    second: the formatted second is kept and only the milliseconds are
+    looked up per call. The cache is one tuple, replaced in one assignment, so
+    threads logging at once at worst format the same second twice.
+    """
+
+    def __init__(self) -> None:
+        self._second: tuple[float, str] = (math.nan, "")
+
+    def __call__(self, seconds: float) -> str:
+        # gmtime floors a float to its second: so does // 1 (nan never equals).
+        floor = seconds // 1
+        second = self._second
+        if second[0] != floor:
+            second = (floor, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+            self._second = second
+        # seconds % 1 < 1 - 2**-53, so the product rounds to below 1000.
+        return second[1] + _MILLISECONDS[int(seconds % 1 * 1000)]
+
+
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
+_timestamp = _Timestamps()
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,37 +76,120 @@ def configure_logging(level: str) -> None:
     app_logger.propagate = False
 
 
+# Linux's PIPE_BUF: a write of at most this many bytes to a pipe is never
+# interleaved with another process's write to the same pipe.
+ATOMIC_WRITE_BYTES = 4096
+
+
 class AccessLog:
     """One JSON line per request on stdout, in the same shape as the other logs.
 
-    Built with orjson and written with one os.write per line: the logging
-    module's record, formatter and handler lock cost ~20 µs a request, about a
-    tenth of a prediction. A single write of a line under PIPE_BUF is atomic,
-    so lines from several workers sharing stdout never interleave.
+    Built with orjson and written with os.write: the logging module's record,
+    formatter and handler lock cost ~20 µs a request, about a tenth of a
+    prediction. Lines written while an event loop runs are collected and
+    written together once per loop iteration (one call_soon), so a loaded
+    worker makes one write for many requests instead of one each.
+
+    Lines from several workers sharing stdout never interleave: each write
+    carries whole lines and at most ATOMIC_WRITE_BYTES (a pipe writes that
+    much atomically), except a longer line, which is written alone as before.
+    Nothing is lost: asyncio.Runner (asyncio.run, uvicorn's worker, on
+    asyncio's loop or uvloop's) runs the ready callbacks while shutting down,
+    before closing its loop; lines a loop left behind anyway go out before the
+    next line, on flush_access_logs() (a lifespan's end) or at interpreter exit.
+
+    Used from one event-loop thread at a time (a worker's loop); without a
+    running loop each line is written at once.
     """
 
     def __init__(self, level: str, fd: int | None = None) -> None:
         self.enabled = logging.getLevelName(level) <= logging.INFO
         self._fd = sys.stdout.fileno() if fd is None else fd
         self._pid = os.getpid()
+        self._pending = bytearray()
+        # The loop a flush is scheduled on, None when none is.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        _LIVE.add(self)
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        now = time.time()
         line = orjson.dumps(
             {
-                "ts": _timestamp(now),
+                "ts": _timestamp(time.time()),
                 "level": "info",
                 "logger": ACCESS_LOGGER,
                 "msg": "request",
                 "worker_pid": self._pid,
                 **fields,
-            }
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
         )
-        view = memoryview(line + b"\n")
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            self._write_all(line)
+            return
+        if self._flush_loop is not loop:
+            if self._flush_loop is not None:
+                # Lines of another loop, closed before its flush ran, go first.
+                self.flush()
+            loop.call_soon(self.flush)
+            self._flush_loop = loop
+        if len(self._pending) + len(line) > ATOMIC_WRITE_BYTES:
+            self._write_pending()
+            if len(line) > ATOMIC_WRITE_BYTES:
+                self._write_all(line)
+                return
+        self._pending += line
+
+    def flush(self) -> None:
+        """Write every pending line now (the loop's callback, a lifespan's end, exit)."""
+        self._flush_loop = None
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        lines = self._pending
+        if lines:
+            # Taken before writing: a write that raises must not leave the
+            # lines to be written again by the next flush.
+            self._pending = bytearray()
+            self._write_all(lines)
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        written = os.write(self._fd, data)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def _forget_pending(self) -> None:
+        # In a forked child: the parent writes its own pending lines.
+        self._pending = bytearray()
+        self._flush_loop = None
+
+
+_LIVE: weakref.WeakSet[AccessLog] = weakref.WeakSet()
+
+
+def flush_access_logs() -> None:
+    """Write the lines every access log still holds (a lifespan's end, exit)."""
+    for access_log in list(_LIVE):
+        try:
+            access_log.flush()
+        except OSError:
+            # stdout gone (a closed pipe): the other logs may still have a place to go.
+            continue
+
+
+def _forget_all_pending() -> None:
+    for access_log in list(_LIVE):
+        access_log._forget_pending()
+
+
+atexit.register(flush_access_logs)
+os.register_at_fork(after_in_child=_forget_all_pending)
 
 
 INTERNAL_ERROR = "internal server error"
