@@ -26,7 +26,7 @@ from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
 from service.keyfile import KeyFileError
-from service.logs import APP_LOGGER, AccessLog, configure_logging
+from service.logs import APP_LOGGER, AccessLog, configure_logging, flush_access_logs
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
@@ -217,6 +217,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         if pipeline is not None and pipeline.predictor.batcher is not None:
             await pipeline.predictor.batcher.stop()
         api.state.pipeline = None
+        flush_access_logs()
 
     docs = settings.docs != "off"
     api = FastAPI(
