@@ -16,7 +16,6 @@ buffers need no lock.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import weakref
 from typing import Protocol
 
@@ -41,56 +40,87 @@ def bucket_counts(upper_bounds: list[float], values: npt.NDArray[np.floating]) -
     return counts
 
 
+# A buffer of rows or arrays this long is flushed at once rather than wait for
+# the task: large batches at a high rate stay bounded in memory. Single values
+# (one float a request) wait for the task, every FLUSH_SECONDS.
+MAX_PENDING = 65_536
+
+
 class BufferedHistogram:
-    """One labelled Histogram child, observed locally and flushed in bulk."""
+    """One labelled Histogram child, observed locally and flushed in bulk.
+
+    A request only appends its value (add_one is the list's own append); the
+    values are bucketed with numpy when flushed, where a thousand cost about
+    what a handful of bisect() calls would on the request path.
+    """
 
     def __init__(self, child: Histogram) -> None:
         self._child = child
         self._bounds: list[float] = list(child._upper_bounds)
-        self._counts = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._pending = False
+        self._values: list[float] = []
+        self._arrays: list[npt.NDArray[np.floating]] = []
+        self.add_one = self._values.append
         _BUFFERS.add(self)
 
-    def add_one(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
-        self._sum += value
-        self._pending = True
-
     def add_many(self, values: npt.NDArray[np.floating]) -> None:
-        counts = self._counts
-        for index, count in enumerate(bucket_counts(self._bounds, values)):
-            counts[index] += count
-        self._sum += float(values.sum())
-        self._pending = True
+        self._arrays.append(values)
+        if len(self._arrays) > MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
+        values, arrays = self._values, self._arrays
+        if not values and not arrays:
             return
-        counts, total = self._counts, self._sum
-        self._counts, self._sum, self._pending = [0] * len(counts), 0.0, False
-        for bucket, count in zip(self._child._buckets, counts, strict=True):
+        # The same list object stays behind add_one.
+        pending = np.asarray(values, dtype=np.float64)
+        total = sum(values)
+        values.clear()
+        self._arrays = []
+        for array in arrays:
+            pending = np.concatenate((pending, array.astype(np.float64, copy=False)))
+            total += float(array.sum())
+        for bucket, count in zip(
+            self._child._buckets, bucket_counts(self._bounds, pending), strict=True
+        ):
             if count:
                 bucket.inc(count)
         self._child._sum.inc(total)
 
 
 class BufferedHistograms:
-    """Histograms observed together, one value each: a row's features."""
+    """Histograms observed together, one value each: chosen columns of a row."""
 
-    def __init__(self, children: list[Histogram]) -> None:
+    def __init__(self, children: list[Histogram], columns: list[int]) -> None:
         self.histograms = [BufferedHistogram(child) for child in children]
+        self._columns = columns
+        self._rows: list[list[float]] = []
+        self._matrices: list[npt.NDArray[np.floating]] = []
+        _BUFFERS.add(self)
 
-    def add_row(self, values: list[float]) -> None:
-        # add_one inlined: this runs for every single-row prediction.
-        for histogram, value in zip(self.histograms, values, strict=True):
-            histogram._counts[bisect.bisect_left(histogram._bounds, value)] += 1
-            histogram._sum += value
-            histogram._pending = True
+    def add_row(self, row: list[float]) -> None:
+        # The whole row: its columns are picked out when flushed.
+        self._rows.append(row)
+        if len(self._rows) > MAX_PENDING:
+            self.flush()
 
-    def add_columns(self, rows: npt.NDArray[np.floating]) -> None:
-        for column, histogram in enumerate(self.histograms):
-            histogram.add_many(rows[:, column])
+    def add_rows(self, rows: npt.NDArray[np.floating]) -> None:
+        self._matrices.append(rows)
+        if len(self._matrices) > MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        rows, matrices = self._rows, self._matrices
+        if rows and self._columns:
+            self._add_columns(np.asarray(rows, dtype=np.float64))
+        for matrix in matrices:
+            self._add_columns(matrix)
+        self._rows, self._matrices = [], []
+        for histogram in self.histograms:
+            histogram.flush()
+
+    def _add_columns(self, matrix: npt.NDArray[np.floating]) -> None:
+        for column, histogram in zip(self._columns, self.histograms, strict=True):
+            histogram.add_many(matrix[:, column])
 
 
 class BufferedGauge:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import Counter
 from starlette.types import Scope
 
 from service.metrics.buffered import BufferedGauge, BufferedHistogram
 from service.metrics.instruments import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
+from service.metrics.lean_values import incrementer
 
 # Requests that matched no route share one label value: raw URLs as label
 # values would let any client create unbounded series.
@@ -27,17 +30,18 @@ class HttpMetrics:
         # Label children by their values: .labels() validates and locks on
         # every call, a dict lookup does not. Keys are bounded: methods are
         # normalised and handlers are route templates. The gauge and the
-        # histogram are buffered (service.metrics.buffered); the counters are not.
+        # histogram are buffered (service.metrics.buffered); the counters are
+        # written through, by their values' own inc (lean_values.incrementer).
         self._in_progress: dict[str, BufferedGauge] = {}
-        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._requests: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._duration: dict[tuple[str, str], BufferedHistogram] = {}
-        self._by_key: dict[tuple[str, int], Counter] = {}
+        self._by_key: dict[tuple[str, int], Callable[[float], None]] = {}
 
     def start(self, method: str) -> None:
         gauge = self._in_progress.get(method)
         if gauge is None:
             gauge = self._in_progress[method] = BufferedGauge(HTTP_IN_PROGRESS.labels(method))
-        gauge.inc()
+        gauge.value += 1
 
     def finish(
         self, scope: Scope, method: str, status: int, seconds: float, key_id: str | None = None
@@ -45,12 +49,14 @@ class HttpMetrics:
         # The router (or the fast path) records the matched route in the
         # scope: its template, never the raw path, is the handler label.
         handler = getattr(scope.get("route"), "path", None) or UNMATCHED
-        self._in_progress[method].dec()
+        self._in_progress[method].value -= 1
         key = (method, handler, status)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = HTTP_REQUESTS.labels(method, handler, str(status))
-        counter.inc()
+        count = self._requests.get(key)
+        if count is None:
+            count = self._requests[key] = incrementer(
+                HTTP_REQUESTS.labels(method, handler, str(status))
+            )
+        count(1)
         duration = self._duration.get((method, handler))
         if duration is None:
             duration = self._duration[method, handler] = BufferedHistogram(
@@ -58,7 +64,9 @@ class HttpMetrics:
             )
         duration.add_one(seconds)
         if key_id is not None:
-            by_key = self._by_key.get((key_id, status))
-            if by_key is None:
-                by_key = self._by_key[key_id, status] = API_KEY_REQUESTS.labels(key_id, str(status))
-            by_key.inc()
+            count_key = self._by_key.get((key_id, status))
+            if count_key is None:
+                count_key = self._by_key[key_id, status] = incrementer(
+                    API_KEY_REQUESTS.labels(key_id, str(status))
+                )
+            count_key(1)

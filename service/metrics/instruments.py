@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from service.manifest import CategoryFeature, Manifest
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
+from service.metrics.lean_values import incrementer
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
 LATENCY_BUCKETS = (
@@ -185,6 +186,7 @@ class ModelMetrics:
         self._rows = BufferedHistogram(BATCH_ROWS.labels(*labels))
         self._classification = manifest.task == "classification"
         self._by_class = [PREDICTIONS.labels(*labels, name) for name in manifest.classes or ()]
+        self._count_class = [incrementer(counter) for counter in self._by_class]
         self._values: BufferedHistogram | None = None
         if manifest.target_statistics is not None:
             edges = tuple(sorted(set(manifest.target_statistics.deciles)))
@@ -203,7 +205,7 @@ class ModelMetrics:
                 histogram = _feature_histogram(feature.name, tuple(sorted(set(feature.deciles))))
                 self._histogram_columns.append(column)
                 histograms.append(histogram.labels(*labels, feature.name))
-        self._features = BufferedHistograms(histograms)
+        self._features = BufferedHistograms(histograms, self._histogram_columns)
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
@@ -218,12 +220,14 @@ class ModelMetrics:
             # per-call overhead several times over.
             self._observe_output(outputs)
             values = rows[0].tolist()
-            self._features.add_row([values[column] for column in self._histogram_columns])
+            if self._histogram_columns:
+                self._features.add_row(values)
             for column, counters in self._categories:
                 counters[int(values[column])].inc(1)
             return
         self._observe_outputs(outputs)
-        self._features.add_columns(rows[:, self._histogram_columns])
+        if self._histogram_columns:
+            self._features.add_rows(rows)
         for column, counters in self._categories:
             codes = rows[:, column].astype(np.intp)
             for code, count in enumerate(np.bincount(codes, minlength=len(counters)).tolist()):
@@ -237,7 +241,7 @@ class ModelMetrics:
             # argmax of a short list is the first of equal maxima, as numpy's;
             # numpy's also counts a NaN as the maximum.
             winner = row.index(max(row)) if total == total else int(outputs[0].argmax())
-            self._by_class[winner].inc(1)
+            self._count_class[winner](1)
         elif self._values is not None:
             self._values.add_one(float(outputs[0]))
 

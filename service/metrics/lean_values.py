@@ -16,7 +16,13 @@ scraped totals with the requests sent, so a change in its internals shows.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Not at run time: the package imports this module before prometheus_client
+    # may be imported (see service.metrics).
+    from prometheus_client import Counter
 
 _pack_double = struct.Struct("d").pack
 
@@ -43,3 +49,11 @@ def install() -> None:
             file._m[position : position + 8] = _pack_double(self._value)
 
     values.ValueClass = LeanMmapedValue
+
+
+def incrementer(child: Counter) -> Callable[[float], None]:
+    """The labelled child's value's own inc(). Counter.inc() re-checks on every
+    call what holds from the child's creation on: its labels are complete, and
+    the service only ever adds positive counts."""
+    increment: Callable[[float], None] = child._value.inc
+    return increment

@@ -167,3 +167,41 @@ def test_open_paths_are_exact_apart_from_model_readiness() -> None:
         "/predict",
     ):
         assert not auth.is_open_path(path, public | auth.OPEN_PATHS), path
+
+
+def _general_rule(authorization: bytes) -> tuple[bytes | None, str]:
+    # presented_key's rule for an Authorization header alone, without its shortcut.
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() == b"bearer":
+        return (token, "") if token and b" " not in token else (None, auth.MALFORMED_AUTHORIZATION)
+    return None, auth.MALFORMED_AUTHORIZATION
+
+
+def test_the_bearer_shortcut_answers_as_the_general_rule_does() -> None:
+    pieces = [b"", b" ", b"  ", b"\t", b"abc", b"a b", b"a\tb", b"\xff", b"Bearer", b"bearer"]
+    headers = [
+        b"Bearer " + a + b + c for a in pieces for b in pieces for c in (b"", b" ", b"\t", b"x")
+    ] + [b"BEARER abc", b"Bearer", b"Bearer ", b" Bearer abc", b"Bearerabc"]
+    for header in headers:
+        assert auth.presented_key([(b"authorization", header)]) == _general_rule(header), header
+
+
+def test_a_revoked_key_stops_working_although_it_was_valid_a_moment_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    path = tmp_path / "keys"
+    alice, bob = b"a" * 30, b"b" * 30
+    keyfile.update(path, add=keyfile.StoredKey("alice", keyfile.digest_of(alice)))
+    keyfile.update(path, add=keyfile.StoredKey("bob", keyfile.digest_of(bob)))
+    store = auth.KeyStore(path)
+    store.load()
+    for _ in range(3):  # valid keys are remembered after the first check
+        assert store.authenticate(alice) == "alice"
+        assert store.authenticate(bob) == "bob"
+    assert store.authenticate(b"c" * 30) is None
+    keyfile.update(path, revoke="alice")
+    store.refresh()
+    assert store.authenticate(alice) is None
+    assert store.authenticate(bob) == "bob"
