@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -118,19 +119,22 @@ class BodySizeLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine function: it hands back the next app's coroutine (or
+        # the refusal) for the caller to await, one frame less a request.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
-                if int(value) > self.max_bytes:
-                    await send_exception(send, scope, BodyTooLargeError(self.max_bytes, int(value)))
-                    return
+                size = int(value)
+                if size > self.max_bytes:
+                    return send_exception(send, scope, BodyTooLargeError(self.max_bytes, size))
                 # The HTTP parser delivers exactly the declared length (the
                 # rest is the next request): nothing left to count.
-                await self.app(scope, receive, send)
-                return
+                return self.app(scope, receive, send)
+        return self._counting(scope, receive, send)
+
+    async def _counting(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
 
         async def limited_receive() -> Message:

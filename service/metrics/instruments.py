@@ -218,12 +218,21 @@ class ModelMetrics:
         if rows.shape[0] == 1:
             # The common single-row request: plain Python beats numpy's
             # per-call overhead several times over.
-            self._observe_output(outputs)
-            values = rows[0].tolist()
-            if self._histogram_columns:
-                self._features.add_row(values)
-            for column, counters in self._categories:
-                counters[int(values[column])].inc(1)
+            if self._classification:
+                output = outputs[0].tolist()
+                total = sum(output)
+                # argmax of a short list is the first of equal maxima, as
+                # numpy's; numpy's also counts a NaN as the maximum.
+                winner = output.index(max(output)) if total == total else int(outputs[0].argmax())
+                self._count_class[winner](1)
+            elif self._values is not None:
+                self._values.add_one(float(outputs[0]))
+            if self._histogram_columns or self._categories:
+                values = rows[0].tolist()
+                if self._histogram_columns:
+                    self._features.add_row(values)
+                for column, counters in self._categories:
+                    counters[int(values[column])].inc(1)
             return
         self._observe_outputs(outputs)
         if self._histogram_columns:
@@ -233,17 +242,6 @@ class ModelMetrics:
             for code, count in enumerate(np.bincount(codes, minlength=len(counters)).tolist()):
                 if count:
                     counters[code].inc(count)
-
-    def _observe_output(self, outputs: npt.NDArray[np.floating]) -> None:
-        if self._classification:
-            row = outputs[0].tolist()
-            total = sum(row)
-            # argmax of a short list is the first of equal maxima, as numpy's;
-            # numpy's also counts a NaN as the maximum.
-            winner = row.index(max(row)) if total == total else int(outputs[0].argmax())
-            self._count_class[winner](1)
-        elif self._values is not None:
-            self._values.add_one(float(outputs[0]))
 
     def _observe_outputs(self, outputs: npt.NDArray[np.floating]) -> None:
         if self._classification:

@@ -127,6 +127,20 @@ def api_keys_file(work: Path, name: str, with_key: bool) -> tuple[Path, dict[str
     return path, {"Authorization": f"Bearer {key}"}
 
 
+def metrics_dir(work: Path, name: str) -> Path:
+    """Where a server's per-worker metric files go: on tmpfs when the machine has
+    one, as in every deployment (compose, Swarm and Kubernetes mount memory
+    there), since each request writes to them."""
+    shm = Path("/dev/shm")
+    root = shm / work.name if shm.is_dir() else work
+    return root / f"{name}-metrics"
+
+
+def remove_work(work: Path) -> None:
+    shutil.rmtree(metrics_dir(work, "any").parent, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
     app, extra, with_key = SERVERS[name]
     port = free_port()
@@ -138,7 +152,7 @@ def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
         "BENCH_BUNDLE": str(bundle),
         "WEB_CONCURRENCY": str(workers),
         "BIND": f"127.0.0.1:{port}",
-        "PROMETHEUS_MULTIPROC_DIR": str(work / f"{name}-metrics"),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(work, name)),
         # The bench's own bundle: its pickle may load (the sklearn server needs it).
         "TRUSTED_MODEL_SHA256": hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest(),
         **extra,
@@ -398,7 +412,7 @@ def scrape_seconds(work: Path, bundle: Path, workers: int) -> dict[str, float]:
                 began = time.perf_counter()
                 c.get(f"{server.url}/metrics").raise_for_status()
                 times.append(time.perf_counter() - began)
-        files = len(list((work / f"{ML_API}-metrics").glob("*.db")))
+        files = len(list(metrics_dir(work, ML_API).glob("*.db")))
         return {
             "workers": workers,
             "median_ms": statistics.median(times) * 1000,
@@ -527,7 +541,7 @@ def focused(args: argparse.Namespace) -> int:
     finally:
         for server in servers.values():
             server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     first = results[args.servers[0]]
     print(
         f"{'server':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}"
@@ -596,7 +610,7 @@ def full(args: argparse.Namespace) -> int:
     finally:
         for server in servers.values():
             server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
 
     ml, article, noop = (results[n]["rps"] for n in (ML_API, ARTICLE, NOOP))
     report["targets"] = {
@@ -662,7 +676,7 @@ def only_v2(wrk: str, work: Path, bundle: Path, args: argparse.Namespace) -> int
         v2 = measure_v2(wrk, server, work, args.seconds, args.connections, repeats=args.rounds)
     finally:
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     print_v2(v2)
     print("\ntargets:")
     for target, (value, met) in v2_targets(v2).items():
