@@ -73,7 +73,9 @@ class RequestContextMiddleware:
         encoded_id = request_id.encode()
         # Stays None only if no response was started: the client went away (499).
         status: int | None = None
-        method = method_label(scope["method"])
+        method = scope["method"]
+        if method not in KNOWN_METHODS:
+            method = method_label(method)
         metrics = None if scope["path"] in NOT_COUNTED else self.metrics
         if metrics is not None:
             metrics.start(method)

@@ -196,6 +196,8 @@ class PredictionPipeline:
         )
 
     def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
+        if len(instances) == 1:
+            return np.array((self._read_row(instances[0]),), dtype=np.float64)
         return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
     async def outputs(self, rows: FloatMatrix) -> Outputs:
