@@ -37,6 +37,12 @@ HEARTBEAT_SECONDS = 0.1
 STALE_MS = 1000
 RETRY_SECONDS = 0.0005
 MAX_DEFER_SECONDS = 0.002
+# Keep-alive connections stay where they were accepted: after a sibling
+# restarts (a max_requests recycle, a crash) it would sit idle while this
+# worker kept them all. Ahead of the least-loaded sibling by this many, the
+# worker asks half the difference to reconnect, at most this often.
+REBALANCE_GAP = 4
+REBALANCE_EVERY_SECONDS = 0.5
 
 
 def _now_ms() -> int:
@@ -104,11 +110,21 @@ class ConnectionLedger:
 
 
 class WorkerLoad:
-    """The connections this worker holds, kept current in its ledger slot."""
+    """The connections this worker holds, kept current in its ledger slot, and
+    handed back when it holds too many (see REBALANCE_GAP)."""
 
-    def __init__(self, ledger: ConnectionLedger, connections: Sized) -> None:
+    def __init__(
+        self,
+        ledger: ConnectionLedger,
+        connections: Sized,
+        shed: Callable[[int], int] | None = None,
+    ) -> None:
         self.ledger = ledger
         self._connections = connections
+        # Asks up to n connections to close once their current answer is
+        # sent (clients reconnect, to the least-loaded worker); returns how many.
+        self._shed = shed
+        self._next_rebalance = 0.0
         # Accepted, but not yet in `connections` (connection_made runs a tick later).
         self.handshaking = 0
         self._heartbeat: asyncio.TimerHandle | None = None
@@ -121,7 +137,20 @@ class WorkerLoad:
 
     def start(self) -> None:
         self.publish()
+        self.rebalance()
         self._heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_SECONDS, self.start)
+
+    def rebalance(self) -> int:
+        """Shed half the lead over the least-loaded sibling, if it is large."""
+        now = time.monotonic()
+        if self._shed is None or now < self._next_rebalance:
+            return 0
+        least = self.ledger.least_loaded_sibling()
+        if least is None or self.held() - least < REBALANCE_GAP:
+            return 0
+        # The ledger shows the result a heartbeat or more later: wait for it.
+        self._next_rebalance = now + REBALANCE_EVERY_SECONDS
+        return self._shed((self.held() - least) // 2)
 
     def ahead_of_siblings(self) -> bool:
         least = self.ledger.least_loaded_sibling()

@@ -10,9 +10,11 @@ are parsed and then drained like any other in-flight request.
 
 It also accepts through service.acceptor instead of asyncio's server, so a
 burst of keep-alive connections is split between the workers instead of
-landing on whichever woke first. This module is the one place that relies on
-uvicorn's internals (Server.startup's listener set-up, ServerState, the
-worker's _serve), pinned by tests/unit/test_worker_internals.py.
+landing on whichever woke first, and a worker far ahead of a sibling (which
+just restarted, say) asks some of its connections to reconnect. This module is
+the one place that relies on uvicorn's internals (Server.startup's listener
+set-up, ServerState, the protocols' request cycle, the worker's _serve),
+pinned by tests/unit/test_worker_internals.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from gunicorn.arbiter import Arbiter
@@ -30,6 +33,27 @@ from uvicorn_worker import UvicornWorker
 from service.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
 
 ACCEPTED_REQUEST_GRACE_SECONDS = 0.25
+
+
+def close_after_answer(connections: Iterable[object], count: int) -> int:
+    """Ask up to `count` connections that are answering a request to close once
+    the answer is sent: it goes out with `Connection: close`, as uvicorn's own
+    graceful shutdown does it, so no request is lost and the client simply
+    reconnects. Idle connections are left alone (a request may be on its way)."""
+    asked = 0
+    for protocol in list(connections):
+        if asked >= count:
+            break
+        cycle = getattr(protocol, "cycle", None)
+        if (
+            cycle is not None
+            and cycle.keep_alive
+            and not cycle.response_started
+            and not cycle.response_complete
+        ):
+            cycle.keep_alive = False
+            asked += 1
+    return asked
 
 
 class DrainingServer(Server):
@@ -51,7 +75,11 @@ class DrainingServer(Server):
             )
             return protocol
 
-        self._load = WorkerLoad(ConnectionLedger(Path(ledger)), state.connections)
+        self._load = WorkerLoad(
+            ConnectionLedger(Path(ledger)),
+            state.connections,
+            shed=lambda count: close_after_answer(state.connections, count),
+        )
         self._load.start()
         acceptors = [BalancedAcceptor(sock, create_protocol, self._load) for sock in sockets]
         # uvicorn's shutdown only calls close() and wait_closed() on these.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,113 @@ def test_a_burst_of_keepalive_connections_is_split_between_workers(
             split = _burst_split(server, round_number)
             assert set(split) == workers, split
             assert max(split.values()) <= MOST_PER_WORKER, split
+
+
+class _KeepAliveClient:
+    """CONNECTIONS keep-alive connections, each sending one request a round,
+    reconnecting as a client does when the server closes one."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sockets = [self._connect() for _ in range(CONNECTIONS)]
+        self.asked_to_close = 0
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    @staticmethod
+    def _answer(sock: socket.socket) -> bytes:
+        """The response head; ConnectionError if the server closed the connection first."""
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before an answer")
+            received += chunk
+        head, _, rest = received.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in the middle of an answer")
+            rest += chunk
+        return head
+
+    def round(self, prefix: str) -> list[str]:
+        ids = [f"{prefix}-{i}" for i in range(CONNECTIONS)]
+        for index, request_id in enumerate(ids):
+            try:
+                self.sockets[index].sendall(_request(request_id))
+            except OSError:  # closed while idle (its worker exited): resend
+                self.sockets[index] = self._connect()
+                self.sockets[index].sendall(_request(request_id))
+        for index, request_id in enumerate(ids):
+            try:
+                head = self._answer(self.sockets[index])
+            except ConnectionError:  # closed while idle, before our request arrived
+                self.sockets[index] = self._connect()
+                self.sockets[index].sendall(_request(request_id))
+                head = self._answer(self.sockets[index])
+            assert head.startswith(b"HTTP/1.1 200"), head
+            if b"connection: close" in head.lower():
+                self.asked_to_close += 1
+                self.sockets[index].close()
+                self.sockets[index] = self._connect()
+        return ids
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def _split(server: Gunicorn, ids: list[str]) -> collections.Counter[int]:
+    wanted = set(ids)
+
+    def logged() -> dict[str, int]:
+        return {
+            line["request_id"]: line["worker_pid"]
+            for line in server.access_log()
+            if line["request_id"] in wanted
+        }
+
+    wait_for(lambda: len(logged()) == len(wanted), 5, what="access log lines")
+    return collections.Counter(logged().values())
+
+
+def test_connections_spread_again_after_a_worker_is_replaced(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # A max_requests recycle or a crash: the replacement starts with no
+    # connection while its sibling holds them all, until the sibling sheds some.
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
+        client = _KeepAliveClient(server.port)
+        try:
+            client.round("before")
+            leaving = min(server.worker_pids())
+            os.kill(leaving, signal.SIGTERM)
+            wait_for(
+                lambda: leaving not in server.worker_pids() and len(server.worker_pids()) == 2,
+                30,
+                what="a replacement worker",
+            )
+            # Every connection is on the survivor now: keep them busy while the
+            # replacement boots and the survivor hands connections over.
+            deadline = time.monotonic() + 8
+            split: collections.Counter[int] = collections.Counter()
+            round_number = 0
+            while time.monotonic() < deadline:
+                round_number += 1
+                ids = client.round(f"after-{round_number}")
+                if round_number % 20 == 0:
+                    split = _split(server, ids)
+                    if len(split) == 2 and max(split.values()) <= MOST_PER_WORKER:
+                        break
+            assert set(split) == server.worker_pids(), split
+            assert max(split.values()) <= MOST_PER_WORKER, split
+            assert client.asked_to_close >= 1
+        finally:
+            client.close()

@@ -68,3 +68,36 @@ def test_a_closed_ledger_frees_its_slot(ledger_path: Path) -> None:
     first.close()
     second = ConnectionLedger(ledger_path)
     assert second._offset == 0
+
+
+class _Ledger:
+    def __init__(self, least: int | None) -> None:
+        self.least = least
+
+    def least_loaded_sibling(self) -> int | None:
+        return self.least
+
+
+def test_a_worker_far_ahead_of_a_sibling_sheds_half_the_lead_and_then_waits() -> None:
+    asked: list[int] = []
+
+    def shed(count: int) -> int:
+        asked.append(count)
+        return count
+
+    ledger = _Ledger(least=0)
+    load = acceptor.WorkerLoad(ledger, connections=[object()] * 32, shed=shed)  # type: ignore[arg-type]
+    assert load.rebalance() == 16
+    # The ledger shows the effect a heartbeat or more later: no second shed yet.
+    assert load.rebalance() == 0
+    assert asked == [16]
+
+
+@pytest.mark.parametrize("least", [None, 29, 32, 40])
+def test_a_worker_near_or_below_its_siblings_keeps_its_connections(least: int | None) -> None:
+    load = acceptor.WorkerLoad(
+        _Ledger(least),  # type: ignore[arg-type]
+        connections=[object()] * 32,
+        shed=lambda count: pytest.fail(f"asked to shed {count}"),
+    )
+    assert load.rebalance() == 0
