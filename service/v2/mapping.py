@@ -320,6 +320,14 @@ def _little_endian(values: npt.NDArray[Any]) -> bytes:
     return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
+def _within_unit(values: list[float]) -> bool:
+    """Every value in [0, 1]; NaN is not (both comparisons are false for it)."""
+    return all(map(_ZERO.__le__, values)) and all(map(_ONE.__ge__, values))
+
+
+_ZERO, _ONE = 0.0, 1.0
+
+
 def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
     names = np.asarray(classes, dtype=object)
     encoded = [name.encode() for name in classes]
@@ -330,7 +338,11 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
         return winners
 
     def probabilities(inference: Inference) -> npt.NDArray[Any]:
-        return np.ascontiguousarray(np.clip(inference, 0.0, 1.0), dtype=np.float32)
+        # A few rows already within [0, 1] (no NaN) are what the clip would
+        # return: checked in Python, cheaper than np.clip's dispatch.
+        if inference.size > SMALL_TENSOR or not _within_unit(inference.ravel().tolist()):
+            inference = np.clip(inference, 0.0, 1.0)
+        return np.ascontiguousarray(inference, dtype=np.float32)
 
     return (
         OutputTensor(
@@ -347,7 +359,11 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             None,
             class_index,
             lambda values: b"".join(map(framed.__getitem__, values.tolist())),
-            lambda values: names[values].tolist(),
+            lambda values: (
+                [classes[i] for i in values.tolist()]
+                if values.size <= SMALL_TENSOR
+                else names[values].tolist()
+            ),
         ),
         OutputTensor(
             "probabilities",
