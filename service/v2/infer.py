@@ -366,9 +366,7 @@ class InferenceCodec:
                 rows[:, list(tensor.columns)] = values[tensor.name]
         return rows
 
-    def _outputs(
-        self, requested: Any, binary_default: bool
-    ) -> Sequence[tuple[OutputTensor, bool]]:
+    def _outputs(self, requested: Any, binary_default: bool) -> Sequence[tuple[OutputTensor, bool]]:
         if requested is None:
             return self._all_outputs[binary_default]
         if type(requested) is not list:
