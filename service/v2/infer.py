@@ -269,18 +269,16 @@ class InferenceCodec:
             data = data[0]  # nested as the shape [1, columns]
         if len(data) != columns:
             return None
-        row: list[float] = data
-        if not all(type(value) is float for value in data):
-            row = []
-            for value in data:
-                if type(value) is int:
-                    try:
-                        value = float(value)  # the double the array module makes of it
-                    except OverflowError:
-                        return None
-                elif type(value) is not float:
-                    return None  # booleans included: the general path names them
-                row.append(value)
+        row: list[float] = []
+        for value in data:
+            if type(value) is int:
+                try:
+                    value = float(value)  # the double the array module makes of it
+                except OverflowError:
+                    return None
+            elif type(value) is not float:
+                return None  # booleans included: the general path names them
+            row.append(value)
         bounds = tensor.bounds
         # NaN fails both comparisons.
         if not (all(map(le, bounds.lower_list, row)) and all(map(le, row, bounds.upper_list))):
