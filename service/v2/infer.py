@@ -228,7 +228,8 @@ class InferenceCodec:
         request_id = request.get("id")
         if request_id is not None and type(request_id) is not str:
             raise TensorError("id must be a string")
-        binary_output = _flag(
+        # Most requests carry no parameters: no empty dict made to look in.
+        binary_output = "parameters" in request and _flag(
             _parameters(request, "request"), "binary_data_output", "request", False
         )
         inputs = request.get("inputs")
