@@ -19,12 +19,14 @@ import orjson
 
 from service.backends.base import FloatMatrix
 from service.v2.mapping import (
+    SMALL_TENSOR,
     CategoryTensor,
     Inference,
     InputTensor,
     OutputTensor,
     TensorMap,
     check_datatype,
+    within_unit,
 )
 from service.v2.tensors import (
     ALL_DATATYPES,
@@ -212,6 +214,8 @@ class InferenceCodec:
             for name, datatype in NUMERIC_DATATYPES.items()
             if datatype.typecode == "d" and only is not None and name in only.accepted
         )
+        # A class answer of one row can take each output's one_row_json.
+        self._one_row_json = all(output.one_row_json for output in tensors.outputs)
         # Every output, in the binary form or not: the answer when the request names none.
         self._all_outputs = {
             binary: tuple((output, binary) for output in tensors.outputs)
@@ -393,17 +397,26 @@ class InferenceCodec:
         n_rows = request.rows.shape[0]
         outputs: list[dict[str, Any]] = []
         chunks: list[bytes] = []
+        row = None
+        if n_rows == 1 and self._one_row_json and inference.size <= SMALL_TENSOR:
+            row = inference.ravel().tolist()
+            if not within_unit(row):
+                row = None
         # Outputs drawn from the same values (a class's index and its name) compute them once.
         computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
         for output, binary in request.outputs:
-            values = computed.get(output.values)
-            if values is None:
-                values = computed[output.values] = output.values(inference)
             entry: dict[str, Any] = {
                 "name": output.name,
                 "datatype": output.datatype,
                 "shape": [n_rows] if output.width is None else [n_rows, output.width],
             }
+            if row is not None and not binary and output.one_row_json is not None:
+                entry["data"] = output.one_row_json(inference, row)
+                outputs.append(entry)
+                continue
+            values = computed.get(output.values)
+            if values is None:
+                values = computed[output.values] = output.values(inference)
             if binary:
                 raw = output.binary(values)
                 entry["parameters"] = {"binary_data_size": len(raw)}

@@ -192,6 +192,10 @@ class OutputTensor:
     binary: Callable[[npt.NDArray[Any]], bytes]
     # The values as JSON-serialisable data (orjson serialises numpy arrays).
     json: Callable[[npt.NDArray[Any]], Any]
+    # json(values(inference)) for a one-row class answer whose probabilities
+    # (`row`, as Python floats) are all within [0, 1], without numpy's
+    # per-call overhead; None for a regressor's outputs.
+    one_row_json: Callable[[Inference, list[float]], Any] | None = None
 
     @property
     def shape(self) -> list[int]:
@@ -320,7 +324,7 @@ def _little_endian(values: npt.NDArray[Any]) -> bytes:
     return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _within_unit(values: list[float]) -> bool:
+def within_unit(values: list[float]) -> bool:
     """Every value in [0, 1]; NaN is not (both comparisons are false for it)."""
     return all(map(_ZERO.__le__, values)) and all(map(_ONE.__ge__, values))
 
@@ -340,7 +344,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
     def probabilities(inference: Inference) -> npt.NDArray[Any]:
         # A few rows already within [0, 1] (no NaN) are what the clip would
         # return: checked in Python, cheaper than np.clip's dispatch.
-        if inference.size > SMALL_TENSOR or not _within_unit(inference.ravel().tolist()):
+        if inference.size > SMALL_TENSOR or not within_unit(inference.ravel().tolist()):
             inference = np.clip(inference, 0.0, 1.0)
         return np.ascontiguousarray(inference, dtype=np.float32)
 
@@ -352,6 +356,8 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             class_index,
             _little_endian,
             lambda values: values,
+            # list.index(max) is argmax, the first of equal maxima, without NaN.
+            lambda _, row: [row.index(max(row))],
         ),
         OutputTensor(
             "predicted_class_name",
@@ -364,6 +370,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
                 if values.size <= SMALL_TENSOR
                 else names[values].tolist()
             ),
+            lambda _, row: [classes[row.index(max(row))]],
         ),
         OutputTensor(
             "probabilities",
@@ -372,6 +379,8 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             probabilities,
             _little_endian,
             lambda values: values.ravel(),
+            # Within [0, 1], probabilities() does not clip.
+            lambda inference, _: np.ascontiguousarray(inference, dtype=np.float32).ravel(),
         ),
     )
 

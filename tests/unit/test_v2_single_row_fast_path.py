@@ -1,5 +1,6 @@
-"""One row of JSON numbers takes a plain-Python shortcut through the V2 codec;
-it must answer byte for byte as the general (numpy) path, errors included."""
+"""One row of JSON numbers, and a one-row class answer, take plain-Python
+shortcuts through the V2 codec; they must answer byte for byte as the general
+(numpy) path, errors included."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def _manifest(trained_bundle: Path, integer_feature: bool) -> Manifest:
 def _codecs(manifest: Manifest) -> tuple[InferenceCodec, InferenceCodec]:
     fast = InferenceCodec(tensor_map(manifest), "iris", "1.0.0", max_rows=10)
     general = InferenceCodec(tensor_map(manifest), "iris", "1.0.0", max_rows=10)
-    general._matrix = None  # no single numeric matrix known: every request takes _rows
+    # Neither shortcut: every request takes _rows, every output its numpy functions.
+    general._matrix = None
+    general._one_row_json = False
     return fast, general
 
 
@@ -90,11 +93,12 @@ def _request(rng: random.Random) -> dict[str, Any]:
     return request
 
 
-def _inference(rng: random.Random) -> npt.NDArray[np.float32]:
+def _inference(rng: random.Random) -> npt.NDArray[np.floating]:
     probabilities = [rng.random() for _ in CLASSES]
     if rng.random() < 0.2:
         probabilities[rng.randrange(3)] = rng.choice([1.0000001, -1e-7, float("nan"), 1.0, 0.0])
-    return np.array([probabilities], dtype=np.float32)
+    # float64 as a backend may answer: the float32 output is a cast.
+    return np.array([probabilities], dtype=rng.choice([np.float32, np.float32, np.float64]))
 
 
 def _answer(codec: InferenceCodec, body: bytes, inference: npt.NDArray[Any]) -> Any:
