@@ -9,8 +9,9 @@ bytes long. Outputs go back the same way when the request asks for it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from operator import le
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -18,12 +19,14 @@ import orjson
 
 from service.backends.base import FloatMatrix
 from service.v2.mapping import (
+    SMALL_TENSOR,
     CategoryTensor,
     Inference,
     InputTensor,
     OutputTensor,
     TensorMap,
     check_datatype,
+    within_unit,
 )
 from service.v2.tensors import (
     ALL_DATATYPES,
@@ -39,11 +42,10 @@ HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
 
 
-@dataclass(frozen=True)
-class ParsedRequest:
+class ParsedRequest(NamedTuple):
     id: str | None
     rows: FloatMatrix
-    outputs: list[tuple[OutputTensor, bool]]
+    outputs: Sequence[tuple[OutputTensor, bool]]
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -202,6 +204,23 @@ class InferenceCodec:
         self.model_version = model_version
         self.max_rows = max_rows
         self.n_features = sum(len(tensor.columns) for tensor in tensors.inputs)
+        # The usual request, the model's one numeric matrix as JSON floats, has
+        # a plain-Python decoding (see _one_json_row); None where that cannot apply.
+        only = tensors.inputs[0] if len(tensors.inputs) == 1 else None
+        self._matrix = only if isinstance(only, InputTensor) else None
+        # JSON data of these datatypes parses as doubles (typecode "d"), as _one_json_row does.
+        self._double_datatypes = frozenset(
+            name
+            for name, datatype in NUMERIC_DATATYPES.items()
+            if datatype.typecode == "d" and only is not None and name in only.accepted
+        )
+        # A class answer of one row can take each output's one_row_json.
+        self._one_row_json = all(output.one_row_json for output in tensors.outputs)
+        # Every output, in the binary form or not: the answer when the request names none.
+        self._all_outputs = {
+            binary: tuple((output, binary) for output in tensors.outputs)
+            for binary in (False, True)
+        }
 
     def decode(self, body: bytes, header_length: bytes | None) -> ParsedRequest:
         header, binary = _split(body, header_length)
@@ -213,14 +232,66 @@ class InferenceCodec:
         request_id = request.get("id")
         if request_id is not None and type(request_id) is not str:
             raise TensorError("id must be a string")
-        binary_output = _flag(
+        # Most requests carry no parameters: no empty dict made to look in.
+        binary_output = "parameters" in request and _flag(
             _parameters(request, "request"), "binary_data_output", "request", False
         )
-        # Booleans are numbers to the array module: only look for them when
-        # the body could hold one.
-        bools_possible = b"true" in header or b"false" in header
-        rows = self._rows(request.get("inputs"), binary, bools_possible)
+        inputs = request.get("inputs")
+        rows = None if binary else self._one_json_row(inputs)
+        if rows is None:
+            # Booleans are numbers to the array module: only look for them when
+            # the body could hold one.
+            bools_possible = b"true" in header or b"false" in header
+            rows = self._rows(inputs, binary, bools_possible)
         return ParsedRequest(request_id, rows, self._outputs(request.get("outputs"), binary_output))
+
+    def _one_json_row(self, inputs: Any) -> FloatMatrix | None:
+        """The rows _rows would return for one valid row of JSON numbers, in plain
+        Python (numpy's per-call overhead is most of a single row's cost); None
+        for anything else, which _rows then decodes or rejects as usual."""
+        tensor = self._matrix
+        if tensor is None or type(inputs) is not list or len(inputs) != 1:
+            return None
+        entry = inputs[0]
+        if type(entry) is not dict or entry.get("parameters") is not None:
+            return None
+        datatype, shape, data = entry.get("datatype"), entry.get("shape"), entry.get("data")
+        columns = len(tensor.columns)
+        if (
+            entry.get("name") != tensor.name
+            or type(datatype) is not str
+            or datatype not in self._double_datatypes
+            or type(shape) is not list
+            or len(shape) != 2
+            or type(shape[0]) is not int
+            or type(shape[1]) is not int
+            or shape[0] != 1
+            or shape[1] != columns
+            or type(data) is not list
+        ):
+            return None
+        if len(data) == 1 and type(data[0]) is list:
+            data = data[0]  # nested as the shape [1, columns]
+        if len(data) != columns:
+            return None
+        row: list[float] = []
+        for value in data:
+            if type(value) is int:
+                try:
+                    value = float(value)  # the double the array module makes of it
+                except OverflowError:
+                    return None
+            elif type(value) is not float:
+                return None  # booleans included: the general path names them
+            row.append(value)
+        bounds = tensor.bounds
+        # NaN fails both comparisons.
+        if not (all(map(le, bounds.lower_list, row)) and all(map(le, row, bounds.upper_list))):
+            return None
+        if tensor.integers and any(not row[i].is_integer() for i in tensor.integers):
+            return None
+        # Doubles rounded to float32 once, as _assemble's astype does.
+        return np.array((row,), dtype=np.float32)
 
     def _rows(self, inputs: Any, binary: bytes, bools_possible: bool) -> FloatMatrix:
         if type(inputs) is not list or not inputs:
@@ -298,9 +369,9 @@ class InferenceCodec:
                 rows[:, list(tensor.columns)] = values[tensor.name]
         return rows
 
-    def _outputs(self, requested: Any, binary_default: bool) -> list[tuple[OutputTensor, bool]]:
+    def _outputs(self, requested: Any, binary_default: bool) -> Sequence[tuple[OutputTensor, bool]]:
         if requested is None:
-            return [(output, binary_default) for output in self.tensors.outputs]
+            return self._all_outputs[binary_default]
         if type(requested) is not list:
             raise TensorError("outputs must be an array")
         by_name = self.tensors.outputs_by_name
@@ -326,13 +397,26 @@ class InferenceCodec:
         n_rows = request.rows.shape[0]
         outputs: list[dict[str, Any]] = []
         chunks: list[bytes] = []
+        row = None
+        if n_rows == 1 and self._one_row_json and inference.size <= SMALL_TENSOR:
+            row = inference.ravel().tolist()
+            if not within_unit(row):
+                row = None
+        # Outputs drawn from the same values (a class's index and its name) compute them once.
+        computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
         for output, binary in request.outputs:
-            values = output.values(inference)
             entry: dict[str, Any] = {
                 "name": output.name,
                 "datatype": output.datatype,
                 "shape": [n_rows] if output.width is None else [n_rows, output.width],
             }
+            if row is not None and not binary and output.one_row_json is not None:
+                entry["data"] = output.one_row_json(inference, row)
+                outputs.append(entry)
+                continue
+            values = computed.get(output.values)
+            if values is None:
+                values = computed[output.values] = output.values(inference)
             if binary:
                 raw = output.binary(values)
                 entry["parameters"] = {"binary_data_size": len(raw)}
