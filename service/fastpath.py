@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 JSON = b"application/json"
 _PARAMETER = re.compile(r"\{([a-z_]+)\}")
+# Templated paths whose match is remembered (see RouteTable.match).
+MATCH_MEMO_SIZE = 1024
 
 
 class ClientDisconnectedError(Exception):
@@ -148,6 +150,7 @@ class RouteTable:
         self.routes = tuple(routes)
         self._static: dict[str, dict[str, FastRoute]] = {}
         self._templated: list[tuple[re.Pattern[str], dict[str, FastRoute]]] = []
+        self._matched: dict[str, tuple[dict[str, FastRoute], dict[str, str]]] = {}
         by_path: dict[str, dict[str, FastRoute]] = {}
         for route in self.routes:
             methods = by_path.setdefault(route.path, {})
@@ -168,10 +171,20 @@ class RouteTable:
         methods = self._static.get(path)
         if methods is not None:
             return methods, {}
+        known = self._matched.get(path)
+        if known is not None:
+            return known[0], dict(known[1])
         for pattern, methods in self._templated:
             found = pattern.fullmatch(path)
             if found is not None:
-                return methods, found.groupdict()
+                params = found.groupdict()
+                # Clients repeat the same few paths (/v2/models/iris/infer):
+                # remembered, they skip the regexes. Paths come from clients,
+                # so the memo is emptied when it is full rather than grow.
+                if len(self._matched) >= MATCH_MEMO_SIZE:
+                    self._matched.clear()
+                self._matched[path] = (methods, params)
+                return methods, dict(params)
         return None
 
 

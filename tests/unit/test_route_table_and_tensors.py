@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from starlette.exceptions import HTTPException
 
+from service import fastpath
 from service.batching import BatchQueueFullError, InferenceError
 from service.errors import (
     BodyTooLargeError,
@@ -40,6 +41,25 @@ def test_templates_match_one_segment_per_parameter() -> None:
     assert found[1] == {"model_name": "iris", "model_version": "1.0.0"}
     assert table.match("/v2/models/iris/versions/1.0.0/extra") is None
     assert table.match("/v2/models/a/b/versions/1") is None
+
+
+def test_a_remembered_match_answers_as_the_first_and_the_memo_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fastpath, "MATCH_MEMO_SIZE", 4)
+    table = RouteTable([_route("POST", "/v2/models/{model_name}/infer")])
+    first = table.match("/v2/models/iris/infer")
+    assert first is not None
+    first[1]["model_name"] = "changed by a caller"
+    again = table.match("/v2/models/iris/infer")
+    assert again is not None
+    assert again[1] == {"model_name": "iris"}
+    assert again[0] is first[0]
+    for index in range(50):
+        found = table.match(f"/v2/models/m{index}/infer")
+        assert found is not None
+        assert found[1] == {"model_name": f"m{index}"}
+        assert len(table._matched) <= 4
 
 
 def test_static_paths_win_and_v2_tolerates_one_trailing_slash() -> None:
