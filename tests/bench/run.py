@@ -355,6 +355,9 @@ def run_wrk(
     split = connection_split(server)
     out, _ = process.communicate(timeout=seconds + 30)
     cpu_used = cpu_seconds(workers) - cpu_before
+    # A worker recycled (MAX_REQUESTS) in the round: while its replacement
+    # boots, its sibling necessarily holds every connection.
+    replaced = server.workers() != workers
     served = re.search(r"(\d+) requests in", out)
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
@@ -372,6 +375,7 @@ def run_wrk(
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else None,
         "split": sorted(split.values(), reverse=True),
+        "worker_replaced": replaced,
         # Worker CPU per request: less sensitive than req/s to other load on
         # a shared machine, so it shows what a feature costs when req/s is noisy.
         "cpu_us_per_request": cpu_used / int(served.group(1)) * 1e6 if served else None,
@@ -436,6 +440,7 @@ def summarize(server: Server) -> dict[str, Any]:
             r["cpu_us_per_request"] or 0.0 for r in server.rounds
         ),
         "splits": [r["split"] for r in server.rounds],
+        "worker_replaced": [r["worker_replaced"] for r in server.rounds],
     }
 
 
@@ -445,12 +450,22 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         f"{'server':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x article':>10}{'x noop':>8}"
         f"{'x bare':>8}{'low/med':>9}  connections per worker, by round",
     ]
+    replaced_any = False
     for name, r in results.items():
-        splits = " ".join("/".join(map(str, s)) for s in r["splits"])
+        marks = ["*" if replaced else "" for replaced in r["worker_replaced"]]
+        replaced_any = replaced_any or any(marks)
+        splits = " ".join(
+            "/".join(map(str, s)) + mark for s, mark in zip(r["splits"], marks, strict=True)
+        )
         lines.append(
             f"{name:<20}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
             f"{r['rps'] / base[ARTICLE]:>10.1f}{r['rps'] / base[NOOP]:>8.2f}"
             f"{r['rps'] / base[BARE]:>8.2f}{r['lowest_round_vs_median']:>9.2f}  {splits}"
+        )
+    if replaced_any:
+        lines.append(
+            "* a worker reached MAX_REQUESTS in this round and was replaced; the split"
+            " was sampled while the replacement was starting or had just started"
         )
     return "\n".join(lines)
 
