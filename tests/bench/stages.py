@@ -68,7 +68,11 @@ def parse_raw(text: str) -> Counter[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        # Recycled (MAX_REQUESTS) during the window: its time is lost, not fatal.
+        return 0.0
     # utime and stime are fields 14 and 15; after the ")" they are at 11 and 12.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
