@@ -99,8 +99,8 @@ class KeyStore:
         which (if any) matches.
 
         A key once found valid is remembered until the keys change: a client
-        sends the same key on every request, and the SHA-256 was a quarter of
-        the check's cost. The lookup is by the dict's keyed (SipHash) hash, so
+        sends the same key on every request, and the SHA-256 was about a
+        third of the check's cost. The lookup is by the dict's keyed (SipHash) hash, so
         an invalid key learns nothing from its timing either; only keys that
         matched are remembered, so the memo is bounded by the keys file.
         """

@@ -71,14 +71,17 @@ class BufferedHistogram:
         values, arrays = self._values, self._arrays
         if not values and not arrays:
             return
-        # The same list object stays behind add_one.
-        pending = np.asarray(values, dtype=np.float64)
         total = sum(values)
+        for array in arrays:
+            total += float(array.sum())
+        # One concatenation, however many batches arrived since the last flush.
+        pending = np.concatenate(
+            [np.asarray(values, dtype=np.float64)]
+            + [array.astype(np.float64, copy=False) for array in arrays]
+        )
+        # The same list object stays behind add_one.
         values.clear()
         self._arrays = []
-        for array in arrays:
-            pending = np.concatenate((pending, array.astype(np.float64, copy=False)))
-            total += float(array.sum())
         for bucket, count in zip(
             self._child._buckets, bucket_counts(self._bounds, pending), strict=True
         ):

@@ -41,7 +41,7 @@ class HttpMetrics:
         gauge = self._in_progress.get(method)
         if gauge is None:
             gauge = self._in_progress[method] = BufferedGauge(HTTP_IN_PROGRESS.labels(method))
-        gauge.value += 1
+        gauge.inc()
 
     def finish(
         self, scope: Scope, method: str, status: int, seconds: float, key_id: str | None = None
@@ -49,7 +49,7 @@ class HttpMetrics:
         # The router (or the fast path) records the matched route in the
         # scope: its template, never the raw path, is the handler label.
         handler = getattr(scope.get("route"), "path", None) or UNMATCHED
-        self._in_progress[method].value -= 1
+        self._in_progress[method].dec()
         key = (method, handler, status)
         count = self._requests.get(key)
         if count is None:
