@@ -32,10 +32,18 @@ def _request(request_id: str) -> bytes:
     )
 
 
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("closed by the server before a whole answer")
+    return chunk
+
+
 def _read_response(sock: socket.socket) -> bytes:
+    """The response head; ConnectionError if the server closed the connection first."""
     received = b""
     while b"\r\n\r\n" not in received:
-        received += sock.recv(65536)
+        received += _recv(sock)
     head, _, rest = received.partition(b"\r\n\r\n")
     length = int(
         next(
@@ -43,8 +51,23 @@ def _read_response(sock: socket.socket) -> bytes:
         ).split(b":")[1]
     )
     while len(rest) < length:
-        rest += sock.recv(65536)
+        rest += _recv(sock)
     return head
+
+
+def _split(server: Gunicorn, ids: list[str]) -> collections.Counter[int]:
+    """Requests answered per worker, by their ids in the access log."""
+    wanted = set(ids)
+
+    def logged() -> dict[str, int]:
+        return {
+            line["request_id"]: line["worker_pid"]
+            for line in server.access_log()
+            if line["request_id"] in wanted
+        }
+
+    wait_for(lambda: len(logged()) == len(wanted), 5, what="access log lines")
+    return collections.Counter(logged().values())
 
 
 def _burst_split(server: Gunicorn, round_number: int) -> collections.Counter[int]:
@@ -56,17 +79,7 @@ def _burst_split(server: Gunicorn, round_number: int) -> collections.Counter[int
             sock.sendall(_request(request_id))
         for sock in sockets:
             assert _read_response(sock).startswith(b"HTTP/1.1 200")
-        wanted = set(ids)
-
-        def logged() -> dict[str, int]:
-            return {
-                line["request_id"]: line["worker_pid"]
-                for line in server.access_log()
-                if line["request_id"] in wanted
-            }
-
-        wait_for(lambda: len(logged()) == CONNECTIONS, 5, what="access log lines")
-        return collections.Counter(logged().values())
+        return _split(server, ids)
     finally:
         for sock in sockets:
             sock.close()
@@ -95,28 +108,6 @@ class _KeepAliveClient:
     def _connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
-    @staticmethod
-    def _answer(sock: socket.socket) -> bytes:
-        """The response head; ConnectionError if the server closed the connection first."""
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before an answer")
-            received += chunk
-        head, _, rest = received.partition(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length")
-        )
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed in the middle of an answer")
-            rest += chunk
-        return head
-
     def round(self, prefix: str) -> list[str]:
         ids = [f"{prefix}-{i}" for i in range(CONNECTIONS)]
         for index, request_id in enumerate(ids):
@@ -127,11 +118,11 @@ class _KeepAliveClient:
                 self.sockets[index].sendall(_request(request_id))
         for index, request_id in enumerate(ids):
             try:
-                head = self._answer(self.sockets[index])
+                head = _read_response(self.sockets[index])
             except ConnectionError:  # closed while idle, before our request arrived
                 self.sockets[index] = self._connect()
                 self.sockets[index].sendall(_request(request_id))
-                head = self._answer(self.sockets[index])
+                head = _read_response(self.sockets[index])
             assert head.startswith(b"HTTP/1.1 200"), head
             if b"connection: close" in head.lower():
                 self.asked_to_close += 1
@@ -142,20 +133,6 @@ class _KeepAliveClient:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
-
-
-def _split(server: Gunicorn, ids: list[str]) -> collections.Counter[int]:
-    wanted = set(ids)
-
-    def logged() -> dict[str, int]:
-        return {
-            line["request_id"]: line["worker_pid"]
-            for line in server.access_log()
-            if line["request_id"] in wanted
-        }
-
-    wait_for(lambda: len(logged()) == len(wanted), 5, what="access log lines")
-    return collections.Counter(logged().values())
 
 
 def test_connections_spread_again_after_a_worker_is_replaced(
