@@ -3,10 +3,13 @@ and connections spread evenly across workers.
 
 Uvicorn's shutdown stops accepting and then at once closes every connection
 that has no request in progress. A connection the worker accepted a moment
-earlier, whose request bytes are still on their way, is closed unanswered:
-during a SIGHUP rollout that is a failed request for a client that did nothing
-wrong. This server waits a short grace between the two steps, so such requests
-are parsed and then drained like any other in-flight request.
+earlier, whose request bytes are still on their way, is closed unanswered, and
+so is an idle keep-alive connection whose client is sending its next request
+right then: during a SIGHUP rollout or a max_requests recycle that is a failed
+request for a client that did nothing wrong. This server drains first: every
+answer from then on carries `Connection: close`, and it waits (up to the
+keep-alive timeout) for the connections to end that way, or by their own
+keep-alive timer, before uvicorn closes whatever is left.
 
 It also accepts through service.acceptor instead of asyncio's server, so a
 burst of keep-alive connections is split between the workers instead of
@@ -32,7 +35,11 @@ from uvicorn_worker import UvicornWorker
 
 from service.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
 
+# The least a drain waits for a just-accepted connection's request, even with
+# keep-alive off (KEEPALIVE=0).
 ACCEPTED_REQUEST_GRACE_SECONDS = 0.25
+DRAIN_POLL_SECONDS = 0.05
+CONNECTION_CLOSE = (b"connection", b"close")
 
 
 def close_after_answer(connections: Iterable[object], count: int) -> int:
@@ -93,8 +100,30 @@ class DrainingServer(Server):
             self._load.stop()
         for sock in sockets or []:
             sock.close()
-        await asyncio.sleep(ACCEPTED_REQUEST_GRACE_SECONDS)
+        await self._drain()
         await super().shutdown(sockets=None)
+
+    def _open_connections(self) -> int:
+        handshaking = self._load.handshaking if self._load is not None else 0
+        return len(self.server_state.connections) + handshaking
+
+    async def _drain(self) -> None:
+        """Let the open connections end after an answer, or idle out, before
+        uvicorn closes the rest."""
+        state = self.server_state
+        # Uvicorn closes a connection after an answer carrying this header. In
+        # place: the request cycles already running were handed this same list.
+        state.default_headers.append(CONNECTION_CLOSE)
+        close_after_answer(state.connections, len(state.connections))
+        loop = asyncio.get_running_loop()
+        limit = max(ACCEPTED_REQUEST_GRACE_SECONDS, self.config.timeout_keep_alive)
+        if self.config.timeout_graceful_shutdown is not None:
+            limit = min(limit, self.config.timeout_graceful_shutdown)
+        deadline = loop.time() + limit
+        # Polled, as uvicorn's own shutdown does: connections leave the set
+        # from inside uvicorn's protocols, which signal nothing.
+        while self._open_connections() and not self.force_exit and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
 
 
 class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]

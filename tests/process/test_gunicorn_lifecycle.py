@@ -100,6 +100,56 @@ def test_sigterm_drains_an_in_flight_request_and_exits_zero(
     assert b'"predicted_class_name":"setosa"' in response
 
 
+_SETOSA_BODY = json.dumps(SETOSA, separators=(",", ":")).encode()
+_PREDICT_REQUEST = (
+    b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    + f"Content-Length: {len(_SETOSA_BODY)}\r\n\r\n".encode()
+    + _SETOSA_BODY
+)
+
+
+def _answer_in_a_drain(server: Gunicorn, sock: socket.socket) -> bytes:
+    """Send a prediction on `sock` a second into a SIGTERM drain: it must be
+    answered with `Connection: close`, and Gunicorn must then exit 0."""
+    server.signal(signal.SIGTERM)
+    time.sleep(1.0)
+    sock.sendall(_PREDICT_REQUEST)
+    response = _read_until_closed(sock)
+    sock.close()
+    assert server.wait(timeout=30) == 0
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in head.lower()
+    assert b'"predicted_class_name":"setosa"' in body
+    return head
+
+
+def test_a_connection_whose_request_comes_late_in_a_drain_is_answered_then_closed(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    # A client that connected just before SIGTERM (or a max_requests recycle)
+    # and sends a moment later: uvicorn alone would close it unanswered.
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=1) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        time.sleep(0.3)
+        _answer_in_a_drain(server, sock)
+
+
+def test_an_idle_keep_alive_connection_used_again_in_a_drain_is_answered_then_closed(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    with running_gunicorn(model_dir, tmp_path / "logs", workers=1) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(_PREDICT_REQUEST)
+        first = b""
+        while not first.endswith(b"}"):
+            first += sock.recv(65536)
+        # Within the keep-alive timeout the connection is still the client's to use.
+        _answer_in_a_drain(server, sock)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" not in first.lower()
+
+
 def test_sighup_rolls_out_a_new_version_without_a_failed_request(
     model_dir: Path, bundle_path: Path, tmp_path: Path
 ) -> None:

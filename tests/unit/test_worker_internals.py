@@ -26,9 +26,24 @@ def test_request_cycles_still_have_the_flags_a_rebalance_sets(module: ModuleType
     assert "not self.keep_alive" in protocol
 
 
+@pytest.mark.parametrize("module", [httptools_impl, h11_impl])
+def test_request_cycles_still_share_the_servers_default_headers_a_drain_extends(
+    module: ModuleType,
+) -> None:
+    # A drain appends `connection: close` to server_state.default_headers in
+    # place: each cycle must be handed that list, not a copy, and must close
+    # the connection after an answer that carries the header.
+    protocol = inspect.getsource(module)
+    assert "default_headers=self.server_state.default_headers" in protocol
+    assert "self.default_headers + " in inspect.getsource(module.RequestResponseCycle.send)
+    assert 'b"connection"' in protocol
+
+
 def test_server_and_worker_hooks_the_draining_worker_overrides_still_exist() -> None:
     assert "sockets" in inspect.signature(Server.startup).parameters
     assert "connections" in inspect.getsource(ServerState.__init__)
+    assert "default_headers" in inspect.getsource(ServerState.__init__)
+    assert "force_exit" in inspect.getsource(Server.__init__)
     assert callable(UvicornWorker._serve)
 
 
