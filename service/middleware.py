@@ -3,6 +3,7 @@ access log, and the request body limit. API keys: service.auth."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -39,11 +40,22 @@ REQUEST_ID_HEADER = b"x-request-id"
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
 
 
+# Drawn this many at a time: one draw's hex digits, cut into ids, cost a
+# fraction of drawing and formatting each id on its own.
+_IDS_PER_DRAW = 128
+_drawn_ids: list[str] = []
+# A child must not hand out ids its parent drew before the fork.
+os.register_at_fork(after_in_child=_drawn_ids.clear)
+
+
 def new_request_id() -> str:
     """128 random bits as 32 hex digits, like uuid4().hex. An id names a request
     and guards nothing: the random module's generator, which Python reseeds from
     the OS in every forked child, instead of a getrandom() system call a request."""
-    return f"{random.getrandbits(128):032x}"
+    if not _drawn_ids:
+        digits = random.randbytes(16 * _IDS_PER_DRAW).hex()
+        _drawn_ids.extend(digits[start : start + 32] for start in range(0, len(digits), 32))
+    return _drawn_ids.pop()
 
 
 class RequestContextMiddleware:
@@ -104,7 +116,8 @@ class RequestContextMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round(seconds * 1000, 3),
+                    # Whole microseconds: round(x, 3) costs several times more.
+                    "duration_ms": round(seconds * 1_000_000) / 1000,
                     "request_id": request_id,
                     "client": scope["client"][0] if scope.get("client") else None,
                     "key_id": key_id,

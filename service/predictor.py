@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from anyio import to_thread
 
 from service.backends import InferenceBackend, load_backend
-from service.backends.base import FloatMatrix, Outputs
+from service.backends.base import FloatMatrix, Outputs, Row
 from service.batching import MicroBatcher
 from service.bundle import (
     BundleError,
@@ -42,6 +42,11 @@ class Predictor:
     batcher: MicroBatcher | None = None
     # Told about every backend call: rows in it and seconds it took.
     on_backend_call: Callable[[int, float], None] | None = None
+    # The backend's plain-Python single-row call, when it has one.
+    _row_call: Callable[[Row], Sequence[float] | None] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._row_call = getattr(self.backend, "predict_row", None)
 
     @property
     def checksums(self) -> dict[str, str]:
@@ -62,6 +67,18 @@ class Predictor:
     def _backend_called(self, rows: int, seconds: float) -> None:
         if self.on_backend_call is not None:
             self.on_backend_call(rows, seconds)
+
+    def predict_row(self, row: Row) -> Sequence[float] | None:
+        """A classifier's probabilities for one row, inline, as floats; None when
+        the backend has no such call (or it is busy) or micro-batching is on:
+        the caller then takes predict()."""
+        if self._row_call is None or self.batcher is not None:
+            return None
+        start = time.perf_counter()
+        output = self._row_call(row)
+        if output is not None:
+            self._backend_called(1, time.perf_counter() - start)
+        return output
 
     async def predict(self, rows: FloatMatrix) -> Outputs:
         """Probabilities (classification) or predictions (regression) for the rows."""

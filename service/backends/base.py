@@ -13,6 +13,10 @@ FloatMatrix = npt.NDArray[np.float64]
 Outputs = npt.NDArray[np.floating]
 
 
+# One row's features, in manifest order (as a FloatMatrix row).
+Row = tuple[float, ...]
+
+
 class InferenceBackend(Protocol):
     name: str
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -96,11 +97,11 @@ class BufferedHistograms:
     def __init__(self, children: list[Histogram], columns: list[int]) -> None:
         self.histograms = [BufferedHistogram(child) for child in children]
         self._columns = columns
-        self._rows: list[list[float]] = []
+        self._rows: list[Sequence[float]] = []
         self._matrices: list[npt.NDArray[np.floating]] = []
         _BUFFERS.add(self)
 
-    def add_row(self, row: list[float]) -> None:
+    def add_row(self, row: Sequence[float]) -> None:
         # The whole row: its columns are picked out when flushed.
         self._rows.append(row)
         if len(self._rows) > MAX_PENDING:

@@ -5,6 +5,7 @@ with method/handler/status)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -228,11 +229,7 @@ class ModelMetrics:
             elif self._values is not None:
                 self._values.add_one(float(outputs[0]))
             if self._histogram_columns or self._categories:
-                values = rows[0].tolist()
-                if self._histogram_columns:
-                    self._features.add_row(values)
-                for column, counters in self._categories:
-                    counters[int(values[column])].inc(1)
+                self._observe_features(rows[0].tolist())
             return
         self._observe_outputs(outputs)
         if self._histogram_columns:
@@ -242,6 +239,18 @@ class ModelMetrics:
             for code, count in enumerate(np.bincount(codes, minlength=len(counters)).tolist()):
                 if count:
                     counters[code].inc(count)
+
+    def observe_row(self, row: Sequence[float], winner: int) -> None:
+        """One classified row, its class already chosen (the answer's)."""
+        self._count_class[winner](1)
+        if self._histogram_columns or self._categories:
+            self._observe_features(row)
+
+    def _observe_features(self, row: Sequence[float]) -> None:
+        if self._histogram_columns:
+            self._features.add_row(row)
+        for column, counters in self._categories:
+            counters[int(row[column])].inc(1)
 
     def _observe_outputs(self, outputs: npt.NDArray[np.floating]) -> None:
         if self._classification:

@@ -63,6 +63,28 @@ def test_predictions_are_counted_by_class_with_model_labels(onnx_client: TestCli
     assert after[inference] - before.get(inference, 0) == 1
 
 
+def test_single_row_predictions_are_counted_by_class_and_observed(
+    onnx_client: TestClient,
+) -> None:
+    labels = {"model": "iris", "version": "1.0.0"}
+    before = _samples(onnx_client)
+    for row in (SETOSA, VIRGINICA, VIRGINICA):
+        assert onnx_client.post("/predict", json=row).status_code == 200
+    after = _samples(onnx_client)
+
+    def delta(name: str, **more: str) -> float:
+        return _value(after, name, **labels, **more) - _value(before, name, **labels, **more)
+
+    assert delta("model_predictions_total", **{"class": "setosa"}) == 1
+    assert delta("model_predictions_total", **{"class": "virginica"}) == 2
+    assert delta("model_inference_duration_seconds_count", backend="onnx") == 3
+    assert delta("model_batch_rows_sum") == 3
+    for feature in SETOSA:
+        assert delta("model_feature_value_count", feature=feature) == 3
+        expected = SETOSA[feature] + 2 * VIRGINICA[feature]
+        assert abs(delta("model_feature_value_sum", feature=feature) - expected) < 1e-9
+
+
 def test_feature_histograms_use_the_training_deciles(onnx_client: TestClient) -> None:
     info = onnx_client.get("/model-info").json()
     deciles = next(f["deciles"] for f in info["features"] if f["name"] == "petal_length")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Sequence
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service.backends.onnx import SingleRowCall
 from tests.api.conftest import ClientFactory
 from tests.support.bundles import SETOSA, VIRGINICA
 
@@ -104,3 +107,29 @@ def test_unsafe_request_ids_are_replaced(onnx_client: TestClient) -> None:
     response = onnx_client.post("/predict", json=SETOSA, headers={"x-request-id": "a b\tc<"})
     assert response.headers["x-request-id"] != "a b\tc<"
     assert len(response.headers["x-request-id"]) == 32
+
+
+def test_a_single_row_answers_exactly_as_the_same_row_alone_in_a_batch(
+    onnx_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row_calls: list[object] = []
+    original_row_call = SingleRowCall.row
+
+    def counted(self: SingleRowCall, values: Sequence[float]) -> Sequence[float] | None:
+        row_calls.append(values)
+        return original_row_call(self, values)
+
+    monkeypatch.setattr(SingleRowCall, "row", counted)
+    # /predict answers a classifier's row in plain Python end to end;
+    # /predict/batch takes numpy's path. Rows anywhere the schema allows
+    # (0 < value <= ten times the training maximum), tiny values included.
+    rng = random.Random(11)
+    for _ in range(200):
+        row = {name: rng.choice([rng.uniform(1e-9, 8), rng.uniform(8, 26)]) for name in SETOSA}
+        single = onnx_client.post("/predict", json=row).json()
+        (batched,) = onnx_client.post("/predict/batch", json={"instances": [row]}).json()[
+            "predictions"
+        ]
+        assert single.pop("model_version") == "1.0.0"
+        assert single == batched
+    assert len(row_calls) == 200

@@ -253,3 +253,32 @@ def test_column_input_models_equal_inference_session_run_without_the_binding(
     for _ in range(2):
         assert np.array_equal(backend.predict(rows), column_model.expected(rows))
     assert binding_calls == []
+
+
+def test_a_classifiers_row_call_equals_inference_session_run_as_floats(
+    classifier: Loaded,
+) -> None:
+    backend = classifier.backend()
+    for row in _rows(classifier, 300, seed=7):
+        answer = backend.predict_row(tuple(row.tolist()))
+        assert answer is not None
+        assert list(answer) == classifier.expected(row[None, :])[0].tolist()
+        assert all(type(value) is float for value in answer)
+
+
+def test_regressors_and_column_fed_models_decline_the_row_call(
+    regressor: Loaded, column_model: Loaded
+) -> None:
+    for loaded in (regressor, column_model):
+        row = tuple(_rows(loaded, 1, seed=8)[0].tolist())
+        assert loaded.backend().predict_row(row) is None
+
+
+def test_the_row_call_declines_while_the_binding_is_busy(classifier: Loaded) -> None:
+    backend = classifier.backend()
+    row = tuple(_rows(classifier, 1, seed=9)[0].tolist())
+    single = backend._single
+    assert single is not None
+    with single.lock:
+        assert backend.predict_row(row) is None
+    assert backend.predict_row(row) is not None
