@@ -18,7 +18,7 @@ import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from service.backends.base import FloatMatrix, Outputs, Row
+from service.backends.base import FloatMatrix, Outputs, Row, winning_class
 from service.predictor import Predictor
 from service.schemas import RequestModels, build_request_models
 
@@ -203,6 +203,13 @@ class PredictionPipeline:
 
     async def outputs(self, rows: FloatMatrix) -> Outputs:
         """The backend's raw answer (probabilities, or predicted values), with its metrics."""
+        if rows.shape[0] == 1 and self._classifier:
+            (row,) = rows.tolist()
+            probabilities = self._row_probabilities(row)
+            if probabilities is not None:
+                # float64: exact for float32 values; every reader of a
+                # classifier's outputs widens or narrows them itself.
+                return np.array((probabilities,))
         outputs = await self.predictor.predict(rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(rows, outputs)
@@ -246,8 +253,7 @@ class PredictionPipeline:
             # np.round(x, 7) is rint(x * 1e7) / 1e7; round() to an int rounds
             # half to even as rint does, and the int is exact below 2**53.
             rounded.append(round(value * _SCALE) / _SCALE)
-        # list.index(max) is argmax: the first of equal maxima.
-        winner = row.index(max(row))
+        winner = winning_class(row)
         names = self._class_names
         return {
             "predicted_class": winner,
@@ -264,19 +270,23 @@ class PredictionPipeline:
             return [{"prediction": float(str(v))} for v in values]
         return [{"prediction": v} for v in values.astype(np.float64).tolist()]
 
-    def _row_class_prediction(self, row: Row) -> dict[str, Any] | None:
-        """A classifier's answer for one row in plain Python end to end (the
-        backend's row call, the answer, its metrics), or None when the backend
-        has no row call free: the matrix path answers instead."""
+    def _row_probabilities(self, row: Row) -> Sequence[float] | None:
+        """A classifier's probabilities for one row, and their metrics, in plain
+        Python (numpy's per-call overhead is most of a row's cost), or None when
+        the backend has no row call to offer: the matrix path answers instead."""
         probabilities = self.predictor.predict_row(row)
+        if probabilities is not None and self.metrics is not None:
+            self.metrics.observe_row(row, probabilities)
+        return probabilities
+
+    def _row_class_prediction(self, row: Row) -> dict[str, Any] | None:
+        probabilities = self._row_probabilities(row)
         if probabilities is None:
             return None
         answer = self._class_prediction(probabilities)
         if answer is None:
             # NaN among them: numpy's rules, from the same probabilities.
             answer = self.class_predictions(np.array((probabilities,)))[0]
-        if self.metrics is not None:
-            self.metrics.observe_row(row, answer["predicted_class"])
         return answer
 
     async def predict_one(self, body: bytes) -> bytes:

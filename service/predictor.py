@@ -72,7 +72,8 @@ class Predictor:
         """A classifier's probabilities for one row, inline, as floats; None when
         the backend has no such call (or it is busy) or micro-batching is on:
         the caller then takes predict()."""
-        if self._row_call is None or self.batcher is not None:
+        if self._row_call is None or self.batcher is not None or self.inline_max_rows < 1:
+            # A row too slow for the event loop goes to a thread on predict().
             return None
         start = time.perf_counter()
         output = self._row_call(row)

@@ -39,7 +39,18 @@ from service.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, Wor
 # keep-alive off (KEEPALIVE=0).
 ACCEPTED_REQUEST_GRACE_SECONDS = 0.25
 DRAIN_POLL_SECONDS = 0.05
+# The heartbeat Gunicorn's master watches (TIMEOUT) stops with uvicorn's main
+# loop: a drain beats it itself, this often.
+DRAIN_HEARTBEAT_SECONDS = 1.0
 CONNECTION_CLOSE = (b"connection", b"close")
+
+
+def drain_seconds(keepalive: float, graceful_timeout: float) -> float:
+    """How long a stopping worker waits for its connections to end: the
+    keep-alive timeout (an idle connection's client may send until then), but
+    at most half of Gunicorn's graceful timeout, so the requests still in
+    progress afterwards and the lifespan's shutdown have the rest of it."""
+    return max(ACCEPTED_REQUEST_GRACE_SECONDS, min(keepalive, graceful_timeout / 2))
 
 
 def close_after_answer(connections: Iterable[object], count: int) -> int:
@@ -65,6 +76,8 @@ def close_after_answer(connections: Iterable[object], count: int) -> int:
 
 class DrainingServer(Server):
     _load: WorkerLoad | None = None
+    # Set by the worker from Gunicorn's settings (see drain_seconds).
+    drain_limit_seconds = ACCEPTED_REQUEST_GRACE_SECONDS
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         ledger = os.environ.get(LEDGER_ENV)
@@ -111,19 +124,25 @@ class DrainingServer(Server):
         """Let the open connections end after an answer, or idle out, before
         uvicorn closes the rest."""
         state = self.server_state
-        # Uvicorn closes a connection after an answer carrying this header. In
-        # place: the request cycles already running were handed this same list.
+        # Both of uvicorn's protocols close a connection after an answer that
+        # carries this header. Every request cycle is handed the list current
+        # when it starts (uvicorn replaces it each second): the cycles started
+        # from now on get this one, and those not yet answering are pointed at it.
         state.default_headers.append(CONNECTION_CLOSE)
-        close_after_answer(state.connections, len(state.connections))
+        for protocol in list(state.connections):
+            cycle = getattr(protocol, "cycle", None)
+            if cycle is not None and not cycle.response_started:
+                cycle.default_headers = state.default_headers
         loop = asyncio.get_running_loop()
-        limit = max(ACCEPTED_REQUEST_GRACE_SECONDS, self.config.timeout_keep_alive)
-        if self.config.timeout_graceful_shutdown is not None:
-            limit = min(limit, self.config.timeout_graceful_shutdown)
-        deadline = loop.time() + limit
+        deadline = loop.time() + self.drain_limit_seconds
+        next_beat = loop.time() + DRAIN_HEARTBEAT_SECONDS
         # Polled, as uvicorn's own shutdown does: connections leave the set
         # from inside uvicorn's protocols, which signal nothing.
-        while self._open_connections() and not self.force_exit and loop.time() < deadline:  # noqa: ASYNC110
+        while self._open_connections() and not self.force_exit and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
+            if self.config.callback_notify is not None and loop.time() >= next_beat:
+                next_beat = loop.time() + DRAIN_HEARTBEAT_SECONDS
+                await self.config.callback_notify()
 
 
 class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
@@ -131,6 +150,7 @@ class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
         # Same as the parent's _serve (uvicorn-worker 0.4), with DrainingServer.
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
+        server.drain_limit_seconds = drain_seconds(self.cfg.keepalive, self.cfg.graceful_timeout)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         # Gunicorn halts the whole server on this code. A model problem never

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -14,7 +15,19 @@ Outputs = npt.NDArray[np.floating]
 
 
 # One row's features, in manifest order (as a FloatMatrix row).
-Row = tuple[float, ...]
+Row = Sequence[float]
+
+
+def winning_class(probabilities: Sequence[float]) -> int:
+    """The predicted class of one row of probabilities, by numpy's argmax rule
+    (the first of equal maxima; the first NaN, which numpy counts as the
+    maximum), in plain Python: every single-row answer and metric uses it."""
+    total = sum(probabilities)
+    if total != total:
+        for index, value in enumerate(probabilities):
+            if value != value:
+                return index
+    return probabilities.index(max(probabilities))
 
 
 class InferenceBackend(Protocol):

@@ -88,9 +88,10 @@ class SingleRowCall:
         self._iobinding = self._binding._iobinding
         self._run = session._sess.run_with_iobinding
         self._run_options = run_options
-        # row() reads and writes the buffers with struct, which converts as a
-        # C cast does (numpy's float64 to float32 cast included) and costs less
-        # than numpy's per-call machinery.
+        # row() reads and writes the buffers with struct, cheaper than numpy's
+        # per-call machinery. Native formats (no "<" or "=") convert with a
+        # plain C cast, as numpy's float64 to float32 cast does (a finite value
+        # too large becomes inf); the standard-size ones would raise instead.
         self._input_bytes = self._input.data.cast("B")
         self._pack_input = struct.Struct(f"{n_features}f").pack_into
         self._output_bytes = self._output.data.cast("B")

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.backends.base import winning_class
 from service.manifest import CategoryFeature, Manifest
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 from service.metrics.lean_values import incrementer
@@ -220,12 +221,7 @@ class ModelMetrics:
             # The common single-row request: plain Python beats numpy's
             # per-call overhead several times over.
             if self._classification:
-                output = outputs[0].tolist()
-                total = sum(output)
-                # argmax of a short list is the first of equal maxima, as
-                # numpy's; numpy's also counts a NaN as the maximum.
-                winner = output.index(max(output)) if total == total else int(outputs[0].argmax())
-                self._count_class[winner](1)
+                self._count_class[winning_class(outputs[0].tolist())](1)
             elif self._values is not None:
                 self._values.add_one(float(outputs[0]))
             if self._histogram_columns or self._categories:
@@ -240,9 +236,9 @@ class ModelMetrics:
                 if count:
                     counters[code].inc(count)
 
-    def observe_row(self, row: Sequence[float], winner: int) -> None:
-        """One classified row, its class already chosen (the answer's)."""
-        self._count_class[winner](1)
+    def observe_row(self, row: Sequence[float], probabilities: Sequence[float]) -> None:
+        """One classified row, from plain Python values."""
+        self._count_class[winning_class(probabilities)](1)
         if self._histogram_columns or self._categories:
             self._observe_features(row)
 

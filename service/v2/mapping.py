@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from service.backends.base import Outputs
+from service.backends.base import Outputs, winning_class
 from service.manifest import CategoryFeature, IntegerFeature, Manifest, NumberFeature
 from service.schemas import FLOAT32_MAX
 from service.v2.tensors import (
@@ -356,8 +356,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             class_index,
             _little_endian,
             lambda values: values,
-            # list.index(max) is argmax, the first of equal maxima, without NaN.
-            lambda _, row: [row.index(max(row))],
+            lambda _, row: [winning_class(row)],
         ),
         OutputTensor(
             "predicted_class_name",
@@ -370,7 +369,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
                 if values.size <= SMALL_TENSOR
                 else names[values].tolist()
             ),
-            lambda _, row: [classes[row.index(max(row))]],
+            lambda _, row: [classes[winning_class(row)]],
         ),
         OutputTensor(
             "probabilities",

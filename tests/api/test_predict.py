@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -109,27 +110,47 @@ def test_unsafe_request_ids_are_replaced(onnx_client: TestClient) -> None:
     assert len(response.headers["x-request-id"]) == 32
 
 
-def test_a_single_row_answers_exactly_as_the_same_row_alone_in_a_batch(
-    onnx_client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    row_calls: list[object] = []
+@pytest.fixture
+def row_calls(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[float]]:
+    """The rows that took the ONNX backend's plain-Python row call."""
+    calls: list[Sequence[float]] = []
     original_row_call = SingleRowCall.row
 
     def counted(self: SingleRowCall, values: Sequence[float]) -> Sequence[float] | None:
-        row_calls.append(values)
+        calls.append(values)
         return original_row_call(self, values)
 
     monkeypatch.setattr(SingleRowCall, "row", counted)
-    # /predict answers a classifier's row in plain Python end to end;
-    # /predict/batch takes numpy's path. Rows anywhere the schema allows
+    return calls
+
+
+def test_a_single_row_answers_exactly_as_the_same_row_in_a_batch(
+    onnx_client: TestClient, row_calls: list[Sequence[float]]
+) -> None:
+    # /predict answers a classifier's row in plain Python end to end; a
+    # two-row batch takes numpy's path. Rows anywhere the schema allows
     # (0 < value <= ten times the training maximum), tiny values included.
     rng = random.Random(11)
     for _ in range(200):
         row = {name: rng.choice([rng.uniform(1e-9, 8), rng.uniform(8, 26)]) for name in SETOSA}
         single = onnx_client.post("/predict", json=row).json()
-        (batched,) = onnx_client.post("/predict/batch", json={"instances": [row]}).json()[
+        batched, _ = onnx_client.post("/predict/batch", json={"instances": [row, row]}).json()[
             "predictions"
         ]
         assert single.pop("model_version") == "1.0.0"
         assert single == batched
     assert len(row_calls) == 200
+
+
+def test_a_row_too_slow_for_the_event_loop_is_not_run_on_it(
+    make_client: ClientFactory, row_calls: list[Sequence[float]]
+) -> None:
+    # A model measured slower than the inline budget at load answers from a
+    # thread: the plain-Python row call, which runs on the loop, must step aside.
+    with make_client() as client:
+        expected = client.post("/predict", json=VIRGINICA).json()
+        assert len(row_calls) == 1
+        app: Any = client.app
+        app.state.pipeline.predictor.inline_max_rows = 0
+        assert client.post("/predict", json=VIRGINICA).json() == expected
+    assert len(row_calls) == 1

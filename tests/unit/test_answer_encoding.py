@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from service.backends.base import winning_class
 from service.pipeline import PredictionPipeline
 
 NAMES = ["setosa", "versicolor", "virginica"]
@@ -62,3 +63,12 @@ def test_a_non_finite_probability_answers_as_the_batch_path_does(bad: float) -> 
     batch = _batch_answer(pipeline, row)
     # NaN != NaN: compare the JSON-level shape instead.
     assert repr(single) == repr(batch)
+
+
+def test_the_winning_class_of_a_row_is_numpys_argmax() -> None:
+    rng = np.random.default_rng(3)
+    specials = [math.nan, math.inf, -math.inf, 0.5, 0.5, 0.0]
+    rows = [rng.dirichlet(np.ones(4)) for _ in range(2_000)]
+    rows += [rng.choice(specials, 4) for _ in range(2_000)]
+    for row in rows:
+        assert winning_class(row.tolist()) == int(row.argmax()), row

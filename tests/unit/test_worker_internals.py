@@ -11,7 +11,7 @@ from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
 
-from service.worker import close_after_answer
+from service.worker import ACCEPTED_REQUEST_GRACE_SECONDS, close_after_answer, drain_seconds
 
 
 @pytest.mark.parametrize("module", [httptools_impl, h11_impl])
@@ -26,17 +26,33 @@ def test_request_cycles_still_have_the_flags_a_rebalance_sets(module: ModuleType
     assert "not self.keep_alive" in protocol
 
 
-@pytest.mark.parametrize("module", [httptools_impl, h11_impl])
-def test_request_cycles_still_share_the_servers_default_headers_a_drain_extends(
-    module: ModuleType,
+@pytest.mark.parametrize(
+    ("module", "closes_after_the_header"),
+    [(httptools_impl, 'if b"close" in connection'), (h11_impl, "h11.MUST_CLOSE")],
+)
+def test_request_cycles_still_take_the_default_headers_a_drain_extends(
+    module: ModuleType, closes_after_the_header: str
 ) -> None:
-    # A drain appends `connection: close` to server_state.default_headers in
-    # place: each cycle must be handed that list, not a copy, and must close
-    # the connection after an answer that carries the header.
-    protocol = inspect.getsource(module)
-    assert "default_headers=self.server_state.default_headers" in protocol
-    assert "self.default_headers + " in inspect.getsource(module.RequestResponseCycle.send)
-    assert 'b"connection"' in protocol
+    # A drain appends `connection: close` to server_state.default_headers and
+    # points waiting cycles at that list: a cycle must be handed the list itself
+    # (not a copy), send it with its answer, and close after such an answer.
+    assert "default_headers=self.server_state.default_headers" in inspect.getsource(module)
+    assert "self.default_headers = default_headers" in inspect.getsource(
+        module.RequestResponseCycle.__init__
+    )
+    send = inspect.getsource(module.RequestResponseCycle.send)
+    assert "self.default_headers + " in send
+    assert closes_after_the_header in inspect.getsource(module)
+
+
+@pytest.mark.parametrize(
+    ("keepalive", "graceful_timeout", "expected"),
+    [(5, 30, 5), (75, 30, 15), (0, 30, ACCEPTED_REQUEST_GRACE_SECONDS), (5, 4, 2)],
+)
+def test_a_drain_waits_for_keep_alive_but_leaves_half_the_graceful_timeout(
+    keepalive: float, graceful_timeout: float, expected: float
+) -> None:
+    assert drain_seconds(keepalive, graceful_timeout) == expected
 
 
 def test_server_and_worker_hooks_the_draining_worker_overrides_still_exist() -> None:
@@ -44,6 +60,7 @@ def test_server_and_worker_hooks_the_draining_worker_overrides_still_exist() -> 
     assert "connections" in inspect.getsource(ServerState.__init__)
     assert "default_headers" in inspect.getsource(ServerState.__init__)
     assert "force_exit" in inspect.getsource(Server.__init__)
+    assert "callback_notify" in inspect.getsource(UvicornWorker.__init__)
     assert callable(UvicornWorker._serve)
 
 
