@@ -205,7 +205,7 @@ class PredictionPipeline:
         """The backend's raw answer (probabilities, or predicted values), with its metrics."""
         if rows.shape[0] == 1 and self._classifier:
             (row,) = rows.tolist()
-            probabilities = self._row_probabilities(row)
+            probabilities = self.row_probabilities(row)
             if probabilities is not None:
                 # float64: exact for float32 values; every reader of a
                 # classifier's outputs widens or narrows them itself.
@@ -270,17 +270,20 @@ class PredictionPipeline:
             return [{"prediction": float(str(v))} for v in values]
         return [{"prediction": v} for v in values.astype(np.float64).tolist()]
 
-    def _row_probabilities(self, row: Row) -> Sequence[float] | None:
+    def row_probabilities(self, row: Row) -> Sequence[float] | None:
         """A classifier's probabilities for one row, and their metrics, in plain
-        Python (numpy's per-call overhead is most of a row's cost), or None when
-        the backend has no row call to offer: the matrix path answers instead."""
+        Python (numpy's per-call overhead is most of a row's cost), or None for
+        a regressor or when the backend has no row call to offer: the matrix
+        path answers instead."""
+        if not self._classifier:
+            return None
         probabilities = self.predictor.predict_row(row)
         if probabilities is not None and self.metrics is not None:
             self.metrics.observe_row(row, probabilities)
         return probabilities
 
     def _row_class_prediction(self, row: Row) -> dict[str, Any] | None:
-        probabilities = self._row_probabilities(row)
+        probabilities = self.row_probabilities(row)
         if probabilities is None:
             return None
         answer = self._class_prediction(probabilities)

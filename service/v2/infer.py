@@ -9,9 +9,10 @@ bytes long. Outputs go back the same way when the request asks for it
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from operator import le
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,10 +43,34 @@ HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
 
 
-class ParsedRequest(NamedTuple):
-    id: str | None
-    rows: FloatMatrix
-    outputs: Sequence[tuple[OutputTensor, bool]]
+class ParsedRequest:
+    """A decoded request: its id, its feature rows and the outputs it asks for.
+    The usual request, one row of JSON numbers, is kept as Python floats
+    (`one_row`, already rounded to float32) and made a matrix only if asked."""
+
+    __slots__ = ("_rows", "id", "one_row", "outputs")
+
+    def __init__(
+        self,
+        request_id: str | None,
+        outputs: Sequence[tuple[OutputTensor, bool]],
+        rows: FloatMatrix | None = None,
+        one_row: list[float] | None = None,
+    ) -> None:
+        self.id = request_id
+        self.outputs = outputs
+        self._rows = rows
+        self.one_row = one_row
+
+    @property
+    def rows(self) -> FloatMatrix:
+        if self._rows is None:
+            self._rows = np.array((self.one_row,), dtype=np.float32)
+        return self._rows
+
+    @property
+    def n_rows(self) -> int:
+        return 1 if self._rows is None else self._rows.shape[0]
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -208,6 +233,7 @@ class InferenceCodec:
         # a plain-Python decoding (see _one_json_row); None where that cannot apply.
         only = tensors.inputs[0] if len(tensors.inputs) == 1 else None
         self._matrix = only if isinstance(only, InputTensor) else None
+        self._float32 = struct.Struct(f"{len(self._matrix.columns)}f") if self._matrix else None
         # JSON data of these datatypes parses as doubles (typecode "d"), as _one_json_row does.
         self._double_datatypes = frozenset(
             name
@@ -237,20 +263,21 @@ class InferenceCodec:
             _parameters(request, "request"), "binary_data_output", "request", False
         )
         inputs = request.get("inputs")
-        rows = None if binary else self._one_json_row(inputs)
-        if rows is None:
-            # Booleans are numbers to the array module: only look for them when
-            # the body could hold one.
-            bools_possible = b"true" in header or b"false" in header
-            rows = self._rows(inputs, binary, bools_possible)
-        return ParsedRequest(request_id, rows, self._outputs(request.get("outputs"), binary_output))
+        outputs = self._outputs(request.get("outputs"), binary_output)
+        one_row = None if binary else self._one_json_row(inputs)
+        if one_row is not None:
+            return ParsedRequest(request_id, outputs, one_row=one_row)
+        # Booleans are numbers to the array module: only look for them when
+        # the body could hold one.
+        bools_possible = b"true" in header or b"false" in header
+        return ParsedRequest(request_id, outputs, rows=self._rows(inputs, binary, bools_possible))
 
-    def _one_json_row(self, inputs: Any) -> FloatMatrix | None:
-        """The rows _rows would return for one valid row of JSON numbers, in plain
-        Python (numpy's per-call overhead is most of a single row's cost); None
-        for anything else, which _rows then decodes or rejects as usual."""
-        tensor = self._matrix
-        if tensor is None or type(inputs) is not list or len(inputs) != 1:
+    def _one_json_row(self, inputs: Any) -> list[float] | None:
+        """The row _rows would return for one valid row of JSON numbers, in plain
+        Python floats (numpy's per-call overhead is most of a single row's
+        cost); None for anything else, which _rows then decodes or rejects."""
+        tensor, float32 = self._matrix, self._float32
+        if tensor is None or float32 is None or type(inputs) is not list or len(inputs) != 1:
             return None
         entry = inputs[0]
         if type(entry) is not dict or entry.get("parameters") is not None:
@@ -290,8 +317,10 @@ class InferenceCodec:
             return None
         if tensor.integers and any(not row[i].is_integer() for i in tensor.integers):
             return None
-        # Doubles rounded to float32 once, as _assemble's astype does.
-        return np.array((row,), dtype=np.float32)
+        # Doubles rounded to float32 once, as _assemble's astype does (a native
+        # struct format converts with the same C cast).
+        rounded: list[float] = list(float32.unpack(float32.pack(*row)))
+        return rounded
 
     def _rows(self, inputs: Any, binary: bytes, bools_possible: bool) -> FloatMatrix:
         if type(inputs) is not list or not inputs:
@@ -392,16 +421,27 @@ class InferenceCodec:
             selected.append((output, binary))
         return selected
 
-    def encode(self, request: ParsedRequest, inference: Inference) -> tuple[bytes, int | None]:
-        """The response body, and the JSON header's length when binary data follows it."""
-        n_rows = request.rows.shape[0]
+    def encode(
+        self,
+        request: ParsedRequest,
+        inference: Inference | None = None,
+        one_row: Sequence[float] | None = None,
+    ) -> tuple[bytes, int | None]:
+        """The response body, and the JSON header's length when binary data
+        follows it, for the backend's answer: `inference`, or a one-row answer
+        given as Python floats (`one_row`)."""
+        n_rows = request.n_rows
         outputs: list[dict[str, Any]] = []
         chunks: list[bytes] = []
         row = None
-        if n_rows == 1 and self._one_row_json and inference.size <= SMALL_TENSOR:
-            row = inference.ravel().tolist()
-            if not within_unit(row):
-                row = None
+        if n_rows == 1 and self._one_row_json:
+            if one_row is None and inference is not None and inference.size <= SMALL_TENSOR:
+                one_row = inference.ravel().tolist()
+            if one_row is not None and len(one_row) <= SMALL_TENSOR and within_unit(one_row):
+                row = one_row
+        if inference is None:
+            assert one_row is not None, "encode needs inference or one_row"
+            inference = np.array((one_row,))
         # Outputs drawn from the same values (a class's index and its name) compute them once.
         computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
         for output, binary in request.outputs:
@@ -411,7 +451,7 @@ class InferenceCodec:
                 "shape": [n_rows] if output.width is None else [n_rows, output.width],
             }
             if row is not None and not binary and output.one_row_json is not None:
-                entry["data"] = output.one_row_json(inference, row)
+                entry["data"] = output.one_row_json(row)
                 outputs.append(entry)
                 continue
             values = computed.get(output.values)

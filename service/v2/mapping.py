@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -193,9 +193,9 @@ class OutputTensor:
     # The values as JSON-serialisable data (orjson serialises numpy arrays).
     json: Callable[[npt.NDArray[Any]], Any]
     # json(values(inference)) for a one-row class answer whose probabilities
-    # (`row`, as Python floats) are all within [0, 1], without numpy's
-    # per-call overhead; None for a regressor's outputs.
-    one_row_json: Callable[[Inference, list[float]], Any] | None = None
+    # (`row`, as Python floats) are all within [0, 1], from those floats alone;
+    # None for a regressor's outputs.
+    one_row_json: Callable[[Sequence[float]], Any] | None = None
 
     @property
     def shape(self) -> list[int]:
@@ -324,7 +324,7 @@ def _little_endian(values: npt.NDArray[Any]) -> bytes:
     return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def within_unit(values: list[float]) -> bool:
+def within_unit(values: Sequence[float]) -> bool:
     """Every value in [0, 1]; NaN is not (both comparisons are false for it)."""
     return all(map(_ZERO.__le__, values)) and all(map(_ONE.__ge__, values))
 
@@ -356,7 +356,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             class_index,
             _little_endian,
             lambda values: values,
-            lambda _, row: [winning_class(row)],
+            lambda row: [winning_class(row)],
         ),
         OutputTensor(
             "predicted_class_name",
@@ -369,7 +369,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
                 if values.size <= SMALL_TENSOR
                 else names[values].tolist()
             ),
-            lambda _, row: [classes[winning_class(row)]],
+            lambda row: [classes[winning_class(row)]],
         ),
         OutputTensor(
             "probabilities",
@@ -378,8 +378,9 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             probabilities,
             _little_endian,
             lambda values: values.ravel(),
-            # Within [0, 1], probabilities() does not clip.
-            lambda inference, _: np.ascontiguousarray(inference, dtype=np.float32).ravel(),
+            # Within [0, 1], probabilities() does not clip; the cast to float32
+            # is the one it makes (exact when the backend answered float32).
+            lambda row: np.array(row, dtype=np.float32),
         ),
     )
 

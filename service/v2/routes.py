@@ -99,8 +99,15 @@ async def model_ready(request: FastRequest) -> FastResponse:
 async def infer(request: FastRequest) -> FastResponse:
     model = _model(request)
     parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
-    inference = await request.require_pipeline().outputs(parsed.rows)
-    body, header_length = model.codec.encode(parsed, inference)
+    pipeline = request.require_pipeline()
+    # The usual request, one row of JSON numbers to a classifier, stays in
+    # plain Python from the body to the answer.
+    probabilities = None if parsed.one_row is None else pipeline.row_probabilities(parsed.one_row)
+    if probabilities is not None:
+        body, header_length = model.codec.encode(parsed, one_row=probabilities)
+    else:
+        inference = await pipeline.outputs(parsed.rows)
+        body, header_length = model.codec.encode(parsed, inference)
     if header_length is None:
         return FastResponse(body)
     return FastResponse(
