@@ -201,14 +201,14 @@ class PredictionPipeline:
             return np.array((self._read_row(instances[0]),), dtype=np.float64)
         return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
-    async def outputs(self, rows: FloatMatrix) -> Outputs:
-        """The backend's raw answer (probabilities, or predicted values), with its metrics."""
-        if rows.shape[0] == 1 and self._classifier:
+    async def outputs(self, rows: FloatMatrix, *, row_call_tried: bool = False) -> Outputs:
+        """The backend's answer (probabilities, or predicted values), with its
+        metrics. A classifier's single row may come back as float64 (from the
+        backend's row call): its readers cast a classifier's outputs anyway."""
+        if rows.shape[0] == 1 and self._classifier and not row_call_tried:
             (row,) = rows.tolist()
             probabilities = self.row_probabilities(row)
             if probabilities is not None:
-                # float64: exact for float32 values; every reader of a
-                # classifier's outputs widens or narrows them itself.
                 return np.array((probabilities,))
         outputs = await self.predictor.predict(rows)
         if self.metrics is not None:
@@ -272,9 +272,10 @@ class PredictionPipeline:
 
     def row_probabilities(self, row: Row) -> Sequence[float] | None:
         """A classifier's probabilities for one row, and their metrics, in plain
-        Python (numpy's per-call overhead is most of a row's cost), or None for
-        a regressor or when the backend has no row call to offer: the matrix
-        path answers instead."""
+        Python (numpy's per-call overhead is most of a row's cost). None, and
+        the matrix path answers instead: a regressor, a backend without a row
+        call (sklearn, a model fed by columns), micro-batching on, a model too
+        slow for the event loop, or the row call busy in another thread."""
         if not self._classifier:
             return None
         probabilities = self.predictor.predict_row(row)

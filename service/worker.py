@@ -126,8 +126,9 @@ class DrainingServer(Server):
         state = self.server_state
         # Both of uvicorn's protocols close a connection after an answer that
         # carries this header. Every request cycle is handed the list current
-        # when it starts (uvicorn replaces it each second): the cycles started
-        # from now on get this one, and those not yet answering are pointed at it.
+        # when it starts; uvicorn's main loop replaced it each second, but it
+        # has ended, so the cycles started from now on get this one, and those
+        # not yet answering are pointed at it.
         state.default_headers.append(CONNECTION_CLOSE)
         for protocol in list(state.connections):
             cycle = getattr(protocol, "cycle", None)

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from service.backends.base import FloatMatrix
+from service.backends.base import FloatMatrix, winning_class
 from service.v2.mapping import (
     SMALL_TENSOR,
     CategoryTensor,
@@ -263,14 +263,16 @@ class InferenceCodec:
             _parameters(request, "request"), "binary_data_output", "request", False
         )
         inputs = request.get("inputs")
-        outputs = self._outputs(request.get("outputs"), binary_output)
         one_row = None if binary else self._one_json_row(inputs)
-        if one_row is not None:
-            return ParsedRequest(request_id, outputs, one_row=one_row)
-        # Booleans are numbers to the array module: only look for them when
-        # the body could hold one.
-        bools_possible = b"true" in header or b"false" in header
-        return ParsedRequest(request_id, outputs, rows=self._rows(inputs, binary, bools_possible))
+        rows = None
+        if one_row is None:
+            # Booleans are numbers to the array module: only look for them when
+            # the body could hold one.
+            bools_possible = b"true" in header or b"false" in header
+            rows = self._rows(inputs, binary, bools_possible)
+        # After the inputs: a request wrong in both is told about its inputs.
+        outputs = self._outputs(request.get("outputs"), binary_output)
+        return ParsedRequest(request_id, outputs, rows=rows, one_row=one_row)
 
     def _one_json_row(self, inputs: Any) -> list[float] | None:
         """The row _rows would return for one valid row of JSON numbers, in plain
@@ -439,8 +441,10 @@ class InferenceCodec:
                 one_row = inference.ravel().tolist()
             if one_row is not None and len(one_row) <= SMALL_TENSOR and within_unit(one_row):
                 row = one_row
+                winner = winning_class(row)
         if inference is None:
-            assert one_row is not None, "encode needs inference or one_row"
+            if one_row is None:
+                raise TypeError("encode() needs the inference or the one-row answer")
             inference = np.array((one_row,))
         # Outputs drawn from the same values (a class's index and its name) compute them once.
         computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
@@ -451,7 +455,7 @@ class InferenceCodec:
                 "shape": [n_rows] if output.width is None else [n_rows, output.width],
             }
             if row is not None and not binary and output.one_row_json is not None:
-                entry["data"] = output.one_row_json(row)
+                entry["data"] = output.one_row_json(row, winner)
                 outputs.append(entry)
                 continue
             values = computed.get(output.values)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from service.backends.base import Outputs, winning_class
+from service.backends.base import Outputs
 from service.manifest import CategoryFeature, IntegerFeature, Manifest, NumberFeature
 from service.schemas import FLOAT32_MAX
 from service.v2.tensors import (
@@ -193,9 +193,9 @@ class OutputTensor:
     # The values as JSON-serialisable data (orjson serialises numpy arrays).
     json: Callable[[npt.NDArray[Any]], Any]
     # json(values(inference)) for a one-row class answer whose probabilities
-    # (`row`, as Python floats) are all within [0, 1], from those floats alone;
-    # None for a regressor's outputs.
-    one_row_json: Callable[[Sequence[float]], Any] | None = None
+    # (`row`, as Python floats) are all within [0, 1], from those floats and
+    # their winning class alone; None for a regressor's outputs.
+    one_row_json: Callable[[Sequence[float], int], Any] | None = None
 
     @property
     def shape(self) -> list[int]:
@@ -356,7 +356,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             class_index,
             _little_endian,
             lambda values: values,
-            lambda row: [winning_class(row)],
+            lambda _, winner: [winner],
         ),
         OutputTensor(
             "predicted_class_name",
@@ -369,7 +369,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
                 if values.size <= SMALL_TENSOR
                 else names[values].tolist()
             ),
-            lambda row: [classes[winning_class(row)]],
+            lambda _, winner: [classes[winner]],
         ),
         OutputTensor(
             "probabilities",
@@ -380,7 +380,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
             lambda values: values.ravel(),
             # Within [0, 1], probabilities() does not clip; the cast to float32
             # is the one it makes (exact when the backend answered float32).
-            lambda row: np.array(row, dtype=np.float32),
+            lambda row, _: np.array(row, dtype=np.float32),
         ),
     )
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.backends.onnx import SingleRowCall
 from service.settings import ServiceSettings
 from tests.support.bundles import model_sha256
 
@@ -43,3 +44,17 @@ def client(request: pytest.FixtureRequest, make_client: ClientFactory) -> Iterat
 def onnx_client(make_client: ClientFactory) -> Iterator[TestClient]:
     with make_client() as test_client:
         yield test_client
+
+
+@pytest.fixture
+def row_calls(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[float]]:
+    """The rows that took the ONNX backend's plain-Python row call."""
+    calls: list[Sequence[float]] = []
+    original_row_call = SingleRowCall.row
+
+    def counted(self: SingleRowCall, values: Sequence[float]) -> Sequence[float] | None:
+        calls.append(values)
+        return original_row_call(self, values)
+
+    monkeypatch.setattr(SingleRowCall, "row", counted)
+    return calls

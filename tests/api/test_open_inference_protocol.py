@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -411,3 +412,40 @@ def test_bounds_hold_for_small_and_large_tensors(
     data[rows - 1, 1] = 28.4  # the inclusive maximum itself is valid
     body, headers = binary_request(data)
     assert onnx_client.post(INFER, content=body, headers=headers).status_code == 200
+
+
+def test_one_json_row_takes_the_row_call_and_answers_and_counts_as_two_rows_do(
+    onnx_client: TestClient, row_calls: list[Sequence[float]]
+) -> None:
+    rng = np.random.default_rng(5)
+    rows = rng.uniform(1e-6, 26.0, size=(60, len(FEATURES)))
+    before = onnx_client.get("/metrics").text
+    for row in rows:
+        one = onnx_client.post(INFER, json=json_request([row]))
+        two = onnx_client.post(INFER, json=json_request([row, row]))
+        assert one.status_code == two.status_code == 200
+        first = {o["name"]: o["data"][: len(o["data"]) // 2] for o in two.json()["outputs"]}
+        assert {o["name"]: o["data"] for o in one.json()["outputs"]} == first
+        assert [o["shape"][0] for o in one.json()["outputs"]] == [1, 1, 1]
+    after = onnx_client.get("/metrics").text
+    # Only the one-row requests took it (a two-row matrix takes the batch path).
+    assert len(row_calls) == len(rows)
+
+    def total(text: str, name: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    # Both requests of each pair counted, features as the float32 values the model saw.
+    assert total(after, "model_predictions_total") - total(before, "model_predictions_total") == (
+        3 * len(rows)
+    )
+    float32 = rows.astype(np.float32).astype(np.float64)
+    for column, name in enumerate(FEATURES):
+        seen = total(after, "model_feature_value_sum", feature=name) - total(
+            before, "model_feature_value_sum", feature=name
+        )
+        assert seen == pytest.approx(3 * float32[:, column].sum(), rel=1e-12)

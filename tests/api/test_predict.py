@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.backends.onnx import SingleRowCall
 from tests.api.conftest import ClientFactory
 from tests.support.bundles import SETOSA, VIRGINICA
 
@@ -108,20 +107,6 @@ def test_unsafe_request_ids_are_replaced(onnx_client: TestClient) -> None:
     response = onnx_client.post("/predict", json=SETOSA, headers={"x-request-id": "a b\tc<"})
     assert response.headers["x-request-id"] != "a b\tc<"
     assert len(response.headers["x-request-id"]) == 32
-
-
-@pytest.fixture
-def row_calls(monkeypatch: pytest.MonkeyPatch) -> list[Sequence[float]]:
-    """The rows that took the ONNX backend's plain-Python row call."""
-    calls: list[Sequence[float]] = []
-    original_row_call = SingleRowCall.row
-
-    def counted(self: SingleRowCall, values: Sequence[float]) -> Sequence[float] | None:
-        calls.append(values)
-        return original_row_call(self, values)
-
-    monkeypatch.setattr(SingleRowCall, "row", counted)
-    return calls
 
 
 def test_a_single_row_answers_exactly_as_the_same_row_in_a_batch(

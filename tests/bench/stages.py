@@ -30,13 +30,22 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
         re.compile(r"(^|\.)(model_validate_json|parse_body|validation_errors) \("),
     ),
     ("feature matrix", re.compile(r"^(PredictionPipeline\.features|<lambda>) \(service/")),
-    ("model (backend call)", re.compile(r"\((service/backends/|onnxruntime/)")),
+    (
+        "model (backend call)",
+        re.compile(
+            r"\((service/backends/|onnxruntime/|service/predictor\.py)"
+            r"|^PredictionPipeline\.(outputs|row_probabilities) "
+        ),
+    ),
     ("metrics", re.compile(r"\((service/metrics/|prometheus_client/)")),
     ("access log", re.compile(r"\(service/logs\.py")),
     ("auth", re.compile(r"\(service/auth")),
     (
         "response encoding",
-        re.compile(r"^PredictionPipeline\.(predictions|predict_one|predict_batch|infer) "),
+        re.compile(
+            r"^PredictionPipeline\.(predictions|predict_one|predict_batch|infer|_row_class_prediction"
+            r"|_class_prediction|class_predictions|regression_predictions) "
+        ),
     ),
     ("request id + context", re.compile(r"^RequestContextMiddleware\.|\(uuid\.py")),
     ("body limit", re.compile(r"^BodySizeLimitMiddleware\.")),

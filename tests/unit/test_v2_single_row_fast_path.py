@@ -106,12 +106,14 @@ def _answer(codec: InferenceCodec, body: bytes, inference: npt.NDArray[Any]) -> 
         parsed = codec.decode(body, None)
     except TensorError as exc:
         return "error", str(exc)
-    rows = parsed.rows
     answer = codec.encode(parsed, inference)
     if parsed.one_row is not None:
+        # Answered without the matrix ever being made.
+        assert parsed._rows is None
         # The route hands a one-row answer over as Python floats, as the
         # backend's row call returns them.
         assert codec.encode(parsed, one_row=inference[0].tolist()) == answer
+    rows = parsed.rows
     return rows.dtype.str, rows.shape, rows.tobytes(), answer
 
 
@@ -132,8 +134,7 @@ def test_one_json_row_answers_byte_for_byte_as_the_general_path(
         errors += answer[0] == "error"
     # Both sides of the shortcut were exercised, and many errors compared.
     assert shortcut > 500
-    assert errors > 500
-    assert errors > 300, errors
+    assert errors > 500, errors
 
 
 def test_a_single_row_shortcut_gives_the_numpy_outputs(trained_bundle: Path) -> None:

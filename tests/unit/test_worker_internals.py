@@ -28,7 +28,7 @@ def test_request_cycles_still_have_the_flags_a_rebalance_sets(module: ModuleType
 
 @pytest.mark.parametrize(
     ("module", "closes_after_the_header"),
-    [(httptools_impl, 'if b"close" in connection'), (h11_impl, "h11.MUST_CLOSE")],
+    [(httptools_impl, 'if b"close" in connection'), (h11_impl, "our_state is h11.MUST_CLOSE")],
 )
 def test_request_cycles_still_take_the_default_headers_a_drain_extends(
     module: ModuleType, closes_after_the_header: str
