@@ -442,10 +442,8 @@ class InferenceCodec:
             if one_row is not None and len(one_row) <= SMALL_TENSOR and within_unit(one_row):
                 row = one_row
                 winner = winning_class(row)
-        if inference is None:
-            if one_row is None:
-                raise TypeError("encode() needs the inference or the one-row answer")
-            inference = np.array((one_row,))
+        if inference is None and one_row is None:
+            raise TypeError("encode() needs the inference or the one-row answer")
         # Outputs drawn from the same values (a class's index and its name) compute them once.
         computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
         for output, binary in request.outputs:
@@ -458,6 +456,9 @@ class InferenceCodec:
                 entry["data"] = output.one_row_json(row, winner)
                 outputs.append(entry)
                 continue
+            if inference is None:
+                # Only now: the usual one-row answer never needs the array.
+                inference = np.array((one_row,))
             values = computed.get(output.values)
             if values is None:
                 values = computed[output.values] = output.values(inference)
