@@ -201,15 +201,8 @@ class PredictionPipeline:
             return np.array((self._read_row(instances[0]),), dtype=np.float64)
         return np.array(list(map(self._read_row, instances)), dtype=np.float64)
 
-    async def outputs(self, rows: FloatMatrix, *, row_call_tried: bool = False) -> Outputs:
-        """The backend's answer (probabilities, or predicted values), with its
-        metrics. A classifier's single row may come back as float64 (from the
-        backend's row call): its readers cast a classifier's outputs anyway."""
-        if rows.shape[0] == 1 and self._classifier and not row_call_tried:
-            (row,) = rows.tolist()
-            probabilities = self.row_probabilities(row)
-            if probabilities is not None:
-                return np.array((probabilities,))
+    async def outputs(self, rows: FloatMatrix) -> Outputs:
+        """The backend's raw answer (probabilities, or predicted values), with its metrics."""
         outputs = await self.predictor.predict(rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(rows, outputs)

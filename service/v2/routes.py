@@ -106,7 +106,7 @@ async def infer(request: FastRequest) -> FastResponse:
     if probabilities is not None:
         body, header_length = model.codec.encode(parsed, one_row=probabilities)
     else:
-        inference = await pipeline.outputs(parsed.rows, row_call_tried=parsed.one_row is not None)
+        inference = await pipeline.outputs(parsed.rows)
         body, header_length = model.codec.encode(parsed, inference)
     if header_length is None:
         return FastResponse(body)
