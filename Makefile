@@ -62,11 +62,11 @@ serve: bundle
 # within seconds. Standard-library Python: no virtualenv needed.
 api-key:
 	@test -n "$(NAME)" || { echo "usage: make api-key NAME=<key id>" >&2; exit 2; }
-	@$(PYTHON) -m service.keys --file "$(API_KEYS_FILE)" add "$(NAME)"
+	@$(PYTHON) -m service.auth.keys --file "$(API_KEYS_FILE)" add "$(NAME)"
 
 api-key-revoke:
 	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-open]" >&2; exit 2; }
-	@$(PYTHON) -m service.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
+	@$(PYTHON) -m service.auth.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
 
 # Prometheus (and promtool), nginx and its njs module (the proxy tests) and
 # libgomp1 (LightGBM) from Debian's archive.

@@ -28,8 +28,9 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
 for _library in ("fastapi", "pydantic", "pydantic_settings", "orjson", "uvloop", "httptools"):
     importlib.import_module(_library)
 
-wsgi_app = "service.app:app"
-worker_class = "service.worker.DrainingUvicornWorker"
+# A factory: importing service.app configures nothing and reads no file.
+wsgi_app = "service.app:create_app()"
+worker_class = "service.server.worker.DrainingUvicornWorker"
 workers = _server.web_concurrency
 bind = [_server.bind_address]
 # Heartbeat files on tmpfs: a worker blocked on a slow disk must not look dead.
@@ -54,14 +55,14 @@ proc_name = "ml-api"
 control_socket_disable = True
 
 
-# The workers' shared connection counts (service.acceptor), on tmpfs when there is one.
+# The workers' shared connection counts (service.server.acceptor), on tmpfs when there is one.
 CONNECTION_LEDGER = Path(worker_tmp_dir or tempfile.gettempdir()) / f"ml-api-{os.getpid()}.conns"
 
 
 def on_starting(server: Any) -> None:
-    from service.acceptor import LEDGER_ENV, create_ledger
     from service.metrics.store import prepare_directory
-    from service.rollout import ROLLOUTS
+    from service.server.acceptor import LEDGER_ENV, create_ledger
+    from service.server.rollout import ROLLOUTS
 
     prepare_directory(METRICS_DIR)
     # Exits non-zero with one line when nothing at all can be served.
@@ -77,15 +78,15 @@ def on_exit(server: Any) -> None:
 def on_reload(server: Any) -> None:
     # Runs in the master after SIGHUP, before the new workers are spawned:
     # they inherit the pin, the new version's or, if refused, the old one.
-    from service.rollout import ROLLOUTS
+    from service.server.rollout import ROLLOUTS
 
     ROLLOUTS.reload(METRICS_DIR, server.log)
 
 
 def child_exit(server: Any, worker: Any) -> None:
     # Runs in the master for every exit: graceful, crashed, SIGKILLed or recycled.
-    from service.acceptor import clear_slot
     from service.metrics.store import fold_dead_worker
+    from service.server.acceptor import clear_slot
 
     fold_dead_worker(METRICS_DIR, worker.pid)
     clear_slot(CONNECTION_LEDGER, worker.pid)

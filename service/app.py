@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app()` for tests, module-level `app` for Gunicorn.
+"""The ASGI application, made by `create_app()` (Gunicorn names `service.app:create_app()`).
 
 Each worker loads its own bundle in the lifespan: under Gunicorn exactly the
 one the master pinned after its trial, alone the configured or newest one.
@@ -21,11 +21,11 @@ from fastapi import APIRouter, FastAPI
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
-from service.auth import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
+from service.auth.keyfile import KeyFileError
+from service.auth.middleware import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
-from service.keyfile import KeyFileError
 from service.logs import APP_LOGGER, AccessLog, configure_logging, flush_access_logs
 from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -258,6 +258,3 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings, keys, public_paths)
-
-
-app = create_app()

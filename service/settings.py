@@ -14,7 +14,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.keyfile import DEFAULT_KEYS_FILE
+from service.auth.keyfile import DEFAULT_KEYS_FILE
 from service.manifest import SEMVER_PATTERN, SEMVER_RE, SHA256_PATTERN
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -87,7 +87,7 @@ class ServiceSettings(_EnvSettings):
     pinned_bundle: PinnedBundle | None = Field(default=None, alias=PINNED_BUNDLE_VARIABLE)
     # Where the master records rollout attempts (the multiprocess metrics directory).
     prometheus_multiproc_dir: Path | None = None
-    # API keys (service.keyfile format). With at least one key every route but
+    # API keys (service.auth.keyfile format). With at least one key every route but
     # health and the API description needs one; no file or no keys: open.
     api_keys_file: Path = DEFAULT_KEYS_FILE
     # The API description (/docs, /redoc, /openapi.json): open to all, behind

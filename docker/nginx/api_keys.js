@@ -1,5 +1,5 @@
 // Which rate-limit bucket a request falls in, from the API keys file the
-// service also reads (service/keyfile.py: "<key id> <sha256 hex>" per line).
+// service also reads (service/auth/keyfile.py: "<key id> <sha256 hex>" per line).
 //
 //   "key:<id>"   a key in the file: limited per key id, wherever it comes from
 //   "anonymous"  keys are configured but this request has none that is valid:
@@ -33,7 +33,7 @@ function storedKeys(path) {
     return keys;
 }
 
-// The same rule as service.auth.presented_key: Bearer wins; another scheme
+// The same rule as service.auth.middleware.presented_key: Bearer wins; another scheme
 // falls through to X-API-Key.
 function presentedKey(r) {
     var authorization = r.headersIn['Authorization'];

@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from service.rollout_record import RESULTS, read_record
+from service.server.rollout_record import RESULTS, read_record
 
 
 class RolloutCollector(Collector):

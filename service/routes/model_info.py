@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from service.errors import ModelNotLoadedError
 from service.manifest import Manifest
 from service.pipeline import PredictionPipeline
-from service.rollout_record import read_record
+from service.server.rollout_record import read_record
 
 router = APIRouter(tags=["model"])
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service import keyfile
 from service.app import create_app
+from service.auth import keyfile
 from service.settings import ServiceSettings
 from tests.api.conftest import ClientFactory
 from tests.support.bundles import SETOSA

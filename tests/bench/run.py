@@ -120,7 +120,7 @@ def api_keys_file(work: Path, name: str, with_key: bool) -> tuple[Path, dict[str
     path = work / f"{name}-api-keys"
     if not with_key:
         return path, {}
-    from service import keyfile
+    from service.auth import keyfile
 
     key = keyfile.mint_key()
     keyfile.update(path, add=keyfile.StoredKey("bench", keyfile.digest_of(key)))

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from service import keyfile
+from service.auth import keyfile
 from tests.e2e.support import (
     API_KEY_SETTINGS,
     API_KEYS_FILE,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service import keyfile
+from service.auth import keyfile
 from tests.e2e.support import (
     DOCKER_DIR,
     IMAGE,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service import keyfile
+from service.auth import keyfile
 from tests.e2e.support import API_KEYS_FILE, E2E_KEY_BURST, SETOSA, Stack, http
 
 # The bound for a key change to reach every worker of every replica.

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import keyfile
+from service.auth import keyfile
 from tests.support.bundles import SETOSA
 from tests.support.nginx import NJS_MODULE, running_nginx
 from tests.support.scrape import sample, scrape

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from service import auth, keyfile
+from service.auth import keyfile
+from service.auth import middleware as auth
 from tests.support.bundles import REPO
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.keys", *args],
+        [sys.executable, "-m", "service.auth.keys", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -90,7 +91,7 @@ def test_cli_refusals_say_why(tmp_path: Path) -> None:
 
 def test_cli_imports_nothing_heavy() -> None:
     probe = (
-        "import sys, service.keys; "
+        "import sys, service.auth.keys; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'pydantic', 'numpy', 'fastapi', 'starlette', 'onnxruntime', 'prometheus_client'}))"
     )

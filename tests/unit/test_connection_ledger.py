@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service import acceptor
-from service.acceptor import ConnectionLedger, clear_slot, create_ledger
+from service.server import acceptor
+from service.server.acceptor import ConnectionLedger, clear_slot, create_ledger
 
 
 @pytest.fixture
@@ -22,7 +22,8 @@ def ledger_path(tmp_path: Path) -> Path:
 def _sibling(path: Path, held: int) -> int:
     """A ledger entry from another live process; returns its pid."""
     code = (
-        "import sys; from pathlib import Path; from service.acceptor import ConnectionLedger;"
+        "import sys; from pathlib import Path;"
+        "from service.server.acceptor import ConnectionLedger;"
         f"ConnectionLedger(Path({str(path)!r})).publish({held}); print(__import__('os').getpid())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.bundle import BundleError
 from service.predictor import example_rows, load_predictor
-from service.rollout import run_trial, trial
+from service.server.rollout import run_trial, trial
 from service.settings import ServiceSettings
 from tests.support.bundles import Detonator, model_sha256, rewrite_file
 

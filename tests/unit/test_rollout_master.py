@@ -12,8 +12,8 @@ import pytest
 
 from service.bundle import BundleError
 from service.predictor import load_predictor
-from service.rollout import Rollouts, TrialResult
-from service.rollout_record import read_record
+from service.server.rollout import Rollouts, TrialResult
+from service.server.rollout_record import read_record
 from service.settings import PINNED_BUNDLE_VARIABLE, PinnedBundle, ServiceSettings
 from tests.support.bundles import copy_bundle
 

@@ -1,4 +1,4 @@
-"""The uvicorn internals service.worker relies on, pinned: a uvicorn upgrade
+"""The uvicorn internals service.server.worker relies on, pinned: a uvicorn upgrade
 that renames them fails here, by name, rather than silently in production."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
 
-from service.worker import ACCEPTED_REQUEST_GRACE_SECONDS, close_after_answer, drain_seconds
+from service.server.worker import ACCEPTED_REQUEST_GRACE_SECONDS, close_after_answer, drain_seconds
 
 
 @pytest.mark.parametrize("module", [httptools_impl, h11_impl])

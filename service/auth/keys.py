@@ -1,7 +1,7 @@
-"""`python -m service.keys add|revoke|list`: manage the API keys file.
+"""`python -m service.auth.keys add|revoke|list`: manage the API keys file.
 
 `add` prints the new key once, as the last line of its output (on stdout;
-everything else goes to stderr, so `KEY=$(python -m service.keys add NAME)`
+everything else goes to stderr, so `KEY=$(python -m service.auth.keys add NAME)`
 captures the key alone). Running servers pick changes up within seconds.
 Standard library only: no virtualenv needed.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from service import keyfile
+from service.auth import keyfile
 
 
 def _add(path: Path, key_id: str) -> int:
@@ -51,7 +51,7 @@ def _list(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.keys", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m service.auth.keys", description=__doc__)
     parser.add_argument(
         "--file",
         type=Path,

@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import keyfile
+from service.auth import keyfile
 from service.errors import is_v2_path
 from service.logs import APP_LOGGER
 from service.middleware import request_id_of, send_error, send_json_bytes

@@ -2,7 +2,7 @@
 
 The file holds digests only. A key is 256 random bits from `secrets`, so its
 digest cannot be turned back into it; the file is still mounted as a secret,
-read-only. Standard library only: `python -m service.keys` runs without the
+read-only. Standard library only: `python -m service.auth.keys` runs without the
 virtualenv, and nginx's njs script (docker/nginx/api_keys.js) reads the same
 format.
 

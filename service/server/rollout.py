@@ -3,7 +3,7 @@
 At start and on SIGHUP the master resolves the candidate bundle (MODEL_VERSION,
 or the highest version in MODEL_DIR) and proves it can be served in a
 throwaway subprocess: verify, load, warm up, predict (`python -m
-service.rollout <bundle>`). The master itself never loads a model, so it never
+service.server.rollout <bundle>`). The master itself never loads a model, so it never
 unpickles anything. Only a candidate that passed is pinned, by path, version
 and manifest digest, in an environment variable every worker forked afterwards
 inherits: a worker restarted for any reason (MAX_REQUESTS, a crash) loads
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from service.bundle import BundleError, resolve_bundle_dir
 from service.manifest import Manifest
-from service.rollout_record import RolloutAttempt, now, record_attempt
+from service.server.rollout_record import RolloutAttempt, now, record_attempt
 from service.settings import PINNED_BUNDLE_VARIABLE, PinnedBundle, ServiceSettings
 
 # The master exits with this when, at start, nothing can be served at all.
@@ -164,7 +164,7 @@ def run_trial(path: Path, timeout: float) -> TrialResult:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "service.rollout", str(path)],
+            [sys.executable, "-m", "service.server.rollout", str(path)],
             env=env,
             capture_output=True,
             timeout=timeout,

@@ -11,7 +11,7 @@ answer from then on carries `Connection: close`, and it waits (up to the
 keep-alive timeout) for the connections to end that way, or by their own
 keep-alive timer, before uvicorn closes whatever is left.
 
-It also accepts through service.acceptor instead of asyncio's server, so a
+It also accepts through service.server.acceptor instead of asyncio's server, so a
 burst of keep-alive connections is split between the workers instead of
 landing on whichever woke first, and a worker far ahead of a sibling (which
 just restarted, say) asks some of its connections to reconnect. This module is
@@ -33,7 +33,7 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from service.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
+from service.server.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
 
 # The least a drain waits for a just-accepted connection's request, even with
 # keep-alive off (KEEPALIVE=0).
