@@ -16,8 +16,8 @@ FEATURES ?=
 NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
 
-.PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema system-deps checkov clean \
-	api-key api-key-revoke
+.PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema docs system-deps checkov \
+	clean api-key api-key-revoke
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
+	@echo "make docs     regenerate docs/configuration.md from service/settings.py"
 	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
 	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
 
@@ -112,6 +113,10 @@ lint: install
 
 schema: install
 	$(BIN)/python -m service.manifest > training/manifest.schema.json
+
+# docs/configuration.md from the settings classes (tests/unit/test_docs.py holds it there).
+docs: install
+	$(BIN)/python -m service.settings_doc docs/configuration.md
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

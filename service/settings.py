@@ -61,38 +61,109 @@ class _EnvSettings(BaseSettings):
 
 
 class ServiceSettings(_EnvSettings):
-    model_dir: Path = Path("artifacts")
-    model_name: str = "iris"
+    """The application inside each worker: which model, how requests are bounded,
+    batched and authenticated."""
+
+    model_dir: Path = Field(
+        default=Path("artifacts"),
+        description="Where bundles live: `MODEL_DIR/<name>/<version>/`.",
+    )
+    model_name: str = Field(default="iris", description="Which model to serve.")
     # None: serve the highest semantic version present, so a SIGHUP after
     # copying a new bundle in rolls it out.
-    model_version: str | None = None
-    backend: Literal["onnx", "sklearn"] | None = None
-    max_batch_size: int = Field(default=1000, ge=1, le=100_000)
-    max_request_bytes: int = Field(default=MIB, ge=1024, le=1024 * MIB)
-    log_level: LogLevel = "INFO"
+    model_version: str | None = Field(
+        default=None,
+        description="Pin a semantic version. Unset: the master picks the highest version "
+        "present at start and on SIGHUP (workers never choose).",
+    )
+    backend: Literal["onnx", "sklearn"] | None = Field(
+        default=None,
+        description="Unset: `onnx` if the bundle has one. `sklearn` serves the native model, "
+        "whose digest must be pinned (see `TRUSTED_MODEL_SHA256`).",
+    )
+    max_batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Rows per `/predict/batch` and per V2 inference request.",
+    )
+    max_request_bytes: int = Field(
+        default=MIB,
+        ge=1024,
+        le=1024 * MIB,
+        description="Larger bodies get 413, refused before they are read whole.",
+    )
+    log_level: LogLevel = Field(default="INFO", description="Above `INFO`, no access log.")
     # Off only to measure what metrics cost (make bench); /metrics then 404s.
-    metrics_enabled: bool = True
+    metrics_enabled: bool = Field(
+        default=True,
+        description="`false` removes `/metrics` and all instrumentation (for measuring its cost).",
+    )
     # Micro-batching of concurrent single-row requests. Unset: on for the
     # sklearn backend (milliseconds per call), off for ONNX (microseconds).
-    micro_batching: bool | None = None
-    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
-    batch_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    micro_batching: bool | None = Field(
+        default=None,
+        description="Gather concurrent single-row requests into one backend call. "
+        "Unset: on for `sklearn`, off for `onnx`.",
+    )
+    batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="How long a micro-batch waits to fill "
+        "(it never exceeds `MAX_BATCH_SIZE` rows).",
+    )
+    batch_queue_size: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Requests waiting for a micro-batch; beyond it, 503 with `Retry-After`.",
+    )
     # A native (pickled) model is loaded only when its SHA-256 is pinned here
     # or in TRUSTED_DIGESTS_FILE: both live outside MODEL_DIR, so whoever can
     # write bundles cannot also vouch for them.
-    trusted_model_sha256: str = ""
-    trusted_digests_file: Path | None = None
-    # Seconds the master gives a candidate bundle's trial (load, warm up, predict).
-    rollout_trial_timeout: float = Field(default=120, gt=0, le=3600)
-    pinned_bundle: PinnedBundle | None = Field(default=None, alias=PINNED_BUNDLE_VARIABLE)
-    # Where the master records rollout attempts (the multiprocess metrics directory).
-    prometheus_multiproc_dir: Path | None = None
+    trusted_model_sha256: str = Field(
+        default="",
+        description="Comma-separated SHA-256 digests of `model.joblib` files that may be "
+        "unpickled (see [the threat model](security.md#threat-model)).",
+    )
+    trusted_digests_file: Path | None = Field(
+        default=None,
+        description="A `sha256sum`-style file of such digests "
+        "(`/etc/ml-api/trusted-model-sha256` in the image); refused if it lies "
+        "inside `MODEL_DIR`.",
+    )
+    rollout_trial_timeout: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="Seconds the master gives a candidate bundle's trial (load, warm up, predict).",
+    )
+    pinned_bundle: PinnedBundle | None = Field(
+        default=None,
+        alias=PINNED_BUNDLE_VARIABLE,
+        description="Internal: the bundle the master proved (path, version, manifest "
+        "SHA-256), inherited by the workers it forks. Never set it yourself.",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        description="The server's setting of the same name (gunicorn.conf.py exports it "
+        "to the workers): where they read the master's rollout record.",
+    )
     # API keys (service.auth.keyfile format). With at least one key every route but
     # health and the API description needs one; no file or no keys: open.
-    api_keys_file: Path = DEFAULT_KEYS_FILE
+    api_keys_file: Path = Field(
+        default=DEFAULT_KEYS_FILE,
+        description="Key ids and SHA-256 digests (`make api-key`); none or empty: no "
+        "authentication. In compose, the host file mounted as a secret.",
+    )
     # The API description (/docs, /redoc, /openapi.json): open to all, behind
     # the API keys like the rest, or not served.
-    docs: Literal["public", "protected", "off"] = "public"
+    docs: Literal["public", "protected", "off"] = Field(
+        default="public",
+        description="`/docs`, `/redoc`, `/openapi.json`: open to all, behind the API keys "
+        "(`protected`), or not served (`off`).",
+    )
 
     @field_validator("model_version", "backend", "micro_batching", mode="before")
     @classmethod
@@ -144,21 +215,64 @@ class ServiceSettings(_EnvSettings):
 
 
 class ServerSettings(_EnvSettings):
-    web_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
-    bind: str | None = None
-    port: int = Field(default=8000, ge=0, le=65535)
-    timeout: int = Field(default=30, ge=1)
-    graceful_timeout: int = Field(default=30, ge=1)
-    keepalive: int = Field(default=5, ge=0)
+    """Gunicorn, read by gunicorn.conf.py in the master: workers, binding, timeouts,
+    recycling."""
+
+    web_concurrency: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description="Gunicorn workers.",
+        json_schema_extra={"documented_default": "the CPU count"},
+    )
+    bind: str | None = Field(
+        default=None,
+        description="`host:port` to listen on; wins over `PORT`. Unset: `0.0.0.0:$PORT` "
+        "(`make serve`: `127.0.0.1:8000`).",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="The port when `BIND` is unset.")
+    timeout: int = Field(
+        default=30, ge=1, description="Seconds of silence before Gunicorn kills a worker."
+    )
+    graceful_timeout: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds a stopping worker gets to finish its requests.",
+    )
+    keepalive: int = Field(
+        default=5,
+        ge=0,
+        description="Seconds an idle keep-alive connection stays open; a stopping worker "
+        "waits up to this long (at most half of `GRACEFUL_TIMEOUT`) for its connections "
+        "to end.",
+    )
     # Recycling bounds slow leaks; the jitter keeps workers from restarting
     # together. A million: a worker at full speed (~4,000 req/s on 2 cores)
     # restarts every few minutes, not every ~25 s (each restart is a boot and
     # a reshuffle of its keep-alive connections); at ordinary load, hours.
-    max_requests: int = Field(default=1_000_000, ge=0)
-    max_requests_jitter: int = Field(default=100_000, ge=0)
-    forwarded_allow_ips: str = "127.0.0.1"
-    prometheus_multiproc_dir: Path = Path("/tmp/ml-api-metrics")
-    log_level: LogLevel = "INFO"
+    max_requests: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="Recycle a worker after this many requests "
+        "(a guard against slow leaks; `0`: never).",
+    )
+    max_requests_jitter: int = Field(
+        default=100_000,
+        ge=0,
+        description="Up to this many more, at random, so workers do not restart together.",
+    )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Proxies whose `X-Forwarded-*` headers are trusted.",
+    )
+    prometheus_multiproc_dir: Path = Field(
+        default=Path("/tmp/ml-api-metrics"),
+        description="Per-worker metric files; emptied when Gunicorn starts, "
+        "so give each server its own.",
+    )
+    log_level: LogLevel = Field(
+        default="INFO", description="Gunicorn's log level (the service's setting of the same name)."
+    )
 
     @property
     def bind_address(self) -> str:
