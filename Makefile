@@ -42,7 +42,7 @@ install: $(BIN)/.installed
 train: install
 	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
 
-# Bundle a model the user already fitted (see README, "Serve your own model").
+# Bundle a model the user already fitted (see docs/own-model.md).
 package: install
 	@test -n "$(MODEL_FILE)" || { echo "make package needs MODEL_FILE=path/to/model.joblib" >&2; exit 2; }
 	$(BIN)/python -m training package "$(MODEL_FILE)" --name "$(NAME)" --version "$(VERSION)" \

@@ -29,7 +29,7 @@
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
 # host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
 # must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
-# other proxy limits (README, "Configuration").
+# other proxy limits (docs/operations.md, "The proxy").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

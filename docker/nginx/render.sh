@@ -1,7 +1,7 @@
 #!/bin/sh
 # Renders the nginx.conf template and what it includes into OUT_DIR:
 #   render.sh SRC_DIR OUT_DIR
-# The proxy's settings, with their defaults (README, "Configuration"):
+# The proxy's settings, with their defaults (docs/operations.md, "The proxy"):
 #   API_KEYS_FILE                 the keys file the service reads (mounted read-only)
 #   PROXY_API_KEY_RATE / _BURST   per API key                       100r/s / 200
 #   PROXY_UNAUTHENTICATED_RATE / _BURST

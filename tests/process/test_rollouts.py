@@ -26,7 +26,7 @@ pytestmark = pytest.mark.process
 
 
 def stage(source: Path, model_dir: Path, version: str, damage: Callable[[Path], None]) -> Path:
-    """Copy a bundle in as the README says: under a name the service ignores, then renamed."""
+    """Copy a bundle in as docs/operations.md says: under a name it ignores, then renamed."""
     staging = copy_bundle(source, model_dir, version=".incoming")
     manifest_path = staging / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
