@@ -22,7 +22,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from service.auth.keyfile import KeyFileError
-from service.auth.middleware import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
+from service.auth.middleware import ApiKeyMiddleware, KeyStore
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
@@ -33,6 +33,7 @@ from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
 from service.predictor import Predictor, load_predictor, start_micro_batching
 from service.routes import health, model_info
+from service.routes.public import OpenPaths, open_paths
 from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
 
@@ -120,10 +121,6 @@ async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
             )
 
 
-# The API description: the contract, not the model (DOCS=public leaves it open).
-DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-
-
 def load_keys(keys: KeyStore) -> None:
     """Refuse to start on a keys file that exists but cannot be used: serving
     open instead would be the wrong way to fail."""
@@ -158,9 +155,10 @@ class MlApi:
     """
 
     def __init__(
-        self, api: FastAPI, settings: ServiceSettings, keys: KeyStore, public_paths: set[str]
+        self, api: FastAPI, settings: ServiceSettings, keys: KeyStore, open_paths: OpenPaths
     ) -> None:
         self.api = api
+        self.open_paths = open_paths
         http_metrics = None
         if settings.metrics_enabled:
             from service.metrics.http import HttpMetrics
@@ -168,7 +166,7 @@ class MlApi:
             http_metrics = HttpMetrics()
         fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
         limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
-        authenticated = ApiKeyMiddleware(limited, keys, public_paths)
+        authenticated = ApiKeyMiddleware(limited, keys, open_paths)
         self._asgi = RequestContextMiddleware(
             authenticated, AccessLog(settings.log_level), metrics=http_metrics
         )
@@ -235,15 +233,17 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     api.state.pipeline = None
     api.state.rollouts_dir = settings.prometheus_multiproc_dir
     api.state.keys = keys
-    api.include_router(health.router)
-    api.include_router(model_info.router)
+    routers = [health.router, model_info.router]
     if settings.metrics_enabled:
         from service.routes import metrics as metrics_route
 
-        api.include_router(metrics_route.router)
+        routers.append(metrics_route.router)
+    for router in routers:
+        api.include_router(router)
     install_error_handlers(api)
 
-    public_paths = set(DOCS_PATHS) if settings.docs == "public" else set()
+    # The API description is the contract, not the model: DOCS=public leaves it open.
+    opened = open_paths(api, routers, FAST_ROUTES, docs_public=settings.docs == "public")
 
     documented_auth: list[bool] = []
 
@@ -253,8 +253,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         if documented_auth != [keys.enabled]:
             documented_auth[:] = [keys.enabled]
             api.openapi_schema = None
-        is_open = lambda path: is_open_path(path, public_paths | OPEN_PATHS)  # noqa: E731
-        return build_openapi(api, FAST_ROUTES, is_open if keys.enabled else None)
+        return build_openapi(api, FAST_ROUTES, opened.__contains__ if keys.enabled else None)
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return MlApi(api, settings, keys, public_paths)
+    return MlApi(api, settings, keys, opened)

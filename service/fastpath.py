@@ -4,9 +4,10 @@ Predictions cost microseconds of model time, so FastAPI's per-request
 machinery (routing, dependency solving, Request and Response objects, the
 exception middleware) would be most of the cost. Each `FastRoute` is declared
 once: the fast path dispatches from the table, the OpenAPI document is built
-from it (service.openapi) and the request metrics label requests with its
-path template (scope["route"].path, as FastAPI's own routes do). Requests
-that match no route go on to FastAPI.
+from it (service.openapi), the open set the API-key check leaves alone is
+taken from its `public` flag (service.routes.public) and the request metrics
+label requests with its path template (scope["route"].path, as FastAPI's own
+routes do). Requests that match no route go on to FastAPI.
 """
 
 from __future__ import annotations
@@ -92,10 +93,29 @@ class FastRoute:
     # None: the route takes no body.
     accepts: BodyTypes | None = None
     description: str | None = None
+    # Answered without an API key (probes carry none).
+    public: bool = False
 
     @property
     def parameters(self) -> list[str]:
-        return _PARAMETER.findall(self.path)
+        return path_parameters(self.path)
+
+
+def path_parameters(template: str) -> list[str]:
+    return _PARAMETER.findall(template)
+
+
+def template_regex(template: str, *, named: bool = True) -> str:
+    """What a path template matches: each {parameter} is one path segment,
+    captured under its name unless `named` is False."""
+    parts: list[str] = []
+    end = 0
+    for found in _PARAMETER.finditer(template):
+        segment = f"(?P<{found.group(1)}>[^/]+)" if named else "[^/]+"
+        parts += [re.escape(template[end : found.start()]), segment]
+        end = found.end()
+    parts.append(re.escape(template[end:]))
+    return "".join(parts)
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -133,16 +153,6 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    parts: list[str] = []
-    end = 0
-    for found in _PARAMETER.finditer(template):
-        parts += [re.escape(template[end : found.start()]), f"(?P<{found.group(1)}>[^/]+)"]
-        end = found.end()
-    parts.append(re.escape(template[end:]))
-    return re.compile("".join(parts))
-
-
 class RouteTable:
     """Path → {method: route}: static paths by dict lookup, templates by regex."""
 
@@ -158,8 +168,8 @@ class RouteTable:
                 raise ValueError(f"{route.method} {route.path} is declared twice")
             methods[route.method] = route
         for path, methods in by_path.items():
-            if _PARAMETER.search(path):
-                self._templated.append((_compile(path), methods))
+            if path_parameters(path):
+                self._templated.append((re.compile(template_regex(path)), methods))
             else:
                 self._static[path] = methods
 

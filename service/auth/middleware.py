@@ -18,10 +18,10 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import time
-from collections.abc import Awaitable, Collection, Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +31,9 @@ from service.errors import is_v2_path
 from service.logs import APP_LOGGER
 from service.middleware import request_id_of, send_error, send_json_bytes
 
+if TYPE_CHECKING:
+    from service.routes.public import OpenPaths
+
 log = logging.getLogger(APP_LOGGER)
 
 CHECK_INTERVAL_SECONDS = 1.0
@@ -38,14 +41,6 @@ CHECK_INTERVAL_SECONDS = 1.0
 # timestamp tick (Linux file times are jiffy-coarse), leaving size and mtime
 # unchanged: such a file is read again at the next check ("racy git").
 RACY_SECONDS = 2.0
-
-# Open whatever the keys: probes and load balancers carry no key, and
-# /metrics is for Prometheus on the internal network (the proxy answers it 403).
-OPEN_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics"}
-)
-# Open Inference Protocol model readiness: /v2/models/{name}[/versions/{version}]/ready
-_MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 
 MISSING = "API key required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 MALFORMED_AUTHORIZATION = "malformed Authorization header: expected 'Bearer <key>'"
@@ -190,22 +185,18 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None,
     return None, MISSING
 
 
-def is_open_path(path: str, public_paths: Collection[str]) -> bool:
-    return path in public_paths or (
-        path.startswith("/v2/models/") and _MODEL_READY.fullmatch(path) is not None
-    )
-
-
 class ApiKeyMiddleware:
     """401 with `WWW-Authenticate: Bearer` unless the request carries a stored
     key; the key's id goes into scope["state"]["key_id"] for the access log and
-    the per-key metric. OPEN_PATHS and `public_paths` stay open, and
-    everything is open while the file holds no key."""
+    the per-key metric. The routes declared public stay open (probes and load
+    balancers carry no key; /metrics is for Prometheus on the internal network,
+    the proxy answers it 403), and everything is open while the file holds no
+    key."""
 
-    def __init__(self, app: ASGIApp, store: KeyStore, public_paths: Collection[str]) -> None:
+    def __init__(self, app: ASGIApp, store: KeyStore, open_paths: OpenPaths) -> None:
         self.app = app
         self.store = store
-        self.public_paths = frozenset(public_paths) | OPEN_PATHS
+        self.open_paths = open_paths
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Not a coroutine function: it hands back the next app's coroutine
@@ -213,7 +204,7 @@ class ApiKeyMiddleware:
         if scope["type"] == "http":
             store = self.store
             store.refresh()
-            if store.enabled and not is_open_path(scope["path"], self.public_paths):
+            if store.enabled and scope["path"] not in self.open_paths:
                 key, problem = presented_key(scope["headers"])
                 key_id = store.authenticate(key) if key is not None else None
                 if key_id is None:

@@ -9,8 +9,8 @@ that answers a scrape. A SIGKILLed worker loses at most FLUSH_SECONDS of them.
 Request, prediction and per-key counters are not buffered: they stay exact
 and synchronous.
 
-Everything here runs on the event-loop thread (see lean_values), so the
-buffers need no lock.
+Everything here runs on the event-loop thread (see
+client_internals.install_lean_values), so the buffers need no lock.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import Gauge, Histogram
+
+from service.metrics.client_internals import add_to_histogram, upper_bounds
 
 FLUSH_SECONDS = 0.5
 
@@ -57,7 +59,7 @@ class BufferedHistogram:
 
     def __init__(self, child: Histogram) -> None:
         self._child = child
-        self._bounds: list[float] = list(child._upper_bounds)
+        self._bounds = upper_bounds(child)
         self._values: list[float] = []
         self._arrays: list[npt.NDArray[np.floating]] = []
         self.add_one = self._values.append
@@ -83,12 +85,7 @@ class BufferedHistogram:
         # The same list object stays behind add_one.
         values.clear()
         self._arrays = []
-        for bucket, count in zip(
-            self._child._buckets, bucket_counts(self._bounds, pending), strict=True
-        ):
-            if count:
-                bucket.inc(count)
-        self._child._sum.inc(total)
+        add_to_histogram(self._child, bucket_counts(self._bounds, pending), total)
 
 
 class BufferedHistograms:

@@ -8,8 +8,8 @@ from prometheus_client import Counter
 from starlette.types import Scope
 
 from service.metrics.buffered import BufferedGauge, BufferedHistogram
+from service.metrics.client_internals import incrementer
 from service.metrics.instruments import HTTP_DURATION, HTTP_IN_PROGRESS, HTTP_REQUESTS
-from service.metrics.lean_values import incrementer
 
 # Requests that matched no route share one label value: raw URLs as label
 # values would let any client create unbounded series.
@@ -31,7 +31,7 @@ class HttpMetrics:
         # every call, a dict lookup does not. Keys are bounded: methods are
         # normalised and handlers are route templates. The gauge and the
         # histogram are buffered (service.metrics.buffered); the counters are
-        # written through, by their values' own inc (lean_values.incrementer).
+        # written through, by their values' own inc (client_internals.incrementer).
         self._in_progress: dict[str, BufferedGauge] = {}
         self._requests: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._duration: dict[tuple[str, str], BufferedHistogram] = {}

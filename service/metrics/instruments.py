@@ -14,7 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from service.backends.base import winning_class
 from service.manifest import CategoryFeature, Manifest
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
-from service.metrics.lean_values import incrementer
+from service.metrics.client_internals import incrementer
 
 # Sub-millisecond buckets: the ONNX path answers in well under 1 ms.
 LATENCY_BUCKETS = (

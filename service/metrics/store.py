@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from service.metrics.client_internals import add_file_into_aggregate, process_file
+
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_FILE = ".fold.lock"
 # Counters and histograms sum across processes; gauges are per live worker.
@@ -62,19 +64,12 @@ def fold_dead_worker(path: Path, pid: int) -> None:
     """Move a dead worker's counters and histograms into the aggregate files
     and drop its live gauges."""
     from prometheus_client import multiprocess
-    from prometheus_client.mmap_dict import MmapedDict
 
     with directory_lock(path, exclusive=True):
         for metric_type in SUMMED_TYPES:
-            dead = path / f"{metric_type}_{pid}.db"
+            dead = process_file(path, metric_type, pid)
             if not dead.exists():
                 continue
-            aggregate = MmapedDict(str(path / f"{metric_type}_aggregate.db"))
-            try:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):
-                    current, _ = aggregate.read_value(key)
-                    aggregate.write_value(key, current + value, timestamp)
-            finally:
-                aggregate.close()
+            add_file_into_aggregate(path, metric_type, dead)
             dead.unlink()
         multiprocess.mark_process_dead(pid, str(path))

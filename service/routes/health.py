@@ -6,8 +6,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
 from service.pipeline import PredictionPipeline
+from service.routes.public import PublicRoute
 
-router = APIRouter(tags=["health"])
+# Open whatever the keys: probes and load balancers carry no key.
+router = APIRouter(tags=["health"], route_class=PublicRoute)
 
 
 def _pipeline(request: Request) -> PredictionPipeline | None:

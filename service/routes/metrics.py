@@ -4,8 +4,11 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.metrics.exposition import METRICS_CONTENT_TYPE, render_metrics
+from service.routes.public import PublicRoute
 
-router = APIRouter(tags=["metrics"])
+# Open whatever the keys: Prometheus scrapes it on the internal network (the
+# proxy answers it 403).
+router = APIRouter(tags=["metrics"], route_class=PublicRoute)
 
 
 @router.get("/metrics", summary="Prometheus metrics of every worker, aggregated")

@@ -186,9 +186,23 @@ _MODEL = "/v2/models/{model_name}"
 _VERSION = _MODEL + "/versions/{model_version}"
 
 
-def _get(path: str, handler: Handler, summary: str, ok: str, errors: dict[int, str]) -> FastRoute:
+def _get(
+    path: str,
+    handler: Handler,
+    summary: str,
+    ok: str,
+    errors: dict[int, str],
+    *,
+    public: bool = False,
+) -> FastRoute:
     return FastRoute(
-        "GET", path, handler, summary=summary, tags=TAGS, document=_documented(ok, errors)
+        "GET",
+        path,
+        handler,
+        summary=summary,
+        tags=TAGS,
+        document=_documented(ok, errors),
+        public=public,
     )
 
 
@@ -205,20 +219,30 @@ def _infer(path: str, summary: str) -> FastRoute:
     )
 
 
+# Liveness and readiness are public: probes and load balancers carry no key.
+# Metadata is not: it describes the model.
 ROUTES = (
     _get("/v2", server_metadata, "Server metadata", "ServerMetadata", {}),
-    _get("/v2/health/live", server_live, "Server live", "ServerLive", {}),
+    _get("/v2/health/live", server_live, "Server live", "ServerLive", {}, public=True),
     _get(
         "/v2/health/ready",
         server_ready,
         "Server ready",
         "ServerReady",
         {503: "Model not loaded yet."},
+        public=True,
     ),
     _get(_MODEL, model_metadata, "Model metadata", "ModelMetadata", _MODEL_ERRORS),
-    _get(_MODEL + "/ready", model_ready, "Model ready", "ModelReady", _MODEL_ERRORS),
+    _get(_MODEL + "/ready", model_ready, "Model ready", "ModelReady", _MODEL_ERRORS, public=True),
     _get(_VERSION, model_metadata, "Model version metadata", "ModelMetadata", _MODEL_ERRORS),
-    _get(_VERSION + "/ready", model_ready, "Model version ready", "ModelReady", _MODEL_ERRORS),
+    _get(
+        _VERSION + "/ready",
+        model_ready,
+        "Model version ready",
+        "ModelReady",
+        _MODEL_ERRORS,
+        public=True,
+    ),
     _infer(_MODEL + "/infer", "Inference"),
     _infer(_VERSION + "/infer", "Inference on a named version"),
 )

@@ -70,6 +70,12 @@ PROTECTED = [
 ]
 # /metrics: Prometheus on the internal network; the proxy refuses it (403).
 OPEN = ["/health", "/health/live", "/health/ready", "/metrics"]
+OPEN_V2 = [
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/iris/ready",
+    "/v2/models/iris/versions/1.0.0/ready",
+]
 REFUSED = ["no key", "malformed header", "wrong key", "revoked key"]
 ACCEPTED = ["valid Bearer", "valid X-API-Key"]
 
@@ -167,6 +173,17 @@ def test_health_routes_stay_open(keyed: KeyedApp, path: str) -> None:
     assert keyed.client.get(path).status_code == 200
 
 
+@pytest.mark.parametrize("path", OPEN_V2)
+def test_open_inference_protocol_health_and_readiness_stay_open(keyed: KeyedApp, path: str) -> None:
+    assert keyed.client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v2", "/v2/models/iris", "/v2/models/iris/versions/1.0.0"])
+def test_open_inference_protocol_metadata_needs_a_key(keyed: KeyedApp, path: str) -> None:
+    assert keyed.client.get(path).status_code == 401
+    assert keyed.client.get(path, headers={"X-API-Key": keyed.bob}).status_code == 200
+
+
 def test_health_says_auth_is_enabled(keyed: KeyedApp) -> None:
     assert keyed.client.get("/health").json()["auth"] == "enabled"
 
@@ -221,6 +238,9 @@ def test_openapi_declares_both_schemes_and_open_health_routes(keyed: KeyedApp) -
     }
     assert document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
     assert document["paths"]["/health"]["get"]["security"] == []
+    assert document["paths"]["/v2/health/ready"]["get"]["security"] == []
+    assert document["paths"]["/v2/models/{model_name}/ready"]["get"]["security"] == []
+    assert "401" in document["paths"]["/v2/models/{model_name}"]["get"]["responses"]
     predict = document["paths"]["/predict"]["post"]
     assert "security" not in predict  # the document-wide requirement applies
     assert "401" in predict["responses"]

@@ -39,7 +39,8 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
     ),
     ("metrics", re.compile(r"\((service/metrics/|prometheus_client/)")),
     ("access log", re.compile(r"\(service/logs\.py")),
-    ("auth", re.compile(r"\(service/auth")),
+    # The open-set check (service/routes/public.py) is part of the key check.
+    ("auth", re.compile(r"\(service/auth|^OpenPaths\.")),
     (
         "response encoding",
         re.compile(

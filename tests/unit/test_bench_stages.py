@@ -31,6 +31,11 @@ def test_the_innermost_recognised_frame_decides() -> None:
     assert classify([*ROOT[:4], metrics, value]) == "metrics"
 
 
+def test_the_open_set_check_counts_as_auth_wherever_it_is_called_from() -> None:
+    open_set = "OpenPaths.__contains__ (service/routes/public.py:50)"
+    assert classify([*ROOT[:4], open_set]) == "auth"
+
+
 def test_server_frames_below_our_middleware_are_the_http_layer() -> None:
     send = "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:500)"
     with_id = "RequestContextMiddleware.__call__.<locals>.send_with_id (service/middleware.py:90)"
