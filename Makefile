@@ -17,7 +17,7 @@ NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
 
 .PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema docs system-deps checkov \
-	clean api-key api-key-revoke
+	clean api-key api-key-revoke client generator kserve-sdk
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -29,6 +29,7 @@ help:
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
 	@echo "make docs     regenerate docs/configuration.md from service/settings.py"
+	@echo "make client   a typed Python client (clients/python/) from a served document [OPENAPI_URL=...]"
 	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
 	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
 
@@ -91,11 +92,47 @@ $(CHECKOV_VENV)/.installed: tests/deploy/checkov.lock
 
 checkov: $(CHECKOV_VENV)/.installed
 
+# openapi-python-client (make client) in a virtualenv of its own, as checkov;
+# its lock comes from the same command with openapi-python-client==0.29.1
+# and -o clients/openapi-python-client.lock.
+GENERATOR_VENV := $(TOOLS)/openapi-python-client
+
+$(GENERATOR_VENV)/.installed: clients/openapi-python-client.lock
+	$(PYTHON) -m venv $(GENERATOR_VENV)
+	$(GENERATOR_VENV)/bin/pip install --quiet --disable-pip-version-check -r clients/openapi-python-client.lock
+	touch $@
+
+generator: $(GENERATOR_VENV)/.installed
+
+# A typed Python client generated from the document a server serves (`make
+# serve` in another shell, or OPENAPI_URL=...), into clients/python/: not
+# committed, it is regenerated against the server it calls. The generator's
+# pinned ruff (its post hooks) comes first on PATH.
+OPENAPI_URL ?= http://127.0.0.1:8000/openapi.json
+CLIENT_DIR ?= clients/python
+
+client: generator
+	PATH="$(abspath $(GENERATOR_VENV))/bin:$$PATH" openapi-python-client generate \
+		--url "$(OPENAPI_URL)" --meta uv --output-path "$(CLIENT_DIR)" --overwrite \
+		--config clients/openapi-python-client.yaml
+
+# KServe's Python SDK (the V2 process tests drive its InferenceRESTClient in a
+# subprocess): its pins clash with the project's (pandas<3, python-dateutil<3).
+# Its lock: the same command with kserve==0.21.0 and -o tests/process/kserve.lock.
+KSERVE_VENV := $(TOOLS)/kserve
+
+$(KSERVE_VENV)/.installed: tests/process/kserve.lock
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/process/kserve.lock
+	touch $@
+
+kserve-sdk: $(KSERVE_VENV)/.installed
+
 # deploy/kubernetes validated offline: kustomize render, Kubernetes schemas, checkov.
 test-deploy: install checkov
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/deploy
 
-test: install system-deps bundle checkov
+test: install system-deps bundle checkov generator kserve-sdk
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
 
 test-fast: install

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from service.auth.keyfile import KeyFileError
 from service.auth.middleware import ApiKeyMiddleware, KeyStore
 from service.bundle import BundleError
+from service.compression import RequestDecompressionMiddleware
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
 from service.logs import APP_LOGGER, AccessLog, configure_logging, flush_access_logs
@@ -147,9 +148,10 @@ def load_keys(keys: KeyStore) -> None:
 class MlApi:
     """The ASGI application Gunicorn serves.
 
-    Request context (id, access log, HTTP metrics), the body limit and the
-    fast path (the prediction and Open Inference Protocol routes of
-    service.routes.table) wrap the FastAPI app from outside, so a prediction
+    Request context (id, access log, HTTP metrics), API keys, the body
+    limit, request decompression and the fast path (the prediction and Open
+    Inference Protocol routes of service.routes.table) wrap the FastAPI app
+    from outside, so a prediction
     skips FastAPI's per-request machinery entirely; every other route, and
     the lifespan, is FastAPI's.
     """
@@ -165,7 +167,9 @@ class MlApi:
 
             http_metrics = HttpMetrics()
         fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
-        limited = BodySizeLimitMiddleware(fast_path, max_bytes=settings.max_request_bytes)
+        # The body limit counts the bytes on the wire, decompression the bytes they inflate to.
+        inflated = RequestDecompressionMiddleware(fast_path, max_bytes=settings.max_request_bytes)
+        limited = BodySizeLimitMiddleware(inflated, max_bytes=settings.max_request_bytes)
         authenticated = ApiKeyMiddleware(limited, keys, open_paths)
         self._asgi = RequestContextMiddleware(
             authenticated, AccessLog(settings.log_level), metrics=http_metrics
@@ -248,12 +252,12 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     documented_auth: list[bool] = []
 
     def openapi() -> dict[str, Any]:
-        # The document says what a client must send now: the security schemes
-        # appear when the first key is added and go with the last one.
+        # Security schemes and 401s are declared whether keys are configured or
+        # not; only whether a request without a key is accepted changes.
         if documented_auth != [keys.enabled]:
             documented_auth[:] = [keys.enabled]
             api.openapi_schema = None
-        return build_openapi(api, FAST_ROUTES, opened.__contains__ if keys.enabled else None)
+        return build_openapi(api, FAST_ROUTES, opened.__contains__, keys.enabled)
 
     api.openapi = openapi  # type: ignore[method-assign]
     return MlApi(api, settings, keys, opened)

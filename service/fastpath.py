@@ -89,6 +89,8 @@ class FastRoute:
     summary: str
     tags: tuple[str, ...]
     document: Documenter
+    # The OpenAPI operationId: the function name a generated client gives the route.
+    operation_id: str
     # Media types a request body may have (checked before the body is read);
     # None: the route takes no body.
     accepts: BodyTypes | None = None
@@ -135,7 +137,7 @@ def _content_type(scope: Scope) -> str | None:
     return None
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         # The usual case: the whole body in one message.
@@ -233,7 +235,7 @@ class FastPath:
                 content_type = _content_type(scope)
                 if not route.accepts.accepts(content_type):
                     raise UnsupportedMediaTypeError(route.accepts.description)
-                body = await _read_body(receive)
+                body = await read_body(receive)
             request = FastRequest(
                 scope,
                 params,

@@ -2,17 +2,22 @@
 
 The fast routes document themselves (their request schemas come from the
 loaded bundle), so a route is declared once and documented from that
-declaration.
+declaration, operationId included. Written for client generators: every
+status a route answers has a named schema (the protocol's error body for
+errors), and the API-key schemes and 401s are declared whether keys are
+configured or not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+
+from service.errors import is_v2_path
 
 if TYPE_CHECKING:
     from service.fastpath import FastRoute
@@ -29,33 +34,36 @@ def schema_ref(model: type[BaseModel], components: dict[str, Any]) -> dict[str, 
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def json_body(
-    schema: dict[str, Any], *, example: Any = None, extra_media_types: Iterable[str] = ()
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+Errors = Mapping[int, tuple[str, type[BaseModel]]]
+
+
+def request_body(
+    schema: dict[str, Any], *, example: Any = None, binary: bool = False
 ) -> dict[str, Any]:
     media = {"schema": schema} | ({"example": example} if example is not None else {})
-    content = {"application/json": media}
-    for media_type in extra_media_types:
-        content[media_type] = {"schema": {"type": "string", "format": "binary"}}
-    return {"required": True, "content": content}
+    content: dict[str, Any] = {"application/json": media}
+    if binary:
+        content["application/octet-stream"] = BINARY
+    # A body offered in two media types is declared optional: openapi-python-client
+    # makes it an optional argument either way, and with `required` its code does
+    # not import (openapi-python-client#1451). A request without one gets the 400
+    # every unreadable body gets.
+    return {"required": not binary, "content": content}
 
 
 def responses(
-    components: dict[str, Any],
-    ok: type[BaseModel],
-    errors: dict[int, str],
-    error_model: type[BaseModel],
-    *,
-    ok_media_types: Iterable[str] = (),
+    components: dict[str, Any], ok: type[BaseModel], errors: Errors, *, binary: bool = False
 ) -> dict[str, Any]:
+    """The 200 (JSON, and the binary form when `binary`) and each error status with its body."""
     ok_content: dict[str, Any] = {"application/json": {"schema": schema_ref(ok, components)}}
-    for media_type in ok_media_types:
-        ok_content[media_type] = {"schema": {"type": "string", "format": "binary"}}
+    if binary:
+        ok_content["application/octet-stream"] = BINARY
     documented: dict[str, Any] = {"200": {"description": "OK", "content": ok_content}}
-    error_schema = schema_ref(error_model, components)
-    for status, description in errors.items():
+    for status, (description, body) in errors.items():
         documented[str(status)] = {
             "description": description,
-            "content": {"application/json": {"schema": error_schema}},
+            "content": {"application/json": {"schema": schema_ref(body, components)}},
         }
     return documented
 
@@ -66,25 +74,28 @@ def _operation(
     operation: dict[str, Any] = {
         "tags": list(route.tags),
         "summary": route.summary,
-        "operationId": f"{route.method.lower()}_{route.path.strip('/').replace('/', '_')}".replace(
-            "{", ""
-        ).replace("}", ""),
+        "operationId": route.operation_id,
     }
     if route.description:
         operation["description"] = route.description
-    if route.parameters:
-        operation["parameters"] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in route.parameters
-        ]
-    operation.update(route.document(components, pipeline))
+    documented = route.document(components, pipeline)
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in route.parameters
+    ] + documented.pop("parameters", [])
+    if parameters:
+        operation["parameters"] = parameters
+    operation.update(documented)
     return operation
 
 
 def build_openapi(
-    app: FastAPI, fast_routes: Iterable[FastRoute], is_open: Callable[[str], bool] | None
+    app: FastAPI,
+    fast_routes: Iterable[FastRoute],
+    is_open: Callable[[str], bool],
+    keys_required: bool,
 ) -> dict[str, Any]:
-    """`is_open`: which paths need no API key; None while auth is disabled."""
+    """`is_open`: which paths need no API key even when keys are configured."""
     if app.openapi_schema:
         return app.openapi_schema
     document = get_openapi(
@@ -98,8 +109,7 @@ def build_openapi(
             route, components, pipeline
         )
     # After the fast routes: their operations need the security requirement too.
-    if is_open is not None:
-        declare_api_key_security(document, is_open)
+    declare_api_key_security(document, is_open, keys_required)
     if pipeline is None:
         # Not cached: before startup the bundle's schemas are unknown.
         return document
@@ -128,24 +138,29 @@ SCHEMES: dict[str, dict[str, str]] = {
 UNAUTHORIZED = "No valid API key (missing, malformed, unknown or revoked)."
 
 
-def declare_api_key_security(document: dict[str, Any], is_open: Callable[[str], bool]) -> None:
+def declare_api_key_security(
+    document: dict[str, Any], is_open: Callable[[str], bool], keys_required: bool
+) -> None:
     """Either scheme satisfies every operation except those on open paths.
 
-    Declared while keys are configured; the application rebuilds the document
-    when the first key is added or the last one revoked.
+    Declared, with the 401s, whether keys are configured or not, so a client
+    generated against an open server still knows them once keys are added;
+    while none is configured, no key (`{}`) satisfies the requirement too.
     """
+    from service.schemas import ErrorResponse
+    from service.v2.schemas import V2Error
+
     components = document.setdefault("components", {})
     components["securitySchemes"] = SCHEMES
-    document["security"] = [{BEARER: []}, {API_KEY: []}]
-    error_schema = components.get("schemas", {}).get("ErrorResponse")
-    unauthorized: dict[str, Any] = {"description": UNAUTHORIZED}
-    if error_schema is not None:
-        unauthorized["content"] = {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
-        }
+    document["security"] = [{BEARER: []}, {API_KEY: []}, *([] if keys_required else [{}])]
+    schemas = components.setdefault("schemas", {})
     for path, operations in document.get("paths", {}).items():
+        body = V2Error if is_v2_path(path) else ErrorResponse
         for operation in operations.values():
             if is_open(path):
                 operation["security"] = []
             else:
-                operation.setdefault("responses", {})["401"] = unauthorized
+                operation.setdefault("responses", {})["401"] = {
+                    "description": UNAUTHORIZED,
+                    "content": {"application/json": {"schema": schema_ref(body, schemas)}},
+                }

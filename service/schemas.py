@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, create_model
 
 from service.manifest import CategoryFeature, FeatureSpec, IntegerFeature, Manifest
 
@@ -25,11 +25,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class ClassProbabilities(RootModel[dict[str, float]]):
+    """Class name → probability."""
+
+
 class Prediction(_Response):
     predicted_class: int = Field(description="Index of the predicted class in the model's classes.")
     predicted_class_name: str
     confidence: float = Field(ge=0, le=1, description="Probability of the predicted class.")
-    probabilities: dict[str, float] = Field(description="Class name → probability.")
+    probabilities: ClassProbabilities
 
 
 class PredictionResponse(Prediction):
@@ -58,10 +62,23 @@ class ErrorItem(BaseModel):
     loc: list[str | int] = Field(description="Where the problem is: body, then keys and indexes.")
     msg: str
     type: str
+    ctx: dict[str, int] | None = Field(
+        default=None,
+        description="too_many_errors: error_count (all of them) and listed (how many are).",
+    )
 
 
 class ErrorResponse(BaseModel):
-    detail: str | list[ErrorItem]
+    """ml-api's error body, for every status but 422."""
+
+    detail: str
+    request_id: str | None = None
+
+
+class ValidationErrorResponse(BaseModel):
+    """A body that is not valid for the model (422): one entry per problem."""
+
+    detail: list[ErrorItem]
     request_id: str | None = None
 
 

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from service.pipeline import PredictionPipeline
@@ -12,11 +13,35 @@ from service.routes.public import PublicRoute
 router = APIRouter(tags=["health"], route_class=PublicRoute)
 
 
+class Health(BaseModel):
+    status: Literal["healthy", "unavailable"]
+    model_loaded: bool
+    model_version: str | None
+    auth: Literal["enabled", "disabled"]
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+
+
 def _pipeline(request: Request) -> PredictionPipeline | None:
     return getattr(request.app.state, "pipeline", None)
 
 
-@router.get("/health", summary="Overall health and the model version serving")
+@router.get(
+    "/health",
+    summary="Overall health and the model version serving",
+    operation_id="get_health",
+    response_model=None,
+    responses={
+        200: {"model": Health, "description": "Serving."},
+        503: {"model": Health, "description": "No model loaded yet."},
+    },
+)
 async def health(request: Request) -> JSONResponse:
     pipeline = _pipeline(request)
     body: dict[str, Any] = {
@@ -28,12 +53,27 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if pipeline else 503)
 
 
-@router.get("/health/live", summary="Liveness: the process answers")
-async def live() -> dict[str, str]:
-    return {"status": "alive"}
+@router.get(
+    "/health/live",
+    summary="Liveness: the process answers",
+    operation_id="get_liveness",
+    response_model=None,
+    responses={200: {"model": Liveness, "description": "The process answers."}},
+)
+async def live() -> JSONResponse:
+    return JSONResponse({"status": "alive"})
 
 
-@router.get("/health/ready", summary="Readiness: the model is loaded and warmed up")
+@router.get(
+    "/health/ready",
+    summary="Readiness: the model is loaded and warmed up",
+    operation_id="get_readiness",
+    response_model=None,
+    responses={
+        200: {"model": Readiness, "description": "Ready for predictions."},
+        503: {"model": Readiness, "description": "No model loaded yet."},
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     if _pipeline(request) is None:
         return JSONResponse({"status": "not ready"}, status_code=503)

@@ -11,6 +11,17 @@ from service.routes.public import PublicRoute
 router = APIRouter(tags=["metrics"], route_class=PublicRoute)
 
 
-@router.get("/metrics", summary="Prometheus metrics of every worker, aggregated")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics of every worker, aggregated",
+    operation_id="get_metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics() -> Response:
     return Response(render_metrics(), media_type=METRICS_CONTENT_TYPE)

@@ -1,15 +1,76 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ModelNotLoadedError
-from service.manifest import Manifest
+from service.manifest import (
+    Backend,
+    DatasetInfo,
+    EvaluationMetrics,
+    FeatureSpec,
+    LibraryVersions,
+    Manifest,
+    ParityReport,
+    TargetStatistics,
+    Task,
+)
 from service.pipeline import PredictionPipeline
-from service.server.rollout_record import read_record
+from service.schemas import ErrorResponse
+from service.server.rollout_record import Result, RolloutAttempt, read_record
 
 router = APIRouter(tags=["model"])
+
+
+class DriftMetrics(BaseModel):
+    enabled: bool
+    reason: str | None = Field(description="Why drift is not computed, when it is not.")
+
+
+class InferenceProfile(BaseModel):
+    single_row_seconds: float = Field(description="One row's backend time, measured at warm-up.")
+    inline_max_rows: int = Field(description="Larger batches run off the event loop.")
+    micro_batching: bool
+
+
+class Rollouts(BaseModel):
+    last_attempt: RolloutAttempt | None
+    counts: dict[Result, int]
+
+
+class ModelInfo(BaseModel):
+    """What is serving, read from the bundle's manifest and the worker."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    task: Task
+    created_at: datetime
+    estimator_type: str
+    estimator_module: str
+    estimator_params: dict[str, Any]
+    backend: Backend
+    feature_names: list[str]
+    features: list[FeatureSpec]
+    class_labels: list[str] | None
+    target_statistics: TargetStatistics | None
+    dataset: DatasetInfo | None
+    drift_metrics: DriftMetrics
+    training_metrics: EvaluationMetrics | None
+    parity: ParityReport
+    libraries: LibraryVersions
+    checksums: dict[str, str] = Field(description="File name → SHA-256, as verified at load.")
+    inference: InferenceProfile
+    max_batch_size: int
+    bundle_path: str
+    manifest_sha256: str
+    rollout: Rollouts | None = Field(
+        description="The Gunicorn master's last rollout attempt; null outside Gunicorn."
+    )
 
 
 def _drift(manifest: Manifest) -> dict[str, Any]:
@@ -22,7 +83,16 @@ def _drift(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-@router.get("/model-info", summary="What is serving: task, estimator, features, classes, checksums")
+@router.get(
+    "/model-info",
+    summary="What is serving: task, estimator, features, classes, checksums",
+    operation_id="get_model_info",
+    response_model=None,
+    responses={
+        200: {"model": ModelInfo, "description": "The model serving."},
+        503: {"model": ErrorResponse, "description": "Model not loaded yet."},
+    },
+)
 async def model_info(request: Request) -> dict[str, Any]:
     pipeline: PredictionPipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:

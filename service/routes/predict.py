@@ -5,19 +5,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from service.fastpath import JSON_BODY, Documenter, FastRequest, FastResponse, FastRoute
-from service.openapi import json_body, responses, schema_ref
-from service.schemas import BatchPredictionResponse, ErrorResponse, PredictionResponse
+from service.openapi import Errors, request_body, responses, schema_ref
+from service.schemas import (
+    BatchPredictionResponse,
+    ErrorResponse,
+    PredictionResponse,
+    ValidationErrorResponse,
+)
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from service.pipeline import PredictionPipeline
 
-_ERRORS = {
-    413: "Body larger than MAX_REQUEST_BYTES.",
-    415: "Body is not JSON.",
-    422: "Body is not valid for this model.",
-    503: "Model not loaded yet, or server busy.",
+_ERRORS: Errors = {
+    400: ("Body does not inflate as its Content-Encoding says.", ErrorResponse),
+    413: ("Body larger than MAX_REQUEST_BYTES, before or after inflating.", ErrorResponse),
+    415: ("Body is not JSON, or its Content-Encoding is not gzip or deflate.", ErrorResponse),
+    422: ("Body is not valid for this model.", ValidationErrorResponse),
+    503: ("Model not loaded yet, or server busy.", ErrorResponse),
 }
 
 
@@ -32,14 +38,14 @@ async def predict_batch(request: FastRequest) -> FastResponse:
 def _documenter(request_model: str, response_model: str, unloaded: type[BaseModel]) -> Documenter:
     def document(components: dict[str, Any], pipeline: PredictionPipeline | None) -> dict[str, Any]:
         if pipeline is None:
-            return {"responses": responses(components, unloaded, _ERRORS, ErrorResponse)}
+            return {"responses": responses(components, unloaded, _ERRORS)}
         # Request and answer schemas are the bundle's (its features; a
         # classifier's or a regressor's answer): known once it is loaded.
         ok = getattr(pipeline.models, response_model)
         model = getattr(pipeline.models, request_model)
         return {
-            "responses": responses(components, ok, _ERRORS, ErrorResponse),
-            "requestBody": json_body(schema_ref(model, components)),
+            "responses": responses(components, ok, _ERRORS),
+            "requestBody": request_body(schema_ref(model, components)),
         }
 
     return document
@@ -53,6 +59,7 @@ ROUTES = (
         summary="Predict one instance: its class (classifier) or value (regressor)",
         tags=("predict",),
         document=_documenter("instance", "response", PredictionResponse),
+        operation_id="predict",
         accepts=JSON_BODY,
     ),
     FastRoute(
@@ -62,6 +69,7 @@ ROUTES = (
         summary="Predict 1 to MAX_BATCH_SIZE instances in one inference call",
         tags=("predict",),
         document=_documenter("batch", "batch_response", BatchPredictionResponse),
+        operation_id="predict_batch",
         accepts=JSON_BODY,
     ),
 )

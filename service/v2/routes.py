@@ -10,9 +10,10 @@ import orjson
 
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
-from service.openapi import json_body, responses, schema_ref
+from service.openapi import request_body, responses, schema_ref
 from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import CategoryTensor, tensor_map
+from service.v2.tensors import TensorError
 
 if TYPE_CHECKING:
     from service.fastpath import Documenter, Handler
@@ -96,9 +97,20 @@ async def model_ready(request: FastRequest) -> FastResponse:
     return _json({"name": _model(request).name, "ready": True})
 
 
+def _header_length(request: FastRequest) -> bytes | None:
+    header_length = request.header(HEADER_LENGTH)
+    if header_length is None and _is_octet_stream(request.header(b"content-type")):
+        # Read as JSON it would fail on the first raw byte, naming neither.
+        raise TensorError(
+            "an application/octet-stream body needs the Inference-Header-Content-Length "
+            "header: the length of the JSON part before the binary tensor data"
+        )
+    return header_length
+
+
 async def infer(request: FastRequest) -> FastResponse:
     model = _model(request)
-    parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
+    parsed = model.codec.decode(request.body, _header_length(request))
     pipeline = request.require_pipeline()
     # The usual request, one row of JSON numbers to a classifier, stays in
     # plain Python from the body to the answer.
@@ -115,11 +127,16 @@ async def infer(request: FastRequest) -> FastResponse:
     )
 
 
-def _json_or_binary(content_type: str | None) -> bool:
-    if is_json_content_type(content_type):
-        return True
-    assert content_type is not None
+def _is_octet_stream(content_type: bytes | str | None) -> bool:
+    if content_type is None:
+        return False
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
     return content_type.split(";", 1)[0].strip().lower() == "application/octet-stream"
+
+
+def _json_or_binary(content_type: str | None) -> bool:
+    return is_json_content_type(content_type) or _is_octet_stream(content_type)
 
 
 INFER_BODY = BodyTypes(
@@ -127,21 +144,39 @@ INFER_BODY = BodyTypes(
 )
 _MODEL_ERRORS = {404: "Unknown model or version.", 503: "Model not loaded yet."}
 _INFER_ERRORS = {
-    400: "Invalid request: the message names the input, row and feature.",
+    400: "Invalid request: the message names the input, row and feature (or the missing "
+    "Inference-Header-Content-Length), or a body that does not inflate.",
     404: "Unknown model or version.",
-    413: "Body larger than MAX_REQUEST_BYTES.",
-    415: "Body is neither JSON nor the binary tensor extension's octet stream.",
+    413: "Body larger than MAX_REQUEST_BYTES, before or after inflating.",
+    415: "Body is neither JSON nor the binary tensor extension's octet stream, or its "
+    "Content-Encoding is not gzip or deflate.",
     503: "Model not loaded yet, or server busy.",
 }
+# The binary tensor extension's header, for a client to send with an octet-stream body.
+HEADER_LENGTH_PARAMETER = {
+    "name": "Inference-Header-Content-Length",
+    "in": "header",
+    "required": False,
+    "description": "With an application/octet-stream body: the length of its leading JSON "
+    "part. Answers with binary outputs carry it too.",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
+def _v2_responses(
+    components: dict[str, Any], ok: str, errors: dict[int, str], *, binary: bool = False
+) -> dict[str, Any]:
+    # The payload models only document: workers import them on the first
+    # /openapi.json, not at every boot.
+    from service.v2 import schemas
+
+    bodies = {status: (text, schemas.V2Error) for status, text in errors.items()}
+    return responses(components, getattr(schemas, ok), bodies, binary=binary)
 
 
 def _documented(ok: str, errors: dict[int, str]) -> Documenter:
     def document(components: dict[str, Any], _: PredictionPipeline | None) -> dict[str, Any]:
-        # The payload models only document: workers import them on the first
-        # /openapi.json, not at every boot.
-        from service.v2 import schemas
-
-        return {"responses": responses(components, getattr(schemas, ok), errors, schemas.V2Error)}
+        return {"responses": _v2_responses(components, ok, errors)}
 
     return document
 
@@ -162,18 +197,11 @@ def _document_infer(
             )
         example = {"id": "42", "inputs": inputs}
     return {
-        "requestBody": json_body(
-            schema_ref(schemas.InferenceRequest, components),
-            example=example,
-            extra_media_types=["application/octet-stream"],
+        "parameters": [HEADER_LENGTH_PARAMETER],
+        "requestBody": request_body(
+            schema_ref(schemas.InferenceRequest, components), example=example, binary=True
         ),
-        "responses": responses(
-            components,
-            schemas.InferenceResponse,
-            _INFER_ERRORS,
-            schemas.V2Error,
-            ok_media_types=["application/octet-stream"],
-        ),
+        "responses": _v2_responses(components, "InferenceResponse", _INFER_ERRORS, binary=True),
     }
 
 
@@ -190,6 +218,7 @@ def _get(
     path: str,
     handler: Handler,
     summary: str,
+    operation_id: str,
     ok: str,
     errors: dict[int, str],
     *,
@@ -202,11 +231,12 @@ def _get(
         summary=summary,
         tags=TAGS,
         document=_documented(ok, errors),
+        operation_id=operation_id,
         public=public,
     )
 
 
-def _infer(path: str, summary: str) -> FastRoute:
+def _infer(path: str, summary: str, operation_id: str) -> FastRoute:
     return FastRoute(
         "POST",
         path,
@@ -214,6 +244,7 @@ def _infer(path: str, summary: str) -> FastRoute:
         summary=summary,
         tags=TAGS,
         document=_document_infer,
+        operation_id=operation_id,
         accepts=INFER_BODY,
         description=_BINARY,
     )
@@ -222,27 +253,59 @@ def _infer(path: str, summary: str) -> FastRoute:
 # Liveness and readiness are public: probes and load balancers carry no key.
 # Metadata is not: it describes the model.
 ROUTES = (
-    _get("/v2", server_metadata, "Server metadata", "ServerMetadata", {}),
-    _get("/v2/health/live", server_live, "Server live", "ServerLive", {}, public=True),
+    _get("/v2", server_metadata, "Server metadata", "v2_server_metadata", "ServerMetadata", {}),
+    _get(
+        "/v2/health/live",
+        server_live,
+        "Server live",
+        "v2_server_live",
+        "ServerLive",
+        {},
+        public=True,
+    ),
     _get(
         "/v2/health/ready",
         server_ready,
         "Server ready",
+        "v2_server_ready",
         "ServerReady",
         {503: "Model not loaded yet."},
         public=True,
     ),
-    _get(_MODEL, model_metadata, "Model metadata", "ModelMetadata", _MODEL_ERRORS),
-    _get(_MODEL + "/ready", model_ready, "Model ready", "ModelReady", _MODEL_ERRORS, public=True),
-    _get(_VERSION, model_metadata, "Model version metadata", "ModelMetadata", _MODEL_ERRORS),
     _get(
-        _VERSION + "/ready",
+        _MODEL,
+        model_metadata,
+        "Model metadata",
+        "v2_model_metadata",
+        "ModelMetadata",
+        _MODEL_ERRORS,
+    ),
+    _get(
+        _MODEL + "/ready",
         model_ready,
-        "Model version ready",
+        "Model ready",
+        "v2_model_ready",
         "ModelReady",
         _MODEL_ERRORS,
         public=True,
     ),
-    _infer(_MODEL + "/infer", "Inference"),
-    _infer(_VERSION + "/infer", "Inference on a named version"),
+    _get(
+        _VERSION,
+        model_metadata,
+        "Model version metadata",
+        "v2_model_version_metadata",
+        "ModelMetadata",
+        _MODEL_ERRORS,
+    ),
+    _get(
+        _VERSION + "/ready",
+        model_ready,
+        "Model version ready",
+        "v2_model_version_ready",
+        "ModelReady",
+        _MODEL_ERRORS,
+        public=True,
+    ),
+    _infer(_MODEL + "/infer", "Inference", "v2_infer"),
+    _infer(_VERSION + "/infer", "Inference on a named version", "v2_infer_version"),
 )

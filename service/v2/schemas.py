@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 Parameters = dict[str, str | int | float | bool]
 
@@ -69,7 +70,9 @@ class RequestInput(BaseModel):
         default=None,
         description="binary_data_size: this input's bytes follow the JSON (binary extension).",
     )
-    data: list[Any] | None = Field(
+    # Absent rather than null (the server refuses null data): SkipJsonSchema
+    # keeps None out of the document.
+    data: list[Any] | SkipJsonSchema[None] = Field(
         default=None, description="Row-major elements, flat or nested as the shape."
     )
 
@@ -97,7 +100,7 @@ class ResponseOutput(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Parameters | None = None
-    data: list[Any] | None = None
+    data: list[Any] | SkipJsonSchema[None] = None
 
 
 class InferenceResponse(BaseModel):

@@ -287,14 +287,19 @@ def test_a_key_added_to_an_open_service_closes_it(
         assert client.get("/health").json()["auth"] == "enabled"
 
 
-def test_the_document_declares_api_keys_only_while_keys_are_configured(
+def test_the_document_declares_api_keys_and_401s_before_any_key_is_configured(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
+    """A client generated against an open server must survive keys being turned
+    on: only whether no key (`{}`) satisfies the requirement changes."""
     keys_file = tmp_path / "api-keys"
     with make_client(api_keys_file=keys_file) as client:
         open_document = client.get("/openapi.json").json()
-        assert "security" not in open_document
-        assert "securitySchemes" not in open_document.get("components", {})
+        assert open_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
+        assert set(open_document["components"]["securitySchemes"]) == {
+            "bearerAuth",
+            "apiKeyHeader",
+        }
         add_key(keys_file, "first")
         wait_for(
             lambda: client.get("/model-info").status_code == 401,
@@ -303,6 +308,27 @@ def test_the_document_declares_api_keys_only_while_keys_are_configured(
         )
         closed_document = client.get("/openapi.json").json()
         assert closed_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    assert closed_document["paths"] == open_document["paths"]
+    assert closed_document["components"] == open_document["components"]
+
+
+def test_401s_are_documented_in_each_protocol_s_error_shape(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    with make_client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+
+    def schema(path: str, method: str) -> str:
+        ref: str = paths[path][method]["responses"]["401"]["content"]["application/json"]["schema"][
+            "$ref"
+        ]
+        return ref
+
+    assert schema("/predict", "post").endswith("/ErrorResponse")
+    assert schema("/model-info", "get").endswith("/ErrorResponse")
+    assert schema("/v2/models/{model_name}/infer", "post").endswith("/V2Error")
+    assert schema("/v2", "get").endswith("/V2Error")
+    assert "401" not in paths["/v2/health/ready"]["get"]["responses"]
 
 
 def test_an_unusable_keys_file_stops_startup_instead_of_serving_open(

@@ -377,6 +377,7 @@ def test_openapi_documents_every_fast_route_once(onnx_client: TestClient) -> Non
     for route in FAST_ROUTES:
         operation = document["paths"][route.path][route.method.lower()]
         assert operation["summary"] == route.summary
+        assert operation["operationId"] == route.operation_id
     infer = document["paths"]["/v2/models/{model_name}/infer"]["post"]
     assert {"200", "400", "404", "413"} <= set(infer["responses"])
     assert infer["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
@@ -384,7 +385,13 @@ def test_openapi_documents_every_fast_route_once(onnx_client: TestClient) -> Non
     )
     example = infer["requestBody"]["content"]["application/json"]["example"]
     assert _infer(onnx_client, example)["id"] == "42"
-    assert [p["name"] for p in infer["parameters"]] == ["model_name"]
+    assert [(p["name"], p["in"]) for p in infer["parameters"]] == [
+        ("model_name", "path"),
+        ("Inference-Header-Content-Length", "header"),
+    ]
+    binary = {"type": "string", "format": "binary"}
+    assert infer["requestBody"]["content"]["application/octet-stream"]["schema"] == binary
+    assert infer["responses"]["200"]["content"]["application/octet-stream"]["schema"] == binary
     assert set(document["paths"]["/predict"]) == {"post"}
 
 

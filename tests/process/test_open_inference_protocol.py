@@ -1,9 +1,13 @@
-"""A real V2 client (tritonclient) and the specification's own OpenAPI document
+"""Real V2 clients (tritonclient, and KServe's InferenceRESTClient), with and
+without request compression, and the specification's own OpenAPI document
 (schemathesis) against a real Gunicorn server."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,6 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from tritonclient.utils import InferenceServerException
 
-from service.fastpath import FastRoute
 from service.routes.table import FAST_ROUTES
 from tests.support.bundles import REPO, pinned_digests
 from tests.support.servers import Gunicorn, running_gunicorn
@@ -45,6 +48,27 @@ def client(server: Gunicorn) -> Iterator[triton.InferenceServerClient]:
     triton_client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     yield triton_client
     triton_client.close()
+
+
+class CompressingClient:
+    """tritonclient with request compression on every infer call, as Triton accepts it."""
+
+    def __init__(self, client: triton.InferenceServerClient, algorithm: str | None) -> None:
+        self._client = client
+        self._algorithm = algorithm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def infer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.infer(*args, request_compression_algorithm=self._algorithm, **kwargs)
+
+
+@pytest.fixture(params=[None, "gzip", "deflate"])
+def infer_client(
+    request: pytest.FixtureRequest, client: triton.InferenceServerClient
+) -> CompressingClient:
+    return CompressingClient(client, request.param)
 
 
 def _inputs(rows: np.ndarray, binary: bool) -> list[triton.InferInput]:
@@ -77,7 +101,7 @@ def test_server_and_model_health_and_metadata(client: triton.InferenceServerClie
 @pytest.mark.parametrize("binary_inputs", [False, True])
 @pytest.mark.parametrize("binary_outputs", [False, True])
 def test_inference_equals_predict_for_the_same_rows(
-    client: triton.InferenceServerClient,
+    infer_client: CompressingClient,
     server: Gunicorn,
     binary_inputs: bool,
     binary_outputs: bool,
@@ -87,7 +111,7 @@ def test_inference_equals_predict_for_the_same_rows(
         triton.InferRequestedOutput(name, binary_data=binary_outputs)
         for name in ("predicted_class", "predicted_class_name", "probabilities")
     ]
-    result = client.infer(
+    result = infer_client.infer(
         "iris", _inputs(rows, binary_inputs), outputs=outputs, request_id="triton-1"
     )
     assert result.get_response()["id"] == "triton-1"
@@ -109,9 +133,9 @@ def test_inference_equals_predict_for_the_same_rows(
     )
 
 
-def test_default_request_gets_every_output_in_binary(client: triton.InferenceServerClient) -> None:
+def test_default_request_gets_every_output_in_binary(infer_client: CompressingClient) -> None:
     # Without `outputs`, tritonclient asks for binary_data_output.
-    result = client.infer("iris", _inputs(ROWS, True), model_version="1.0.0")
+    result = infer_client.infer("iris", _inputs(ROWS, True), model_version="1.0.0")
     assert result.as_numpy("probabilities").shape == (2, 3)
     assert result.as_numpy("predicted_class").tolist() == [0, 2]
     assert [n.decode() for n in result.as_numpy("predicted_class_name")] == ["setosa", "virginica"]
@@ -135,10 +159,10 @@ def test_default_request_gets_every_output_in_binary(client: triton.InferenceSer
     ],
 )
 def test_errors_reach_the_client_with_status_and_message(
-    client: triton.InferenceServerClient, call: Any, status: str, fragment: str
+    infer_client: CompressingClient, call: Any, status: str, fragment: str
 ) -> None:
     with pytest.raises(InferenceServerException) as raised:
-        call(client)
+        call(infer_client)
     assert raised.value.status() == status
     assert fragment in raised.value.message()
 
@@ -241,16 +265,21 @@ def test_no_version_name_causes_a_server_error(case: Any, server: Gunicorn) -> N
         assert set(response.json()) == {"error"}
 
 
-@pytest.mark.parametrize("route", FAST_ROUTES, ids=lambda route: f"{route.method} {route.path}")
-def test_the_fast_routes_answer_as_their_own_document_says(
-    server: Gunicorn, route: FastRoute
+# Every route the served document holds: the fast path's and FastAPI's.
+DOCUMENTED = [(route.method, route.path) for route in FAST_ROUTES] + [
+    ("GET", path)
+    for path in ("/health", "/health/live", "/health/ready", "/model-info", "/metrics")
+]
+
+
+@pytest.mark.parametrize(("method", "path"), DOCUMENTED, ids=lambda value: str(value))
+def test_every_route_answers_as_the_served_document_says(
+    server: Gunicorn, method: str, path: str
 ) -> None:
     document = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     document.config.generation.update(modes=list(GenerationMode))
     operations = [result.ok() for result in document.get_all_operations()]  # type: ignore[union-attr]
-    (operation,) = [
-        op for op in operations if op.path == route.path and op.method.upper() == route.method
-    ]
+    (operation,) = [op for op in operations if op.path == path and op.method.upper() == method]
 
     @given(case=operation.as_strategy())
     @SCHEMA_RUN
@@ -258,6 +287,72 @@ def test_the_fast_routes_answer_as_their_own_document_says(
         case.call_and_validate(base_url=server.url, excluded_checks=[positive_data_acceptance])
 
     conforms()
+
+
+KSERVE_PYTHON = Path(os.environ.get("KSERVE_PYTHON", REPO / ".tools" / "kserve" / "bin" / "python"))
+
+
+@pytest.fixture(scope="module")
+def kserve_results(server: Gunicorn) -> dict[str, Any]:
+    """KServe's InferenceRESTClient, in the SDK's own virtualenv (made if missing)."""
+    if "KSERVE_PYTHON" not in os.environ:
+        subprocess.run(["make", "--no-print-directory", "kserve-sdk"], cwd=REPO, check=True)
+    ran = subprocess.run(
+        [
+            str(KSERVE_PYTHON),
+            str(REPO / "tests" / "support" / "kserve_client.py"),
+            server.url,
+            json.dumps(ROWS.tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    results: dict[str, Any] = json.loads(ran.stdout)
+    return results
+
+
+def test_kserve_client_health(kserve_results: dict[str, Any]) -> None:
+    assert kserve_results["live"] is True
+    assert kserve_results["ready"] is True
+    assert kserve_results["model_ready"] is True
+    assert kserve_results["unknown_model_ready"] is False
+
+
+@pytest.mark.parametrize("coding", ["plain", "gzip", "deflate"])
+@pytest.mark.parametrize("form", ["json", "binary"])
+def test_kserve_client_inference_equals_predict(
+    kserve_results: dict[str, Any], server: Gunicorn, coding: str, form: str
+) -> None:
+    instances = [dict(zip(FEATURES, row, strict=True)) for row in ROWS.tolist()]
+    expected = httpx.post(f"{server.url}/predict/batch", json={"instances": instances}).json()
+    predictions = expected["predictions"]
+    result = kserve_results[f"{coding}-{form}"]
+    assert result["id"] == "kserve-1"
+    outputs = result["outputs"]
+    assert outputs["predicted_class"] == [p["predicted_class"] for p in predictions]
+    assert outputs["predicted_class_name"] == [p["predicted_class_name"] for p in predictions]
+    np.testing.assert_allclose(
+        outputs["probabilities"],
+        [p["probabilities"][c] for p in predictions for c in CLASSES],
+        atol=1e-6,
+    )
+    if coding != "plain":
+        # Every infer call of the run went out compressed.
+        assert kserve_results[f"{coding}-requests-compressed"] == 4
+
+
+@pytest.mark.parametrize("coding", ["plain", "gzip", "deflate"])
+def test_kserve_client_errors_carry_status_and_message(
+    kserve_results: dict[str, Any], coding: str
+) -> None:
+    unknown = kserve_results[f"{coding}-unknown-model"]
+    assert unknown["status"] == 404
+    assert "unknown model 'wine'" in unknown["message"]
+    narrow = kserve_results[f"{coding}-three-columns"]
+    assert narrow["status"] == 400
+    assert "3 columns" in narrow["message"]
 
 
 def test_tritonclient_sends_category_features_as_bytes_tensors(

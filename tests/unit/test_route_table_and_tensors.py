@@ -31,7 +31,7 @@ async def _handler(request: FastRequest) -> FastResponse:
 
 
 def _route(method: str, path: str) -> FastRoute:
-    return FastRoute(method, path, _handler, "", (), lambda components, pipeline: {})
+    return FastRoute(method, path, _handler, "", (), lambda components, pipeline: {}, "op")
 
 
 def test_templates_match_one_segment_per_parameter() -> None:
