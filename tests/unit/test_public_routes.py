@@ -92,8 +92,10 @@ def test_declaring_a_route_public_is_all_it_takes_to_open_it() -> None:
     private.add_api_route("/private", lambda: {})
     routers = [public, private]
     fast = [
-        FastRoute("GET", "/jobs/{job}/state", _answer, "", (), lambda c, p: {}, public=True),
-        FastRoute("POST", "/jobs/{job}", _answer, "", (), lambda c, p: {}),
+        FastRoute(
+            "GET", "/jobs/{job}/state", _answer, "", (), lambda c, p: {}, "job_state", public=True
+        ),
+        FastRoute("POST", "/jobs/{job}", _answer, "", (), lambda c, p: {}, "post_job"),
     ]
     opened = open_paths(api, routers, fast, docs_public=False)
     assert opened.paths == {"/status", "/jobs/{job}/state"}
