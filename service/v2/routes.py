@@ -11,7 +11,8 @@ import orjson
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import json_body, responses, schema_ref
-from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
+from service.schemas import example_value
+from service.v2.infer import HEADER_LENGTH, MATRIX_DTYPE, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import CategoryTensor, tensor_map
 
 if TYPE_CHECKING:
@@ -100,14 +101,12 @@ async def infer(request: FastRequest) -> FastResponse:
     model = _model(request)
     parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
     pipeline = request.require_pipeline()
-    # The usual request, one row of JSON numbers to a classifier, stays in
-    # plain Python from the body to the answer.
-    probabilities = None if parsed.one_row is None else pipeline.row_probabilities(parsed.one_row)
-    if probabilities is not None:
-        body, header_length = model.codec.encode(parsed, one_row=probabilities)
+    # The usual request, one row of JSON numbers, is decoded as Python floats.
+    if parsed.one_row is not None:
+        outputs = await pipeline.run_row(parsed.one_row, MATRIX_DTYPE)
     else:
-        inference = await pipeline.outputs(parsed.rows)
-        body, header_length = model.codec.encode(parsed, inference)
+        outputs = await pipeline.run(parsed.rows)
+    body, header_length = model.codec.encode(parsed, outputs)
     if header_length is None:
         return FastResponse(body)
     return FastResponse(
@@ -153,9 +152,10 @@ def _document_infer(
 
     example = None
     if pipeline is not None:
+        examples = {f.name: example_value(f) for f in pipeline.predictor.manifest.features}
         inputs = []
         for tensor in served_model(pipeline).codec.tensors.inputs:
-            row = [pipeline.models.example[name] for name in tensor.feature_names]
+            row = [examples[name] for name in tensor.feature_names]
             shape = [1] if isinstance(tensor, CategoryTensor) else [1, len(row)]
             inputs.append(
                 {"name": tensor.name, "shape": shape, "datatype": tensor.datatype, "data": row}
