@@ -56,9 +56,9 @@ def served_model(pipeline: PredictionPipeline) -> ServedModel:
     return ServedModel(manifest.name, manifest.version, orjson.dumps(metadata), codec)
 
 
-def _model(request: FastRequest) -> ServedModel:
+def _model(request: FastRequest, pipeline: PredictionPipeline) -> ServedModel:
     """The model the URL names, if it is the one serving (and the version, if named)."""
-    model = served_model(request.require_pipeline())
+    model = served_model(pipeline)
     name = request.params["model_name"]
     if name != model.name:
         raise NotFoundError(f"unknown model '{name}': this server serves '{model.name}'")
@@ -89,18 +89,18 @@ async def server_ready(request: FastRequest) -> FastResponse:
 
 
 async def model_metadata(request: FastRequest) -> FastResponse:
-    return FastResponse(_model(request).metadata)
+    return FastResponse(_model(request, request.require_pipeline()).metadata)
 
 
 async def model_ready(request: FastRequest) -> FastResponse:
     # Only the version serving is known here, and it is ready once loaded.
-    return _json({"name": _model(request).name, "ready": True})
+    return _json({"name": _model(request, request.require_pipeline()).name, "ready": True})
 
 
 async def infer(request: FastRequest) -> FastResponse:
-    model = _model(request)
-    parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
     pipeline = request.require_pipeline()
+    model = _model(request, pipeline)
+    parsed = model.codec.decode(request.body, request.header(HEADER_LENGTH))
     # The usual request, one row of JSON numbers, is decoded as Python floats.
     if parsed.one_row is not None:
         outputs = await pipeline.run_row(parsed.one_row, MATRIX_DTYPE)
