@@ -22,22 +22,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 from anyio import to_thread
 
-from service.backends.base import FloatMatrix
+from service.backends.base import FloatMatrix, Outputs
+from service.errors import ServiceError
 from service.logs import APP_LOGGER
 
 log = logging.getLogger(APP_LOGGER)
-Outputs = npt.NDArray[np.floating]
 
 
-class BatchQueueFullError(Exception):
+class BatchQueueFullError(ServiceError):
     """Too many requests already waiting: shed load instead of growing without bound."""
 
+    status = 503
 
-class InferenceError(Exception):
-    """The backend failed on a batch; every caller in it gets this."""
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"server busy: {reason}", {"retry-after": "1"})
+
+
+class InferenceError(ServiceError):
+    """The backend failed on a batch; every caller in it gets this. Valid inputs
+    (validation runs first): only that batch's callers see it."""
+
+    status = 500
 
 
 @dataclass

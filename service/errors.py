@@ -1,40 +1,50 @@
 """Every error leaves as JSON saying what is wrong and where.
 
-One table maps an exception to its status, headers and detail; the fast path
-and FastAPI's exception handlers both answer through it. The body shape
-depends on the API family: ml-api's own routes answer
-`{"detail": ..., "request_id": ...}`, the Open Inference Protocol routes under
-/v2 answer `{"error": "..."}` as that protocol requires.
+Each exception the service raises on purpose carries its answer (as
+MLServer's errors do): its kind the status, the instance the detail and the
+headers. The fast path, the middleware and FastAPI's exception handlers all
+answer through `answer_for`. The body shape depends on the API family:
+ml-api's own routes answer `{"detail": ..., "request_id": ...}`, the Open
+Inference Protocol routes under /v2 answer `{"error": "..."}` as that
+protocol requires.
+
+A leaf: the outermost middleware imports it, so it imports nothing of the
+prediction path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
-from service.batching import BatchQueueFullError, InferenceError
 from service.logs import INTERNAL_ERROR, log_unexpected
-from service.pipeline import RequestBodyError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
 
 V2_PREFIX = "/v2"
 
 
-class ClientError(Exception):
-    """A request the service refuses, with the status and message to answer it with."""
+class ServiceError(Exception):
+    """An exception that is an answer: the status its kind says, its detail and headers."""
 
-    status = 400
+    status = 500
 
-    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: Any, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}
+
+
+class ClientError(ServiceError):
+    """A request the service refuses, with the status and message to answer it with."""
+
+    status = 400
 
 
 class NotFoundError(ClientError):
@@ -59,11 +69,14 @@ class ModelNotLoadedError(ClientError):
         super().__init__("model not loaded", {"retry-after": "1"})
 
 
-class BodyTooLargeError(Exception):
+class BodyTooLargeError(ServiceError):
+    status = 413
+
     def __init__(self, limit: int, size: int | None = None) -> None:
         of_size = f" of {size} bytes" if size is not None else ""
-        self.detail = f"request body{of_size} exceeds the limit of {limit} bytes"
-        super().__init__(self.detail)
+        super().__init__(
+            f"request body{of_size} exceeds the limit of {limit} bytes", {"connection": "close"}
+        )
         self.limit = limit
 
 
@@ -74,33 +87,12 @@ class ErrorAnswer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def _client_error(exc: Exception) -> ErrorAnswer:
-    assert isinstance(exc, ClientError)
-    return ErrorAnswer(exc.status, exc.detail, exc.headers)
-
-
-def _http_error(exc: Exception) -> ErrorAnswer:
-    assert isinstance(exc, HTTPException)
-    return ErrorAnswer(exc.status_code, exc.detail, dict(exc.headers or {}))
-
-
-ERROR_TABLE: dict[type[Exception], Callable[[Exception], ErrorAnswer]] = {
-    ClientError: _client_error,
-    RequestBodyError: lambda exc: ErrorAnswer(422, exc.errors),  # type: ignore[attr-defined]
-    BodyTooLargeError: lambda exc: ErrorAnswer(413, str(exc), {"connection": "close"}),
-    BatchQueueFullError: lambda exc: ErrorAnswer(503, f"server busy: {exc}", {"retry-after": "1"}),
-    # Valid inputs, failed backend call (validation runs first): only that
-    # batch's callers see it.
-    InferenceError: lambda exc: ErrorAnswer(500, str(exc)),
-    HTTPException: _http_error,
-}
-
-
 def answer_for(exc: Exception, scope: Scope) -> ErrorAnswer:
-    for kind in type(exc).__mro__:
-        answer = ERROR_TABLE.get(kind)
-        if answer is not None:
-            return answer(exc)
+    if isinstance(exc, ServiceError):
+        return ErrorAnswer(exc.status, exc.detail, exc.headers)
+    if isinstance(exc, HTTPException):
+        # FastAPI's routing: its 404 and 405.
+        return ErrorAnswer(exc.status_code, exc.detail, dict(exc.headers or {}))
     # A bug: the tests send every malformed shape they can think of and
     # assert none gets here.
     log_unexpected(exc, request_id_of(scope), scope["path"])

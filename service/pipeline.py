@@ -1,303 +1,58 @@
-"""The prediction data path, top to bottom: body → validation → features → backend → response.
+"""The prediction itself, whatever the protocol: feature rows in, the model's outputs out.
 
-The body is parsed and validated in one pass by pydantic-core straight from
-bytes, and the response is encoded by orjson: the model costs microseconds, so
-the framework's own per-request work is what this path avoids.
+Each protocol's codec decodes a request into rows (or one row) and encodes
+the outputs (service.predict_codec for /predict, service.v2.infer for the Open
+Inference Protocol); between the two, this pipeline runs the backend and
+records the prediction metrics.
 """
 
 from __future__ import annotations
 
-import json
-import operator
-import typing
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import orjson
-from pydantic import BaseModel, ValidationError
 
-from service.backends.base import FloatMatrix, Outputs, Row, winning_class
+from service.backends.base import FloatMatrix, Outputs, Row
 from service.predictor import Predictor
-from service.schemas import RequestModels, build_request_models
 
 if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
 
-M = TypeVar("M", bound=BaseModel)
-PROBABILITY_DECIMALS = 7
-_SCALE = float(10**PROBABILITY_DECIMALS)
-# A closed set of a thousand categories makes a long "expected one of" message;
-# error bodies stay bounded.
-MAX_ERROR_MESSAGE = 300
-
-
-# An error body lists at most this many errors, then says how many there were.
-MAX_LISTED_ERRORS = 20
-# pydantic-core keeps ~1 KB per error until the whole body is validated, and
-# an object's unknown keys are one error each. Bodies with more keys than this
-# are validated the bounded way below (1 MiB of keys would otherwise cost
-# ~150 MB); a 1,000-row batch of ordinary width stays on the direct path.
-DIRECT_VALIDATION_MAX_KEYS = 16_384
-_EXTRA_KEY = "Extra inputs are not permitted"
-
-
-class RequestBodyError(Exception):
-    """A body that failed validation: `errors` lists the first MAX_LISTED_ERRORS
-    (and a last entry saying how many more), `error_count` counts them all."""
-
-    def __init__(self, errors: list[dict[str, Any]], error_count: int | None = None) -> None:
-        super().__init__("invalid request body")
-        self.error_count = len(errors) if error_count is None else error_count
-        self.errors = errors[:MAX_LISTED_ERRORS]
-        if self.error_count > len(self.errors):
-            self.errors.append(
-                {
-                    "loc": ["body"],
-                    "msg": f"{self.error_count} errors in total; the first "
-                    f"{len(self.errors)} are listed",
-                    "type": "too_many_errors",
-                    "ctx": {"error_count": self.error_count, "listed": len(self.errors)},
-                }
-            )
-
-
-def validation_errors(
-    exc: ValidationError, prefix: Sequence[str | int] = (), limit: int | None = MAX_LISTED_ERRORS
-) -> list[dict[str, Any]]:
-    # errors() builds every entry, so it is only called on errors bounded by
-    # DIRECT_VALIDATION_MAX_KEYS, one instance, or the model's own fields.
-    return [
-        {
-            "loc": ["body", *prefix, *error["loc"]],
-            "msg": _bounded(error["msg"]),
-            "type": error["type"],
-        }
-        for error in exc.errors(include_url=False, include_context=False, include_input=False)[
-            :limit
-        ]
-    ]
-
-
-class _Collected:
-    def __init__(self) -> None:
-        self.listed: list[dict[str, Any]] = []
-        self.count = 0
-
-    def add(self, errors: list[dict[str, Any]], count: int) -> None:
-        self.listed.extend(errors[: MAX_LISTED_ERRORS - len(self.listed)])
-        self.count += count
-
-
-def _known_keys_only(model: type[BaseModel], value: Any, loc: list[Any], out: _Collected) -> Any:
-    """The object without keys the model forbids; each dropped key counted as pydantic would."""
-    if not isinstance(value, dict):
-        return value
-    kept = {}
-    for key, item in value.items():
-        if key in model.model_fields:
-            kept[key] = item
-        else:
-            out.add([{"loc": ["body", *loc, key], "msg": _EXTRA_KEY, "type": "extra_forbidden"}], 1)
-    return kept
-
-
-def _list_fields(model: type[BaseModel]) -> dict[str, tuple[type[BaseModel], int | None]]:
-    """Fields holding a list of models (the batch's instances) and their max length."""
-    found: dict[str, tuple[type[BaseModel], int | None]] = {}
-    for name, field in model.model_fields.items():
-        args = typing.get_args(field.annotation)
-        item = args[0] if args else None
-        is_model = isinstance(item, type) and issubclass(item, BaseModel)
-        if typing.get_origin(field.annotation) is list and is_model:
-            limits = [m.max_length for m in field.metadata if hasattr(m, "max_length")]
-            found[name] = (item, limits[0] if limits else None)  # type: ignore[assignment]
-    return found
-
-
-def _parse_bounded(model: type[M], body: bytes) -> M:
-    """Validation whose memory does not grow with the number of errors in the body:
-    unknown keys are dropped and counted, list items are validated one at a time."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return model.model_validate_json(body)  # not JSON: pydantic's single error
-    errors = _Collected()
-    data = _known_keys_only(model, data, [], errors)
-    checked: set[str] = set()  # list fields whose items were validated one by one
-    if isinstance(data, dict):
-        for name, (item_model, limit) in _list_fields(model).items():
-            items = data.get(name)
-            if not isinstance(items, list) or (limit is not None and len(items) > limit):
-                continue  # a single error, left to the whole-body validation below
-            checked.add(name)
-            for index, item in enumerate(items):
-                item = items[index] = _known_keys_only(item_model, item, [name, index], errors)
-                try:
-                    item_model.model_validate_json(json.dumps(item))
-                except ValidationError as exc:
-                    errors.add(validation_errors(exc, (name, index)), exc.error_count())
-    if not errors.count:
-        return model.model_validate_json(json.dumps(data))
-    # The rest of the body, without the lists already checked: its errors are
-    # bounded by the model's own fields now that unknown keys are gone.
-    rest = {k: v for k, v in data.items() if k not in checked} if isinstance(data, dict) else data
-    try:
-        model.model_validate_json(json.dumps(rest))
-    except ValidationError as exc:
-        left = [
-            error
-            for error in validation_errors(exc, limit=None)
-            if not (error["type"] == "missing" and error["loc"][1:] in ([name] for name in checked))
-        ]
-        errors.add(left, len(left))
-    raise RequestBodyError(errors.listed, errors.count)
-
-
-def _bounded(message: str) -> str:
-    if len(message) <= MAX_ERROR_MESSAGE:
-        return message
-    return message[: MAX_ERROR_MESSAGE - 3] + "..."
-
-
-def parse_body(model: type[M], body: bytes) -> M:
-    try:
-        if body.count(b":") > DIRECT_VALIDATION_MAX_KEYS:
-            return _parse_bounded(model, body)
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestBodyError(validation_errors(exc), exc.error_count()) from None
-
-
-def _row_reader(names: Sequence[str]) -> Callable[[BaseModel], Row]:
-    # attrgetter runs in C: a thousand-row batch is read in a fraction of a millisecond.
-    if len(names) == 1:
-        single = operator.attrgetter(names[0])
-        return lambda instance: (single(instance),)
-    reader: Callable[[BaseModel], Row] = operator.attrgetter(*names)
-    return reader
+# One row's outputs: a classifier's probabilities as Python floats when the
+# backend's row call answered, else the outputs of the one-row matrix.
+RowOutputs = Sequence[float] | Outputs
 
 
 class PredictionPipeline:
     def __init__(
         self, predictor: Predictor, max_batch_size: int, metrics: ModelMetrics | None = None
     ) -> None:
-        manifest = predictor.manifest
         self.predictor = predictor
         self.metrics = metrics
         self.max_batch_size = max_batch_size
-        self.models: RequestModels = build_request_models(manifest, max_batch_size)
-        self._read_row = _row_reader(manifest.feature_names)
-        self._class_names = list(manifest.classes or ())
-        self._version = manifest.version
-        self._classifier = manifest.task != "regression"
-        self._answers: Callable[[npt.NDArray[np.floating]], list[dict[str, Any]]] = (
-            self.class_predictions if self._classifier else self.regression_predictions
-        )
+        self._classifier = predictor.manifest.task != "regression"
 
-    def features(self, instances: Sequence[BaseModel]) -> FloatMatrix:
-        if len(instances) == 1:
-            return np.array((self._read_row(instances[0]),), dtype=np.float64)
-        return np.array(list(map(self._read_row, instances)), dtype=np.float64)
-
-    async def outputs(self, rows: FloatMatrix) -> Outputs:
-        """The backend's raw answer (probabilities, or predicted values), with its metrics."""
+    async def run(self, rows: FloatMatrix) -> Outputs:
+        """The backend's outputs (probabilities, or predicted values), with their metrics."""
         outputs = await self.predictor.predict(rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(rows, outputs)
         return outputs
 
-    async def infer(self, rows: FloatMatrix) -> list[dict[str, Any]]:
-        return self._answers(await self.outputs(rows))
-
-    def class_predictions(self, probabilities: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
-        if probabilities.shape[0] == 1:
-            single = self._class_prediction(probabilities[0].tolist())
-            if single is not None:
-                return [single]
-        names = self._class_names
-        winners = probabilities.argmax(axis=1)
-        # Plain floats via tolist() (iterating numpy scalars costs ~10x more);
-        # 7 decimals hide float32 noise such as 0.9900000095367432.
-        # Clipped: float32 sums of many trees can come out at 1.0000001.
-        clipped = np.clip(probabilities.astype(np.float64), 0.0, 1.0)
-        rows = np.round(clipped, PROBABILITY_DECIMALS).tolist()
-        return [
-            {
-                "predicted_class": winner,
-                "predicted_class_name": names[winner],
-                "confidence": row[winner],
-                "probabilities": dict(zip(names, row, strict=True)),
-            }
-            for winner, row in zip(winners.tolist(), rows, strict=True)
-        ]
-
-    def _class_prediction(self, row: Sequence[float]) -> dict[str, Any] | None:
-        """One row the way class_predictions' numpy path answers it, in plain
-        Python (a single row costs several µs less); None for a row the
-        numpy path must handle (NaN)."""
-        rounded = []
-        for value in row:
-            if not 0.0 <= value <= 1.0:
-                if value != value:
-                    return None
-                value = 0.0 if value < 0.0 else 1.0
-            # np.round(x, 7) is rint(x * 1e7) / 1e7; round() to an int rounds
-            # half to even as rint does, and the int is exact below 2**53.
-            rounded.append(round(value * _SCALE) / _SCALE)
-        winner = winning_class(row)
-        names = self._class_names
-        return {
-            "predicted_class": winner,
-            "predicted_class_name": names[winner],
-            "confidence": rounded[winner],
-            "probabilities": dict(zip(names, rounded, strict=True)),
-        }
-
-    @staticmethod
-    def regression_predictions(values: npt.NDArray[np.floating]) -> list[dict[str, Any]]:
-        # float32 models: the shortest repr of the float32 value, not its
-        # float64 expansion (151.3 rather than 151.3000030517578).
-        if values.dtype == np.float32:
-            return [{"prediction": float(str(v))} for v in values]
-        return [{"prediction": v} for v in values.astype(np.float64).tolist()]
-
-    def row_probabilities(self, row: Row) -> Sequence[float] | None:
-        """A classifier's probabilities for one row, and their metrics, in plain
-        Python (numpy's per-call overhead is most of a row's cost). None, and
-        the matrix path answers instead: a regressor, a backend without a row
-        call (sklearn, a model fed by columns), micro-batching on, a model too
-        slow for the event loop, or the row call busy in another thread."""
-        if not self._classifier:
-            return None
-        probabilities = self.predictor.predict_row(row)
-        if probabilities is not None and self.metrics is not None:
-            self.metrics.observe_row(row, probabilities)
-        return probabilities
-
-    def _row_class_prediction(self, row: Row) -> dict[str, Any] | None:
-        probabilities = self.row_probabilities(row)
-        if probabilities is None:
-            return None
-        answer = self._class_prediction(probabilities)
-        if answer is None:
-            # NaN among them: numpy's rules, from the same probabilities.
-            answer = self.class_predictions(np.array((probabilities,)))[0]
-        return answer
-
-    async def predict_one(self, body: bytes) -> bytes:
-        instance = parse_body(self.models.instance, body)
-        row = self._read_row(instance)
-        prediction = self._row_class_prediction(row) if self._classifier else None
-        if prediction is None:
-            (prediction,) = await self.infer(np.array((row,), dtype=np.float64))
-        prediction["model_version"] = self._version
-        return orjson.dumps(prediction)
-
-    async def predict_batch(self, body: bytes) -> bytes:
-        batch = parse_body(self.models.batch, body)
-        rows = self.features(batch.instances)  # type: ignore[attr-defined]
-        predictions = await self.infer(rows)
-        response = {"predictions": predictions, "model_version": self._version}
-        return orjson.dumps(response)
+    async def run_row(self, row: Row, dtype: npt.DTypeLike = np.float64) -> RowOutputs:
+        """One row's outputs. A classifier's row goes to the backend's row call,
+        in plain Python (numpy's per-call overhead is most of a row's cost);
+        the one-row matrix, made with `dtype` (the protocol's: V2 hands the
+        backend float32, as it decodes tensors), when that declines: a
+        regressor, a backend without a row call (sklearn, a model fed by
+        columns), micro-batching on, a model too slow for the event loop, or
+        the row call busy in another thread."""
+        if self._classifier:
+            probabilities = self.predictor.predict_row(row)
+            if probabilities is not None:
+                if self.metrics is not None:
+                    self.metrics.observe_row(row, probabilities)
+                return probabilities
+        return await self.run(np.array((row,), dtype=dtype))

@@ -23,13 +23,11 @@ from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import keyfile
-from service.errors import is_v2_path
 from service.logs import APP_LOGGER
-from service.middleware import request_id_of, send_error, send_json_bytes
+from service.middleware import send_error
 
 if TYPE_CHECKING:
     from service.routes.public import OpenPaths
@@ -214,9 +212,4 @@ class ApiKeyMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, detail: str) -> None:
-        if is_v2_path(scope["path"]):
-            # Open Inference Protocol clients read errors as {"error": "..."}.
-            payload = orjson.dumps({"error": detail, "request_id": request_id_of(scope)})
-            await send_json_bytes(send, 401, payload, CHALLENGE)
-        else:
-            await send_error(send, scope, 401, detail, CHALLENGE)
+        await send_error(send, scope, 401, detail, CHALLENGE)

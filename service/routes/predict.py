@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.fastpath import JSON_BODY, Documenter, FastRequest, FastResponse, FastRoute
 from service.openapi import Errors, request_body, responses, schema_ref
+from service.predict_codec import predict_codec
 from service.schemas import (
     BatchPredictionResponse,
     ErrorResponse,
@@ -28,11 +29,17 @@ _ERRORS: Errors = {
 
 
 async def predict(request: FastRequest) -> FastResponse:
-    return FastResponse(await request.require_pipeline().predict_one(request.body))
+    pipeline = request.require_pipeline()
+    codec = predict_codec(pipeline)
+    row = codec.decode_one(request.body)
+    return FastResponse(codec.encode_one(await pipeline.run_row(row)))
 
 
 async def predict_batch(request: FastRequest) -> FastResponse:
-    return FastResponse(await request.require_pipeline().predict_batch(request.body))
+    pipeline = request.require_pipeline()
+    codec = predict_codec(pipeline)
+    rows = codec.decode_batch(request.body)
+    return FastResponse(codec.encode_batch(await pipeline.run(rows)))
 
 
 def _documenter(request_model: str, response_model: str, unloaded: type[BaseModel]) -> Documenter:
@@ -41,8 +48,9 @@ def _documenter(request_model: str, response_model: str, unloaded: type[BaseMode
             return {"responses": responses(components, unloaded, _ERRORS)}
         # Request and answer schemas are the bundle's (its features; a
         # classifier's or a regressor's answer): known once it is loaded.
-        ok = getattr(pipeline.models, response_model)
-        model = getattr(pipeline.models, request_model)
+        models = predict_codec(pipeline).models
+        ok = getattr(models, response_model)
+        model = getattr(models, request_model)
         return {
             "responses": responses(components, ok, _ERRORS),
             "requestBody": request_body(schema_ref(model, components)),

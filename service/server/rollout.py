@@ -101,6 +101,7 @@ def _agree(single: dict[str, Any], batch: dict[str, Any]) -> bool:
 
 async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
     from service.pipeline import PredictionPipeline
+    from service.predict_codec import PredictCodec
     from service.predictor import load_predictor, start_micro_batching
 
     predictor = load_predictor(settings)
@@ -108,8 +109,10 @@ async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
     try:
         manifest = predictor.manifest
         pipeline = PredictionPipeline(predictor, settings.max_batch_size)
-        rows = _trial_rows(manifest, pipeline.models.example, settings.max_batch_size)
-        batch = orjson.loads(await pipeline.predict_batch(orjson.dumps({"instances": rows})))
+        codec = PredictCodec(manifest, settings.max_batch_size)
+        rows = _trial_rows(manifest, codec.models.example, settings.max_batch_size)
+        features = codec.decode_batch(orjson.dumps({"instances": rows}))
+        batch = orjson.loads(codec.encode_batch(await pipeline.run(features)))
         answers = batch["predictions"]
         # Single-row predictions through the same path a request takes, which
         # must agree with the batch: one per class the batch reached, or, for
@@ -120,7 +123,8 @@ async def _prove(settings: ServiceSettings, path: Path) -> TrialResult:
             if key not in checked and (manifest.classes is not None or index < 4):
                 checked[key] = index
         for index in checked.values():
-            single = orjson.loads(await pipeline.predict_one(orjson.dumps(rows[index])))
+            row = codec.decode_one(orjson.dumps(rows[index]))
+            single = orjson.loads(codec.encode_one(await pipeline.run_row(row)))
             if not _agree(single, answers[index]) or single["model_version"] != path.name:
                 raise BundleError(path, f"trial: single-row answer {single} disagrees with batch")
         return TrialResult(

@@ -12,17 +12,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from operator import le
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from service.backends.base import FloatMatrix, winning_class
+from service.backends.base import FloatMatrix, Outputs, winning_class
 from service.v2.mapping import (
     SMALL_TENSOR,
     CategoryTensor,
-    Inference,
     InputTensor,
     OutputTensor,
     TensorMap,
@@ -39,8 +38,13 @@ from service.v2.tensors import (
     json_tensor,
 )
 
+if TYPE_CHECKING:
+    from service.pipeline import RowOutputs
+
 HEADER_LENGTH = b"inference-header-content-length"
 OCTET_STREAM = b"application/octet-stream"
+# The model's one numeric matrix goes to the backend as the FP32 tensor it is.
+MATRIX_DTYPE = np.float32
 
 
 class ParsedRequest:
@@ -65,7 +69,7 @@ class ParsedRequest:
     @property
     def rows(self) -> FloatMatrix:
         if self._rows is None:
-            self._rows = np.array((self.one_row,), dtype=np.float32)
+            self._rows = np.array((self.one_row,), dtype=MATRIX_DTYPE)
         return self._rows
 
     @property
@@ -382,7 +386,7 @@ class InferenceCodec:
     def _assemble(self, values: dict[str, npt.NDArray[Any]]) -> FloatMatrix:
         inputs = self.tensors.inputs
         if len(inputs) == 1 and isinstance(inputs[0], InputTensor):
-            return values[inputs[0].name].astype(np.float32)
+            return values[inputs[0].name].astype(MATRIX_DTYPE)
         first, *others = inputs
         n_rows = values[first.name].shape[0]
         for tensor in others:
@@ -423,17 +427,12 @@ class InferenceCodec:
             selected.append((output, binary))
         return selected
 
-    def encode(
-        self,
-        request: ParsedRequest,
-        inference: Inference | None = None,
-        one_row: Sequence[float] | None = None,
-    ) -> tuple[bytes, int | None]:
+    def encode(self, request: ParsedRequest, outputs: RowOutputs) -> tuple[bytes, int | None]:
         """The response body, and the JSON header's length when binary data
-        follows it, for the backend's answer: `inference`, or a one-row answer
-        given as Python floats (`one_row`)."""
+        follows it, for the pipeline's outputs (one row's may be Python floats)."""
         n_rows = request.n_rows
-        outputs: list[dict[str, Any]] = []
+        inference, one_row = (outputs, None) if isinstance(outputs, np.ndarray) else (None, outputs)
+        encoded: list[dict[str, Any]] = []
         chunks: list[bytes] = []
         row = None
         if n_rows == 1 and self._one_row_json:
@@ -442,10 +441,8 @@ class InferenceCodec:
             if one_row is not None and len(one_row) <= SMALL_TENSOR and within_unit(one_row):
                 row = one_row
                 winner = winning_class(row)
-        if inference is None and one_row is None:
-            raise TypeError("encode() needs the inference or the one-row answer")
         # Outputs drawn from the same values (a class's index and its name) compute them once.
-        computed: dict[Callable[[Inference], npt.NDArray[Any]], npt.NDArray[Any]] = {}
+        computed: dict[Callable[[Outputs], npt.NDArray[Any]], npt.NDArray[Any]] = {}
         for output, binary in request.outputs:
             entry: dict[str, Any] = {
                 "name": output.name,
@@ -454,7 +451,7 @@ class InferenceCodec:
             }
             if row is not None and not binary and output.one_row_json is not None:
                 entry["data"] = output.one_row_json(row, winner)
-                outputs.append(entry)
+                encoded.append(entry)
                 continue
             if inference is None:
                 # Only now: the usual one-row answer never needs the array.
@@ -468,14 +465,14 @@ class InferenceCodec:
                 chunks.append(raw)
             else:
                 entry["data"] = output.json(values)
-            outputs.append(entry)
+            encoded.append(entry)
         response: dict[str, Any] = {
             "model_name": self.model_name,
             "model_version": self.model_version,
         }
         if request.id is not None:
             response["id"] = request.id
-        response["outputs"] = outputs
+        response["outputs"] = encoded
         header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
         if not chunks:
             return header, None

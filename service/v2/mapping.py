@@ -41,8 +41,6 @@ SMALL_TENSOR = 64
 # How much of a rejected value, and how many allowed values, an error message shows.
 SHOWN_VALUE_CHARS = 60
 SHOWN_CATEGORIES = 10
-# What the pipeline's inference returns: class probabilities [n, k], or predicted values [n].
-Inference = Outputs
 
 
 @dataclass
@@ -187,7 +185,7 @@ class OutputTensor:
     datatype: str
     # None: one element per row (shape [-1]); else [-1, width].
     width: int | None
-    values: Callable[[Inference], npt.NDArray[Any]]
+    values: Callable[[Outputs], npt.NDArray[Any]]
     # Little-endian bytes of the values, as the binary extension sends them.
     binary: Callable[[npt.NDArray[Any]], bytes]
     # The values as JSON-serialisable data (orjson serialises numpy arrays).
@@ -337,11 +335,11 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
     encoded = [name.encode() for name in classes]
     framed = [bytes_tensor_binary([name]) for name in encoded]
 
-    def class_index(inference: Inference) -> npt.NDArray[Any]:
+    def class_index(inference: Outputs) -> npt.NDArray[Any]:
         winners: npt.NDArray[Any] = inference.argmax(axis=1).astype(np.int64, copy=False)
         return winners
 
-    def probabilities(inference: Inference) -> npt.NDArray[Any]:
+    def probabilities(inference: Outputs) -> npt.NDArray[Any]:
         # A few rows already within [0, 1] (no NaN) are what the clip would
         # return: checked in Python, cheaper than np.clip's dispatch.
         if inference.size > SMALL_TENSOR or not within_unit(inference.ravel().tolist()):
@@ -386,7 +384,7 @@ def _classification_outputs(classes: list[str]) -> tuple[OutputTensor, ...]:
 
 
 def _regression_outputs() -> tuple[OutputTensor, ...]:
-    def prediction(inference: Inference) -> npt.NDArray[Any]:
+    def prediction(inference: Outputs) -> npt.NDArray[Any]:
         return np.ascontiguousarray(inference.reshape(-1), dtype=np.float64)
 
     return (OutputTensor("prediction", "FP64", None, prediction, _little_endian, lambda v: v),)

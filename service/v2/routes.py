@@ -11,7 +11,8 @@ import orjson
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import request_body, responses, schema_ref
-from service.v2.infer import HEADER_LENGTH, OCTET_STREAM, InferenceCodec
+from service.schemas import example_value
+from service.v2.infer import HEADER_LENGTH, MATRIX_DTYPE, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import CategoryTensor, tensor_map
 from service.v2.tensors import TensorError
 
@@ -56,9 +57,9 @@ def served_model(pipeline: PredictionPipeline) -> ServedModel:
     return ServedModel(manifest.name, manifest.version, orjson.dumps(metadata), codec)
 
 
-def _model(request: FastRequest) -> ServedModel:
+def _model(request: FastRequest, pipeline: PredictionPipeline) -> ServedModel:
     """The model the URL names, if it is the one serving (and the version, if named)."""
-    model = served_model(request.require_pipeline())
+    model = served_model(pipeline)
     name = request.params["model_name"]
     if name != model.name:
         raise NotFoundError(f"unknown model '{name}': this server serves '{model.name}'")
@@ -89,12 +90,12 @@ async def server_ready(request: FastRequest) -> FastResponse:
 
 
 async def model_metadata(request: FastRequest) -> FastResponse:
-    return FastResponse(_model(request).metadata)
+    return FastResponse(_model(request, request.require_pipeline()).metadata)
 
 
 async def model_ready(request: FastRequest) -> FastResponse:
     # Only the version serving is known here, and it is ready once loaded.
-    return _json({"name": _model(request).name, "ready": True})
+    return _json({"name": _model(request, request.require_pipeline()).name, "ready": True})
 
 
 def _header_length(request: FastRequest) -> bytes | None:
@@ -109,17 +110,15 @@ def _header_length(request: FastRequest) -> bytes | None:
 
 
 async def infer(request: FastRequest) -> FastResponse:
-    model = _model(request)
-    parsed = model.codec.decode(request.body, _header_length(request))
     pipeline = request.require_pipeline()
-    # The usual request, one row of JSON numbers to a classifier, stays in
-    # plain Python from the body to the answer.
-    probabilities = None if parsed.one_row is None else pipeline.row_probabilities(parsed.one_row)
-    if probabilities is not None:
-        body, header_length = model.codec.encode(parsed, one_row=probabilities)
+    model = _model(request, pipeline)
+    parsed = model.codec.decode(request.body, _header_length(request))
+    # The usual request, one row of JSON numbers, is decoded as Python floats.
+    if parsed.one_row is not None:
+        outputs = await pipeline.run_row(parsed.one_row, MATRIX_DTYPE)
     else:
-        inference = await pipeline.outputs(parsed.rows)
-        body, header_length = model.codec.encode(parsed, inference)
+        outputs = await pipeline.run(parsed.rows)
+    body, header_length = model.codec.encode(parsed, outputs)
     if header_length is None:
         return FastResponse(body)
     return FastResponse(
@@ -188,9 +187,10 @@ def _document_infer(
 
     example = None
     if pipeline is not None:
+        examples = {f.name: example_value(f) for f in pipeline.predictor.manifest.features}
         inputs = []
         for tensor in served_model(pipeline).codec.tensors.inputs:
-            row = [pipeline.models.example[name] for name in tensor.feature_names]
+            row = [examples[name] for name in tensor.feature_names]
             shape = [1] if isinstance(tensor, CategoryTensor) else [1, len(row)]
             inputs.append(
                 {"name": tensor.name, "shape": shape, "datatype": tensor.datatype, "data": row}

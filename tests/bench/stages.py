@@ -29,12 +29,15 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
         "parse + validation",
         re.compile(r"(^|\.)(model_validate_json|parse_body|validation_errors) \("),
     ),
-    ("feature matrix", re.compile(r"^(PredictionPipeline\.features|<lambda>) \(service/")),
+    (
+        "feature matrix",
+        re.compile(r"^(PredictCodec\.(features|decode_one|decode_batch)|<lambda>) \(service/"),
+    ),
     (
         "model (backend call)",
         re.compile(
             r"\((service/backends/|onnxruntime/|service/predictor\.py)"
-            r"|^PredictionPipeline\.(outputs|row_probabilities) "
+            r"|^PredictionPipeline\.(run|run_row) "
         ),
     ),
     ("metrics", re.compile(r"\((service/metrics/|prometheus_client/)")),
@@ -44,8 +47,8 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
     (
         "response encoding",
         re.compile(
-            r"^PredictionPipeline\.(predictions|predict_one|predict_batch|infer|_row_class_prediction"
-            r"|_class_prediction|class_predictions|regression_predictions) "
+            r"^PredictCodec\.(encode_one|encode_batch|class_prediction|class_predictions"
+            r"|_numpy_class_predictions|regression_predictions) "
         ),
     ),
     ("request id + context", re.compile(r"^RequestContextMiddleware\.|\(uuid\.py")),

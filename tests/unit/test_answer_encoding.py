@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 
 from service.backends.base import winning_class
-from service.pipeline import PredictionPipeline
+from service.predict_codec import PredictCodec
 
 NAMES = ["setosa", "versicolor", "virginica"]
 
 
-def _pipeline() -> PredictionPipeline:
+def _pipeline() -> PredictCodec:
     # Only the class names matter to the answer encoding.
-    pipeline = PredictionPipeline.__new__(PredictionPipeline)
-    pipeline._class_names = NAMES
-    return pipeline
+    codec = PredictCodec.__new__(PredictCodec)
+    codec._class_names = NAMES
+    return codec
 
 
-def _batch_answer(pipeline: PredictionPipeline, row: np.ndarray) -> dict[str, object]:
+def _batch_answer(pipeline: PredictCodec, row: np.ndarray) -> dict[str, object]:
     # Two rows take the numpy path; the first is the row itself.
     return pipeline.class_predictions(np.vstack([row, row]))[0]
 

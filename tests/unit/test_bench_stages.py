@@ -14,15 +14,27 @@ ROOT = [
 
 
 def test_c_work_counts_toward_the_python_call_that_started_it() -> None:
-    stack = [*ROOT, "PredictionPipeline.predict_one (service/pipeline.py:100)"]
+    route = [*ROOT, "predict (service/routes/predict.py:25)"]
+    decode = [*route, "PredictCodec.decode_one (service/predict_codec.py:200)"]
     assert (
-        classify([*stack, "BaseModel.model_validate_json (pydantic/main.py:847)"])
+        classify(
+            [
+                *decode,
+                "parse_body (service/predict_codec.py:160)",
+                "BaseModel.model_validate_json (pydantic/main.py:847)",
+            ]
+        )
         == "parse + validation"
     )
-    assert classify([*stack, "OnnxBackend.predict_proba (service/backends/onnx.py:30)"]) == (
+    assert classify(decode) == "feature matrix"
+    run = [*route, "PredictionPipeline.run_row (service/pipeline.py:50)"]
+    assert classify([*run, "OnnxBackend.predict_proba (service/backends/onnx.py:30)"]) == (
         "model (backend call)"
     )
-    assert classify(stack) == "response encoding"
+    assert classify(run) == "model (backend call)"
+    assert classify([*route, "PredictCodec.encode_one (service/predict_codec.py:210)"]) == (
+        "response encoding"
+    )
 
 
 def test_the_innermost_recognised_frame_decides() -> None:

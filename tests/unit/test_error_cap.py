@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.manifest import Manifest
 from service.middleware import error_payload
-from service.pipeline import (
+from service.predict_codec import (
     DIRECT_VALIDATION_MAX_KEYS,
     MAX_LISTED_ERRORS,
     RequestBodyError,
@@ -109,7 +109,7 @@ def test_a_hostile_body_costs_bounded_memory(trained_bundle: Path) -> None:
         import resource, sys
         from pathlib import Path
         from service.manifest import Manifest
-        from service.pipeline import RequestBodyError, parse_body
+        from service.predict_codec import RequestBodyError, parse_body
         from service.schemas import build_request_models
         from tests.unit.test_error_cap import unknown_keys_body
         manifest = Manifest.model_validate_json(Path({str(trained_bundle)!r}).joinpath(

@@ -19,7 +19,7 @@ from service.errors import (
     error_payload,
 )
 from service.fastpath import FastRequest, FastResponse, FastRoute, RouteTable
-from service.pipeline import RequestBodyError
+from service.predict_codec import RequestBodyError
 from service.routes.table import FAST_ROUTES
 from service.v2.tensors import NUMERIC_DATATYPES, TensorError, binary_tensor, json_tensor
 

@@ -112,7 +112,7 @@ def _answer(codec: InferenceCodec, body: bytes, inference: npt.NDArray[Any]) -> 
         assert parsed._rows is None
         # The route hands a one-row answer over as Python floats, as the
         # backend's row call returns them.
-        assert codec.encode(parsed, one_row=inference[0].tolist()) == answer
+        assert codec.encode(parsed, inference[0].tolist()) == answer
     rows = parsed.rows
     return rows.dtype.str, rows.shape, rows.tobytes(), answer
 
