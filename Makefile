@@ -25,7 +25,7 @@ help:
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
 	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
-	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
+	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
 	@echo "make locks    recompile the lock files from pyproject.toml's extras (pins kept)"
