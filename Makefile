@@ -145,7 +145,7 @@ uv: $(UV)
 # (add --upgrade-package NAME to move one). The serve and dev locks are
 # constrained to requirements.lock, so every image and venv pins the same versions.
 LOCK_COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 \
-	--no-header --annotation-style line
+	--no-header --annotation-style line --quiet
 
 locks: $(UV)
 	$(LOCK_COMPILE) --extra serve --extra train -o requirements.lock
