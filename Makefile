@@ -17,7 +17,7 @@ NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
 
 .PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema docs system-deps checkov \
-	clean api-key api-key-revoke client generator kserve-sdk
+	oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -25,11 +25,12 @@ help:
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
 	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
-	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk)"
+	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
 	@echo "make docs     regenerate docs/configuration.md from service/settings.py"
 	@echo "make client   a typed Python client (clients/python/) from a served document [OPENAPI_URL=...]"
+	@echo "make locks    recompile the lock files from pyproject.toml's extras (pins kept)"
 	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
 	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
 
@@ -78,11 +79,12 @@ system-deps:
 		&& test -e $(NJS_MODULE) && /sbin/ldconfig -p | grep -q libgomp.so.1 \
 		|| tests/support/install-system-deps.sh
 
+TOOLS ?= .tools
+
 # checkov (for tests/deploy) in a virtualenv of its own: its pins clash with
 # the project's (packaging 23.2, boto3, networkx 2...). Its lock comes from
-#   echo checkov==3.3.30 | uv pip compile - --universal --python-version 3.11 \
+#   echo checkov==3.3.30 | $(UV) pip compile - --universal --python-version 3.11 \
 #     --no-header --annotation-style line -o tests/deploy/checkov.lock
-TOOLS ?= .tools
 CHECKOV_VENV := $(TOOLS)/checkov
 
 $(CHECKOV_VENV)/.installed: tests/deploy/checkov.lock
@@ -132,8 +134,27 @@ kserve-sdk: $(KSERVE_VENV)/.installed
 test-deploy: install checkov
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/deploy
 
-test: install system-deps bundle checkov generator kserve-sdk
-	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
+# The Open Inference Protocol's REST document, for the V2 conformance tests
+# (tests/process): the one MLServer ships in its wheel. The wheel is downloaded
+# by pip, checked against the digest in tests/support/mlserver.lock, never
+# installed; only the document is taken out of it.
+OIP_DIR := $(TOOLS)/open-inference-protocol
+OIP_SPEC := $(OIP_DIR)/dataplane.json
+OIP_SPEC_IN_WHEEL := mlserver/rest/openapi/dataplane.json
+
+$(OIP_SPEC): tests/support/mlserver.lock | $(BIN)/.installed
+	rm -rf $(OIP_DIR)
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps \
+		--only-binary=:all: --require-hashes -r $< -d $(OIP_DIR)
+	$(BIN)/python -c 'import sys, zipfile; from pathlib import Path; (wheel,) = Path(sys.argv[1]).glob("mlserver-*.whl"); Path(sys.argv[3]).write_bytes(zipfile.ZipFile(wheel).read(sys.argv[2]))' \
+		$(OIP_DIR) $(OIP_SPEC_IN_WHEEL) $@.part
+	mv $@.part $@
+
+oip-spec: $(OIP_SPEC)
+
+test: install system-deps bundle checkov oip-spec generator kserve-sdk
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov OIP_SPEC=$(OIP_SPEC) \
+		$(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit tests/api
@@ -141,12 +162,33 @@ test-fast: install
 # Throughput and latency against baselines measured in the same run (wrk from
 # Debian's archive, installed if missing); ~6 minutes. BENCH_ARGS=--help for knobs.
 bench: install
-	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# uv compiles the lock files; a pinned release in a virtualenv of its own.
+UV_VERSION := 0.13.8
+UV := $(TOOLS)/uv/bin/uv
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)/uv
+	$(TOOLS)/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+uv: $(UV)
+
+# Each lock from the extras of pyproject.toml; a lock's existing pins are kept
+# (add --upgrade-package NAME to move one). The serve and dev locks are
+# constrained to requirements.lock, so every image and venv pins the same versions.
+LOCK_COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 \
+	--no-header --annotation-style line --quiet
+
+locks: $(UV)
+	$(LOCK_COMPILE) --extra serve --extra train -o requirements.lock
+	$(LOCK_COMPILE) --extra serve -c requirements.lock -o requirements-serve.lock
+	$(LOCK_COMPILE) --extra dev -c requirements.lock -o requirements-dev.lock
 
 schema: install
 	$(BIN)/python -m service.manifest > training/manifest.schema.json

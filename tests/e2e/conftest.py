@@ -193,6 +193,9 @@ def stack(image: str, base_images: dict[str, str]) -> Iterator[Stack]:
     finally:
         if up.poll() is None:
             up.kill()
+        reader.join(timeout=10)
+        if up.stdout is not None:
+            up.stdout.close()
         if os.environ.get("E2E_KEEP_STACK") != "1":
             st.compose("down", "-v", "--remove-orphans", "-t", "5", check=False)
 

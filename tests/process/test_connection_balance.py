@@ -108,26 +108,28 @@ class _KeepAliveClient:
     def _connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
+    def _reconnect(self, index: int) -> socket.socket:
+        self.sockets[index].close()
+        self.sockets[index] = self._connect()
+        return self.sockets[index]
+
     def round(self, prefix: str) -> list[str]:
         ids = [f"{prefix}-{i}" for i in range(CONNECTIONS)]
         for index, request_id in enumerate(ids):
             try:
                 self.sockets[index].sendall(_request(request_id))
             except OSError:  # closed while idle (its worker exited): resend
-                self.sockets[index] = self._connect()
-                self.sockets[index].sendall(_request(request_id))
+                self._reconnect(index).sendall(_request(request_id))
         for index, request_id in enumerate(ids):
             try:
                 head = _read_response(self.sockets[index])
             except ConnectionError:  # closed while idle, before our request arrived
-                self.sockets[index] = self._connect()
-                self.sockets[index].sendall(_request(request_id))
+                self._reconnect(index).sendall(_request(request_id))
                 head = _read_response(self.sockets[index])
             assert head.startswith(b"HTTP/1.1 200"), head
             if b"connection: close" in head.lower():
                 self.asked_to_close += 1
-                self.sockets[index].close()
-                self.sockets[index] = self._connect()
+                self._reconnect(index)
         return ids
 
     def close(self) -> None:

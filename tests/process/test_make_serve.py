@@ -36,15 +36,16 @@ def test_make_serve_binds_loopback_by_default(tmp_path: Path) -> None:
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
     env.pop("BIND", None)
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(
-        ["make", "--no-print-directory", "serve"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The child keeps its own descriptor of the log.
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["make", "--no-print-directory", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: ready(f"http://127.0.0.1:{port}"), 120, what="make serve")
         addresses = listening_addresses(port)

@@ -1,6 +1,11 @@
 """Real V2 clients (tritonclient, and KServe's InferenceRESTClient), with and
-without request compression, and the specification's own OpenAPI document
-(schemathesis) against a real Gunicorn server."""
+without request compression, and the protocol's OpenAPI document
+(schemathesis) against a real Gunicorn server.
+
+The document is the V2 dataplane one MLServer ships in its wheel, which
+`make oip-spec` takes out of the pinned, digest-checked wheel into .tools/
+(OIP_SPEC names it). Without it these tests fail: they never skip.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import numpy as np
 import pytest
 import schemathesis
 import tritonclient.http as triton
-import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -31,8 +35,28 @@ from tests.support.v2 import FEATURES, ROWS, binary_request, read_response
 
 pytestmark = pytest.mark.process
 
-# Read where it lives (beside the clone, in CI too), never copied into the repo.
-SPEC = REPO.parent / "shared" / "reference" / "open-inference-protocol" / "open_inference_rest.yaml"
+SPEC = Path(
+    os.environ.get("OIP_SPEC", REPO / ".tools" / "open-inference-protocol" / "dataplane.json")
+)
+# MLServer's document goes beyond the protocol's REST API with streaming and
+# text generation, which ml-api does not offer (these paths answer 404).
+NOT_SERVED = ("/infer_stream", "/generate", "/generate_stream")
+# MLServer types a tensor's data `oneOf: [array, "bytes"]`, and "bytes" is no
+# JSON Schema type; the protocol's own definition stands in for it: nested
+# arrays of numbers, strings or booleans.
+MLSERVER_TENSOR_DATA = [{"type": "array"}, {"type": "bytes"}]
+TENSOR_DATA = {
+    "title": "TensorData",
+    "type": "array",
+    "items": {
+        "anyOf": [
+            {"$ref": "#/components/schemas/TensorData"},
+            {"type": "number"},
+            {"type": "string"},
+            {"type": "boolean"},
+        ]
+    },
+}
 CLASSES = ["setosa", "versicolor", "virginica"]
 
 
@@ -211,28 +235,54 @@ def test_binary_response_over_http_reads_back(server: Gunicorn) -> None:
     assert outputs["outputs"]["predicted_class_name"] == ["setosa", "virginica"]
 
 
-def _specification(model: str, version: str | None) -> dict[str, Any]:
-    """The reference document with the model name (and version) filled in."""
-    document: dict[str, Any] = yaml.safe_load(SPEC.read_text())
-    paths: dict[str, Any] = {}
-    for path, item in document["paths"].items():
-        item = copy.deepcopy(item)
-        path = path.replace("${MODEL_NAME}", model)
-        path = (
-            path.replace("${MODEL_VERSION}", version)
-            if version
-            else path.replace("${MODEL_VERSION}", "{MODEL_VERSION}")
+def _reference_document() -> dict[str, Any]:
+    if not SPEC.is_file():
+        pytest.fail(
+            f"no Open Inference Protocol document at {SPEC}: `make oip-spec` fetches it",
+            pytrace=False,
         )
+    document: dict[str, Any] = json.loads(SPEC.read_text())
+    schemas = document["components"]["schemas"]
+    assert schemas["TensorData"]["oneOf"] == MLSERVER_TENSOR_DATA, "TensorData changed upstream"
+    schemas["TensorData"] = TENSOR_DATA
+    return document
+
+
+def _served_paths(document: dict[str, Any]) -> dict[str, Any]:
+    return {path: item for path, item in document["paths"].items() if not path.endswith(NOT_SERVED)}
+
+
+def _specification(model: str, version: str | None) -> dict[str, Any]:
+    """The reference document's served paths with the model name (and version) filled in."""
+    document = _reference_document()
+    paths: dict[str, Any] = {}
+    for path, item in _served_paths(document).items():
+        item = copy.deepcopy(item)
+        path = path.replace("{model_name}", model)
+        if version:
+            path = path.replace("{model_version}", version)
         item["parameters"] = [
             p
             for p in item.get("parameters", [])
-            if p["name"] != "MODEL_NAME" and (version is None) == (p["name"] == "MODEL_VERSION")
+            if p["name"] != "model_name" and (version is None) == (p["name"] == "model_version")
         ] or None
         if item["parameters"] is None:
             del item["parameters"]
         paths[path] = item
     document["paths"] = paths
     return document
+
+
+def test_every_route_of_the_protocol_document_is_served() -> None:
+    documented = {
+        (method.upper(), path)
+        for path, item in _served_paths(_reference_document()).items()
+        for method in item
+        if method != "parameters"
+    }
+    served = {(route.method, route.path) for route in FAST_ROUTES if route.path.startswith("/v2")}
+    assert documented == served
+    assert len(documented) == 9
 
 
 served_schema = schemathesis.openapi.from_dict(_specification("iris", "1.0.0"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.bench.stages import HTTP_LAYER, classify, parse_raw
+from bench.stages import HTTP_LAYER, classify, parse_raw
 
 ROOT = [
     "Runner.run (asyncio/runners.py:118)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ def ledger_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def open_ledger(ledger_path: Path) -> Iterator[Callable[[], ConnectionLedger]]:
+    """This process's ledgers, each closed after the test (a worker closes its own at exit)."""
+    opened: list[ConnectionLedger] = []
+
+    def ledger() -> ConnectionLedger:
+        opened.append(ConnectionLedger(ledger_path))
+        return opened[-1]
+
+    yield ledger
+    for each in opened:
+        each.close()
+
+
 def _sibling(path: Path, held: int) -> int:
     """A ledger entry from another live process; returns its pid."""
     code = (
@@ -30,35 +45,41 @@ def _sibling(path: Path, held: int) -> int:
     return int(out.stdout)
 
 
-def test_a_lone_worker_has_no_sibling_to_defer_to(ledger_path: Path) -> None:
-    ledger = ConnectionLedger(ledger_path)
+def test_a_lone_worker_has_no_sibling_to_defer_to(
+    open_ledger: Callable[[], ConnectionLedger],
+) -> None:
+    ledger = open_ledger()
     ledger.publish(7)
     assert ledger.least_loaded_sibling() is None
 
 
-def test_siblings_report_the_least_loaded_count(ledger_path: Path) -> None:
+def test_siblings_report_the_least_loaded_count(
+    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger]
+) -> None:
     _sibling(ledger_path, 5)
     _sibling(ledger_path, 3)
-    mine = ConnectionLedger(ledger_path)
+    mine = open_ledger()
     mine.publish(9)
     assert mine.least_loaded_sibling() == 3
 
 
-def test_a_dead_workers_slot_is_cleared_by_the_master(ledger_path: Path) -> None:
+def test_a_dead_workers_slot_is_cleared_by_the_master(
+    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger]
+) -> None:
     dead = _sibling(ledger_path, 0)
-    mine = ConnectionLedger(ledger_path)
+    mine = open_ledger()
     assert mine.least_loaded_sibling() == 0
     clear_slot(ledger_path, dead)
     assert mine.least_loaded_sibling() is None
 
 
 def test_a_stale_slot_is_ignored_and_reclaimed(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _sibling(ledger_path, 0)
     later = acceptor._now_ms() + acceptor.STALE_MS + 1
     monkeypatch.setattr(acceptor, "_now_ms", lambda: later)
-    mine = ConnectionLedger(ledger_path)
+    mine = open_ledger()
     assert mine.least_loaded_sibling() is None
     # The stale slot was the first one, and it was reused.
     assert mine._offset == 0
@@ -68,6 +89,7 @@ def test_a_closed_ledger_frees_its_slot(ledger_path: Path) -> None:
     first = ConnectionLedger(ledger_path)
     first.close()
     second = ConnectionLedger(ledger_path)
+    second.close()
     assert second._offset == 0
 
 

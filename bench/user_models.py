@@ -1,6 +1,6 @@
 """Per model type: backend chosen, parity figures, and single-row latency in process.
 
-    .venv/bin/python -m tests.bench.user_models
+    .venv/bin/python -m bench.user_models
 
 Each model of tests/support/user_models.py is packaged from its reference data,
 then one row is answered many times through the real prediction pipeline

@@ -3,6 +3,10 @@
 Every server runs `gunicorn -c gunicorn.conf.py` with 2 workers on 127.0.0.1;
 wrk drives them in interleaved rounds (so drift on a shared machine hits all
 of them alike) and the table reports medians with ratios to the baselines.
+
+`--baseline-commit REV` adds REV's code as one more server, with the settings
+of ml-api-production (named ml-api-production@REV), so a change is measured
+against the code before it in the same interleaved run.
 """
 
 from __future__ import annotations
@@ -20,16 +24,16 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from tests.bench import stages
+from bench import stages
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 ARTICLE, NOOP, BARE = "article", "fastapi-noop", "bare-asgi"
 ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
@@ -37,17 +41,28 @@ ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
 # with both off: the hot-path budget compares these two.
 PRODUCTION, BOTH_OFF = "ml-api-production", "ml-api-auth-metrics-off"
 AUTH_ONLY = "ml-api-auth-only"  # attributes the difference between the two
-# name -> (app to serve instead of gunicorn.conf.py's, extra environment, API keys on)
-SERVERS: dict[str, tuple[str | None, dict[str, str], bool]] = {
-    ML_API: (None, {}, False),
-    ARTICLE: ("tests.bench.baselines:article_app", {}, False),
-    NOOP: ("tests.bench.baselines:noop_app", {}, False),
-    BARE: ("tests.bench.baselines:bare_app", {}, False),
-    METRICS_OFF: (None, {"METRICS_ENABLED": "false"}, False),
-    SKLEARN: (None, {"BACKEND": "sklearn"}, False),
-    PRODUCTION: (None, {}, True),
-    BOTH_OFF: (None, {"METRICS_ENABLED": "false"}, False),
-    AUTH_ONLY: (None, {"METRICS_ENABLED": "false"}, True),
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    # The app to serve instead of gunicorn.conf.py's.
+    app: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    api_key: bool = False
+    # The source tree gunicorn runs in: this checkout, or an older commit's.
+    source: Path = REPO
+
+
+SERVERS: dict[str, ServerSpec] = {
+    ML_API: ServerSpec(),
+    ARTICLE: ServerSpec("bench.baselines:article_app"),
+    NOOP: ServerSpec("bench.baselines:noop_app"),
+    BARE: ServerSpec("bench.baselines:bare_app"),
+    METRICS_OFF: ServerSpec(env={"METRICS_ENABLED": "false"}),
+    SKLEARN: ServerSpec(env={"BACKEND": "sklearn"}),
+    PRODUCTION: ServerSpec(api_key=True),
+    BOTH_OFF: ServerSpec(env={"METRICS_ENABLED": "false"}),
+    AUTH_ONLY: ServerSpec(env={"METRICS_ENABLED": "false"}, api_key=True),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -115,9 +130,14 @@ def train(work: Path) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def file_name(server: str) -> str:
+    """A server's name as a file name (a baseline's revision may hold a slash)."""
+    return re.sub(r"[^\w.@~^-]", "_", server)
+
+
 def api_keys_file(work: Path, name: str, with_key: bool) -> tuple[Path, dict[str, str]]:
     """A keys file holding one key (or none) and the headers that present it."""
-    path = work / f"{name}-api-keys"
+    path = work / f"{file_name(name)}-api-keys"
     if not with_key:
         return path, {}
     from service.auth import keyfile
@@ -133,7 +153,7 @@ def metrics_dir(work: Path, name: str) -> Path:
     there), since each request writes to them."""
     shm = Path("/dev/shm")
     root = shm / work.name if shm.is_dir() else work
-    return root / f"{name}-metrics"
+    return root / f"{file_name(name)}-metrics"
 
 
 def remove_work(work: Path) -> None:
@@ -141,10 +161,51 @@ def remove_work(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
-    app, extra, with_key = SERVERS[name]
-    port = free_port()
-    keys_path, headers = api_keys_file(work, name, with_key)
+def checkout(rev: str, work: Path, repo: Path = REPO) -> Path:
+    """REV's tracked files, exported into the bench's work directory (the repository
+    itself is only read: no worktree is registered, nothing to clean up in it)."""
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    tree = work / f"source-{sha[:12]}"
+    tree.mkdir()
+    archive = subprocess.Popen(
+        ["git", "-C", str(repo), "archive", "--format=tar", sha], stdout=subprocess.PIPE
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+    assert archive.stdout is not None
+    archive.stdout.close()
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {rev} failed")
+    return tree
+
+
+def with_baseline(
+    names: list[str], rev: str | None, work: Path, repo: Path = REPO
+) -> dict[str, ServerSpec]:
+    """The servers to run: the named ones, and REV's code under production's settings."""
+    specs = {name: SERVERS[name] for name in names}
+    if rev is not None:
+        tree = checkout(rev, work, repo)
+        specs[f"{PRODUCTION}@{rev}"] = replace(SERVERS[PRODUCTION], source=tree)
+    return specs
+
+
+@dataclass(frozen=True)
+class Launch:
+    command: list[str]
+    cwd: Path
+    env: dict[str, str]
+    headers: dict[str, str]
+
+
+def launch(
+    name: str, spec: ServerSpec, work: Path, bundle: Path, workers: int, port: int
+) -> Launch:
+    keys_path, headers = api_keys_file(work, name, spec.api_key)
     env = {
         "API_KEYS_FILE": str(keys_path),
         **os.environ,
@@ -155,14 +216,29 @@ def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(work, name)),
         # The bench's own bundle: its pickle may load (the sklearn server needs it).
         "TRUSTED_MODEL_SHA256": hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest(),
-        **extra,
+        **spec.env,
     }
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *([app] if app else [])]
-    log = (work / f"{name}.log").open("wb")
+    app = [spec.app] if spec.app else []
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *app]
+    return Launch(command, spec.source, env, headers)
+
+
+def start(name: str, spec: ServerSpec, work: Path, bundle: Path, workers: int) -> Server:
+    port = free_port()
+    how = launch(name, spec, work, bundle, workers, port)
+    log = (work / f"{file_name(name)}.log").open("wb")
+    # `python -m` puts the working directory first on sys.path: the source
+    # tree's own service/ is the one imported.
     process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        how.command,
+        cwd=how.cwd,
+        env=how.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    return Server(name, port, process, headers=headers)
+    log.close()
+    return Server(name, port, process, headers=how.headers)
 
 
 def first_answer_seconds(server: Server, started: float, timeout: float = 60) -> float:
@@ -404,7 +480,7 @@ def maps_sklearn(pid: int) -> bool:
 
 def scrape_seconds(work: Path, bundle: Path, workers: int) -> dict[str, float]:
     """Median /metrics time with many workers, each having served traffic."""
-    server = start(ML_API, work, bundle, workers)
+    server = start(ML_API, SERVERS[ML_API], work, bundle, workers)
     try:
         first_answer_seconds(server, time.monotonic())
         wait_all_workers(server, workers)
@@ -446,8 +522,9 @@ def summarize(server: Server) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     base = {name: results[name]["rps"] for name in (ARTICLE, NOOP, BARE)}
+    width = max(map(len, results)) + 2
     lines = [
-        f"{'server':<20}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x article':>10}{'x noop':>8}"
+        f"{'server':<{width}}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x article':>10}{'x noop':>8}"
         f"{'x bare':>8}{'low/med':>9}  connections per worker, by round",
     ]
     replaced_any = False
@@ -458,7 +535,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             "/".join(map(str, s)) + mark for s, mark in zip(r["splits"], marks, strict=True)
         )
         lines.append(
-            f"{name:<20}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{name:<{width}}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
             f"{r['rps'] / base[ARTICLE]:>10.1f}{r['rps'] / base[NOOP]:>8.2f}"
             f"{r['rps'] / base[BARE]:>8.2f}{r['lowest_round_vs_median']:>9.2f}  {splits}"
         )
@@ -485,7 +562,7 @@ def stage_budget(wrk: str, server: Server, script: Path, seconds: int) -> dict[s
     return recorded[0].budget(load["rps"])
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=6)
@@ -507,20 +584,35 @@ def main() -> int:
         action="store_true",
         help="only the Open Inference Protocol measurements (one ml-api server)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--baseline-commit",
+        metavar="REV",
+        help=f"also serve REV's code (any git revision) as {PRODUCTION}@REV, with the settings"
+        f" of {PRODUCTION}, in the same interleaved rounds",
+    )
+    args = parser.parse_args(argv)
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
+    if args.only_v2 and args.baseline_commit:
+        parser.error("--baseline-commit measures single-row rounds; --only-v2 has none")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if set(args.servers) != set(SERVERS):
         return focused(args)
     return full(args)
 
 
-def start_all(names: list[str], work: Path, bundle: Path, workers: int) -> dict[str, Server]:
+def start_all(
+    specs: dict[str, ServerSpec], work: Path, bundle: Path, workers: int
+) -> dict[str, Server]:
     servers: dict[str, Server] = {}
     try:
-        for name in names:
-            servers[name] = start(name, work, bundle, workers)
+        for name, spec in specs.items():
+            servers[name] = start(name, spec, work, bundle, workers)
         for server in servers.values():
             first_answer_seconds(server, time.monotonic())
             wait_all_workers(server, workers)
@@ -551,20 +643,22 @@ def focused(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ml-api-bench-"))
     servers: dict[str, Server] = {}
     try:
-        servers = start_all(args.servers, work, train(work), args.workers)
+        specs = with_baseline(args.servers, args.baseline_commit, work)
+        servers = start_all(specs, work, train(work), args.workers)
         results = single_row_rounds(wrk, work, servers, args.rounds, args.seconds, args.connections)
     finally:
         for server in servers.values():
             server.stop()
         remove_work(work)
     first = results[args.servers[0]]
+    width = max(map(len, results)) + 2
     print(
-        f"{'server':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}"
+        f"{'server':<{width}}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x first':>9}{'non-2xx':>9}"
         f"{'cpu us/req':>12}{'x first by cpu':>16}"
     )
     for name, r in results.items():
         print(
-            f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{name:<{width}}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
             f"{r['rps'] / first['rps']:>9.3f}{r['non_2xx']:>9}{r['cpu_us_per_request']:>12.1f}"
             f"{first['cpu_us_per_request'] / r['cpu_us_per_request']:>16.3f}"
         )
@@ -582,9 +676,9 @@ def full(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)}}
     try:
         startup: dict[str, float] = {}
-        for name in SERVERS:
+        for name, spec in with_baseline(list(SERVERS), args.baseline_commit, work).items():
             began = time.monotonic()
-            servers[name] = start(name, work, bundle, args.workers)
+            servers[name] = start(name, spec, work, bundle, args.workers)
             startup[name] = first_answer_seconds(servers[name], began)
         for server in servers.values():
             wait_all_workers(server, args.workers)
@@ -654,6 +748,7 @@ def full(args: argparse.Namespace) -> int:
         ],
         "onnx worker does not import sklearn": [None, not report["onnx_worker_maps_sklearn"]],
         **v2_targets(v2),
+        **baseline_target(results, args.baseline_commit),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
@@ -683,8 +778,16 @@ def full(args: argparse.Namespace) -> int:
     return 0
 
 
+def baseline_target(results: dict[str, dict[str, Any]], rev: str | None) -> dict[str, list[Any]]:
+    """No regression against the code before the change (--baseline-commit)."""
+    if rev is None:
+        return {}
+    ratio = results[PRODUCTION]["rps"] / results[f"{PRODUCTION}@{rev}"]["rps"]
+    return {f"{PRODUCTION} >= 0.95x {PRODUCTION}@{rev}": [round(ratio, 3), ratio >= 0.95]}
+
+
 def only_v2(wrk: str, work: Path, bundle: Path, args: argparse.Namespace) -> int:
-    server = start(ML_API, work, bundle, args.workers)
+    server = start(ML_API, SERVERS[ML_API], work, bundle, args.workers)
     try:
         first_answer_seconds(server, time.monotonic())
         wait_all_workers(server, args.workers)

@@ -1,1 +1,0 @@
-"""`make bench`: a benchmark, not a test suite (pytest collects nothing here)."""
