@@ -19,6 +19,9 @@ METRICS_DIR = _server.prometheus_multiproc_dir
 # Set in the master, before any worker exists: workers inherit it, and
 # prometheus_client chooses its multiprocess storage when first imported.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+# Whether the API needs keys is decided here, once: a worker started later
+# (a recycle, a crash) must not decide again from a keys file that changed.
+os.environ["AUTH"] = _server.auth_mode
 
 # Pure-Python framework libraries (not the app, not the bundle) are imported
 # once in the master and inherited by every forked worker, which halves a

@@ -60,7 +60,36 @@ class _EnvSettings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
 
-class ServiceSettings(_EnvSettings):
+AuthMode = Literal["keys", "off"]
+
+
+class _AuthSettings(_EnvSettings):
+    """Whether the API needs keys: decided once, at start, from configuration,
+    never from what the keys file holds later (an emptied or cut file must not
+    turn authentication off). Read by the master too, which pins the answer
+    for every worker it starts."""
+
+    # keys: every route but health (and public docs) needs a key in
+    # API_KEYS_FILE; a file with no key refuses everyone. off: open to all.
+    # Unset: keys when API_KEYS_FILE is set or the file exists, else off.
+    auth: AuthMode | None = None
+    # API keys (service.auth.keyfile format).
+    api_keys_file: Path = DEFAULT_KEYS_FILE
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _blank_auth_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def auth_mode(self) -> AuthMode:
+        if self.auth is not None:
+            return self.auth
+        configured = "api_keys_file" in self.model_fields_set or self.api_keys_file.exists()
+        return "keys" if configured else "off"
+
+
+class ServiceSettings(_AuthSettings):
     model_dir: Path = Path("artifacts")
     model_name: str = "iris"
     # None: serve the highest semantic version present, so a SIGHUP after
@@ -87,9 +116,6 @@ class ServiceSettings(_EnvSettings):
     pinned_bundle: PinnedBundle | None = Field(default=None, alias=PINNED_BUNDLE_VARIABLE)
     # Where the master records rollout attempts (the multiprocess metrics directory).
     prometheus_multiproc_dir: Path | None = None
-    # API keys (service.auth.keyfile format). With at least one key every route but
-    # health and the API description needs one; no file or no keys: open.
-    api_keys_file: Path = DEFAULT_KEYS_FILE
     # The API description (/docs, /redoc, /openapi.json): open to all, behind
     # the API keys like the rest, or not served.
     docs: Literal["public", "protected", "off"] = "public"
@@ -143,7 +169,7 @@ class ServiceSettings(_EnvSettings):
         return frozenset(digests)
 
 
-class ServerSettings(_EnvSettings):
+class ServerSettings(_AuthSettings):
     web_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     bind: str | None = None
     port: int = Field(default=8000, ge=0, le=65535)
