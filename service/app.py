@@ -22,7 +22,13 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from service.auth.keyfile import KeyFileError
-from service.auth.middleware import OPEN_PATHS, ApiKeyMiddleware, KeyStore, is_open_path
+from service.auth.middleware import (
+    CHECK_INTERVAL_SECONDS,
+    OPEN_PATHS,
+    ApiKeyMiddleware,
+    KeyStore,
+    is_open_path,
+)
 from service.bundle import BundleError
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
@@ -58,6 +64,14 @@ def model_metrics(predictor: Predictor) -> ModelMetrics:
     return ModelMetrics(
         predictor.manifest, predictor.backend.name, predictor.checksums[served_file]
     )
+
+
+async def watch_keys(keys: KeyStore) -> None:
+    """Look at the keys file in idle workers too, so api_keys_file_ok (and
+    the log) say what every worker holds, not what it held at its last request."""
+    while True:
+        await asyncio.sleep(CHECK_INTERVAL_SECONDS)
+        keys.refresh()
 
 
 async def refresh_process_metrics(interval_seconds: float = 5.0) -> None:
@@ -214,6 +228,8 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         load_keys(keys)
         tasks: list[asyncio.Task[None]] = []
+        if keys.enabled:
+            tasks.append(asyncio.create_task(watch_keys(keys)))
         try:
             api.state.pipeline = await start_serving(settings)
         except Exception as exc:
