@@ -148,6 +148,8 @@ def start(name: str, work: Path, bundle: Path, workers: int) -> Server:
     env = {
         "API_KEYS_FILE": str(keys_path),
         **os.environ,
+        # Decided by configuration, not by whether the file holds a key.
+        "AUTH": "keys" if with_key else "off",
         "MODEL_DIR": str(bundle.parents[1]),
         "BENCH_BUNDLE": str(bundle),
         "WEB_CONCURRENCY": str(workers),
