@@ -18,9 +18,10 @@ import httpx
 import pytest
 
 from service.auth import keyfile
-from tests.support.nginx import NJS_MODULE, Nginx, running_nginx
+from tests.support.bundles import SETOSA
+from tests.support.nginx import NJS_MODULE, Nginx, render, running_nginx
 from tests.support.scrape import sample, scrape
-from tests.support.servers import Gunicorn, running_gunicorn, wait_for
+from tests.support.servers import Gunicorn, free_port, running_gunicorn, wait_for
 from tests.support.traffic import Traffic
 
 pytestmark = [
@@ -191,3 +192,13 @@ def test_a_writer_that_truncates_then_writes_lets_no_keyless_request_through(
     assert rewrites > 100
     _assert_closed(traffic)
     assert served.proxy_classes()["open"] == 0
+
+
+def test_the_proxy_names_no_replica_unless_asked(served: Served, tmp_path: Path) -> None:
+    answer = httpx.post(f"{served.proxy.url}/predict", json=SETOSA, headers=served.alice)
+    assert answer.status_code == 200
+    assert "x-upstream-addr" not in answer.headers
+    # The access log still says which replica answered.
+    assert '"upstream_addr":"127.0.0.1:' in served.proxy.access_log.read_text()
+    debug = render(tmp_path, served.server.port, free_port(), {"PROXY_UPSTREAM_ADDR_HEADER": "on"})
+    assert "add_header X-Upstream-Addr $upstream_addr always;" in debug.read_text()
