@@ -107,7 +107,7 @@ class KeyStore:
         try:
             keys, self._marked = keyfile.read_complete(self.path)
         except keyfile.IncompleteKeyFileError as exc:
-            self._refuse(signature, exc)
+            self._keep_keys(signature, exc)
             return
         self._set_keys(keys)
         self._accept(signature)
@@ -172,7 +172,7 @@ class KeyStore:
         self._refused = "never"
         self._reread = signature is not None and time.time() - signature[2] / 1e9 < RACY_SECONDS
 
-    def _refuse(self, signature: Signature, exc: Exception) -> None:
+    def _keep_keys(self, signature: Signature, exc: Exception) -> None:
         # Possibly a write in progress: keep the keys we have, look again at
         # the next check, and say so once per state of the file.
         self._set_file_ok(False)
@@ -197,7 +197,7 @@ class KeyStore:
                 return
             keys, marked = keyfile.read_complete(self.path, require_marker=self._marked)
         except (keyfile.KeyFileError, OSError) as exc:
-            self._refuse(signature, exc)
+            self._keep_keys(signature, exc)
             return
         changed = keys != self._keys
         self._marked = marked
