@@ -68,7 +68,7 @@ api-key:
 	@$(PYTHON) -m service.auth.keys --file "$(API_KEYS_FILE)" add "$(NAME)"
 
 api-key-revoke:
-	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-open]" >&2; exit 2; }
+	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-empty]" >&2; exit 2; }
 	@$(PYTHON) -m service.auth.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
 
 # Prometheus (and promtool), nginx and its njs module (the proxy tests) and

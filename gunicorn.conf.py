@@ -19,6 +19,9 @@ METRICS_DIR = _server.prometheus_multiproc_dir
 # Set in the master, before any worker exists: workers inherit it, and
 # prometheus_client chooses its multiprocess storage when first imported.
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+# Whether the API needs keys is decided here, once: a worker started later
+# (a recycle, a crash) must not decide again from a keys file that changed.
+os.environ["AUTH"] = _server.auth_mode
 
 # Pure-Python framework libraries (not the app, not the bundle) are imported
 # once in the master and inherited by every forked worker, which halves a
@@ -55,8 +58,10 @@ proc_name = "ml-api"
 control_socket_disable = True
 
 
-# The workers' shared connection counts (service.server.acceptor), on tmpfs when there is one.
-CONNECTION_LEDGER = Path(worker_tmp_dir or tempfile.gettempdir()) / f"ml-api-{os.getpid()}.conns"
+# The workers' shared connection counts (service.server.acceptor), on tmpfs
+# when there is one, in a private directory the master creates at start.
+LEDGER_PARENT = Path(worker_tmp_dir or tempfile.gettempdir())
+CONNECTION_LEDGER: list[Path] = []
 
 
 def on_starting(server: Any) -> None:
@@ -67,12 +72,17 @@ def on_starting(server: Any) -> None:
     prepare_directory(METRICS_DIR)
     # Exits non-zero with one line when nothing at all can be served.
     ROLLOUTS.start(METRICS_DIR, server.log)
-    create_ledger(CONNECTION_LEDGER)
-    os.environ[LEDGER_ENV] = str(CONNECTION_LEDGER)
+    ledger = create_ledger(LEDGER_PARENT)
+    CONNECTION_LEDGER.append(ledger)
+    os.environ[LEDGER_ENV] = str(ledger)
+    server.log.info("connection ledger %s", ledger)
 
 
 def on_exit(server: Any) -> None:
-    CONNECTION_LEDGER.unlink(missing_ok=True)
+    from service.server.acceptor import remove_ledger
+
+    for ledger in CONNECTION_LEDGER:
+        remove_ledger(ledger)
 
 
 def on_reload(server: Any) -> None:
@@ -89,4 +99,5 @@ def child_exit(server: Any, worker: Any) -> None:
     from service.server.acceptor import clear_slot
 
     fold_dead_worker(METRICS_DIR, worker.pid)
-    clear_slot(CONNECTION_LEDGER, worker.pid)
+    for ledger in CONNECTION_LEDGER:
+        clear_slot(ledger, worker.pid)

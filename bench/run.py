@@ -209,6 +209,8 @@ def launch(
     env = {
         "API_KEYS_FILE": str(keys_path),
         **os.environ,
+        # Decided by configuration, not by whether the file holds a key.
+        "AUTH": "keys" if spec.api_key else "off",
         "MODEL_DIR": str(bundle.parents[1]),
         "BENCH_BUNDLE": str(bundle),
         "WEB_CONCURRENCY": str(workers),

@@ -67,7 +67,10 @@ image: engine $(OFFLINE_DEP)
 	$(DOCKER_ENV) docker/build-image.sh
 
 up: image
-	@test -f "$(API_KEYS_FILE)" || { echo "no API keys file $(API_KEYS_FILE): run 'make api-key NAME=<id>' (an empty file runs the API open)" >&2; exit 2; }
+	@test -f "$(API_KEYS_FILE)" || { echo "no API keys file $(API_KEYS_FILE): run 'make api-key NAME=<id>' (or AUTH=off to run the API open)" >&2; exit 2; }
+	@# Compose bind-mounts the file into containers that run as other users;
+	@# `make api-key` creates it 0600. Digests reveal no key.
+	chmod a+r "$(API_KEYS_FILE)"
 	API_KEYS_FILE=$(API_KEYS_FILE) $(DOCKER_ENV) docker compose up -d --wait --scale api=$(REPLICAS) $(COMPOSE_SERVICES)
 	@echo "API:        http://127.0.0.1:$${PROXY_PORT:-8080}  (try: curl -X POST http://127.0.0.1:$${PROXY_PORT:-8080}/predict -H 'Content-Type: application/json' -d '{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}')"
 	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
 from service.auth.keyfile import KeyFileError
-from service.auth.middleware import ApiKeyMiddleware, KeyStore
+from service.auth.middleware import CHECK_INTERVAL_SECONDS, ApiKeyMiddleware, KeyStore
 from service.bundle import BundleError
 from service.compression import RequestDecompressionMiddleware
 from service.errors import install_error_handlers
@@ -60,6 +60,14 @@ def model_metrics(predictor: Predictor) -> ModelMetrics:
     return ModelMetrics(
         predictor.manifest, predictor.backend.name, predictor.checksums[served_file]
     )
+
+
+async def watch_keys(keys: KeyStore) -> None:
+    """Look at the keys file in idle workers too, so api_keys_file_ok (and
+    the log) say what every worker holds, not what it held at its last request."""
+    while True:
+        await asyncio.sleep(CHECK_INTERVAL_SECONDS)
+        keys.refresh()
 
 
 async def refresh_process_metrics(interval_seconds: float = 5.0) -> None:
@@ -123,26 +131,41 @@ async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
 
 
 def load_keys(keys: KeyStore) -> None:
-    """Refuse to start on a keys file that exists but cannot be used: serving
+    """Refuse to start on a keys file that exists but cannot be parsed: serving
     open instead would be the wrong way to fail."""
     try:
         keys.load()
-    except (KeyFileError, OSError, UnicodeDecodeError) as exc:
+    except (KeyFileError, OSError) as exc:
         log.critical(
             f"API keys file {keys.path} unusable: {exc}",
             extra={"fields": {"file": str(keys.path)}},
         )
         raise StartupRefusedError(str(exc)) from None
-    if keys.enabled:
+    if not keys.enabled:
+        log.warning(
+            "auth disabled (AUTH=off): every route is open",
+            extra={"fields": {"file": str(keys.path)}},
+        )
+    elif keys.key_ids:
         log.info(
             "auth enabled: API key required on every route but health and docs",
             extra={"fields": {"file": str(keys.path), "key_ids": keys.key_ids}},
         )
     else:
         log.warning(
-            "auth disabled: no API keys configured, every route is open",
-            extra={"fields": {"file": str(keys.path)}},
+            "auth enabled without a usable key: every route but health and docs answers 401"
+            " until a key is added (AUTH=off runs open)",
+            extra={"fields": {"file": str(keys.path), "file_ok": keys.file_ok}},
         )
+
+
+def keys_file_gauge() -> Callable[[bool], None]:
+    from service.metrics.instruments import API_KEYS_FILE_OK
+
+    def record(ok: bool) -> None:
+        API_KEYS_FILE_OK.set(1 if ok else 0)
+
+    return record
 
 
 class MlApi:
@@ -191,12 +214,18 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     settings = settings or ServiceSettings()
     configure_logging(settings.log_level)
 
-    keys = KeyStore(settings.api_keys_file)
+    keys = KeyStore(
+        settings.api_keys_file,
+        required=settings.auth_mode == "keys",
+        on_file_state=keys_file_gauge() if settings.metrics_enabled else None,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         load_keys(keys)
         tasks: list[asyncio.Task[None]] = []
+        if keys.enabled:
+            tasks.append(asyncio.create_task(watch_keys(keys)))
         try:
             api.state.pipeline = await start_serving(settings)
         except Exception as exc:

@@ -7,6 +7,7 @@ import atexit
 import logging
 import math
 import os
+import re
 import sys
 import time
 import weakref
@@ -16,6 +17,17 @@ import orjson
 
 ACCESS_LOGGER = "ml_api.access"
 APP_LOGGER = "ml_api"
+
+
+# Control characters (a newline forges a log line, an escape sequence
+# rewrites the terminal) and the Unicode line separators.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(value: object) -> str:
+    """`value` as text safe inside one plain-text log line: control characters
+    as Python escapes. The JSON logs need none of this (orjson escapes)."""
+    return _UNPRINTABLE.sub(lambda match: repr(match.group())[1:-1], str(value))
 
 
 class _Timestamps:

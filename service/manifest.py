@@ -41,6 +41,8 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # A category value is a JSON string in requests and a label value in metrics.
 MAX_CATEGORIES = 1000
 MAX_CATEGORY_LENGTH = 200
+# Class names are label values, answer fields and log text too: bounded alike.
+MAX_CLASSES = 1000
 DECILE_COUNT = 9
 
 Backend = Literal["onnx", "sklearn"]
@@ -287,8 +289,13 @@ class Manifest(_Strict):
     libraries: LibraryVersions
     estimator: EstimatorInfo
     features: list[FeatureSpec] = Field(min_length=1, max_length=4096)
-    classes: list[str] | None = Field(
-        default=None, min_length=2, description="Class names in output order (classification)."
+    classes: list[Annotated[str, Field(min_length=1, max_length=MAX_CATEGORY_LENGTH)]] | None = (
+        Field(
+            default=None,
+            min_length=2,
+            max_length=MAX_CLASSES,
+            description="Class names in output order (classification).",
+        )
     )
     target_statistics: TargetStatistics | None = Field(
         default=None, description="The reference target's statistics (regression)."

@@ -141,7 +141,9 @@ class BodySizeLimitMiddleware:
             return self.app(scope, receive, send)
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
-                size = int(value)
+                # Past the limit's digit count it is over the limit; int() of
+                # thousands of digits would raise (CPython's int digit limit).
+                size = int(value) if len(value) <= len(str(self.max_bytes)) else self.max_bytes + 1
                 if size > self.max_bytes:
                     return send_exception(send, scope, BodyTooLargeError(self.max_bytes, size))
                 # The HTTP parser delivers exactly the declared length (the

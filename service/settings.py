@@ -60,7 +60,43 @@ class _EnvSettings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
 
-class ServiceSettings(_EnvSettings):
+AuthMode = Literal["keys", "off"]
+
+
+class _AuthSettings(_EnvSettings):
+    """Whether the API needs keys: decided once, at start, from configuration,
+    never from what the keys file holds later (an emptied or cut file must not
+    turn authentication off). Read by the master too, which pins the answer
+    for every worker it starts."""
+
+    auth: AuthMode | None = Field(
+        default=None,
+        description="`keys`: every route but health (and public docs) needs a key from "
+        "`API_KEYS_FILE`, and a file with no key refuses everyone. `off`: open to all. "
+        "Unset: `keys` when `API_KEYS_FILE` is set or the file exists, else `off`. Decided "
+        "once, at start: a keys file that breaks or empties later never opens the service.",
+    )
+    api_keys_file: Path = Field(
+        default=DEFAULT_KEYS_FILE,
+        description="Key ids and SHA-256 digests (`make api-key`), re-read while running; "
+        "a missing, empty or broken file keeps the keys last loaded. In compose, the host "
+        "file mounted as a secret.",
+    )
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _blank_auth_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def auth_mode(self) -> AuthMode:
+        if self.auth is not None:
+            return self.auth
+        configured = "api_keys_file" in self.model_fields_set or self.api_keys_file.exists()
+        return "keys" if configured else "off"
+
+
+class ServiceSettings(_AuthSettings):
     """The application inside each worker: which model, how requests are bounded,
     batched and authenticated."""
 
@@ -150,13 +186,6 @@ class ServiceSettings(_EnvSettings):
         description="The server's setting of the same name (gunicorn.conf.py exports it "
         "to the workers): where they read the master's rollout record.",
     )
-    # API keys (service.auth.keyfile format). With at least one key every route but
-    # health and the API description needs one; no file or no keys: open.
-    api_keys_file: Path = Field(
-        default=DEFAULT_KEYS_FILE,
-        description="Key ids and SHA-256 digests (`make api-key`); none or empty: no "
-        "authentication. In compose, the host file mounted as a secret.",
-    )
     # The API description (/docs, /redoc, /openapi.json): open to all, behind
     # the API keys like the rest, or not served.
     docs: Literal["public", "protected", "off"] = Field(
@@ -214,7 +243,7 @@ class ServiceSettings(_EnvSettings):
         return frozenset(digests)
 
 
-class ServerSettings(_EnvSettings):
+class ServerSettings(_AuthSettings):
     """Gunicorn, read by gunicorn.conf.py in the master: workers, binding, timeouts,
     recycling."""
 

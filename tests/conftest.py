@@ -27,6 +27,7 @@ AMBIENT_SETTINGS = (
     "TRUSTED_DIGESTS_FILE",
     "ML_API_PINNED_BUNDLE",
     "API_KEYS_FILE",
+    "AUTH",
     "DOCS",
 )
 

@@ -18,8 +18,17 @@
 #                              (stop-first: it holds the host port); return
 #                              when both converged
 #   stack.sh init              only the swarm part of `up`
+#   stack.sh preflight         the checks `up` makes before touching the engine
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
+#
+# Prometheus (no authentication) and Grafana publish no port: swarm would bind
+# every interface of the node. `up` starts a loopback-only door to both on the
+# manager (monitoring.conf): http://127.0.0.1:$PROMETHEUS_PORT and
+# http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
+#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
+# Grafana is not deployed with its default password: set GRAFANA_ADMIN_PASSWORD
+# (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
 # PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
@@ -28,8 +37,9 @@
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
 # host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
-# must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
-# other proxy limits (docs/operations.md, "The proxy").
+# must exist; keys are required whatever it holds, AUTH=off runs the API open),
+# GRAFANA_ADMIN_PASSWORD, PROXY_API_KEY_RATE and the other proxy limits
+# (docs/operations.md, "The proxy").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -79,7 +89,7 @@ service() { printf '%s_%s' "$STACK_NAME" "$1"; }
 keys_source() {
     local file="${API_KEYS_FILE:-secrets/api-keys}"
     case "$file" in /*) ;; *) file="$PWD/$file" ;; esac
-    [ -f "$file" ] || die "no API keys file $file: run 'make api-key NAME=<id>' (an empty file runs the API open)"
+    [ -f "$file" ] || die "no API keys file $file: run 'make api-key NAME=<id>'"
     printf '%s' "$file"
 }
 
@@ -109,7 +119,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url, Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
             return 0
         fi
         sleep 1
@@ -117,7 +127,44 @@ wait_for_prediction() {
     die "the proxy did not answer /health/ready on $url within ${TIMEOUT}s"
 }
 
+# Grafana on swarm is reached by SSH tunnel from anywhere the manager is: its
+# default password would be everyone's. Without Grafana, a random one fills
+# the stack file's required variable.
+preflight() {
+    if [ "${GRAFANA_REPLICAS:-1}" != 0 ]; then
+        case "${GRAFANA_ADMIN_PASSWORD:-}" in
+            ''|admin) die "set GRAFANA_ADMIN_PASSWORD (not empty, not 'admin'), or GRAFANA_REPLICAS=0: Grafana is not deployed with its default password" ;;
+        esac
+    else
+        : "${GRAFANA_ADMIN_PASSWORD:=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+    fi
+    export GRAFANA_ADMIN_PASSWORD
+}
+
+monitoring_door() { printf '%s_monitoring' "$STACK_NAME"; }
+
+# A plain container (swarm cannot publish on one address) on the edge network,
+# publishing Prometheus and Grafana on the manager's loopback only.
+start_monitoring_door() {
+    local door
+    door="$(monitoring_door)"
+    docker rm -f "$door" >/dev/null 2>&1 || true
+    docker create --name "$door" --restart unless-stopped \
+        --label "io.ml-api.monitoring-door=$STACK_NAME" \
+        --network "${STACK_NAME}_edge" \
+        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
+        --read-only --tmpfs /tmp --tmpfs /var/cache/nginx --tmpfs /var/lib/nginx --tmpfs /run \
+        --cap-drop ALL --cap-add CHOWN --cap-add SETUID --cap-add SETGID \
+        --security-opt no-new-privileges:true \
+        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        -c /etc/ml-api-monitoring.conf -g 'daemon off;' >/dev/null
+    # Copied, not bind-mounted: the engine need not see this checkout.
+    docker cp "$HERE/monitoring.conf" "$door:/etc/ml-api-monitoring.conf" >/dev/null
+    docker start "$door" >/dev/null
+}
+
 cmd_up() {
+    preflight
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
@@ -128,6 +175,7 @@ cmd_up() {
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    start_monitoring_door
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
@@ -241,6 +289,8 @@ cmd_scale() {
 }
 
 cmd_down() {
+    # Attached to the stack's network: it would keep the network alive.
+    docker rm -f "$(monitoring_door)" >/dev/null 2>&1 || true
     if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$STACK_NAME"; then
         log "removing stack $STACK_NAME"
         docker stack rm "$STACK_NAME" >&2
@@ -273,9 +323,10 @@ cmd_down() {
 case "${1:-}" in
     up) cmd_up ;;
     init) ensure_swarm ;;
+    preflight) preflight ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
     keys) cmd_keys ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | init | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | preflight | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
 esac

@@ -9,6 +9,11 @@ format.
 Updates rewrite the file in place under an exclusive lock instead of renaming
 a new file over it: Docker bind-mounts a single-file secret by inode, and a
 rename would leave every running container on the old file.
+
+A file the key tool writes ends with END_MARKER. A reader cannot tell an empty
+or half-written file (`cp` truncates, then writes) from one that means "no
+keys"; the marker can: without it, a file that holds no key is incomplete,
+never an instruction to run open (see `read_complete`).
 """
 
 from __future__ import annotations
@@ -32,10 +37,20 @@ HEADER = (
     "# Managed by `make api-key NAME=<id>` and `make api-key-revoke NAME=<id>`.\n"
     "# Keys are never stored, only their digests.\n"
 )
+END_MARKER = "# end of ml-api API keys\n"
+# A reader compares two reads of the file; a writer still at it makes them differ.
+STABLE_READ_ATTEMPTS = 5
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
 
 
 class KeyFileError(ValueError):
     """The keys file cannot be used as it is; the message says which line and why."""
+
+
+class IncompleteKeyFileError(KeyFileError):
+    """Missing, empty, comment-only without the end marker, or changing while read:
+    possibly a write in progress, never a file that means "no keys"."""
 
 
 @dataclass(frozen=True)
@@ -74,16 +89,52 @@ def parse(text: str, source: str = "keys file") -> tuple[StoredKey, ...]:
 
 
 def render(keys: tuple[StoredKey, ...]) -> str:
-    return HEADER + "".join(f"{key.key_id} {key.digest.hex()}\n" for key in keys)
+    return HEADER + "".join(f"{key.key_id} {key.digest.hex()}\n" for key in keys) + END_MARKER
 
 
 def read(path: Path) -> tuple[StoredKey, ...]:
-    """The keys in the file; no file at all means none."""
+    """The keys in the file, for the key tool; no file at all means none."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return ()
     return parse(text, str(path))
+
+
+def stable_text(path: Path) -> str:
+    """The file's content as two consecutive reads agree on it."""
+    try:
+        previous = path.read_bytes()
+        for _ in range(STABLE_READ_ATTEMPTS):
+            current = path.read_bytes()
+            if current == previous:
+                return current.decode("utf-8")
+            previous = current
+    except FileNotFoundError:
+        raise IncompleteKeyFileError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise KeyFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    raise IncompleteKeyFileError(f"{path}: changed on every one of {STABLE_READ_ATTEMPTS} reads")
+
+
+def read_complete(path: Path, require_marker: bool = False) -> tuple[tuple[StoredKey, ...], bool]:
+    """The keys of a complete file and whether it carries the end marker.
+
+    Raises IncompleteKeyFileError for a file that may be a write in progress:
+    missing, holding no key without the end marker, or (`require_marker`: it
+    carried one before) without the marker; KeyFileError for one that cannot
+    be parsed.
+    """
+    text = stable_text(path)
+    marked = text.endswith(END_MARKER)
+    if text.count(END_MARKER.strip()) > int(marked):
+        # Also what a reader sees between the key tool's write and its cut.
+        raise IncompleteKeyFileError(f"{path}: text after the end marker")
+    keys = parse(text, str(path))
+    if not marked and (require_marker or not keys):
+        what = "no end marker" if keys else "no key and no end marker (empty or cut short)"
+        raise IncompleteKeyFileError(f"{path}: {what}")
+    return keys, marked
 
 
 def update(path: Path, add: StoredKey | None = None, revoke: str | None = None) -> None:
@@ -94,15 +145,16 @@ def update(path: Path, add: StoredKey | None = None, revoke: str | None = None) 
     content, the new one, or a mixture the parser refuses (the service then
     keeps the keys it had and reads again a moment later).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=DIRECTORY_MODE, parents=True)
     created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
     try:
         if created:
-            # Readable by the service and nginx, which run as other users (in
-            # containers, through a bind mount), whatever the umask: digests
-            # reveal no key.
-            os.fchmod(fd, 0o644)
+            # Private whatever the umask. A file the service reads as another
+            # user (compose bind-mounts it) is made readable there, on purpose
+            # (docker/targets.mk): digests reveal no key.
+            os.fchmod(fd, FILE_MODE)
         fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(os.dup(fd), "rb") as current:
             keys = parse(current.read().decode("utf-8"), str(path))

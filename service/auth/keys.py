@@ -32,12 +32,19 @@ def _add(path: Path, key_id: str) -> int:
     return 0
 
 
-def _revoke(path: Path, key_id: str, allow_open: bool) -> int:
+OPEN_IS_CONFIGURATION = (
+    "the keys file no longer decides whether the service runs open: set AUTH=off"
+    " in the service's environment for that"
+)
+
+
+def _revoke(path: Path, key_id: str, allow_empty: bool) -> int:
     keys = keyfile.read(path)
-    if [key.key_id for key in keys] == [key_id] and not allow_open:
+    if [key.key_id for key in keys] == [key_id] and not allow_empty:
         raise keyfile.KeyFileError(
-            f"{key_id!r} is the last key in {path}: without keys the service runs open"
-            " to everyone. Add another key first, or pass --allow-open"
+            f"{key_id!r} is the last key in {path}: without keys the service refuses"
+            " every request but health. Add another key first, or pass --allow-empty"
+            f" ({OPEN_IS_CONFIGURATION})"
         )
     keyfile.update(path, revoke=key_id)
     print(f"revoked API key {key_id!r} in {path} (refused within 5 s)", file=sys.stderr)
@@ -63,15 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     revoke = commands.add_parser("revoke", help="remove a key")
     revoke.add_argument("key_id")
     revoke.add_argument(
-        "--allow-open", action="store_true", help="allow revoking the last key (auth turns off)"
+        "--allow-empty",
+        action="store_true",
+        help="allow revoking the last key (the service then refuses every request)",
     )
+    revoke.add_argument("--allow-open", action="store_true", help=argparse.SUPPRESS)
     commands.add_parser("list", help="the key ids")
     args = parser.parse_args(argv)
     try:
         if args.command == "add":
             return _add(args.file, args.key_id)
         if args.command == "revoke":
-            return _revoke(args.file, args.key_id, args.allow_open)
+            if args.allow_open:
+                raise keyfile.KeyFileError(f"--allow-open: {OPEN_IS_CONFIGURATION}")
+            return _revoke(args.file, args.key_id, args.allow_empty)
         return _list(args.file)
     except (keyfile.KeyFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,7 +9,8 @@ The keys file is re-read when it changes, checked at most once a second and
 only when a request arrives, so a key added or revoked is live in every
 worker within a second or two without a restart, and a request costs one
 clock read plus one SHA-256 and a constant-time comparison with every stored
-digest.
+digest. Whether a key is needed at all is fixed at start (AUTH), never by
+the file's content: a file that breaks keeps the keys loaded before.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,33 +51,60 @@ Signature = tuple[int, int, int] | None  # inode, size, mtime in ns; None: no fi
 
 
 class KeyStore:
-    """The keys of one file, kept current while the server runs."""
+    """The keys of one file, kept current while the server runs.
 
-    def __init__(self, path: Path) -> None:
+    Fails closed: whether keys are required is fixed when the store is made
+    (AUTH); a file that goes missing, empty, cut short or unparsable while
+    the server runs keeps the keys loaded before, and only a complete file
+    (service.auth.keyfile.read_complete) replaces them, even with no key.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        required: bool = True,
+        on_file_state: Callable[[bool], None] | None = None,
+    ) -> None:
         self.path = path
+        self.required = required
         self._keys: tuple[keyfile.StoredKey, ...] = ()
         # Presented keys found valid since the keys last changed -> their ids.
         self._valid: dict[bytes, str] = {}
         self._signature: Signature = None
         self._reread = True
         self._next_check = 0.0
-        self._refused: Signature = None
+        self._refused: Signature | str = "never"
+        # Once the file carried the key tool's end marker, a version without
+        # it is a write in progress.
+        self._marked = False
+        self._on_file_state = on_file_state
+        self._file_ok: bool | None = None
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return self.required
 
     @property
     def key_ids(self) -> list[str]:
         return [key.key_id for key in self._keys]
 
     def load(self) -> None:
-        """At startup: a keys file that exists but cannot be used stops the
-        server (raises KeyFileError or OSError) rather than serving open."""
-        signature = self._stat()
-        self._set_keys(keyfile.read(self.path))
-        self._accept(signature)
+        """At startup: a keys file that exists but cannot be parsed stops the
+        server (raises KeyFileError or OSError). A missing or empty one starts
+        a server that refuses every key until one is added."""
         self._next_check = time.monotonic() + CHECK_INTERVAL_SECONDS
+        if not self.required:
+            self._set_file_ok(True)
+            return
+        signature = self._stat()
+        try:
+            keys, self._marked = keyfile.read_complete(self.path)
+        except keyfile.IncompleteKeyFileError as exc:
+            self._keep_keys(signature, exc)
+            return
+        self._set_keys(keys)
+        self._accept(signature)
+        self._set_file_ok(True)
 
     def refresh(self) -> None:
         """Per request: re-read the file if a check is due and it changed."""
@@ -84,7 +112,8 @@ class KeyStore:
         if now < self._next_check:
             return
         self._next_check = now + CHECK_INTERVAL_SECONDS
-        self._reload()
+        if self.required:
+            self._reload()
 
     def authenticate(self, key: bytes) -> str | None:
         """The id of the key, or None. A key not seen valid before is hashed and
@@ -113,6 +142,17 @@ class KeyStore:
         self._valid = {}
         self._keys = keys
 
+    @property
+    def file_ok(self) -> bool:
+        """False while the file on disk is not the one whose keys are in use."""
+        return self._file_ok is not False
+
+    def _set_file_ok(self, ok: bool) -> None:
+        if ok != self._file_ok:
+            self._file_ok = ok
+            if self._on_file_state is not None:
+                self._on_file_state(ok)
+
     def _stat(self) -> Signature:
         try:
             stat = os.stat(self.path)
@@ -122,8 +162,25 @@ class KeyStore:
 
     def _accept(self, signature: Signature) -> None:
         self._signature = signature
-        self._refused = None
+        self._refused = "never"
         self._reread = signature is not None and time.time() - signature[2] / 1e9 < RACY_SECONDS
+
+    def _keep_keys(self, signature: Signature, exc: Exception) -> None:
+        # Possibly a write in progress: keep the keys we have, look again at
+        # the next check, and say so once per state of the file.
+        self._set_file_ok(False)
+        if signature != self._refused:
+            self._refused = signature
+            log.warning(
+                "API keys file unusable; keeping the keys loaded before",
+                extra={
+                    "fields": {
+                        "file": str(self.path),
+                        "reason": str(exc),
+                        "key_ids": self.key_ids,
+                    }
+                },
+            )
 
     def _reload(self) -> None:
         signature: Signature = None
@@ -131,20 +188,15 @@ class KeyStore:
             signature = self._stat()
             if signature == self._signature and not self._reread:
                 return
-            keys = keyfile.read(self.path)
-        except (keyfile.KeyFileError, OSError, UnicodeDecodeError) as exc:
-            # Possibly a write in progress: keep the keys we have, look again
-            # at the next check, and say so once per state of the file.
-            if signature != self._refused:
-                self._refused = signature
-                log.error(
-                    "API keys file unusable; keeping the keys loaded before",
-                    extra={"fields": {"file": str(self.path), "reason": str(exc)}},
-                )
+            keys, marked = keyfile.read_complete(self.path, require_marker=self._marked)
+        except (keyfile.KeyFileError, OSError) as exc:
+            self._keep_keys(signature, exc)
             return
         changed = keys != self._keys
+        self._marked = marked
         self._set_keys(keys)
         self._accept(signature)
+        self._set_file_ok(True)
         if changed:
             log.info(
                 "API keys reloaded",
@@ -188,8 +240,7 @@ class ApiKeyMiddleware:
     key; the key's id goes into scope["state"]["key_id"] for the access log and
     the per-key metric. The routes declared public stay open (probes and load
     balancers carry no key; /metrics is for Prometheus on the internal network,
-    the proxy answers it 403), and everything is open while the file holds no
-    key."""
+    the proxy answers it 403), and everything is open with AUTH=off."""
 
     def __init__(self, app: ASGIApp, store: KeyStore, open_paths: OpenPaths) -> None:
         self.app = app

@@ -99,6 +99,13 @@ MODEL_INFO = Gauge(
     multiprocess_mode="livemax",
     registry=None,
 )
+API_KEYS_FILE_OK = Gauge(
+    "api_keys_file_ok",
+    "1 while the API keys file in use is the one on disk; 0 while it is missing, "
+    "empty, cut short or unparsable and the keys loaded before are kept.",
+    multiprocess_mode="livemin",
+    registry=None,
+)
 # Per-worker process figures: the default process collector reports nothing in
 # multiprocess mode. "liveall" keeps one series per live worker (label pid).
 RESIDENT_MEMORY = Gauge(

@@ -18,16 +18,21 @@ a new connection by that much at worst, never indefinitely.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
-import mmap
+import logging
 import os
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Sized
 from pathlib import Path
 
+log = logging.getLogger("ml_api")
+
 LEDGER_ENV = "ML_API_CONNECTION_LEDGER"
+LEDGER_NAME = "connections"
 SLOTS = 256
 # pid, connections held, last heartbeat (monotonic ms; CLOCK_MONOTONIC is system-wide).
 _SLOT = struct.Struct("<iiq")
@@ -35,6 +40,8 @@ LEDGER_BYTES = SLOTS * _SLOT.size
 HEARTBEAT_SECONDS = 0.1
 # A slot not refreshed for this long belongs to a dead or stuck worker.
 STALE_MS = 1000
+# A count beyond this (far more connections than a worker can hold) is not one.
+MAX_CONNECTIONS = 1 << 20
 RETRY_SECONDS = 0.0005
 MAX_DEFER_SECONDS = 0.002
 # Keep-alive connections stay where they were accepted: after a sibling
@@ -49,64 +56,168 @@ def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-def create_ledger(path: Path) -> None:
-    """In the master, before any worker exists."""
-    path.write_bytes(bytes(LEDGER_BYTES))
+def create_ledger(parent: Path) -> Path:
+    """In the master, before any worker exists: the ledger file in a private
+    directory of its own under `parent` (mode 0700, an unpredictable name),
+    created exclusively, never through a symlink, mode 0600."""
+    directory = Path(tempfile.mkdtemp(prefix="ml-api-", dir=parent))
+    path = directory / LEDGER_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.pwrite(fd, bytes(LEDGER_BYTES), 0)
+    finally:
+        os.close(fd)
+    return path
+
+
+def remove_ledger(path: Path) -> None:
+    """In the master, on exit."""
+    path.unlink(missing_ok=True)
+    # Not empty, or gone: then nothing of ours is left to remove.
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def clear_slot(path: Path, pid: int) -> None:
     """In the master, when a worker exits: its connections are gone with it."""
     try:
-        with path.open("r+b") as handle, mmap.mmap(handle.fileno(), LEDGER_BYTES) as view:
-            for slot in range(SLOTS):
-                if _SLOT.unpack_from(view, slot * _SLOT.size)[0] == pid:
-                    _SLOT.pack_into(view, slot * _SLOT.size, 0, 0, 0)
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        data = os.pread(fd, LEDGER_BYTES, 0)
+        whole = data[: len(data) // _SLOT.size * _SLOT.size]
+        for slot, (owner, _, _) in enumerate(_SLOT.iter_unpack(whole)):
+            if owner == pid:
+                os.pwrite(fd, bytes(_SLOT.size), slot * _SLOT.size)
+    except OSError:
         pass
+    finally:
+        os.close(fd)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            return int(stat.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ConnectionLedger:
-    """This worker's slot in the shared ledger, and a view of its siblings'."""
+    """This worker's slot in the shared ledger, and a view of its siblings'.
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("r+b")
-        self._view = mmap.mmap(self._file.fileno(), LEDGER_BYTES)
+    The file is shared with other processes, so nothing in it is trusted: it
+    is read with pread (a file cut short is a short read, where a mapping
+    would be SIGBUS), a slot counts only if its pid is a live child of this
+    worker's master and its count is in 0..MAX_CONNECTIONS, and a ledger that
+    is missing, short or full leaves the worker serving without balancing
+    (`broken` says why; logged once), never stops it.
+    """
+
+    def __init__(self, path: Path, master: int | None = None) -> None:
+        self.path = path
+        self.broken: str | None = None
         self._pid = os.getpid()
-        self._offset = self._claim()
-
-    def _claim(self) -> int:
-        # Workers boot concurrently: claim under an exclusive lock.
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        self._master = os.getppid() if master is None else master
+        # pid -> whether it is a child of our master, for the pids seen in slots.
+        self._siblings: dict[int, bool] = {}
+        self._checks_proc = os.path.exists(f"/proc/{self._pid}/stat")
+        self._offset: int | None = None
+        self._fd: int | None = None
         try:
+            self._fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._offset = self._claim(self._fd)
+        except OSError as exc:
+            self._break(f"{type(exc).__name__}: {exc.strerror or exc}")
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            log.warning(
+                "connection ledger unusable; this worker serves without balancing",
+                extra={"fields": {"ledger": str(self.path), "reason": reason}},
+            )
+
+    def _read(self) -> bytes | None:
+        if self._fd is None or self.broken is not None:
+            return None
+        try:
+            data = os.pread(self._fd, LEDGER_BYTES, 0)
+        except OSError as exc:
+            self._break(f"read failed: {exc.strerror or exc}")
+            return None
+        if len(data) != LEDGER_BYTES:
+            self._break(f"cut short: {len(data)} of {LEDGER_BYTES} bytes")
+            return None
+        return data
+
+    def _claim(self, fd: int) -> int | None:
+        # Workers boot concurrently: claim under an exclusive lock.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            data = self._read()
+            if data is None:
+                return None
             now = _now_ms()
-            for slot in range(SLOTS):
-                offset = slot * _SLOT.size
-                pid, _, beat = _SLOT.unpack_from(self._view, offset)
-                if pid == 0 or now - beat > STALE_MS:
-                    _SLOT.pack_into(self._view, offset, self._pid, 0, now)
+            for slot, (pid, _, beat) in enumerate(_SLOT.iter_unpack(data)):
+                if pid == 0 or now - beat > STALE_MS or not self._is_sibling(pid):
+                    offset = slot * _SLOT.size
+                    os.pwrite(fd, _SLOT.pack(self._pid, 0, now), offset)
                     return offset
         finally:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        raise RuntimeError(f"connection ledger full: more than {SLOTS} workers")
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._break(f"full: no free slot of {SLOTS}")
+        return None
+
+    def _is_sibling(self, pid: int) -> bool:
+        known = self._siblings.get(pid)
+        if known is None:
+            if len(self._siblings) > 2 * SLOTS:
+                self._siblings.clear()
+            known = self._siblings[pid] = pid > 0 and (
+                not self._checks_proc or _parent_of(pid) == self._master
+            )
+        return known
 
     def publish(self, connections: int) -> None:
-        _SLOT.pack_into(self._view, self._offset, self._pid, connections, _now_ms())
+        if self._fd is None or self._offset is None or self.broken is not None:
+            return
+        try:
+            os.pwrite(self._fd, _SLOT.pack(self._pid, connections, _now_ms()), self._offset)
+        except OSError as exc:
+            self._break(f"write failed: {exc.strerror or exc}")
 
     def least_loaded_sibling(self) -> int | None:
-        """Connections held by the least-loaded live sibling; None when there is none."""
+        """Connections held by the least-loaded live sibling; None when there is
+        none, or when the ledger cannot be trusted."""
+        data = self._read()
+        if data is None:
+            return None
         now = _now_ms()
         least: int | None = None
-        for pid, held, beat in _SLOT.iter_unpack(self._view):
-            if pid == 0 or pid == self._pid or now - beat > STALE_MS:
+        for pid, held, beat in _SLOT.iter_unpack(data):
+            if (
+                pid == 0
+                or pid == self._pid
+                or now - beat > STALE_MS
+                or not 0 <= held <= MAX_CONNECTIONS
+                or not self._is_sibling(pid)
+            ):
                 continue
             if least is None or held < least:
                 least = held
         return least
 
     def close(self) -> None:
-        _SLOT.pack_into(self._view, self._offset, 0, 0, 0)
-        self._view.close()
-        self._file.close()
+        if self._fd is None:
+            return
+        if self._offset is not None and self.broken is None:
+            with contextlib.suppress(OSError):
+                os.pwrite(self._fd, bytes(_SLOT.size), self._offset)
+        os.close(self._fd)
+        self._fd = None
 
 
 class WorkerLoad:

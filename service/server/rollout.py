@@ -28,6 +28,7 @@ import orjson
 from pydantic import BaseModel
 
 from service.bundle import BundleError, resolve_bundle_dir
+from service.logs import escape
 from service.manifest import Manifest
 from service.server.rollout_record import RolloutAttempt, now, record_attempt
 from service.settings import PINNED_BUNDLE_VARIABLE, PinnedBundle, ServiceSettings
@@ -215,11 +216,11 @@ class Rollouts:
                 "model rollout accepted (%s): %s %s from %s, backend %s, classes predicted %s, "
                 "trial %.1f s",
                 trigger,
-                settings.model_name,
-                version,
-                path,
+                escape(settings.model_name),
+                escape(version),
+                escape(path),
                 result.backend,
-                ",".join(result.classes_predicted),
+                escape(",".join(result.classes_predicted)),
                 time.monotonic() - started,
             )
             attempt = RolloutAttempt(
@@ -233,7 +234,10 @@ class Rollouts:
         else:
             serving = self.pin.version if self.pin else "nothing"
             log.error(
-                "model rollout refused (%s), still serving %s: %s", trigger, serving, result.reason
+                "model rollout refused (%s), still serving %s: %s",
+                trigger,
+                escape(serving),
+                escape(result.reason),
             )
             attempt = RolloutAttempt(
                 trigger=trigger,
@@ -246,7 +250,7 @@ class Rollouts:
         try:
             record_attempt(metrics_dir, attempt)
         except OSError as exc:
-            log.error("model rollout not recorded in %s: %s", metrics_dir, exc)
+            log.error("model rollout not recorded in %s: %s", escape(metrics_dir), escape(exc))
         return attempt
 
     def start(self, metrics_dir: Path, log: Any) -> None:
@@ -260,7 +264,7 @@ class Rollouts:
         except Exception as exc:
             # An exception escaping a hook ends Gunicorn's main loop: the
             # master would exit. The pin, and so the serving version, stays.
-            log.error("model rollout refused (sighup), internal error: %r", exc)
+            log.error("model rollout refused (sighup), internal error: %s", escape(repr(exc)))
 
 
 ROLLOUTS = Rollouts()

@@ -98,9 +98,16 @@ def _flag(parameters: dict[str, Any], name: str, where: str, default: bool) -> b
 def _split(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or int(header_length) > len(body):
+    # More digits than the body's own length has is too long, and int() of a
+    # few thousand digits raises (CPython's int digit limit).
+    if (
+        not header_length.isdigit()
+        or len(header_length) > len(str(len(body)))
+        or int(header_length) > len(body)
+    ):
+        shown = header_length[:24].decode("latin-1") + ("..." if len(header_length) > 24 else "")
         raise TensorError(
-            f"Inference-Header-Content-Length {header_length.decode('latin-1')!r} is not a "
+            f"Inference-Header-Content-Length {shown!r} is not a "
             f"length within the {len(body)}-byte body"
         )
     length = int(header_length)

@@ -19,13 +19,14 @@ ClientFactory = Callable[..., AbstractContextManager[TestClient]]
 @pytest.fixture
 def make_client(model_dir: Path, tmp_path: Path) -> ClientFactory:
     """Start the real app (lifespan included) with settings overrides; no API
-    keys unless `api_keys_file` is given (a developer's secrets/ stays out)."""
+    keys (AUTH=off) unless `api_keys_file` is given (a developer's secrets/ stays out)."""
 
     @contextmanager
     def factory(**overrides: Any) -> Iterator[TestClient]:
         # The test bundle's pickle is pinned, as an operator would pin theirs.
         overrides.setdefault("trusted_model_sha256", model_sha256(model_dir / "iris" / "1.0.0"))
-        overrides.setdefault("api_keys_file", tmp_path / "no-api-keys")
+        if "api_keys_file" not in overrides:
+            overrides.update(api_keys_file=tmp_path / "no-api-keys", auth="off")
         settings = ServiceSettings(model_dir=model_dir, **overrides)
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
             yield client

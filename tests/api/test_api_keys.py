@@ -273,43 +273,95 @@ def test_without_keys_everything_is_open_and_health_says_so(make_client: ClientF
         assert client.get("/health").json()["auth"] == "disabled"
 
 
-def test_a_key_added_to_an_open_service_closes_it(
+def test_with_keys_required_and_no_key_yet_everyone_is_refused_until_one_is_added(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
     keys_file = tmp_path / "api-keys"
     with make_client(api_keys_file=keys_file) as client:
-        assert client.get("/model-info").status_code == 200
+        assert client.get("/model-info").status_code == 401
+        assert client.get("/health").json()["auth"] == "enabled"
         key = add_key(keys_file, "first")
         wait_for(
-            lambda: client.get("/model-info").status_code == 401,
+            lambda: client.get("/model-info", headers={"X-API-Key": key}).status_code == 200,
             RELOAD_BOUND_SECONDS,
-            what="the new key to close the service",
+            what="the new key to be accepted",
         )
+        assert client.get("/model-info").status_code == 401
+
+
+def test_with_auth_off_a_keys_file_changes_nothing(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "api-keys"
+    add_key(keys_file, "first")
+    with make_client(api_keys_file=keys_file, auth="off") as client:
+        assert client.get("/model-info").status_code == 200
+        assert client.get("/health").json()["auth"] == "disabled"
+        # Declared all the same, with no key (`{}`) satisfying it.
+        assert client.get("/openapi.json").json()["security"][-1] == {}
+
+
+def test_the_document_declares_api_keys_when_keys_are_required(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    with make_client(api_keys_file=tmp_path / "api-keys") as client:
+        document = client.get("/openapi.json").json()
+        assert document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
+
+
+@pytest.mark.parametrize(
+    "break_file",
+    [
+        lambda path: path.unlink(),
+        lambda path: path.write_text(""),
+        lambda path: path.write_text("# comments only\n"),
+        lambda path: path.write_text(path.read_text()[:40]),
+        lambda path: path.write_text(path.read_text() + "half a line"),
+    ],
+    ids=["removed", "emptied", "comments", "truncated", "broken rewrite"],
+)
+def test_a_keys_file_that_breaks_while_serving_keeps_the_keys_and_the_gauge_says_so(
+    make_client: ClientFactory,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    break_file: Any,
+) -> None:
+    keys_file = tmp_path / "api-keys"
+    key = add_key(keys_file, "alice")
+    with make_client(api_keys_file=keys_file) as client:
+        assert sample(parse_samples(client.get("/metrics").text), "api_keys_file_ok") == 1
+        break_file(keys_file)
+        logged: list[str] = []
+
+        def refused() -> bool:
+            client.get("/health/live")  # the file is looked at when requests arrive
+            logged.append(capfd.readouterr().err)
+            return "API keys file unusable" in "".join(logged)
+
+        wait_for(refused, RELOAD_BOUND_SECONDS, interval=0.2, what="the broken file to be read")
+        assert '"level":"warning"' in next(
+            line for line in "".join(logged).splitlines() if "API keys file unusable" in line
+        )
+        assert client.post("/predict", json=SETOSA).status_code == 401
         assert client.get("/model-info", headers={"X-API-Key": key}).status_code == 200
         assert client.get("/health").json()["auth"] == "enabled"
+        assert sample(parse_samples(client.get("/metrics").text), "api_keys_file_ok") == 0
 
 
-def test_the_document_declares_api_keys_and_401s_before_any_key_is_configured(
+def test_the_document_is_the_same_with_keys_off_and_on_but_for_the_empty_requirement(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
     """A client generated against an open server must survive keys being turned
     on: only whether no key (`{}`) satisfies the requirement changes."""
-    keys_file = tmp_path / "api-keys"
-    with make_client(api_keys_file=keys_file) as client:
+    with make_client(auth="off") as client:
         open_document = client.get("/openapi.json").json()
-        assert open_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
-        assert set(open_document["components"]["securitySchemes"]) == {
-            "bearerAuth",
-            "apiKeyHeader",
-        }
-        add_key(keys_file, "first")
-        wait_for(
-            lambda: client.get("/model-info").status_code == 401,
-            RELOAD_BOUND_SECONDS,
-            what="the new key to close the service",
-        )
+    assert open_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
+    assert set(open_document["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    keys_file = tmp_path / "api-keys"
+    add_key(keys_file, "first")
+    with make_client(api_keys_file=keys_file) as client:
         closed_document = client.get("/openapi.json").json()
-        assert closed_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
+    assert closed_document["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}]
     assert closed_document["paths"] == open_document["paths"]
     assert closed_document["components"] == open_document["components"]
 
@@ -341,22 +393,3 @@ def test_an_unusable_keys_file_stops_startup_instead_of_serving_open(
     with pytest.raises(Exception), make_client(api_keys_file=keys_file):  # noqa: B017, PT011
         pass
     assert "line 1" in capfd.readouterr().err
-
-
-def test_a_broken_rewrite_keeps_the_keys_loaded_before(
-    make_client: ClientFactory, tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    keys_file = tmp_path / "api-keys"
-    key = add_key(keys_file, "alice")
-    with make_client(api_keys_file=keys_file) as client:
-        keys_file.write_text(keys_file.read_text() + "half a line")
-        logged: list[str] = []
-
-        def refused() -> bool:
-            client.get("/health/live")  # the file is looked at when requests arrive
-            logged.append(capfd.readouterr().err)
-            return "API keys file unusable" in "".join(logged)
-
-        wait_for(refused, RELOAD_BOUND_SECONDS, interval=0.2, what="the broken file to be read")
-        assert client.get("/model-info", headers={"X-API-Key": key}).status_code == 200
-        assert client.get("/model-info").status_code == 401

@@ -235,6 +235,11 @@ BINARY_ERRORS: dict[str, tuple[Any, str]] = {
         "Inference-Header-Content-Length",
     ),
     "header length not a number": (lambda: _header_length("-3"), "Inference-Header-Content-Length"),
+    # More digits than Python's int() takes (4,300): a 500 with a traceback once.
+    "header length of 4,301 digits": (
+        lambda: _header_length("9" * 4301),
+        "Inference-Header-Content-Length",
+    ),
     "bytes after the tensors": (_trailing_bytes, "after the binary tensor data"),
     "size not matching the shape": (lambda: _declared_shape([1, 4]), "needs 16"),
 }

@@ -41,6 +41,7 @@ def flats(request: pytest.FixtureRequest, model_dir: Path, tmp_path: Path) -> It
         backend=request.param,
         trusted_model_sha256=pinned_digests(model_dir),
         api_keys_file=tmp_path / "no-api-keys",
+        auth="off",
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client

@@ -359,6 +359,27 @@ def test_the_ingress_caps_bodies_at_the_services_limit(rendered: Rendered) -> No
     assert int(body_size[:-1]) * 1024 * 1024 == int(rendered.settings["MAX_REQUEST_BYTES"])
 
 
+def test_the_ingress_retries_a_post_only_within_a_timeout_shorter_than_a_read(
+    rendered: Rendered,
+) -> None:
+    annotations = rendered.one("Ingress", "ml-api")["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    if "non_idempotent" in annotations.get(prefix + "proxy-next-upstream", ""):
+        retry_window = int(annotations[prefix + "proxy-next-upstream-timeout"])
+        assert 0 < retry_window < int(annotations[prefix + "proxy-read-timeout"])
+
+
+def test_forwarded_headers_are_trusted_from_a_network_never_from_everyone(
+    rendered: Rendered,
+) -> None:
+    import ipaddress
+
+    allowed = rendered.settings["FORWARDED_ALLOW_IPS"]
+    assert "*" not in allowed
+    for network in allowed.split(","):
+        assert not ipaddress.ip_network(network.strip()).is_global, network
+
+
 def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus(
     rendered: Rendered,
 ) -> None:

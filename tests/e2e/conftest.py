@@ -144,9 +144,11 @@ def stack(image: str, base_images: dict[str, str]) -> Iterator[Stack]:
         "COMPOSE_PROJECT_NAME": PROJECT,
         **API_KEY_SETTINGS,
     }
-    # Docker needs the secret's file; empty: the API runs open.
+    # Docker needs the secret's file (AUTH=off: the API runs open). Compose
+    # bind-mounts it into containers that run as other users: readable.
     API_KEYS_FILE.unlink(missing_ok=True)
     keyfile.update(API_KEYS_FILE)
+    API_KEYS_FILE.chmod(0o644)
     st = Stack(
         env=env,
         proxy=f"http://127.0.0.1:{env['PROXY_PORT']}",

@@ -22,13 +22,18 @@ MODEL_VERSION = os.environ.get("MODEL_VERSION", "1.0.0")
 IMAGE = f"{os.environ.get('IMAGE_NAME', 'ml-api')}:{MODEL_VERSION}"
 # Not the default stack's subnet, so `make up` and `make e2e` can coexist.
 BACKEND_SUBNET = os.environ.get("E2E_BACKEND_SUBNET", "172.29.88.0/24")
-# The stack's API keys secret: empty (open) unless a test adds keys, which it
-# revokes again. Per-key limits low enough to reach in a few requests (only
-# requests with a key meet them).
+# The stack's API keys secret: no keys, and AUTH=off, unless a test adds keys
+# (with AUTH=keys), which it revokes again. Per-key limits low enough to reach
+# in a few requests (only requests with a key meet them).
 API_KEYS_FILE = Path(os.environ.get("E2E_API_KEYS_FILE", f"/tmp/{PROJECT}-api-keys"))
 E2E_KEY_BURST = 3
 API_KEY_SETTINGS = {
     "API_KEYS_FILE": str(API_KEYS_FILE),
+    # Open, as the tests that send no key need; test_api_keys_stack recreates
+    # the api and the proxy with AUTH=keys for its own tests.
+    "AUTH": "off",
+    # Which replica answered: the tests count replicas by it.
+    "PROXY_UPSTREAM_ADDR_HEADER": "on",
     "PROXY_API_KEY_RATE": "1r/m",
     "PROXY_API_KEY_BURST": str(E2E_KEY_BURST),
 }

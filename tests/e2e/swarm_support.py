@@ -57,6 +57,8 @@ def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> di
         "API_REPLICAS": "3",
         # The swarm secret's source (Swarm.__post_init__ writes it).
         "API_KEYS_FILE": str(keys_file(stack)),
+        # Which replica answered: the tests count replicas by it.
+        "PROXY_UPSTREAM_ADDR_HEADER": "on",
     }
 
 

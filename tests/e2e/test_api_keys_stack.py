@@ -34,6 +34,12 @@ def _settle(stack: Stack, auth: str) -> None:
     time.sleep(LIVE_WITHIN_SECONDS)
 
 
+def _recreate(stack: Stack, auth: str) -> None:
+    """The api and the proxy again, with AUTH as given: it is decided at start."""
+    stack.env["AUTH"] = auth
+    stack.compose("up", "-d", "--wait", "api", "proxy")
+
+
 @pytest.fixture
 def keys(stack: Stack) -> Iterator[dict[str, str]]:
     minted = {}
@@ -41,12 +47,14 @@ def keys(stack: Stack) -> Iterator[dict[str, str]]:
         key = keyfile.mint_key()
         keyfile.update(API_KEYS_FILE, add=keyfile.StoredKey(key_id, keyfile.digest_of(key)))
         minted[key_id] = key
+    _recreate(stack, "keys")
     _settle(stack, "enabled")
     try:
         yield minted
     finally:
         for key_id in minted:
             keyfile.update(API_KEYS_FILE, revoke=key_id)
+        _recreate(stack, "off")
         _settle(stack, "disabled")
 
 

@@ -233,10 +233,10 @@ def test_nginx_limits_each_key_on_its_own_and_bad_keys_per_address(
 
 
 @needs_njs
-def test_nginx_without_keys_limits_per_address(model_dir: Path, tmp_path: Path) -> None:
+def test_nginx_with_auth_off_limits_per_address(model_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "api-keys"
     empty.write_text("")
-    env = {"API_KEYS_FILE": str(empty)}
+    env = {"API_KEYS_FILE": str(empty), "AUTH": "off"}
     with (
         running_gunicorn(model_dir, tmp_path / "logs", workers=1, env=env) as server,
         running_nginx(tmp_path / "nginx", server.port, {**LIMITS, **env}) as proxy,

@@ -185,6 +185,12 @@ def test_promtool_checks_the_alert_rules() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    result = _promtool("test", "rules", str(ALERT_RULES.with_name("alerts.test.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
 def test_scrape_config_finds_every_api_replica_by_dns() -> None:
     config = _load_yaml(PROMETHEUS_CONFIG)
     assert config["global"]["scrape_interval"] == "15s"
@@ -203,6 +209,7 @@ def test_every_alert_has_a_testable_condition_severity_and_text() -> None:
         "MlApiHigh5xxRatio",
         "MlApiNoReadyInstance",
         "MlApiRejectedShareRising",
+        "MlApiKeysFileUnusable",
     }
     for rule in alerts:
         assert _watched_expression(rule["expr"]) != rule["expr"].strip(), rule["alert"]

@@ -101,8 +101,9 @@ def start_gunicorn(
         "BIND": f"127.0.0.1:{port}",
         "WEB_CONCURRENCY": str(workers),
         "PROMETHEUS_MULTIPROC_DIR": str(log_dir / "metrics"),
-        # No keys unless the test gives a file: a developer's secrets/ stays out.
+        # Open unless the test gives a keys file: a developer's secrets/ stays out.
         "API_KEYS_FILE": str(log_dir / "no-api-keys"),
+        **({} if env and "API_KEYS_FILE" in env else {"AUTH": "off"}),
         **(env or {}),
     }
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:

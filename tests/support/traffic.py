@@ -13,8 +13,9 @@ from tests.support.bundles import SETOSA
 
 
 class Traffic:
-    def __init__(self, url: str, threads: int = 4) -> None:
+    def __init__(self, url: str, threads: int = 4, headers: dict[str, str] | None = None) -> None:
         self._url = f"{url}/predict"
+        self._headers = headers or {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.versions: list[str] = []
@@ -26,7 +27,7 @@ class Traffic:
         with httpx.Client(timeout=30, limits=limits) as client:
             while not self._stop.is_set():
                 try:
-                    response = client.post(self._url, json=SETOSA)
+                    response = client.post(self._url, json=SETOSA, headers=self._headers)
                 except httpx.HTTPError as exc:
                     outcome, failed = repr(exc), True
                 else:
@@ -37,6 +38,11 @@ class Traffic:
                         outcome = response.json()["model_version"]
                 with self._lock:
                     (self.failures if failed else self.versions).append(outcome)
+
+    def failure_statuses(self) -> Counter[str]:
+        """The failures by status code (or exception), without their bodies."""
+        with self._lock:
+            return Counter(failure.split(" ", 1)[0] for failure in self.failures)
 
     @property
     def sent(self) -> int:

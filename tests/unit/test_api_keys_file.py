@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,9 @@ def test_make_api_key_prints_the_key_last_and_stores_only_its_digest(tmp_path: P
     assert key not in stored
     assert f"alice {hashlib.sha256(key.encode()).hexdigest()}\n" in stored
     assert keyfile.read(path) == (keyfile.StoredKey("alice", keyfile.digest_of(key)),)
-    assert path.stat().st_mode & 0o777 == 0o644  # the service and nginx run as others
+    # Private: the file and the directory the tool made for it.
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_stdout_of_add_is_the_key_alone(tmp_path: Path) -> None:
@@ -84,9 +87,14 @@ def test_cli_refusals_say_why(tmp_path: Path) -> None:
     unknown = _cli("--file", str(path), "revoke", "nobody")
     assert (unknown.returncode, "no key with id" in unknown.stderr) == (1, True)
     last = _cli("--file", str(path), "revoke", "only")
-    assert (last.returncode, "runs open" in last.stderr) == (1, True)
-    assert _cli("--file", str(path), "revoke", "only", "--allow-open").returncode == 0
+    assert (last.returncode, "refuses every request" in last.stderr) == (1, True)
+    # Running open is configuration (AUTH=off), not something the file says.
+    open_flag = _cli("--file", str(path), "revoke", "only", "--allow-open")
+    assert (open_flag.returncode, "AUTH=off" in open_flag.stderr) == (1, True)
+    assert _cli("--file", str(path), "revoke", "only", "--allow-empty").returncode == 0
     assert keyfile.read(path) == ()
+    # What is left is a complete file with no key: it means "refuse everyone".
+    assert keyfile.read_complete(path) == ((), True)
 
 
 def test_cli_imports_nothing_heavy() -> None:
@@ -190,3 +198,126 @@ def test_a_revoked_key_stops_working_although_it_was_valid_a_moment_ago(
     store.refresh()
     assert store.authenticate(alice) is None
     assert store.authenticate(bob) == "bob"
+
+
+ALICE = keyfile.StoredKey("alice", keyfile.digest_of(b"a" * 30))
+MARKED = keyfile.render((ALICE,))
+HAND_WRITTEN = f"alice {ALICE.digest.hex()}\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "require_marker"),
+    [
+        (None, False),  # removed
+        ("", False),  # emptied: cp's truncate, before its write
+        ("# only comments\n\n", False),
+        (keyfile.HEADER, False),  # the tool's file, cut before the marker
+        (MARKED[: MARKED.index("alice") + 10], False),  # cut inside a line
+        (HAND_WRITTEN, True),  # a tool-written file that lost its marker
+        (MARKED + MARKED[len(keyfile.HEADER) :], False),  # the tool's write before its cut
+    ],
+)
+def test_a_file_that_may_be_a_write_in_progress_is_incomplete(
+    tmp_path: Path, content: str | None, require_marker: bool
+) -> None:
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(keyfile.KeyFileError):
+        keyfile.read_complete(path, require_marker=require_marker)
+
+
+def test_complete_files_are_the_marked_ones_and_hand_written_ones_with_keys(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys"
+    path.write_text(MARKED)
+    assert keyfile.read_complete(path) == ((ALICE,), True)
+    path.write_text(keyfile.render(()))
+    assert keyfile.read_complete(path) == ((), True)
+    path.write_text(HAND_WRITTEN)
+    assert keyfile.read_complete(path) == ((ALICE,), False)
+
+
+@pytest.mark.parametrize(
+    "break_file",
+    [
+        lambda path: path.unlink(),
+        lambda path: path.write_text(""),
+        lambda path: path.write_text("# comments only\n"),
+        lambda path: path.write_text(MARKED[:-5]),
+        lambda path: path.write_text("alice not-a-digest\n"),
+        lambda path: path.write_bytes(b"\xff\xfe"),
+    ],
+    ids=["removed", "emptied", "comments", "truncated", "unparsable", "not-utf8"],
+)
+def test_a_broken_file_keeps_the_keys_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_file: Any
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    path = tmp_path / "keys"
+    path.write_text(MARKED)
+    states: list[bool] = []
+    store = auth.KeyStore(path, required=True, on_file_state=states.append)
+    store.load()
+    break_file(path)
+    store.refresh()
+    assert (store.enabled, store.key_ids, store.file_ok) == (True, ["alice"], False)
+    assert store.authenticate(b"a" * 30) == "alice"
+    path.write_text(MARKED)
+    store.refresh()
+    assert states == [True, False, True]
+
+
+def test_revoking_the_last_key_refuses_everyone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    path = tmp_path / "keys"
+    keyfile.update(path, add=ALICE)
+    store = auth.KeyStore(path, required=True)
+    store.load()
+    keyfile.update(path, revoke="alice")
+    store.refresh()
+    assert (store.enabled, store.key_ids, store.file_ok) == (True, [], True)
+    assert store.authenticate(b"a" * 30) is None
+
+
+def test_with_auth_off_the_file_is_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    path = tmp_path / "keys"
+    store = auth.KeyStore(path, required=False)
+    store.load()
+    keyfile.update(path, add=ALICE)
+    store.refresh()
+    assert (store.enabled, store.key_ids) == (False, [])
+
+
+@pytest.mark.parametrize(
+    ("environment", "file_exists", "mode"),
+    [
+        ({}, False, "off"),
+        ({}, True, "keys"),
+        ({"API_KEYS_FILE": "elsewhere"}, False, "keys"),
+        ({"API_KEYS_FILE": "elsewhere", "AUTH": "off"}, False, "off"),
+        ({"AUTH": "keys"}, False, "keys"),
+        ({"AUTH": ""}, False, "off"),
+    ],
+)
+def test_auth_is_decided_from_configuration(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    environment: dict[str, str],
+    file_exists: bool,
+    mode: str,
+) -> None:
+    from service.settings import ServerSettings, ServiceSettings
+
+    monkeypatch.chdir(tmp_path)
+    if file_exists:
+        keyfile.update(keyfile.DEFAULT_KEYS_FILE)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert ServiceSettings().auth_mode == ServerSettings().auth_mode == mode

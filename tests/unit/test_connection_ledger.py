@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,81 +16,80 @@ from service.server.acceptor import ConnectionLedger, clear_slot, create_ledger
 
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
-    path = tmp_path / "conns"
-    create_ledger(path)
-    return path
+    return create_ledger(tmp_path)
+
+
+def _mine(path: Path) -> ConnectionLedger:
+    """A ledger whose siblings are this test's subprocesses (this process is their master)."""
+    return ConnectionLedger(path, master=os.getpid())
+
+
+Sibling = Callable[[int], int]
 
 
 @pytest.fixture
-def open_ledger(ledger_path: Path) -> Iterator[Callable[[], ConnectionLedger]]:
-    """This process's ledgers, each closed after the test (a worker closes its own at exit)."""
-    opened: list[ConnectionLedger] = []
+def sibling(ledger_path: Path) -> Iterator[Sibling]:
+    """Starts a process that publishes a count in the ledger and stays alive
+    until the test ends (a slot counts only while its worker lives); returns its pid."""
+    started: list[subprocess.Popen[str]] = []
 
-    def ledger() -> ConnectionLedger:
-        opened.append(ConnectionLedger(ledger_path))
-        return opened[-1]
+    def start(held: int) -> int:
+        code = (
+            "import os, sys; from pathlib import Path;"
+            "from service.server.acceptor import ConnectionLedger;"
+            f"ConnectionLedger(Path({str(ledger_path)!r})).publish({held});"
+            "print(os.getpid(), flush=True); sys.stdin.read()"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        started.append(process)
+        assert process.stdout is not None
+        return int(process.stdout.readline())
 
-    yield ledger
-    for each in opened:
-        each.close()
+    yield start
+    for process in started:
+        process.communicate(timeout=10)
 
 
-def _sibling(path: Path, held: int) -> int:
-    """A ledger entry from another live process; returns its pid."""
-    code = (
-        "import sys; from pathlib import Path;"
-        "from service.server.acceptor import ConnectionLedger;"
-        f"ConnectionLedger(Path({str(path)!r})).publish({held}); print(__import__('os').getpid())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout)
-
-
-def test_a_lone_worker_has_no_sibling_to_defer_to(
-    open_ledger: Callable[[], ConnectionLedger],
-) -> None:
-    ledger = open_ledger()
+def test_a_lone_worker_has_no_sibling_to_defer_to(ledger_path: Path) -> None:
+    ledger = _mine(ledger_path)
     ledger.publish(7)
     assert ledger.least_loaded_sibling() is None
 
 
-def test_siblings_report_the_least_loaded_count(
-    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger]
-) -> None:
-    _sibling(ledger_path, 5)
-    _sibling(ledger_path, 3)
-    mine = open_ledger()
+def test_siblings_report_the_least_loaded_count(ledger_path: Path, sibling: Sibling) -> None:
+    sibling(5)
+    sibling(3)
+    mine = _mine(ledger_path)
     mine.publish(9)
     assert mine.least_loaded_sibling() == 3
 
 
-def test_a_dead_workers_slot_is_cleared_by_the_master(
-    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger]
-) -> None:
-    dead = _sibling(ledger_path, 0)
-    mine = open_ledger()
+def test_a_dead_workers_slot_is_cleared_by_the_master(ledger_path: Path, sibling: Sibling) -> None:
+    dead = sibling(0)
+    mine = _mine(ledger_path)
     assert mine.least_loaded_sibling() == 0
     clear_slot(ledger_path, dead)
     assert mine.least_loaded_sibling() is None
 
 
 def test_a_stale_slot_is_ignored_and_reclaimed(
-    ledger_path: Path, open_ledger: Callable[[], ConnectionLedger], monkeypatch: pytest.MonkeyPatch
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, sibling: Sibling
 ) -> None:
-    _sibling(ledger_path, 0)
+    sibling(0)
     later = acceptor._now_ms() + acceptor.STALE_MS + 1
     monkeypatch.setattr(acceptor, "_now_ms", lambda: later)
-    mine = open_ledger()
+    mine = _mine(ledger_path)
     assert mine.least_loaded_sibling() is None
     # The stale slot was the first one, and it was reused.
     assert mine._offset == 0
 
 
 def test_a_closed_ledger_frees_its_slot(ledger_path: Path) -> None:
-    first = ConnectionLedger(ledger_path)
+    first = _mine(ledger_path)
     first.close()
-    second = ConnectionLedger(ledger_path)
-    second.close()
+    second = _mine(ledger_path)
     assert second._offset == 0
 
 
@@ -124,3 +124,79 @@ def test_a_worker_near_or_below_its_siblings_keeps_its_connections(least: int | 
         shed=lambda count: pytest.fail(f"asked to shed {count}"),
     )
     assert load.rebalance() == 0
+
+
+def test_the_ledger_is_private_and_made_exclusively(tmp_path: Path) -> None:
+    path = create_ledger(tmp_path)
+    assert path.parent.parent == tmp_path
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_size == acceptor.LEDGER_BYTES
+    # Two masters in one directory never share (or clobber) a ledger.
+    assert create_ledger(tmp_path) != path
+    acceptor.remove_ledger(path)
+    assert not path.parent.exists()
+
+
+def _write_slot(path: Path, slot: int, pid: int, held: int, beat: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(slot * acceptor._SLOT.size)
+        handle.write(acceptor._SLOT.pack(pid, held, beat))
+
+
+@pytest.mark.parametrize(
+    ("pid_of", "held"),
+    [
+        ("sibling", -1),
+        ("sibling", acceptor.MAX_CONNECTIONS + 1),
+        ("stranger", 0),  # a live process, but not a child of our master
+    ],
+)
+def test_a_slot_with_a_bogus_count_or_a_foreign_pid_is_ignored(
+    ledger_path: Path, sibling: Sibling, pid_of: str, held: int
+) -> None:
+    real = sibling(7)
+    mine = _mine(ledger_path)
+    pid = real if pid_of == "sibling" else os.getppid()
+    _write_slot(ledger_path, acceptor.SLOTS - 1, pid, held, acceptor._now_ms() + 60_000)
+    assert mine.least_loaded_sibling() == 7
+
+
+def test_a_missing_ledger_leaves_the_worker_without_balancing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine = ConnectionLedger(tmp_path / "gone")
+    mine.publish(3)
+    assert (mine.least_loaded_sibling(), "FileNotFoundError" in str(mine.broken)) == (None, True)
+    mine.close()
+    assert caplog.text.count("connection ledger unusable") == 1
+
+
+def test_a_ledger_cut_short_is_read_not_mapped(ledger_path: Path, sibling: Sibling) -> None:
+    sibling(1)
+    mine = _mine(ledger_path)
+    assert mine.least_loaded_sibling() == 1
+    os.truncate(ledger_path, 0)
+    mine.publish(5)
+    assert mine.least_loaded_sibling() is None
+    assert "cut short" in str(mine.broken)
+
+
+def test_a_full_ledger_of_live_siblings_leaves_the_worker_without_balancing(
+    ledger_path: Path, sibling: Sibling
+) -> None:
+    real = sibling(0)
+    for slot in range(acceptor.SLOTS):
+        _write_slot(ledger_path, slot, real, 0, acceptor._now_ms() + 60_000)
+    mine = _mine(ledger_path)
+    assert (mine.least_loaded_sibling(), mine.broken) == (
+        None,
+        f"full: no free slot of {acceptor.SLOTS}",
+    )
+
+
+def test_slots_filled_by_a_stranger_are_taken_over(ledger_path: Path) -> None:
+    for slot in range(acceptor.SLOTS):
+        _write_slot(ledger_path, slot, os.getppid(), 0, acceptor._now_ms() + 60_000)
+    mine = _mine(ledger_path)
+    assert (mine.broken, mine._offset) == (None, 0)

@@ -47,6 +47,10 @@ def test_a_trained_manifest_satisfies_both_sides(trained_bundle: Path) -> None:
         (lambda m: m["parity"].update(passed=False), "parity"),
         (lambda m: m.update(surprise=1), "surprise"),
         (lambda m: m["files"]["model.onnx"].update(sha256="0" * 63), "sha256"),
+        # Class names reach label values, answers and the master's log: bounded.
+        (lambda m: m.update(classes=[f"c{i}" for i in range(1001)]), "classes"),
+        (lambda m: m["classes"].__setitem__(0, "x" * 201), "classes"),
+        (lambda m: m["classes"].__setitem__(0, ""), "classes"),
     ],
 )
 def test_inconsistent_manifests_are_rejected(

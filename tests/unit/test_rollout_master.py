@@ -142,3 +142,21 @@ def test_a_worker_refuses_a_pinned_bundle_that_changed_since_its_trial(
     pin = PinnedBundle(path=bundle_path, version="1.0.0", manifest_sha256=DIGEST)
     with pytest.raises(BundleError, match=r"changed since the master proved it"):
         load_predictor(ServiceSettings(model_dir=model_dir, pinned_bundle=pin))
+
+
+def test_manifest_text_in_the_masters_log_cannot_forge_a_line(env: Path, tmp_path: Path) -> None:
+    def forged(path: Path, timeout: float) -> TrialResult:
+        return TrialResult(
+            ok=True,
+            version=path.name,
+            manifest_sha256=DIGEST,
+            backend="onnx",
+            classes_predicted=["setosa\n[CRITICAL] forged", "\x1b[2Jvirginica"],
+        )
+
+    log = Log()
+    Rollouts(forged).start(tmp_path, log)
+    [(_, line)] = log.lines
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert "setosa\\n[CRITICAL] forged,\\x1b[2Jvirginica" in line
