@@ -12,7 +12,7 @@ import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.backends.base import winning_class
-from service.manifest import CategoryFeature, Manifest
+from service.manifest import CategoryFeature, Manifest, bin_edges
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 from service.metrics.lean_values import incrementer
 
@@ -191,7 +191,7 @@ class ModelMetrics:
         self._count_class = [incrementer(counter) for counter in self._by_class]
         self._values: BufferedHistogram | None = None
         if manifest.target_statistics is not None:
-            edges = tuple(sorted(set(manifest.target_statistics.deciles)))
+            edges = bin_edges(manifest.target_statistics.deciles)
             self._values = BufferedHistogram(_prediction_histogram(edges).labels(*labels))
         # One histogram per numeric feature, bucketed at the training deciles,
         # so a dashboard reads the live share per training decile (each ~10%).
@@ -204,7 +204,7 @@ class ModelMetrics:
             if isinstance(feature, CategoryFeature):
                 self._categories.append((column, _category_counters(feature, labels)))
             elif feature.deciles is not None:
-                histogram = _feature_histogram(feature.name, tuple(sorted(set(feature.deciles))))
+                histogram = _feature_histogram(feature.name, bin_edges(feature.deciles))
                 self._histogram_columns.append(column)
                 histograms.append(histogram.labels(*labels, feature.name))
         self._features = BufferedHistograms(histograms, self._histogram_columns)
