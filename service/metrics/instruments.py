@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 from service.backends.base import winning_class
 from service.manifest import CategoryFeature, Manifest, bin_edges
@@ -86,8 +87,9 @@ BATCH_ROWS = Histogram(
     buckets=BATCH_ROW_BUCKETS,
     registry=None,
 )
+PREDICTIONS_METRIC = "model_predictions_total"
 PREDICTIONS = Counter(
-    "model_predictions_total",
+    PREDICTIONS_METRIC,
     "Predictions made, by class.",
     ["model", "version", "class"],
     registry=None,
@@ -121,8 +123,9 @@ OPEN_FDS = Gauge(
 )
 
 PREDICTION_VALUE_METRIC = "model_prediction_value"
+CATEGORY_METRIC = "model_feature_category_total"
 CATEGORIES = Counter(
-    "model_feature_category_total",
+    CATEGORY_METRIC,
     "Live category inputs, by value (the most frequent reference values; the rest as 'other').",
     ["model", "version", "feature", "value"],
     registry=None,
@@ -134,6 +137,13 @@ OTHER_CATEGORY = "other"
 FEATURE_METRIC = "model_feature_value"
 # registry=None throughout: scrapes build a fresh registry over the multiprocess
 # files, and the default registry's process collector would clash by name.
+
+
+def bucket_label(edge: float) -> str:
+    """The `le` label value a scrape shows for a histogram bucket edge: the drift
+    rules select buckets by it (service.monitoring.rules)."""
+    label: str = floatToGoString(edge)
+    return label
 
 
 @functools.cache

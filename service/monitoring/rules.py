@@ -32,24 +32,23 @@ rules are written for any distribution the same way.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from prometheus_client.utils import floatToGoString
-
 from service.bundle import BundleError, resolve_bundle_dir
 from service.manifest import MANIFEST_FILE, CategoryFeature, Manifest, bin_edges
 from service.metrics.instruments import (
-    CATEGORIES,
+    CATEGORY_METRIC,
     FEATURE_METRIC,
     MAX_CATEGORY_LABELS,
     OTHER_CATEGORY,
     PREDICTION_VALUE_METRIC,
-    PREDICTIONS,
+    PREDICTIONS_METRIC,
+    bucket_label,
 )
 
 WINDOWS = ("1h", "24h")
@@ -91,7 +90,7 @@ class Distribution:
 
 
 def _histogram_bins(deciles: list[float], shares: list[float]) -> tuple[Bin, ...]:
-    uppers = [floatToGoString(edge) for edge in bin_edges(deciles)] + [INF]
+    uppers = [bucket_label(edge) for edge in bin_edges(deciles)] + [INF]
     return tuple(Bin(upper, share) for upper, share in zip(uppers, shares, strict=True))
 
 
@@ -171,14 +170,14 @@ FAMILIES = (
         "feature",
         ("model", "version", "feature"),
         f"{FEATURE_METRIC}_bucket",
-        f"{CATEGORIES._name}_total",
+        CATEGORY_METRIC,
         "value",
     ),
     _Family(
         "prediction",
         ("model", "version"),
         f"{PREDICTION_VALUE_METRIC}_bucket",
-        f"{PREDICTIONS._name}_total",
+        PREDICTIONS_METRIC,
         "class",
     ),
 )
@@ -232,12 +231,8 @@ def _rows_rules(
         label = family.counter_label
         source = _selector(family.counter, identity)
         per_value = f"sum by ({by}, {label}) (increase({source}[{window}]))"
-        rules.append(
-            {
-                "record": per_bin,
-                "expr": f'sum without ({label}) (label_replace({per_value}, "bin", "$1", {_quote(label)}, "(.*)"))',
-            }
-        )
+        as_bin = f'label_replace({per_value}, "bin", "$1", {_quote(label)}, "(.*)")'
+        rules.append({"record": per_bin, "expr": f"sum without ({label}) ({as_bin})"})
         totals.append(f"sum without (bin) ({_selector(per_bin, identity)})")
     rules.append({"record": family.series("rows", window), "expr": "\n  or\n".join(totals)})
     return rules
@@ -252,7 +247,8 @@ def _counter_share_expr(family: _Family, identity: dict[str, str], window: str) 
 
 def _reference_share_expr(distribution: Distribution) -> str:
     return "\n  or\n".join(
-        f'label_replace(vector({max(b.reference, SHARE_FLOOR)!r}), "bin", {_quote(b.label)}, "", "")'
+        f"label_replace(vector({max(b.reference, SHARE_FLOOR)!r}), "
+        f'"bin", {_quote(b.label)}, "", "")'
         for b in distribution.bins
     )
 
@@ -319,6 +315,7 @@ def _alerts(
         psi = _selector(family.series("psi", "1h"), identity)
         rows = _selector(family.series("rows", "1h"), identity)
         what = "{{ $labels.feature }}" if family.name == "feature" else "the predictions"
+        bundle = "{{ $labels.model }} {{ $labels.version }}"
         alerts.append(
             {
                 "alert": "MlApiFeatureDrift"
@@ -329,17 +326,14 @@ def _alerts(
                 "for": alert_for,
                 "labels": {"severity": "warning"},
                 "annotations": {
-                    "summary": f"Drift in {what} of {{{{ $labels.model }}}} {{{{ $labels.version }}}}: "
+                    "summary": f"Drift in {what} of {bundle}: "
                     'PSI {{ $value | printf "%.2f" }} over the last hour',
                     "description": f"The population stability index of {what} against the "
-                    f"reference data of {{{{ $labels.model }}}} {{{{ $labels.version }}}} has stayed "
-                    f"above {DRIFT_THRESHOLD} for {alert_for} (with at least {min_rows} rows in the "
-                    "hour): live traffic no longer looks like the data the model was built on. "
-                    "Compare ml_api:"
-                    + family.name
-                    + "_bin_share:1h with ml_api:"
-                    + family.name
-                    + "_reference_share on the Model health row to see which bins moved.",
+                    f"reference data of {bundle} has stayed above {DRIFT_THRESHOLD} for "
+                    f"{alert_for} (with at least {min_rows} rows in the hour): live traffic "
+                    "no longer looks like the data the model was built on. Compare "
+                    f"{family.series('bin_share', '1h')} with {family.series('reference_share')} "
+                    "on the Model health row to see which bins moved.",
                 },
             }
         )
@@ -378,24 +372,36 @@ def build_rules(
 FAMILY = {family.name: family for family in FAMILIES}
 
 
-def _block(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-_Dumper.add_representer(str, _block)
+def _yaml(value: Any, indent: int) -> list[str]:
+    """YAML for the rule file's plain shapes (dicts, lists, strings), by hand: the
+    image's build environment has no YAML library. Strings are JSON-quoted (valid
+    YAML), expressions are block scalars so they read as written."""
+    pad = " " * indent
+    lines: list[str] = []
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        head = f"{pad}{key}:" if isinstance(value, dict) else f"{pad}-"
+        if isinstance(item, str) and key == "expr":
+            lines.append(f"{head} |-")
+            lines += [f"{pad}  {line}" for line in item.splitlines()]
+        elif isinstance(item, str):
+            lines.append(f"{head} {json.dumps(item)}")
+        elif isinstance(value, list):
+            nested = _yaml(item, indent + 2)
+            lines.append(f"{head} {nested[0].lstrip()}")
+            lines += nested[1:]
+        else:
+            lines.append(head)
+            lines += _yaml(item, indent + 2)
+    return lines
 
 
 def render(rules: dict[str, Any], manifest: Manifest) -> str:
-    header = (
-        f"# Drift rules for {manifest.name} {manifest.version}, generated from its manifest by\n"
-        "# `make rules` (python -m service.monitoring.rules). Do not edit: regenerate.\n"
-    )
-    return header + yaml.dump(rules, Dumper=_Dumper, sort_keys=False, width=1000)
+    header = [
+        f"# Drift rules for {manifest.name} {manifest.version}, generated from its manifest by",
+        "# `make rules` (python -m service.monitoring.rules). Do not edit: regenerate.",
+    ]
+    return "\n".join(header + _yaml(rules, 0)) + "\n"
 
 
 def load_manifest(model_dir: Path, name: str, version: str | None) -> Manifest:
