@@ -118,8 +118,8 @@ def distributions(manifest: Manifest, warn: Warn | None = None) -> list[Distribu
         elif feature.deciles is None or feature.bin_shares is None:
             # A flat 10% per bin would be wrong wherever deciles tie.
             skipped.append(
-                f"feature {feature.name}: no reference bin shares (re-package the model "
-                "with its reference data)"
+                f"feature {feature.name}: no reference bin shares (a bundle from before drift scores: "
+                "train or package it again with its reference data)"
             )
         else:
             bins = _histogram_bins(feature.deciles, feature.bin_shares)
