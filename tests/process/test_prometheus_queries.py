@@ -184,6 +184,13 @@ def test_scrape_config_finds_every_api_replica_by_dns() -> None:
     ]
 
 
+def test_no_rule_depends_on_the_job_label() -> None:
+    # The user's scrape config (or a ServiceMonitor) names the job as it likes.
+    for rule in _rules():
+        assert not re.search(r"\bjob\s*(=|!=|=~|!~)", rule["expr"]), rule
+        assert not re.search(r"\b(by|on|without|ignoring)\s*\([^)]*\bjob\b", rule["expr"]), rule
+
+
 def test_every_alert_has_a_testable_condition_severity_and_text() -> None:
     alerts = [rule for rule in _rules() if "alert" in rule]
     assert {rule["alert"] for rule in alerts} >= {
