@@ -118,8 +118,8 @@ def distributions(manifest: Manifest, warn: Warn | None = None) -> list[Distribu
         elif feature.deciles is None or feature.bin_shares is None:
             # A flat 10% per bin would be wrong wherever deciles tie.
             skipped.append(
-                f"feature {feature.name}: no reference bin shares (a bundle from before drift scores: "
-                "train or package it again with its reference data)"
+                f"feature {feature.name}: no reference bin shares (a bundle older than "
+                "drift scores: train or package it again with its reference data)"
             )
         else:
             bins = _histogram_bins(feature.deciles, feature.bin_shares)
@@ -396,6 +396,24 @@ def _yaml(value: Any, indent: int) -> list[str]:
     return lines
 
 
+def prometheus_rule(rules: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
+    """The same rules as a prometheus-operator PrometheusRule resource."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": f"ml-api-drift-{manifest.name}",
+            "labels": {
+                "app.kubernetes.io/name": "ml-api",
+                "app.kubernetes.io/part-of": "ml-api",
+                # kube-prometheus-stack selects rules by its release label by default.
+                "release": "kube-prometheus-stack",
+            },
+        },
+        "spec": rules,
+    }
+
+
 def render(rules: dict[str, Any], manifest: Manifest) -> str:
     header = [
         f"# Drift rules for {manifest.name} {manifest.version}, generated from its manifest by",
@@ -426,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--for", dest="alert_for", default=DEFAULT_FOR, help="alert `for:` duration"
     )
     parser.add_argument(
+        "--prometheus-rule",
+        action="store_true",
+        help="write a prometheus-operator PrometheusRule (Kubernetes) instead of a rule file",
+    )
+    parser.add_argument(
         "--min-rows", type=int, default=DEFAULT_MIN_ROWS, help="rows in the hour an alert needs"
     )
     args = parser.parse_args(argv)
@@ -438,9 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BundleError, ValueError) as exc:
         print(f"rules: {exc}", file=sys.stderr)
         return 2
-    text = render(
-        build_rules(manifest, alert_for=args.alert_for, min_rows=args.min_rows, warn=warn), manifest
-    )
+    rules = build_rules(manifest, alert_for=args.alert_for, min_rows=args.min_rows, warn=warn)
+    text = render(prometheus_rule(rules, manifest) if args.prometheus_rule else rules, manifest)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     return 0
