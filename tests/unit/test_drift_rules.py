@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from service.manifest import CategoryFeature, Manifest
+from service.metrics.instruments import MAX_CATEGORY_LABELS, OTHER_CATEGORY
 from service.monitoring.rules import (
     DEFAULT_MIN_ROWS,
     INF,
@@ -52,6 +53,9 @@ def _series(distribution: Distribution, counts: list[int]) -> list[dict[str, str
     if distribution.feature is None:
         metric, extra = "model_predictions_total", {}
         per_bin = [({"class": b.label}, c) for b, c in zip(distribution.bins, counts, strict=True)]
+    elif not distribution.cumulative:
+        metric, extra = "model_feature_category_total", {"feature": distribution.feature}
+        per_bin = [({"value": b.label}, c) for b, c in zip(distribution.bins, counts, strict=True)]
     else:
         metric, extra = "model_feature_value_bucket", {"feature": distribution.feature}
         running = [sum(counts[: i + 1]) for i in range(len(counts))]
@@ -222,3 +226,55 @@ def test_a_bundle_without_reference_shares_gets_no_score_for_them_and_says_so(
     text = render(build_rules(old), old)
     assert "MlApiPredictionDrift" not in text
     assert 'feature="sepal_length"' not in text
+
+
+def test_a_category_feature_is_scored_over_its_values_with_the_rest_as_other(
+    trained_bundle: Path, tmp_path: Path
+) -> None:
+    manifest = _manifest(trained_bundle)
+    # 60 values: the 50 most frequent counted by name, the last 10 together.
+    values = [f"v{i:02d}" for i in range(60)]
+    weights = [60 - i for i in range(60)]
+    colour = CategoryFeature(
+        name="colour",
+        description="a category",
+        categories=values,
+        frequencies=[w / sum(weights) for w in weights],
+    )
+    with_category = manifest.model_copy(update={"features": [*manifest.features, colour]})
+    found = distributions(with_category)
+    bins = _by_name(found)["colour"].bins
+    assert [b.label for b in bins] == [*values[:MAX_CATEGORY_LABELS], OTHER_CATEGORY]
+    assert bins[-1].reference == pytest.approx(sum(weights[50:]) / sum(weights))
+    # Every row in the rarest named value.
+    moved = [0] * (len(bins) - 2) + [100, 0]
+    _promtool_test(
+        tmp_path,
+        _strip_descriptions(build_rules(with_category)),
+        [
+            {
+                "interval": "1m",
+                "input_series": _input(found, {}, per_minute=1000),
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "MlApiFeatureDrift", "exp_alerts": []},
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": _input(found, {"colour": moved}, per_minute=1000),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "MlApiFeatureDrift",
+                        "exp_alerts": [
+                            _alert(
+                                "MlApiFeatureDrift",
+                                "colour",
+                                _psi(moved, _by_name(found)["colour"]),
+                            )
+                        ],
+                    },
+                ],
+            },
+        ],
+    )
