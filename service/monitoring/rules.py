@@ -25,31 +25,29 @@ Series (label `bin` = the bucket's upper edge, the category or the class):
 and the same with `prediction` in place of `feature` (no feature label).
 
 A new kind of comparison (such as a feature's missing rate once the workers
-count it) is one more Distribution with its bins: the share, PSI and alert
-rules are written for any distribution the same way.
+count it) is one more Distribution (service.monitoring.distributions) with its
+bins: the share, PSI and alert rules are written for any distribution the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.bundle import BundleError, resolve_bundle_dir
-from service.manifest import MANIFEST_FILE, CategoryFeature, Manifest, bin_edges
+from service.manifest import MANIFEST_FILE, Manifest
 from service.metrics.instruments import (
     CATEGORY_METRIC,
     FEATURE_METRIC,
-    MAX_CATEGORY_LABELS,
-    OTHER_CATEGORY,
     PREDICTION_VALUE_METRIC,
     PREDICTIONS_METRIC,
-    bucket_label,
 )
+from service.monitoring.distributions import INF, Distribution, Warn, distributions
+from service.monitoring.rule_file import prometheus_rule, render
 
 WINDOWS = ("1h", "24h")
 # An empty bin is scored as if it held 0.01% of the rows: finite, and still
@@ -60,83 +58,8 @@ DEFAULT_FOR = "15m"
 # Below this many rows in the hour a PSI is mostly sampling noise (with ten
 # bins, about 10 / rows on identical data).
 DEFAULT_MIN_ROWS = 500
-INF = "+Inf"
 
 Rule = dict[str, Any]
-Warn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Bin:
-    label: str  # the `bin` label: the bucket's upper edge, a category or a class
-    reference: float  # the share of reference rows in this bin
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """One compared distribution: a feature, or the prediction (feature None).
-
-    `cumulative` distributions come from a histogram (the bin label is the
-    bucket's `le`); the others from a counter with one series per bin label.
-    """
-
-    feature: str | None
-    bins: tuple[Bin, ...]
-    cumulative: bool
-
-    @property
-    def family(self) -> str:
-        return "prediction" if self.feature is None else "feature"
-
-
-def _histogram_bins(deciles: list[float], shares: list[float]) -> tuple[Bin, ...]:
-    uppers = [bucket_label(edge) for edge in bin_edges(deciles)] + [INF]
-    return tuple(Bin(upper, share) for upper, share in zip(uppers, shares, strict=True))
-
-
-def _category_bins(feature: CategoryFeature, frequencies: list[float]) -> tuple[Bin, ...]:
-    """Bins as the worker counts them: the first MAX_CATEGORY_LABELS values by
-    name, the rest together as 'other' (expected at their summed share)."""
-    named = feature.categories[:MAX_CATEGORY_LABELS]
-    bins = [Bin(value, share) for value, share in zip(named, frequencies, strict=False)]
-    if len(feature.categories) > len(named):
-        bins.append(Bin(OTHER_CATEGORY, sum(frequencies[len(named) :])))
-    return tuple(bins)
-
-
-def distributions(manifest: Manifest, warn: Warn | None = None) -> list[Distribution]:
-    """What the manifest lets us compare; what it does not is reported through warn."""
-    found: list[Distribution] = []
-    skipped: list[str] = []
-    for feature in manifest.features:
-        if isinstance(feature, CategoryFeature):
-            if feature.frequencies is None:
-                skipped.append(f"feature {feature.name}: no reference frequencies")
-            else:
-                bins = _category_bins(feature, feature.frequencies)
-                found.append(Distribution(feature.name, bins, cumulative=False))
-        elif feature.deciles is None or feature.bin_shares is None:
-            # A flat 10% per bin would be wrong wherever deciles tie.
-            skipped.append(
-                f"feature {feature.name}: no reference bin shares (a bundle older than "
-                "drift scores: train or package it again with its reference data)"
-            )
-        else:
-            bins = _histogram_bins(feature.deciles, feature.bin_shares)
-            found.append(Distribution(feature.name, bins, cumulative=True))
-    shares = manifest.prediction_shares
-    if shares is None:
-        skipped.append("prediction: no reference prediction shares")
-    elif manifest.classes is not None:
-        bins = tuple(Bin(name, share) for name, share in zip(manifest.classes, shares, strict=True))
-        found.append(Distribution(None, bins, cumulative=False))
-    elif manifest.target_statistics is not None:
-        bins = _histogram_bins(manifest.target_statistics.deciles, shares)
-        found.append(Distribution(None, bins, cumulative=True))
-    if warn is not None:
-        for reason in skipped:
-            warn(f"no drift score for {reason}")
-    return found
 
 
 # --- PromQL -----------------------------------------------------------------------
@@ -181,6 +104,9 @@ FAMILIES = (
         "class",
     ),
 )
+
+
+FAMILY = {family.name: family for family in FAMILIES}
 
 
 def _by(keys: Sequence[str]) -> str:
@@ -367,59 +293,6 @@ def build_rules(
         {"name": f"{group}:alerts", "rules": _alerts(manifest, found, alert_for, min_rows)}
     )
     return {"groups": [g for g in groups if g["rules"]]}
-
-
-FAMILY = {family.name: family for family in FAMILIES}
-
-
-def _yaml(value: Any, indent: int) -> list[str]:
-    """YAML for the rule file's plain shapes (dicts, lists, strings), by hand: the
-    image's build environment has no YAML library. Strings are JSON-quoted (valid
-    YAML), expressions are block scalars so they read as written."""
-    pad = " " * indent
-    lines: list[str] = []
-    items = value.items() if isinstance(value, dict) else enumerate(value)
-    for key, item in items:
-        head = f"{pad}{key}:" if isinstance(value, dict) else f"{pad}-"
-        if isinstance(item, str) and key == "expr":
-            lines.append(f"{head} |-")
-            lines += [f"{pad}  {line}" for line in item.splitlines()]
-        elif isinstance(item, str):
-            lines.append(f"{head} {json.dumps(item)}")
-        elif isinstance(value, list):
-            nested = _yaml(item, indent + 2)
-            lines.append(f"{head} {nested[0].lstrip()}")
-            lines += nested[1:]
-        else:
-            lines.append(head)
-            lines += _yaml(item, indent + 2)
-    return lines
-
-
-def prometheus_rule(rules: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
-    """The same rules as a prometheus-operator PrometheusRule resource."""
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PrometheusRule",
-        "metadata": {
-            "name": f"ml-api-drift-{manifest.name}",
-            "labels": {
-                "app.kubernetes.io/name": "ml-api",
-                "app.kubernetes.io/part-of": "ml-api",
-                # kube-prometheus-stack selects rules by its release label by default.
-                "release": "kube-prometheus-stack",
-            },
-        },
-        "spec": rules,
-    }
-
-
-def render(rules: dict[str, Any], manifest: Manifest) -> str:
-    header = [
-        f"# Drift rules for {manifest.name} {manifest.version}, generated from its manifest by",
-        "# `make rules` (python -m service.monitoring.rules). Do not edit: regenerate.",
-    ]
-    return "\n".join(header + _yaml(rules, 0)) + "\n"
 
 
 def load_manifest(model_dir: Path, name: str, version: str | None) -> Manifest:

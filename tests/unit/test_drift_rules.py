@@ -15,15 +15,9 @@ import yaml
 
 from service.manifest import CategoryFeature, Manifest
 from service.metrics.instruments import MAX_CATEGORY_LABELS, OTHER_CATEGORY
-from service.monitoring.rules import (
-    DEFAULT_MIN_ROWS,
-    INF,
-    SHARE_FLOOR,
-    Distribution,
-    build_rules,
-    distributions,
-    render,
-)
+from service.monitoring.distributions import INF, Distribution, distributions
+from service.monitoring.rule_file import render
+from service.monitoring.rules import DEFAULT_MIN_ROWS, SHARE_FLOOR, build_rules
 from tests.support.prometheus import binary
 
 LABELS = {"model": "iris", "version": "1.0.0"}
