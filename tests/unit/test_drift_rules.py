@@ -18,10 +18,19 @@ from service.metrics.instruments import MAX_CATEGORY_LABELS, OTHER_CATEGORY
 from service.monitoring.distributions import INF, Distribution, distributions
 from service.monitoring.rule_file import render
 from service.monitoring.rules import DEFAULT_MIN_ROWS, SHARE_FLOOR, build_rules
+from tests.support.bundles import train_bundle
 from tests.support.prometheus import binary
 
 LABELS = {"model": "iris", "version": "1.0.0"}
 MINUTES = 40  # evaluated at 30m: 15m of `for:` after a quarter hour of data
+
+
+@pytest.fixture(scope="module")
+def regressor_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("regressor")
+    return train_bundle(
+        directory, "--dataset", "diabetes", "--n-estimators", "20", "--name", "iris"
+    )
 
 
 def _manifest(trained_bundle: Path) -> Manifest:
@@ -42,21 +51,25 @@ def _psi(counts: list[int], distribution: Distribution) -> float:
     return score
 
 
-def _series(distribution: Distribution, counts: list[int]) -> list[dict[str, str]]:
+def _series(
+    distribution: Distribution, counts: list[int], bundle: dict[str, str]
+) -> list[dict[str, str]]:
     """Counters that grow by `counts` every minute, as the worker exports them."""
-    if distribution.feature is None:
-        metric, extra = "model_predictions_total", {}
-        per_bin = [({"class": b.label}, c) for b, c in zip(distribution.bins, counts, strict=True)]
-    elif not distribution.cumulative:
-        metric, extra = "model_feature_category_total", {"feature": distribution.feature}
-        per_bin = [({"value": b.label}, c) for b, c in zip(distribution.bins, counts, strict=True)]
-    else:
-        metric, extra = "model_feature_value_bucket", {"feature": distribution.feature}
+    extra = {} if distribution.feature is None else {"feature": distribution.feature}
+    if distribution.cumulative:
+        metric = "model_feature_value_bucket" if extra else "model_prediction_value_bucket"
         running = [sum(counts[: i + 1]) for i in range(len(counts))]
         per_bin = [({"le": b.label}, c) for b, c in zip(distribution.bins, running, strict=True)]
+    else:
+        metric, label = (
+            ("model_feature_category_total", "value")
+            if extra
+            else ("model_predictions_total", "class")
+        )
+        per_bin = [({label: b.label}, c) for b, c in zip(distribution.bins, counts, strict=True)]
     series = []
     for labels, step in per_bin:
-        every = {**LABELS, **extra, **labels, "instance": "api:8000", "job": "whatever"}
+        every = {**bundle, **extra, **labels, "instance": "api:8000", "job": "whatever"}
         selector = ", ".join(f'{k}="{v}"' for k, v in every.items())
         series.append({"series": f"{metric}{{{selector}}}", "values": f"0+{step}x{MINUTES}"})
     return series
@@ -81,20 +94,28 @@ def _by_name(found: list[Distribution]) -> dict[str, Distribution]:
     return {d.feature or "prediction": d for d in found}
 
 
-def _input(found: list[Distribution], moved: dict[str, list[int]], per_minute: int) -> list[Any]:
+def _input(
+    found: list[Distribution],
+    moved: dict[str, list[int]],
+    per_minute: int,
+    bundle: dict[str, str] = LABELS,
+) -> list[Any]:
     series = []
     for name, d in _by_name(found).items():
-        series += _series(d, moved.get(name, _counts(d, per_minute)))
+        series += _series(d, moved.get(name, _counts(d, per_minute)), bundle)
     return series
 
 
-def _alert(name: str, feature: str | None, psi: float) -> dict[str, Any]:
-    labels = {**LABELS, "severity": "warning", "alertname": name}
+def _alert(
+    name: str, feature: str | None, psi: float, bundle: dict[str, str] = LABELS
+) -> dict[str, Any]:
+    labels = {**bundle, "severity": "warning", "alertname": name}
     what = "the predictions"
     if feature is not None:
         labels["feature"] = feature
         what = feature
-    summary = f"Drift in {what} of iris 1.0.0: PSI {psi:.2f} over the last hour"
+    of = f"{bundle['model']} {bundle['version']}"
+    summary = f"Drift in {what} of {of}: PSI {psi:.2f} over the last hour"
     return {"exp_labels": labels, "exp_annotations": {"summary": summary}}
 
 
@@ -266,6 +287,48 @@ def test_a_category_feature_is_scored_over_its_values_with_the_rest_as_other(
                                 "colour",
                                 _psi(moved, _by_name(found)["colour"]),
                             )
+                        ],
+                    },
+                ],
+            },
+        ],
+    )
+
+
+def test_a_regressor_is_scored_over_its_prediction_deciles(
+    regressor_bundle: Path, tmp_path: Path
+) -> None:
+    manifest = _manifest(regressor_bundle)
+    found = distributions(manifest)
+    prediction = _by_name(found)["prediction"]
+    assert prediction.cumulative
+    assert manifest.target_statistics is not None
+    assert len(prediction.bins) == len(set(manifest.target_statistics.deciles)) + 1
+    # Every prediction above the target's top decile.
+    moved = [0] * (len(prediction.bins) - 1) + [100]
+    bundle = {"model": manifest.name, "version": manifest.version}
+    _promtool_test(
+        tmp_path,
+        _strip_descriptions(build_rules(manifest)),
+        [
+            {
+                "interval": "1m",
+                "input_series": _input(found, {}, per_minute=1000, bundle=bundle),
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "MlApiPredictionDrift", "exp_alerts": []},
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": _input(
+                    found, {"prediction": moved}, per_minute=1000, bundle=bundle
+                ),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "MlApiPredictionDrift",
+                        "exp_alerts": [
+                            _alert("MlApiPredictionDrift", None, _psi(moved, prediction), bundle)
                         ],
                     },
                 ],
