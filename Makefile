@@ -15,9 +15,12 @@ TARGET ?=
 FEATURES ?=
 NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
+# make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
+RULES_FILE ?= docker/prometheus/rules/drift.yml
+RULES_ARGS ?=
 
-.PHONY: help install train package bundle serve test test-fast test-deploy bench lint schema docs system-deps checkov \
-	oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk
+.PHONY: help install train package bundle rules serve test test-fast test-deploy bench lint schema docs \
+	system-deps checkov oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -25,6 +28,7 @@ help:
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
 	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
+	@echo "make rules    MODEL_NAME=... RULES_FILE=path: Prometheus drift rules (PSI per feature, alerts) from the bundle's manifest"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
@@ -55,6 +59,13 @@ package: install
 # Train only when no bundle of this model exists yet.
 bundle: install
 	@compgen -G "artifacts/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
+
+# Drift scores and alerts for the newest bundle of MODEL_NAME (or VERSION when
+# given on the command line), from its manifest: docs/monitoring.md.
+rules: bundle
+	$(BIN)/python -m service.monitoring.rules --model-dir "$(or $(MODEL_DIR),artifacts)" \
+		--model-name "$(MODEL_NAME)" $(if $(filter command line,$(origin VERSION)),--model-version "$(VERSION)") \
+		--output "$(RULES_FILE)" $(RULES_ARGS)
 
 # Loopback unless BIND or PORT say otherwise: a laptop does not serve its
 # network by accident. The image binds all interfaces inside its container.

@@ -90,6 +90,9 @@ else
     echo "[build-image] training $MODEL_NAME $MODEL_VERSION on $BASE" >&2
 fi
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target bundle -o "type=local,dest=$out" "$ROOT"
+# The drift rules of this bundle, where compose's and Swarm's Prometheus load them.
+"$ROOT/docker/docker-build.sh" "${common[@]}" --target drift-rules \
+    -o "type=local,dest=$ROOT/docker/prometheus/rules" "$ROOT"
 
 read -r sha backend < <("$PYTHON" - "$out/manifest.json" <<'PY'
 import json, sys

@@ -60,6 +60,27 @@ def _check_deciles(what: str, deciles: list[float] | None) -> None:
         raise ValueError(f"{what}: deciles must be non-decreasing")
 
 
+def bin_edges(deciles: list[float]) -> tuple[float, ...]:
+    """The live histogram's bucket edges: the distinct deciles (tied deciles, as
+    in integer or rounded data, make one edge)."""
+    return tuple(sorted(set(deciles)))
+
+
+def _check_shares(what: str, shares: list[float] | None, bins: int) -> None:
+    if shares is None:
+        return
+    if len(shares) != bins:
+        raise ValueError(f"{what}: {bins} bin shares expected, one per bin, got {len(shares)}")
+    if not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+        raise ValueError(f"{what}: bin shares must sum to 1")
+
+
+# Reference shares per bin: the share of reference rows the live histogram
+# would count in each bucket, (-inf, e0], (e0, e1], ..., (e_last, +inf) over
+# bin_edges(deciles); drift scores compare live shares against them.
+BinShares = list[Annotated[float, Field(ge=0, le=1)]]
+
+
 class _FeatureBase(_Strict):
     name: str = Field(pattern=FEATURE_NAME_PATTERN)
     description: str
@@ -83,6 +104,8 @@ class _NumericFeature(_FeatureBase):
     deciles: list[float] | None = Field(
         default=None, min_length=DECILE_COUNT, max_length=DECILE_COUNT
     )
+    # Absent in bundles built before drift scores; those features get no score.
+    bin_shares: BinShares | None = None
 
     @property
     def has_reference(self) -> bool:
@@ -97,6 +120,12 @@ class _NumericFeature(_FeatureBase):
                 "deciles come together"
             )
         _check_deciles(f"feature {self.name!r}", self.deciles)
+        if self.bin_shares is not None:
+            if self.deciles is None:
+                raise ValueError(f"feature {self.name!r}: bin_shares need deciles")
+            _check_shares(
+                f"feature {self.name!r}", self.bin_shares, len(bin_edges(self.deciles)) + 1
+            )
         if (
             self.training_min is not None
             and self.training_max is not None
@@ -300,6 +329,12 @@ class Manifest(_Strict):
     target_statistics: TargetStatistics | None = Field(
         default=None, description="The reference target's statistics (regression)."
     )
+    prediction_shares: BinShares | None = Field(
+        default=None,
+        description="Share of the model's predictions on the reference rows per class "
+        "(classification, in `classes` order) or per bin of the target deciles as the live "
+        "prediction histogram buckets them (regression); the baseline of prediction drift.",
+    )
     metrics: EvaluationMetrics | None = None
     parity: ParityReport
     onnx: OnnxInfo | None = None
@@ -362,6 +397,14 @@ class Manifest(_Strict):
                 scores = ()
         if any(score is None for score in scores):
             raise ValueError(f"metrics lack the scores of a {self.task} model")
+        if self.prediction_shares is not None:
+            if self.classes is not None:
+                bins = len(self.classes)
+            elif self.target_statistics is not None:
+                bins = len(bin_edges(self.target_statistics.deciles)) + 1
+            else:
+                raise ValueError("prediction_shares need target_statistics (regression)")
+            _check_shares("prediction", self.prediction_shares, bins)
 
     def _check_onnx(self, onnx: OnnxInfo) -> None:
         if onnx.column_inputs is not None and len(onnx.column_inputs) != len(self.features):

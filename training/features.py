@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from service.manifest import bin_edges
 from training.datasets import FeatureInfo
 
 # Far outside the training range a value is almost always a unit or encoding
@@ -61,13 +62,38 @@ def deciles(column: NDArray[np.float64]) -> list[float]:
     return [tidy(float(v)) for v in edges]
 
 
+def bin_shares(column: NDArray[np.float64], edges: list[float]) -> list[float]:
+    """The share of rows in each live histogram bucket: (-inf, e0], (e0, e1], ...,
+    (e_last, +inf) over the distinct edges. Ties at an edge make the shares uneven,
+    and drift is measured against these, not a flat 10%."""
+    bins = np.searchsorted(np.asarray(bin_edges(edges)), column, side="left")
+    counts = np.bincount(bins, minlength=len(bin_edges(edges)) + 1)
+    return [float(c) / len(column) for c in counts.tolist()]
+
+
 def numeric_statistics(column: NDArray[np.float64]) -> dict[str, Any]:
+    edges = deciles(column)
     return {
         "training_min": float(column.min()),
         "training_max": float(column.max()),
         "training_mean": float(column.mean()),
-        "deciles": deciles(column),
+        "deciles": edges,
+        "bin_shares": bin_shares(column, edges),
     }
+
+
+def prediction_shares(
+    outputs: NDArray[np.float64], classes: list[str] | None, target: dict[str, Any] | None
+) -> list[float] | None:
+    """What the live prediction metrics count, on the reference rows: the share of
+    each predicted class (the service counts the arg-max), or of the predictions
+    in each bucket of the target's deciles."""
+    if classes is not None:
+        counts = np.bincount(outputs.argmax(axis=1), minlength=len(classes))
+        return [float(c) / len(outputs) for c in counts.tolist()]
+    if target is None:
+        return None
+    return bin_shares(outputs, target["deciles"])
 
 
 def target_statistics(y: NDArray[np.float64]) -> dict[str, Any]:

@@ -280,6 +280,7 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         target_statistics=evaluation.target_statistics,
         metrics=evaluation.metrics,
         parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
+        reference_rows=x,
     )
     return publish(
         bundle,

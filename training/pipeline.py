@@ -63,6 +63,9 @@ class Publication:
     target_statistics: dict[str, Any] | None
     metrics: dict[str, Any] | None
     parity_rows: NDArray[Any]
+    # The rows the reference statistics describe; the model's predictions on
+    # them are the baseline of prediction drift.
+    reference_rows: NDArray[Any] | None
 
 
 def _stderr_warning(message: str) -> None:
@@ -115,6 +118,14 @@ def publish(
     if outcome.model_bytes is None:
         warn(f"writing an sklearn-only bundle (no model.onnx): {outcome.parity.reason}")
 
+    prediction_shares = None
+    if bundle.reference_rows is not None and len(bundle.reference_rows):
+        outputs = onnx_export.sklearn_outputs(
+            bundle.model, bundle.inputs.for_sklearn(bundle.reference_rows), bundle.task
+        )
+        prediction_shares = features.prediction_shares(
+            outputs, bundle.classes, bundle.target_statistics
+        )
     files = {bundle_writer.MODEL_FILE_SKLEARN: bundle_writer.serialize_model(bundle.model)}
     if outcome.model_bytes is not None:
         files[bundle_writer.MODEL_FILE_ONNX] = outcome.model_bytes
@@ -127,6 +138,7 @@ def publish(
         features=bundle.specs,
         classes=bundle.classes,
         target_statistics=bundle.target_statistics,
+        prediction_shares=prediction_shares,
         metrics=bundle.metrics,
         outcome=outcome,
         files=files,
@@ -187,6 +199,7 @@ def train(config: TrainConfig, warn: Warn = _stderr_warning) -> Path:
         ),
         metrics=fitted.metrics,
         parity_rows=fitted.X_test,
+        reference_rows=fitted.X_train,
     )
     return publish(
         bundle,

@@ -76,6 +76,7 @@ config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
+        docker/prometheus/rules/drift.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
         docker/grafana/dashboards/ml-api.json) | sha256sum | cut -c1-12
@@ -167,6 +168,8 @@ cmd_up() {
     preflight
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
+    [ -f "$ROOT/docker/prometheus/rules/drift.yml" ] \
+        || die "no drift rules docker/prometheus/rules/drift.yml: \`make image\` writes them for the image's bundle (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
     ensure_swarm
     CONFIG_TAG="$(config_tag)"

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 from service.backends.base import winning_class
-from service.manifest import CategoryFeature, Manifest
+from service.manifest import CategoryFeature, Manifest, bin_edges
 from service.metrics.buffered import BufferedHistogram, BufferedHistograms
 from service.metrics.client_internals import incrementer
 
@@ -86,8 +87,9 @@ BATCH_ROWS = Histogram(
     buckets=BATCH_ROW_BUCKETS,
     registry=None,
 )
+PREDICTIONS_METRIC = "model_predictions_total"
 PREDICTIONS = Counter(
-    "model_predictions_total",
+    PREDICTIONS_METRIC,
     "Predictions made, by class.",
     ["model", "version", "class"],
     registry=None,
@@ -128,8 +130,9 @@ OPEN_FDS = Gauge(
 )
 
 PREDICTION_VALUE_METRIC = "model_prediction_value"
+CATEGORY_METRIC = "model_feature_category_total"
 CATEGORIES = Counter(
-    "model_feature_category_total",
+    CATEGORY_METRIC,
     "Live category inputs, by value (the most frequent reference values; the rest as 'other').",
     ["model", "version", "feature", "value"],
     registry=None,
@@ -141,6 +144,13 @@ OTHER_CATEGORY = "other"
 FEATURE_METRIC = "model_feature_value"
 # registry=None throughout: scrapes build a fresh registry over the multiprocess
 # files, and the default registry's process collector would clash by name.
+
+
+def bucket_label(edge: float) -> str:
+    """The `le` label value a scrape shows for a histogram bucket edge: the drift
+    rules select buckets by it (service.monitoring.rules)."""
+    label: str = floatToGoString(edge)
+    return label
 
 
 @functools.cache
@@ -198,7 +208,7 @@ class ModelMetrics:
         self._count_class = [incrementer(counter) for counter in self._by_class]
         self._values: BufferedHistogram | None = None
         if manifest.target_statistics is not None:
-            edges = tuple(sorted(set(manifest.target_statistics.deciles)))
+            edges = bin_edges(manifest.target_statistics.deciles)
             self._values = BufferedHistogram(_prediction_histogram(edges).labels(*labels))
         # One histogram per numeric feature, bucketed at the training deciles,
         # so a dashboard reads the live share per training decile (each ~10%).
@@ -211,7 +221,7 @@ class ModelMetrics:
             if isinstance(feature, CategoryFeature):
                 self._categories.append((column, _category_counters(feature, labels)))
             elif feature.deciles is not None:
-                histogram = _feature_histogram(feature.name, tuple(sorted(set(feature.deciles))))
+                histogram = _feature_histogram(feature.name, bin_edges(feature.deciles))
                 self._histogram_columns.append(column)
                 histograms.append(histogram.labels(*labels, feature.name))
         self._features = BufferedHistograms(histograms, self._histogram_columns)

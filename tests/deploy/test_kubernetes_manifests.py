@@ -39,7 +39,11 @@ pytestmark = pytest.mark.skipif(
 KUSTOMIZATIONS = kustomizations()
 OPERATOR_OVERLAYS = ("overlays/prometheus-operator", "overlays/inflight-autoscaling")
 # Kinds outside the Kubernetes API: kubernetes-validate has no schema for them.
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+ALERT_RULES = Path(__file__).resolve().parents[2] / "docker" / "prometheus" / "alerts.yml"
 # The preStop sleep action is on by default from 1.30 (deploy/kubernetes/README.md).
 OLDEST_SUPPORTED = "1.30"
 # Settings that another branch adds to service/settings.py (issue 10, API keys).
@@ -440,6 +444,29 @@ def test_operator_overlays_scrape_through_a_service_monitor_only(
     for endpoint in monitor["endpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("name", OPERATOR_OVERLAYS)
+def test_operator_overlays_carry_the_alert_rules_and_the_drift_rules(
+    renders: dict[str, Rendered], name: str, tmp_path: Path
+) -> None:
+    rendered = renders[name]
+    alerts = rendered.one("PrometheusRule", "ml-api")
+    assert alerts["spec"] == yaml.safe_load(ALERT_RULES.read_text()), (
+        "prometheusrule.yaml must carry docker/prometheus/alerts.yml's groups unchanged"
+    )
+    drift = rendered.one("PrometheusRule", "ml-api-drift-iris")
+    for rule in (alerts, drift):
+        assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        path = tmp_path / f"{rule['metadata']['name']}.yml"
+        path.write_text(yaml.safe_dump(rule["spec"]))
+        check = subprocess.run(
+            ["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+    records = {r.get("record") for g in drift["spec"]["groups"] for r in g["rules"]}
+    assert {"ml_api:feature_psi:1h", "ml_api:feature_psi:24h"} <= records
+    assert {"ml_api:prediction_psi:1h", "ml_api:prediction_psi:24h"} <= records
 
 
 def test_inflight_overlay_scales_on_the_metric_the_adapter_serves_from_the_services_gauge(

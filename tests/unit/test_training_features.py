@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.datasets import FeatureInfo, load_builtin
-from training.features import bounds, deciles, feature_specs
+from training.features import bin_shares, bounds, deciles, feature_specs
 
 
 def test_iris_bounds_exclude_zero_and_allow_ten_spans_above() -> None:
@@ -71,9 +71,20 @@ def test_feature_specs_hold_only_json_plain_values() -> None:
     specs = feature_specs(x, infos)
     for spec in specs:
         for key, value in spec.items():
-            if key == "deciles":
+            if key in ("deciles", "bin_shares"):
                 assert all(type(v) is float for v in value)
             elif key not in ("kind", "name", "description", "unit"):
                 assert type(value) is float, key
     assert specs[1]["minimum"] == pytest.approx(-1.0 - 20.0)
     assert specs[1]["training_mean"] == pytest.approx(0.5 / 3)
+
+
+def test_bin_shares_count_rows_as_the_live_histogram_buckets_them() -> None:
+    # Tied deciles make one edge; a value equal to an edge falls in that edge's
+    # bucket (le), so half the rows sit in the first bin, not a flat 10%.
+    column = np.array([1.0] * 50 + [float(v) for v in range(2, 52)])
+    edges = deciles(column)
+    shares = bin_shares(column, edges)
+    assert len(shares) == len(set(edges)) + 1
+    assert shares[0] == pytest.approx(0.5)
+    assert sum(shares) == pytest.approx(1.0)

@@ -1,0 +1,185 @@
+"""Drift scores end to end: real Gunicorn workers count the inputs, a real Prometheus
+scrapes them and evaluates the rules `make rules` generates from the bundle's manifest.
+
+Each scenario runs on a fresh server and a fresh Prometheus, so its window holds
+only its own traffic: rows drawn from the Iris data (what the reference statistics
+describe) leave every PSI low and no alert pending; the same rows with one feature
+shifted drive that feature's PSI (and only that one) up and its alert to pending;
+rows of one class only drive the prediction's PSI up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+import yaml
+
+from tests.support.prometheus import Prometheus, running_prometheus, write_drift_rules
+from tests.support.servers import free_port, running_gunicorn, wait_for
+from training.datasets import load_builtin
+
+pytestmark = pytest.mark.process
+
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+ROWS = 3000
+BATCH = 100
+MIN_ROWS = 500
+LOW, HIGH = 0.1, 0.25
+# Grafana-free proof of what an operator sees: the PSI series by feature.
+FEATURE_PSI = 'ml_api:feature_psi:1h{model="iris"}'
+PREDICTION_PSI = 'ml_api:prediction_psi:1h{model="iris"}'
+
+
+def _iris_rows(seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """ROWS rows drawn with replacement from the Iris data, and their classes."""
+    data = load_builtin("iris")
+    picks = np.random.default_rng(seed).integers(0, len(data.X), ROWS)
+    return np.asarray(data.X, dtype=np.float64)[picks], np.asarray(data.y)[picks]
+
+
+def _config(directory: Path, api_port: int, rules: Path) -> Path:
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            # A job name of the user's choosing: the rules must not depend on it.
+            {"job_name": "anything", "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}
+        ],
+    }
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextmanager
+def _scenario(model_dir: Path, directory: Path) -> Iterator[tuple[str, Prometheus]]:
+    """A fresh two-worker Gunicorn and a fresh Prometheus that has scraped it once
+    before any traffic, so every counter's increase starts from zero."""
+    directory.mkdir()
+    rules = directory / "drift.yml"
+    write_drift_rules(model_dir, rules, "--for", "2s", "--min-rows", str(MIN_ROWS))
+    with running_gunicorn(model_dir, directory / "gunicorn", workers=2) as api:
+        port = free_port()
+        config = _config(directory, api.port, rules)
+        with running_prometheus(config, directory / "tsdb", port) as prometheus:
+            wait_for(
+                lambda: prometheus.query('model_feature_value_count{feature="sepal_width"}'),
+                30,
+                interval=0.2,
+                what="a scrape before any traffic",
+            )
+            yield api.url, prometheus
+
+
+def _send(url: str, rows: npt.NDArray[np.float64]) -> None:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for start in range(0, len(rows), BATCH):
+            instances = [
+                dict(zip(FEATURES, row, strict=True))
+                for row in rows[start : start + BATCH].tolist()
+            ]
+            response = client.post("/predict/batch", json={"instances": instances})
+            assert response.status_code == 200, response.text
+
+
+def _scores(prometheus: Prometheus, rows: int) -> tuple[dict[str, float], float]:
+    """Each feature's PSI and the prediction's, once the rules have seen every row."""
+
+    def counted() -> bool:
+        seen = prometheus.query('ml_api:prediction_rows:1h{model="iris"}')
+        # increase() extrapolates to the window's edge: a little above the count.
+        return bool(seen) and float(seen[0]["value"][1]) >= rows * 0.999
+
+    wait_for(counted, 30, interval=0.2, what=f"the rules to count {rows} rows")
+    wait_for(
+        lambda: len(prometheus.query(FEATURE_PSI)) == len(FEATURES),
+        15,
+        interval=0.2,
+        what="a PSI per feature",
+    )
+    features = {s["metric"]["feature"]: float(s["value"][1]) for s in prometheus.query(FEATURE_PSI)}
+    (prediction,) = prometheus.query(PREDICTION_PSI)
+    return features, float(prediction["value"][1])
+
+
+def _alerts(prometheus: Prometheus) -> list[dict[str, Any]]:
+    alerts: list[dict[str, Any]] = prometheus.get("/api/v1/alerts")["alerts"]
+    return alerts
+
+
+def test_traffic_like_the_reference_scores_low_and_alerts_nothing(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    rows, _ = _iris_rows(seed=1)
+    with _scenario(model_dir, tmp_path / "reference") as (url, prometheus):
+        _send(url, rows)
+        features, prediction = _scores(prometheus, len(rows))
+        assert set(features) == set(FEATURES)
+        assert all(score < LOW for score in features.values()), features
+        assert prediction < LOW
+        # Every group evaluated again with all the rows in its window: nothing pending.
+        seen = _evaluations(prometheus)
+        wait_for(
+            lambda: all(now != seen[name] for name, now in _evaluations(prometheus).items()),
+            15,
+            interval=0.2,
+            what="the rules to be evaluated again",
+        )
+        assert _alerts(prometheus) == []
+
+
+def _evaluations(prometheus: Prometheus) -> dict[str, str]:
+    groups = prometheus.get("/api/v1/rules")["groups"]
+    return {group["name"]: group["lastEvaluation"] for group in groups}
+
+
+def test_one_shifted_feature_scores_high_and_its_alert_goes_pending(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    rows, _ = _iris_rows(seed=2)
+    shifted = FEATURES.index("sepal_width")
+    rows[:, shifted] += 0.6
+    with _scenario(model_dir, tmp_path / "shifted") as (url, prometheus):
+        _send(url, rows)
+        features, _ = _scores(prometheus, len(rows))
+        assert features["sepal_width"] > HIGH, features
+        untouched = {name: score for name, score in features.items() if name != "sepal_width"}
+        assert all(score < LOW for score in untouched.values()), features
+
+        def drift_alert() -> list[dict[str, Any]]:
+            return [
+                a for a in _alerts(prometheus) if a["labels"]["alertname"] == "MlApiFeatureDrift"
+            ]
+
+        wait_for(lambda: drift_alert(), 15, interval=0.2, what="MlApiFeatureDrift")
+        (alert,) = drift_alert()
+        assert alert["state"] in {"pending", "firing"}
+        assert alert["labels"]["feature"] == "sepal_width"
+        assert alert["labels"]["model"] == "iris"
+        assert alert["labels"]["version"] == "1.0.0"
+        assert "sepal_width" in alert["annotations"]["summary"]
+        assert f"{float(alert['value']):.2f}" in alert["annotations"]["summary"]
+
+
+def test_a_skewed_class_mix_scores_high_on_the_prediction(model_dir: Path, tmp_path: Path) -> None:
+    rows, classes = _iris_rows(seed=3)
+    virginica = rows[classes == 2]
+    with _scenario(model_dir, tmp_path / "skewed") as (url, prometheus):
+        _send(url, virginica)
+        _, prediction = _scores(prometheus, len(virginica))
+        assert prediction > HIGH
+        wait_for(
+            lambda: any(
+                a["labels"]["alertname"] == "MlApiPredictionDrift" for a in _alerts(prometheus)
+            ),
+            15,
+            interval=0.2,
+            what="MlApiPredictionDrift",
+        )
