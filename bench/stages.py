@@ -54,9 +54,10 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
     ("request id + context", re.compile(r"^RequestContextMiddleware\.|\(uuid\.py")),
     ("body limit", re.compile(r"^BodySizeLimitMiddleware\.")),
     ("fast-path dispatch", re.compile(r"\(service/fastpath\.py")),
-    # Frames of the server itself (uvicorn's send writes the socket) stop the
-    # walk here, before it reaches the middleware that called them.
-    (HTTP_LAYER, re.compile(r"\((uvicorn|uvicorn_worker|starlette|asyncio|anyio)/")),
+    # Frames of the server itself (uvicorn's send and the worker's protocol
+    # write the socket) stop the walk here, before it reaches the middleware
+    # that called them.
+    (HTTP_LAYER, re.compile(r"\((uvicorn|uvicorn_worker|starlette|asyncio|anyio|service/server)/")),
 ]
 STAGES = list(dict.fromkeys(stage for stage, _ in STAGE_RULES))
 _FRAME_SPLIT = re.compile(r";(?=[^;]*\()")

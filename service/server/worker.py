@@ -18,6 +18,11 @@ just restarted, say) asks some of its connections to reconnect. This module is
 the one place that relies on uvicorn's internals (Server.startup's listener
 set-up, ServerState, the protocols' request cycle, the worker's _serve),
 pinned by tests/unit/test_worker_internals.py.
+
+Its HTTP protocol (WholeResponseProtocol) sends each response's head and the
+first part of its body in one transport write: a worker killed mid-answer
+(SIGKILL, the OOM killer) leaves a client or proxy either a whole response or
+none, never a head it has already passed on and cannot retry.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
@@ -43,6 +50,10 @@ DRAIN_POLL_SECONDS = 0.05
 # loop: a drain beats it itself, this often.
 DRAIN_HEARTBEAT_SECONDS = 1.0
 CONNECTION_CLOSE = (b"connection", b"close")
+# A head and a first body part up to this size are joined into one bytes
+# object; past it they are handed over together (writelines, one writev in
+# uvloop) rather than copied.
+JOIN_LIMIT_BYTES = 64 * 1024
 
 
 def drain_seconds(keepalive: float, graceful_timeout: float) -> float:
@@ -72,6 +83,82 @@ def close_after_answer(connections: Iterable[object], count: int) -> int:
             cycle.keep_alive = False
             asked += 1
     return asked
+
+
+class HeldHead:
+    """The transport as one request cycle sees it: the head written on
+    `http.response.start` is held and leaves with the first body write.
+    uvicorn's cycle uses only write, close and is_closing."""
+
+    __slots__ = ("head", "holding", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        # Set while uvicorn writes the head: that one write is held.
+        self.holding = False
+        self.head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.holding:
+            self.head = data
+            return
+        head = self.head
+        if head is None:
+            self.transport.write(data)
+            return
+        self.head = None
+        if len(head) + len(data) <= JOIN_LIMIT_BYTES:
+            self.transport.write(head + data)
+        else:
+            self.transport.writelines((head, data))
+
+    def flush(self) -> None:
+        """A head whose body wrote nothing (HEAD, a disconnect) goes out alone."""
+        head = self.head
+        if head is not None:
+            self.head = None
+            if not self.transport.is_closing():
+                self.transport.write(head)
+
+    def close(self) -> None:
+        # The app failed between head and body: what went before still goes first.
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
+class WholeResponseCycle(RequestResponseCycle):
+    """uvicorn's request cycle, its head held until the body (see HeldHead)."""
+
+    transport: HeldHead  # type: ignore[assignment]
+
+    async def send(self, message: Any) -> None:
+        transport = self.transport
+        if message["type"] == "http.response.start":
+            transport.holding = True
+            try:
+                await super().send(message)
+            finally:
+                transport.holding = False
+            return
+        await super().send(message)
+        transport.flush()
+
+
+class WholeResponseProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, every response in one write (see WholeResponseCycle)."""
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous:
+            # Its task is created but has not run yet. A class switch rather
+            # than a wrapper: no per-request closure and no reference cycle.
+            cycle.__class__ = WholeResponseCycle
+            cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
 
 
 class DrainingServer(Server):
@@ -147,6 +234,11 @@ class DrainingServer(Server):
 
 
 class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        **UvicornWorker.CONFIG_KWARGS,
+        "http": WholeResponseProtocol,
+    }
+
     async def _serve(self) -> None:
         # Same as the parent's _serve (uvicorn-worker 0.4), with DrainingServer.
         self.config.app = self.wsgi

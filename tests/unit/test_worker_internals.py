@@ -4,6 +4,7 @@ that renames them fails here, by name, rather than silently in production."""
 from __future__ import annotations
 
 import inspect
+import re
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -11,7 +12,12 @@ from uvicorn.protocols.http import h11_impl, httptools_impl
 from uvicorn.server import Server, ServerState
 from uvicorn_worker import UvicornWorker
 
-from service.server.worker import ACCEPTED_REQUEST_GRACE_SECONDS, close_after_answer, drain_seconds
+from service.server.worker import (
+    ACCEPTED_REQUEST_GRACE_SECONDS,
+    HeldHead,
+    close_after_answer,
+    drain_seconds,
+)
 
 
 @pytest.mark.parametrize("module", [httptools_impl, h11_impl])
@@ -43,6 +49,23 @@ def test_request_cycles_still_take_the_default_headers_a_drain_extends(
     send = inspect.getsource(module.RequestResponseCycle.send)
     assert "self.default_headers + " in send
     assert closes_after_the_header in inspect.getsource(module)
+
+
+def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers() -> None:
+    # WholeResponseProtocol switches each new cycle's class and hands it a
+    # HeldHead for a transport: the cycle must be a plain class, created in
+    # on_headers_complete as self.cycle, and use no other transport method.
+    cycle_class = httptools_impl.RequestResponseCycle
+    assert "__slots__" not in vars(cycle_class)
+    assert "self.cycle = RequestResponseCycle(" in inspect.getsource(
+        httptools_impl.HttpToolsProtocol.on_headers_complete
+    )
+    used = set(re.findall(r"self\.transport\.(\w+)", inspect.getsource(cycle_class)))
+    assert used <= {name for name in dir(HeldHead) if not name.startswith("_")}
+    # The head is written once, on http.response.start, the body after it.
+    send = inspect.getsource(cycle_class.send)
+    assert send.count('self.transport.write(b"".join(content))') == 2
+    assert send.index("self.response_started = True") < send.index("self.transport.write(")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,185 @@
+"""Every response leaves the worker's HTTP protocol in one transport write,
+byte for byte what uvicorn's own protocol sends in two."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.server.worker import CONNECTION_CLOSE, JOIN_LIMIT_BYTES, WholeResponseProtocol
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+GET = b"GET /thing HTTP/1.1\r\nHost: test\r\n\r\n"
+# The last request of each exchange asks the server to close after answering:
+# the client then reads to the end of the connection.
+LAST_GET = b"GET /thing HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+BODY = b'{"predicted_class":0}'
+
+
+class CountedTransport:
+    """The real transport, with its write calls counted."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.calls: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append("write")
+        self._transport.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        self.calls.append("writelines")
+        self._transport.writelines(chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def _exchange(
+    protocol_class: type[HttpToolsProtocol],
+    app: App,
+    request: bytes,
+    default_headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[bytes, list[str]]:
+    """Serve one connection with a real transport: what the client read until
+    the server closed it, and the transport calls that carried it."""
+    config = Config(app=app, lifespan="off", log_config=None)
+    state = ServerState()
+    state.default_headers = default_headers or []
+    counted: list[CountedTransport] = []
+
+    class Counting(protocol_class):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            spy = CountedTransport(transport)
+            counted.append(spy)
+            super().connection_made(spy)
+
+    loop = asyncio.get_running_loop()
+    server_end, client_end = socket.socketpair()
+    client_end.setblocking(False)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: Counting(config=config, server_state=state, app_state={}), server_end
+    )
+    await loop.sock_sendall(client_end, request)
+    received = b""
+    # Generous: only a server that never closes would reach it.
+    async with asyncio.timeout(30):
+        while chunk := await loop.sock_recv(client_end, 1 << 20):
+            received += chunk
+    transport.close()
+    client_end.close()
+    return received, counted[0].calls
+
+
+def _both(app: App, request: bytes = LAST_GET, **kwargs: Any) -> tuple[bytes, list[str], list[str]]:
+    async def run() -> tuple[bytes, list[str], bytes, list[str]]:
+        stock = await _exchange(HttpToolsProtocol, app, request, **kwargs)
+        ours = await _exchange(WholeResponseProtocol, app, request, **kwargs)
+        return (*stock, *ours)
+
+    stock_bytes, stock_calls, our_bytes, our_calls = asyncio.run(run())
+    assert our_bytes == stock_bytes
+    assert stock_bytes
+    return our_bytes, our_calls, stock_calls
+
+
+def _responder(body: bytes, *, parts: int = 1) -> App:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % (len(body) * parts)),
+                ],
+            }
+        )
+        for part in range(parts):
+            await send({"type": "http.response.body", "body": body, "more_body": part < parts - 1})
+
+    return app
+
+
+def test_a_fast_path_answer_leaves_in_one_write_where_uvicorn_uses_two() -> None:
+    received, ours, stock = _both(_responder(BODY))
+    assert received.endswith(b"\r\n\r\n" + BODY)
+    assert ours == ["write"]
+    assert stock == ["write", "write"]
+
+
+def test_keep_alive_requests_in_a_row_each_leave_in_one_write() -> None:
+    received, ours, _ = _both(_responder(BODY), GET * 2 + LAST_GET)
+    assert received.count(BODY) == 3
+    assert ours == ["write"] * 3
+
+
+def test_a_head_request_sends_its_head_alone_in_one_write() -> None:
+    # The first stays open (its head leaves after the body message), the second closes.
+    head_requests = (GET + LAST_GET).replace(b"GET", b"HEAD")
+    received, ours, _ = _both(_responder(BODY), head_requests)
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert BODY not in received
+    assert ours == ["write", "write"]
+
+
+def test_a_streamed_answer_joins_its_head_to_the_first_part_only() -> None:
+    received, ours, stock = _both(_responder(BODY, parts=3))
+    assert received.endswith(BODY * 3)
+    assert ours == ["write"] * 3
+    assert stock == ["write"] * 4
+
+
+def test_a_large_body_is_handed_over_with_its_head_without_joining() -> None:
+    body = b"x" * JOIN_LIMIT_BYTES
+    received, ours, _ = _both(_responder(body))
+    assert received.endswith(body)
+    assert ours == ["writelines"]
+
+
+def test_a_draining_answer_still_says_connection_close_and_closes() -> None:
+    received, ours, _ = _both(_responder(BODY), GET * 2, default_headers=[CONNECTION_CLOSE])
+    assert b"\r\nconnection: close\r\n" in received
+    assert received.count(BODY) == 1
+    assert ours == ["write"]
+
+
+def test_an_app_that_fails_after_the_head_still_sends_that_head_before_closing() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("broken after the head")
+
+    received, ours, _ = _both(app)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert ours == ["write"]
+
+
+def test_a_server_error_answer_is_one_write_too() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("broken before the head")
+
+    received, ours, _ = _both(app)
+    assert received.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert received.endswith(b"Internal Server Error")
+    assert ours == ["write"]
+
+
+@pytest.mark.parametrize("expect_continue", [True, False])
+def test_a_request_body_is_read_before_the_one_write(expect_continue: bool) -> None:
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        await _responder(message["body"])(scope, receive, send)
+
+    head = b"POST /thing HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 4\r\n"
+    if expect_continue:
+        head += b"Expect: 100-continue\r\n"
+    received, ours, _ = _both(echo, head + b"\r\nbody")
+    assert received.endswith(b"\r\n\r\nbody")
+    assert ours == ["write", "write"] if expect_continue else ["write"]
