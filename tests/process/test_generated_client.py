@@ -10,7 +10,7 @@ import io
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,6 +33,7 @@ class Generated:
     key: str
     root: Path
     output: str
+    opened: list[Any] = field(default_factory=list)
 
     def module(self, name: str) -> ModuleType:
         return importlib.import_module(f"{PACKAGE}.{name}")
@@ -47,10 +48,26 @@ class Generated:
     def client(self, key: str | None = None) -> Any:
         package = importlib.import_module(PACKAGE)
         if key is None:
-            return package.Client(base_url=self.server.url, raise_on_unexpected_status=True)
-        return package.AuthenticatedClient(
-            base_url=self.server.url, token=key, raise_on_unexpected_status=True
-        )
+            client = package.Client(base_url=self.server.url, raise_on_unexpected_status=True)
+        else:
+            client = package.AuthenticatedClient(
+                base_url=self.server.url, token=key, raise_on_unexpected_status=True
+            )
+        self.opened.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        # Each client pools a keep-alive connection: left to the garbage
+        # collector, its socket is a ResourceWarning in whichever test runs then.
+        while self.opened:
+            self.opened.pop().get_httpx_client().close()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "generated" in request.fixturenames:
+        request.getfixturevalue("generated").close_clients()
 
 
 @pytest.fixture(scope="module")
