@@ -157,10 +157,13 @@ start_monitoring_door() {
         --read-only --tmpfs /tmp --tmpfs /var/cache/nginx --tmpfs /var/lib/nginx --tmpfs /run \
         --cap-drop ALL --cap-add CHOWN --cap-add SETUID --cap-add SETGID \
         --security-opt no-new-privileges:true \
-        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
-        -c /etc/ml-api-monitoring.conf -g 'daemon off;' >/dev/null
-    # Copied, not bind-mounted: the engine need not see this checkout.
-    docker cp "$HERE/monitoring.conf" "$door:/etc/ml-api-monitoring.conf" >/dev/null
+        -e "ML_API_MONITORING_CONF=$(cat "$HERE/monitoring.conf")" \
+        --entrypoint sh "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        -c 'printf "%s\n" "$ML_API_MONITORING_CONF" >/tmp/monitoring.conf && exec nginx -c /tmp/monitoring.conf -g "daemon off;"' \
+        >/dev/null
+    # The configuration travels in the environment, not as a bind mount (the
+    # engine need not see this checkout) nor by `docker cp` (a read-only
+    # rootfs refuses it); it is written to the container's tmpfs at start.
     docker start "$door" >/dev/null
 }
 
