@@ -65,22 +65,24 @@ def drain_seconds(keepalive: float, graceful_timeout: float) -> float:
 
 
 def close_after_answer(connections: Iterable[object], count: int) -> int:
-    """Ask up to `count` connections that are answering a request to close once
-    the answer is sent: it goes out with `Connection: close`, as uvicorn's own
-    graceful shutdown does it, so no request is lost and the client simply
-    reconnects. Idle connections are left alone (a request may be on its way)."""
+    """Ask up to `count` connections to close once an answer is sent: it goes
+    out with `Connection: close`, as uvicorn's own graceful shutdown does it,
+    so no request is lost and the client simply reconnects. A connection
+    answering a request closes after that answer; an idle one of this
+    worker's protocol after its next (closing it now could cut off a request
+    on its way). Requests are answered within one event-loop turn, so at any
+    given moment most connections are idle."""
     asked = 0
     for protocol in list(connections):
         if asked >= count:
             break
         cycle = getattr(protocol, "cycle", None)
-        if (
-            cycle is not None
-            and cycle.keep_alive
-            and not cycle.response_started
-            and not cycle.response_complete
-        ):
-            cycle.keep_alive = False
+        if cycle is not None and not cycle.response_complete:
+            if cycle.keep_alive and not cycle.response_started:
+                cycle.keep_alive = False
+                asked += 1
+        elif getattr(protocol, "close_after_next_answer", None) is False:
+            protocol.close_after_next_answer = True  # type: ignore[attr-defined]
             asked += 1
     return asked
 
@@ -150,6 +152,9 @@ class WholeResponseCycle(RequestResponseCycle):
 class WholeResponseProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, every response in one write (see WholeResponseCycle)."""
 
+    # Set by close_after_answer on an idle connection: its next answer closes it.
+    close_after_next_answer = False
+
     def on_headers_complete(self) -> None:
         previous = self.cycle
         super().on_headers_complete()
@@ -159,6 +164,8 @@ class WholeResponseProtocol(HttpToolsProtocol):
             # than a wrapper: no per-request closure and no reference cycle.
             cycle.__class__ = WholeResponseCycle
             cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
+            if self.close_after_next_answer:
+                cycle.keep_alive = False
 
 
 class DrainingServer(Server):

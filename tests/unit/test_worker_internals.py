@@ -96,7 +96,7 @@ def _connection(*, keep_alive: bool, started: bool, complete: bool) -> SimpleNam
 
 def test_only_connections_about_to_answer_are_asked_to_close_and_no_more_than_asked() -> None:
     answering = [_connection(keep_alive=True, started=False, complete=False) for _ in range(5)]
-    idle = SimpleNamespace(cycle=None)
+    idle = SimpleNamespace(cycle=None)  # not this worker's protocol: left alone
     sending = _connection(keep_alive=True, started=True, complete=False)
     done = _connection(keep_alive=True, started=True, complete=True)
     closing = _connection(keep_alive=False, started=False, complete=False)
@@ -106,3 +106,19 @@ def test_only_connections_about_to_answer_are_asked_to_close_and_no_more_than_as
     assert sending.cycle.keep_alive
     assert done.cycle.keep_alive
     assert close_after_answer(connections, 10) == 2
+
+
+def test_an_idle_connection_is_asked_to_close_after_its_next_answer() -> None:
+    """Inline answers take one event-loop turn, so a rebalance almost never finds
+    a connection mid-answer: idle connections of the worker's protocol are
+    flagged instead, and their next request is answered with Connection: close."""
+    from service.server.worker import WholeResponseProtocol
+
+    idle = [SimpleNamespace(cycle=None, close_after_next_answer=False) for _ in range(3)]
+    finished = _connection(keep_alive=True, started=True, complete=True)
+    finished.close_after_next_answer = False
+    assert close_after_answer([*idle, finished], 2) == 2
+    assert [c.close_after_next_answer for c in idle] == [True, True, False]
+    assert close_after_answer([*idle, finished], 5) == 2
+    assert finished.close_after_next_answer
+    assert WholeResponseProtocol.close_after_next_answer is False
