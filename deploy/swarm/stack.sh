@@ -18,17 +18,8 @@
 #                              (stop-first: it holds the host port); return
 #                              when both converged
 #   stack.sh init              only the swarm part of `up`
-#   stack.sh preflight         the checks `up` makes before touching the engine
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
-#
-# Prometheus (no authentication) and Grafana publish no port: swarm would bind
-# every interface of the node. `up` starts a loopback-only door to both on the
-# manager (monitoring.conf): http://127.0.0.1:$PROMETHEUS_PORT and
-# http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
-#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
-# Grafana is not deployed with its default password: set GRAFANA_ADMIN_PASSWORD
-# (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
 # PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
@@ -37,9 +28,8 @@
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
 # host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
-# must exist; keys are required whatever it holds, AUTH=off runs the API open),
-# GRAFANA_ADMIN_PASSWORD, PROXY_API_KEY_RATE and the other proxy limits
-# (docs/operations.md, "The proxy").
+# must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
+# other proxy limits (README, "Configuration").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,7 +66,6 @@ config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
-        docker/prometheus/rules/drift.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
         docker/grafana/dashboards/ml-api.json) | sha256sum | cut -c1-12
@@ -90,7 +79,7 @@ service() { printf '%s_%s' "$STACK_NAME" "$1"; }
 keys_source() {
     local file="${API_KEYS_FILE:-secrets/api-keys}"
     case "$file" in /*) ;; *) file="$PWD/$file" ;; esac
-    [ -f "$file" ] || die "no API keys file $file: run 'make api-key NAME=<id>'"
+    [ -f "$file" ] || die "no API keys file $file: run 'make api-key NAME=<id>' (an empty file runs the API open)"
     printf '%s' "$file"
 }
 
@@ -120,7 +109,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
+            log "ready: API on $url, Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
             return 0
         fi
         sleep 1
@@ -128,51 +117,9 @@ wait_for_prediction() {
     die "the proxy did not answer /health/ready on $url within ${TIMEOUT}s"
 }
 
-# Grafana on swarm is reached by SSH tunnel from anywhere the manager is: its
-# default password would be everyone's. Without Grafana, a random one fills
-# the stack file's required variable.
-preflight() {
-    if [ "${GRAFANA_REPLICAS:-1}" != 0 ]; then
-        case "${GRAFANA_ADMIN_PASSWORD:-}" in
-            ''|admin) die "set GRAFANA_ADMIN_PASSWORD (not empty, not 'admin'), or GRAFANA_REPLICAS=0: Grafana is not deployed with its default password" ;;
-        esac
-    else
-        : "${GRAFANA_ADMIN_PASSWORD:=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
-    fi
-    export GRAFANA_ADMIN_PASSWORD
-}
-
-monitoring_door() { printf '%s_monitoring' "$STACK_NAME"; }
-
-# A plain container (swarm cannot publish on one address) on the edge network,
-# publishing Prometheus and Grafana on the manager's loopback only.
-start_monitoring_door() {
-    local door
-    door="$(monitoring_door)"
-    docker rm -f "$door" >/dev/null 2>&1 || true
-    docker create --name "$door" --restart unless-stopped \
-        --label "io.ml-api.monitoring-door=$STACK_NAME" \
-        --network "${STACK_NAME}_edge" \
-        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
-        --read-only --tmpfs /tmp --tmpfs /var/cache/nginx --tmpfs /var/lib/nginx --tmpfs /run \
-        --cap-drop ALL --cap-add CHOWN --cap-add SETUID --cap-add SETGID \
-        --security-opt no-new-privileges:true \
-        -e "ML_API_MONITORING_CONF=$(cat "$HERE/monitoring.conf")" \
-        --entrypoint sh "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
-        -c 'printf "%s\n" "$ML_API_MONITORING_CONF" >/tmp/monitoring.conf && exec nginx -c /tmp/monitoring.conf -g "daemon off;"' \
-        >/dev/null
-    # The configuration travels in the environment, not as a bind mount (the
-    # engine need not see this checkout) nor by `docker cp` (a read-only
-    # rootfs refuses it); it is written to the container's tmpfs at start.
-    docker start "$door" >/dev/null
-}
-
 cmd_up() {
-    preflight
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
-    [ -f "$ROOT/docker/prometheus/rules/drift.yml" ] \
-        || die "no drift rules docker/prometheus/rules/drift.yml: \`make image\` writes them for the image's bundle (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
     ensure_swarm
     CONFIG_TAG="$(config_tag)"
@@ -181,7 +128,6 @@ cmd_up() {
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
-    start_monitoring_door
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
@@ -295,8 +241,6 @@ cmd_scale() {
 }
 
 cmd_down() {
-    # Attached to the stack's network: it would keep the network alive.
-    docker rm -f "$(monitoring_door)" >/dev/null 2>&1 || true
     if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$STACK_NAME"; then
         log "removing stack $STACK_NAME"
         docker stack rm "$STACK_NAME" >&2
@@ -329,10 +273,9 @@ cmd_down() {
 case "${1:-}" in
     up) cmd_up ;;
     init) ensure_swarm ;;
-    preflight) preflight ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
     keys) cmd_keys ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | init | preflight | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
 esac

@@ -8,9 +8,7 @@ edit would not roll out. Both services read the keys from the same secret.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -67,46 +65,3 @@ def test_api_and_proxy_read_the_keys_from_the_api_keys_secret() -> None:
         targets = {s["source"]: s["target"] for s in service["secrets"]}
         assert targets == {"api-keys": "api-keys"}
         assert service["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys"
-
-
-def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:
-    """Swarm publishes on every interface of a node; Prometheus has no
-    authentication. Only the proxy publishes."""
-    services = _stack()["services"]
-    assert [name for name, service in services.items() if service.get("ports")] == ["proxy"]
-    # The loopback door attaches to the edge network as a plain container.
-    assert _stack()["networks"]["edge"]["attachable"] is True
-
-
-def test_the_monitoring_door_publishes_on_the_managers_loopback_only() -> None:
-    stack_sh = (SWARM / "stack.sh").read_text()
-    door = stack_sh[stack_sh.index("start_monitoring_door() {") :]
-    door = door[: door.index("\n}\n")]
-    published = re.findall(r'-p "([^"]+)"', door)
-    assert len(published) == 2
-    assert all(port.startswith("127.0.0.1:") for port in published), published
-    assert '"$HERE/monitoring.conf"' in door
-    conf = (SWARM / "monitoring.conf").read_text()
-    assert "set $prometheus prometheus:9090;" in conf
-    assert "set $grafana grafana:3000;" in conf
-
-
-def _preflight(**env: str) -> subprocess.CompletedProcess[str]:
-    # Only the checks: `preflight` runs before anything touches the engine.
-    return subprocess.run(
-        ["bash", str(SWARM / "stack.sh"), "preflight"],
-        env={"PATH": os.environ["PATH"], **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def test_grafana_on_the_swarm_refuses_its_default_password() -> None:
-    grafana = _stack()["services"]["grafana"]["environment"]
-    assert ":?" in grafana["GF_SECURITY_ADMIN_PASSWORD"]  # no default in the stack file
-    for env in ({}, {"GRAFANA_ADMIN_PASSWORD": "admin"}, {"GRAFANA_ADMIN_PASSWORD": ""}):
-        refused = _preflight(**env)
-        assert (refused.returncode, "GRAFANA_ADMIN_PASSWORD" in refused.stderr) == (1, True), env
-    assert _preflight(GRAFANA_ADMIN_PASSWORD="a long passphrase").returncode == 0
-    assert _preflight(GRAFANA_REPLICAS="0").returncode == 0
