@@ -75,6 +75,13 @@ class Server:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     # Headers every request to this server carries (its API key).
     headers: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+
+    def log_tail(self, lines: int = 5) -> str:
+        """Why a server that exited early did (its log is removed with the work directory)."""
+        if self.log is None or not self.log.exists():
+            return "no log"
+        return " | ".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     @property
     def url(self) -> str:
@@ -119,10 +126,13 @@ def ensure_wrk() -> str:
     return shutil.which("wrk") or "wrk"
 
 
-def train(work: Path) -> Path:
+def train(work: Path, source: Path = REPO) -> Path:
+    """A bundle trained by SOURCE's own code: an older commit validates manifests with
+    its own schema, so it serves what its own training wrote."""
+    models = work / ("models" if source == REPO else f"models-{source.name}")
     out = subprocess.run(
-        [sys.executable, "-m", "training", "--output-dir", str(work / "models")],
-        cwd=REPO,
+        [sys.executable, "-m", "training", "--output-dir", str(models)],
+        cwd=source,
         capture_output=True,
         text=True,
         check=True,
@@ -227,8 +237,11 @@ def launch(
 
 def start(name: str, spec: ServerSpec, work: Path, bundle: Path, workers: int) -> Server:
     port = free_port()
+    if spec.source != REPO:
+        bundle = train(work, spec.source)
     how = launch(name, spec, work, bundle, workers, port)
-    log = (work / f"{file_name(name)}.log").open("wb")
+    log_path = work / f"{file_name(name)}.log"
+    log = log_path.open("wb")
     # `python -m` puts the working directory first on sys.path: the source
     # tree's own service/ is the one imported.
     process = subprocess.Popen(
@@ -240,14 +253,16 @@ def start(name: str, spec: ServerSpec, work: Path, bundle: Path, workers: int) -
         start_new_session=True,
     )
     log.close()
-    return Server(name, port, process, headers=how.headers)
+    return Server(name, port, process, headers=how.headers, log=log_path)
 
 
 def first_answer_seconds(server: Server, started: float, timeout: float = 60) -> float:
     deadline = started + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited {server.process.returncode}")
+            raise RuntimeError(
+                f"{server.name} exited {server.process.returncode}: {server.log_tail()}"
+            )
         try:
             answer = httpx.post(
                 f"{server.url}/predict", json=SETOSA, headers=server.headers, timeout=2

@@ -91,3 +91,18 @@ def test_the_bench_takes_the_option_and_refuses_it_with_only_v2() -> None:
     assert run.parse_args(["--baseline-commit", "HEAD~3"]).baseline_commit == "HEAD~3"
     with pytest.raises(SystemExit):
         run.parse_args(["--baseline-commit", "HEAD~3", "--only-v2"])
+
+
+def test_a_baseline_serves_a_bundle_its_own_training_code_wrote(tmp_path: Path) -> None:
+    # An older commit validates manifests with its own schema (a newer manifest's
+    # fields are "extra inputs" to it), so its bundle comes from its own tree.
+    source = tmp_path / "source-old"
+    (source / "training").mkdir(parents=True)
+    (source / "training" / "__main__.py").write_text(
+        "import pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output-dir') + 1]) / 'iris' / 'old'\n"
+        "print(out)\n"
+    )
+    work = tmp_path / "work"
+    bundle = run.train(work, source)
+    assert bundle == work / "models-source-old" / "iris" / "old"
