@@ -87,6 +87,7 @@ api-key-revoke:
 NJS_MODULE := /usr/lib/nginx/modules/ngx_http_js_module.so
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null \
+		&& command -v prometheus-alertmanager >/dev/null \
 		&& test -e $(NJS_MODULE) && /sbin/ldconfig -p | grep -q libgomp.so.1 \
 		|| tests/support/install-system-deps.sh
 

@@ -8,10 +8,11 @@
 #                              official debian slim images
 #   ml-api/nginx:offline       Debian's nginx and its njs module on that base
 #   ml-api/prometheus:offline  Debian's prometheus on that base
+#   ml-api/alertmanager:offline  Debian's prometheus-alertmanager on that base
 #
 # Point compose at them with
 #   PYTHON_BASE_IMAGE=ml-api/python:offline NGINX_IMAGE=ml-api/nginx:offline \
-#   PROMETHEUS_IMAGE=ml-api/prometheus:offline
+#   PROMETHEUS_IMAGE=ml-api/prometheus:offline ALERTMANAGER_IMAGE=ml-api/alertmanager:offline
 # (`make up OFFLINE=1` does). Grafana has no such source; the offline stack
 # runs without it.
 #
@@ -26,6 +27,7 @@ SUITE="${DEBIAN_SUITE:-bookworm}"
 PY_TAG="${OFFLINE_PYTHON_IMAGE:-ml-api/python:offline}"
 NGINX_TAG="${OFFLINE_NGINX_IMAGE:-ml-api/nginx:offline}"
 PROM_TAG="${OFFLINE_PROMETHEUS_IMAGE:-ml-api/prometheus:offline}"
+ALERTMANAGER_TAG="${OFFLINE_ALERTMANAGER_IMAGE:-ml-api/alertmanager:offline}"
 FORCE="${FORCE:-0}"
 
 log() { printf '[offline-images] %s\n' "$*" >&2; }
@@ -150,4 +152,5 @@ if have_image "$NGINX_TAG" && ! docker run --rm --entrypoint test "$NGINX_TAG" \
 fi
 build_from_base "$NGINX_TAG" "$HERE/offline/nginx.Dockerfile"
 build_from_base "$PROM_TAG" "$HERE/offline/prometheus.Dockerfile"
+build_from_base "$ALERTMANAGER_TAG" "$HERE/offline/alertmanager.Dockerfile"
 docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^ml-api/.*:offline' >&2

@@ -39,8 +39,9 @@ ifeq ($(OFFLINE),1)
 export PYTHON_BASE_IMAGE ?= ml-api/python:offline
 export NGINX_IMAGE ?= ml-api/nginx:offline
 export PROMETHEUS_IMAGE ?= ml-api/prometheus:offline
+export ALERTMANAGER_IMAGE ?= ml-api/alertmanager:offline
 # Grafana has no offline image: the offline stack runs without it.
-COMPOSE_SERVICES := api proxy prometheus
+COMPOSE_SERVICES := api proxy prometheus alertmanager
 export GRAFANA_REPLICAS ?= 0
 OFFLINE_DEP := offline-images
 else
@@ -74,6 +75,7 @@ up: image
 	API_KEYS_FILE=$(API_KEYS_FILE) $(DOCKER_ENV) docker compose up -d --wait --scale api=$(REPLICAS) $(COMPOSE_SERVICES)
 	@echo "API:        http://127.0.0.1:$${PROXY_PORT:-8080}  (try: curl -X POST http://127.0.0.1:$${PROXY_PORT:-8080}/predict -H 'Content-Type: application/json' -d '{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}')"
 	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}"
+	@echo "Alerts:     http://127.0.0.1:$${ALERTMANAGER_PORT:-9093}  (receiver: docker/alertmanager/alertmanager.yml)"
 	@$(if $(COMPOSE_SERVICES),,echo "Grafana:    http://127.0.0.1:$${GRAFANA_PORT:-3000}")
 
 down:

@@ -140,6 +140,10 @@ def stack(image: str, base_images: dict[str, str]) -> Iterator[Stack]:
         "MODEL_VERSION": MODEL_VERSION,
         "PROXY_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
+        "ALERTMANAGER_PORT": str(free_port()),
+        # The stack plus the test's alert receiver (the shipped Alertmanager
+        # configuration's webhook).
+        "COMPOSE_FILE": f"compose.yaml{os.pathsep}tests/e2e/alert-receiver.yaml",
         "BACKEND_SUBNET": BACKEND_SUBNET,
         "COMPOSE_PROJECT_NAME": PROJECT,
         **API_KEY_SETTINGS,
@@ -159,7 +163,20 @@ def stack(image: str, base_images: dict[str, str]) -> Iterator[Stack]:
     # `up --wait` in the background; meanwhile poll for the first prediction.
     t0 = time.monotonic()
     up = subprocess.Popen(
-        ["docker", "compose", "-p", PROJECT, "up", "-d", "--wait", "api", "proxy", "prometheus"],
+        [
+            "docker",
+            "compose",
+            "-p",
+            PROJECT,
+            "up",
+            "-d",
+            "--wait",
+            "api",
+            "proxy",
+            "prometheus",
+            "alertmanager",
+            "alert-webhook",
+        ],
         cwd=ROOT,
         env=env,
         text=True,

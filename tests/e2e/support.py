@@ -42,11 +42,13 @@ OFFICIAL = {
     "PYTHON_BASE_IMAGE": "python:3.12-slim-bookworm",
     "NGINX_IMAGE": "nginx:1.27-bookworm",
     "PROMETHEUS_IMAGE": "prom/prometheus:v3.5.0",
+    "ALERTMANAGER_IMAGE": "prom/alertmanager:v0.28.1",
 }
 OFFLINE = {
     "PYTHON_BASE_IMAGE": "ml-api/python:offline",
     "NGINX_IMAGE": "ml-api/nginx:offline",
     "PROMETHEUS_IMAGE": "ml-api/prometheus:offline",
+    "ALERTMANAGER_IMAGE": "ml-api/alertmanager:offline",
 }
 
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}

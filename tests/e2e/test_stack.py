@@ -282,6 +282,33 @@ def test_killed_replica_requests_are_retried_elsewhere(stack: Stack) -> None:
     assert statuses["200"] >= 100
 
 
+def _notifications(stack: Stack) -> list[dict[str, Any]]:
+    """What the alert receiver got, one JSON body per line of its log."""
+    logs = stack.compose("logs", "--no-color", "--no-log-prefix", "alert-webhook").stdout
+    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+
+
+def test_a_stopped_service_pages_the_receiver_once(stack: Stack) -> None:
+    # Last before `down`: it stops every api replica. With the shipped rules and
+    # Alertmanager settings (MlApiNoReadyInstance after 1 min, 30 s group wait).
+    stack.compose("stop", "-t", "10", "api", timeout=120)
+    alertmanager = f"http://127.0.0.1:{stack.env['ALERTMANAGER_PORT']}"
+
+    def instance_down_suppressed() -> bool:
+        alerts = http("GET", f"{alertmanager}/api/v2/alerts").json()
+        return any(
+            a["labels"]["alertname"] == "MlApiInstanceDown" and a["status"]["state"] == "suppressed"
+            for a in alerts
+        )
+
+    _wait_for("a page for the dead service", lambda: _notifications(stack), timeout=300)
+    # MlApiInstanceDown fires a minute later and is inhibited, not sent.
+    _wait_for("MlApiInstanceDown, inhibited", instance_down_suppressed, timeout=300)
+    notifications = _notifications(stack)
+    assert [n["groupLabels"]["alertname"] for n in notifications] == ["MlApiNoReadyInstance"]
+    assert notifications[0]["status"] == "firing"
+
+
 def test_compose_down(stack: Stack) -> None:
     stack.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=180)
     assert stack.compose("ps", "-a", "-q").stdout.strip() == ""
