@@ -9,10 +9,7 @@ waits shortened); routing, grouping and inhibition are the shipped ones.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.prometheus import binary, running_prometheus
+from tests.support.prometheus import running_alertmanager, running_prometheus
 from tests.support.servers import free_port, running_gunicorn, wait_for
 
 pytestmark = pytest.mark.process
@@ -98,42 +95,6 @@ def _alertmanager_config(path: Path, receiver: Receiver) -> Path:
     return path
 
 
-@contextmanager
-def _running_alertmanager(config: Path, directory: Path) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = directory / "alertmanager.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary("prometheus-alertmanager"),
-                f"--config.file={config}",
-                f"--storage.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                # One instance: no gossip port on every interface.
-                "--cluster.listen-address=",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-
-        def is_ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"alertmanager exited: {log_path.read_text()}")
-            try:
-                return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(is_ready, 30, interval=0.1, what="alertmanager to be ready")
-        yield url
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-
-
 def _prometheus_config(directory: Path, api_port: int, alertmanager: str, rules: Path) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
@@ -162,8 +123,10 @@ def test_a_dead_service_pages_once_and_its_instance_alert_is_inhibited(
     alerts = _faster_alerts(tmp_path / "alerts.yml")
     with (
         _webhook_receiver() as receiver,
-        _running_alertmanager(
-            _alertmanager_config(tmp_path / "alertmanager.yml", receiver), tmp_path
+        running_alertmanager(
+            _alertmanager_config(tmp_path / "alertmanager.yml", receiver),
+            tmp_path / "alertmanager",
+            free_port(),
         ) as alertmanager,
         running_gunicorn(model_dir, tmp_path / "gunicorn", workers=1) as api,
         running_prometheus(

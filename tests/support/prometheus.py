@@ -65,33 +65,26 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(config: Path, data_dir: Path, port: int) -> Iterator[Prometheus]:
-    log_path = config.parent / "prometheus.log"
+def _running(command: list[str], url: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A Prometheus-family daemon (same /-/ready endpoint), stopped by its pid."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                binary("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={data_dir}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
     try:
 
         def is_ready() -> bool:
             if process.poll() is not None:
-                raise RuntimeError(f"prometheus exited {process.returncode}:\n{server.log()}")
+                raise RuntimeError(
+                    f"{command[0]} exited {process.returncode}:\n{log_path.read_text()}"
+                )
             try:
-                return httpx.get(f"{server.url}/-/ready", timeout=1).status_code == 200
+                return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_for(is_ready, 30, interval=0.1, what="prometheus to be ready")
-        yield server
+        wait_for(is_ready, 30, interval=0.1, what=f"{command[0]} to be ready")
+        yield process
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
@@ -100,6 +93,36 @@ def running_prometheus(config: Path, data_dir: Path, port: int) -> Iterator[Prom
             except subprocess.TimeoutExpired:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
+
+
+@contextmanager
+def running_prometheus(config: Path, data_dir: Path, port: int) -> Iterator[Prometheus]:
+    url = f"http://127.0.0.1:{port}"
+    log_path = config.parent / "prometheus.log"
+    command = [
+        binary("prometheus"),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with _running(command, url, log_path) as process:
+        yield Prometheus(process, url, log_path)
+
+
+@contextmanager
+def running_alertmanager(config: Path, data_dir: Path, port: int) -> Iterator[str]:
+    """Alertmanager (Debian's binary name) on loopback; yields its URL."""
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        binary("prometheus-alertmanager"),
+        f"--config.file={config}",
+        f"--storage.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        # One instance: no gossip port on every interface.
+        "--cluster.listen-address=",
+    ]
+    with _running(command, url, config.parent / "alertmanager.log"):
+        yield url
 
 
 def write_drift_rules(model_dir: Path, output: Path, *args: str) -> str:
