@@ -49,7 +49,8 @@ def random_rows(bundle: Path, count: int, seed: int) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = [{} for _ in range(count)]
     for feature in manifest.features:
         low, high = getattr(feature, "training_min", None), getattr(feature, "training_max", None)
-        assert low is not None and high is not None
+        assert low is not None
+        assert high is not None
         for row, value in zip(rows, rng.uniform(low, high, count).round(2), strict=True):
             row[feature.name] = float(value)
     return rows
