@@ -141,6 +141,13 @@ class ServiceSettings(_AuthSettings):
         description="Seconds one shadow call may take; a shadow that takes longer (or "
         "raises) is switched off in that worker, with a log line and a count.",
     )
+    shadow_min_agreement: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="The agreement rate below which `MlApiShadowDisagreement` fires: workers "
+        "export it as `model_shadow_agreement_min`, which the alert compares with.",
+    )
     rollout_request_file: Path | None = Field(
         default=None,
         description="Where `make shadow`, `make shadow-off` and `make promote` leave their "

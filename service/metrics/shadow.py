@@ -69,6 +69,13 @@ SHADOW_FAILURES = Counter(
     [*LABELS, "reason"],
     registry=None,
 )
+SHADOW_AGREEMENT_MIN = Gauge(
+    "model_shadow_agreement_min",
+    "SHADOW_MIN_AGREEMENT: the agreement rate below which MlApiShadowDisagreement fires.",
+    LABELS,
+    multiprocess_mode="livemax",
+    registry=None,
+)
 SHADOW_SCORING = Gauge(
     "model_shadow_scoring",
     "Workers scoring the shadow now.",
@@ -91,8 +98,11 @@ def _value_histogram(buckets: tuple[float, ...]) -> Histogram:
 
 
 class ShadowMetrics:
-    def __init__(self, primary: Manifest, candidate: Manifest, backend: str) -> None:
+    def __init__(
+        self, primary: Manifest, candidate: Manifest, backend: str, min_agreement: float
+    ) -> None:
         labels = (primary.name, primary.version, candidate.version)
+        SHADOW_AGREEMENT_MIN.labels(*labels).set(min_agreement)
         self._agree = incrementer(SHADOW_ROWS.labels(*labels, "agree"))
         self._disagree = incrementer(SHADOW_ROWS.labels(*labels, "disagree"))
         self._dropped = incrementer(SHADOW_DROPPED.labels(*labels))

@@ -37,7 +37,9 @@ def load_shadow(settings: ServiceSettings, primary: Predictor) -> ShadowScorer |
     if settings.metrics_enabled:
         from service.metrics.shadow import ShadowMetrics
 
-        metrics = ShadowMetrics(primary.manifest, bundle.manifest, backend.name)
+        metrics = ShadowMetrics(
+            primary.manifest, bundle.manifest, backend.name, settings.shadow_min_agreement
+        )
     candidate = ShadowCandidate(
         version=bundle.manifest.version,
         backend=backend,
