@@ -2,9 +2,9 @@
 the served model already answered.
 
 The request path only appends the rows and the primary's outputs to a list
-(`submit`); a callback the event loop runs once the request's task has
-yielded, which it does after writing its answer, hands them to the shadow's
-thread through a queue bounded in rows. Rows beyond the bound are dropped and
+(`submit`); a callback the event loop runs HANDOVER_SECONDS later, long
+after the answer was written, hands everything gathered by then to the
+shadow's thread through a queue bounded in rows. Rows beyond the bound are dropped and
 counted, never waited for. The thread scores everything queued in one
 candidate call, compares, and hands the result back to the event loop, where
 every metric is written (backend threads never touch metrics:
@@ -39,6 +39,10 @@ log = logging.getLogger(APP_LOGGER)
 
 State = Literal["scoring", "switched_off", "stopped"]
 FailureReason = Literal["error", "timeout"]
+# Rows are handed to the thread at most this often: waking it (and the event
+# loop for its result) per request cost a quarter of a single-row request's
+# CPU under load; gathered for 10 ms, a hand-over carries dozens of rows.
+HANDOVER_SECONDS = 0.01
 # (rows, the primary's outputs): a matrix and its outputs, or one row as
 # Python floats and its probabilities.
 Work = tuple[FloatMatrix | Row, Outputs | Sequence[float]]
@@ -136,7 +140,7 @@ class ShadowScorer:
         self._pending.append((rows, outputs))
         if not self._handover_scheduled and self._loop is not None:
             self._handover_scheduled = True
-            self._loop.call_soon(self._hand_over)
+            self._loop.call_later(HANDOVER_SECONDS, self._hand_over)
 
     def _hand_over(self) -> None:
         self._handover_scheduled = False

@@ -27,7 +27,7 @@ from service.server.rollout_request import (
 from service.server.shadow_fit import mismatch
 from service.settings import PINNED_BUNDLE_VARIABLE, SHADOW_BUNDLE_VARIABLE, PinnedBundle
 from service.shadow.compare import compare
-from service.shadow.scorer import ShadowCandidate, ShadowScorer
+from service.shadow.scorer import HANDOVER_SECONDS, ShadowCandidate, ShadowScorer
 from tests.support.bundles import copy_bundle
 
 # ---------------------------------------------------------- the comparison --
@@ -128,7 +128,7 @@ def test_rows_beyond_the_queue_bound_are_dropped_and_counted_never_waited_for() 
         await settle(lambda: backend.calls == [1])  # the thread is busy with that row
         for _ in range(4):
             scorer.submit(np.zeros((4, 2)), np.full((4, 2), 0.5))
-        await asyncio.sleep(0)
+        await asyncio.sleep(2 * HANDOVER_SECONDS)  # the hand-over's timer fires first
         # 10 rows fit: two batches of 4; the other two batches are dropped.
         assert scorer.counts.dropped == 8
         backend.gate.set()
@@ -147,7 +147,7 @@ def test_a_candidate_that_raises_is_switched_off_with_its_queue_dropped() -> Non
         scorer.submit(np.zeros((1, 2)), np.zeros((1, 2)))
         await settle(lambda: backend.calls == [1])
         scorer.submit(np.zeros((3, 2)), np.zeros((3, 2)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(2 * HANDOVER_SECONDS)  # the hand-over's timer fires first
         backend.gate.set()
         await settle(lambda: scorer.state == "switched_off")
         assert scorer.reason == "the shadow raised RuntimeError: boom"
