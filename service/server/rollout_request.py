@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from service.manifest import SEMVER_PATTERN
+from service.manifest import SEMVER_PATTERN, SEMVER_RE
 
 Action = Literal["shadow", "shadow-off", "promote"]
 
@@ -112,7 +112,9 @@ def send(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service.server.rollout_request", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--request-file", type=Path, required=True)
     parser.add_argument("--pid-file", type=Path, required=True)
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -121,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.action == "shadow") != (args.version is not None):
         parser.error("shadow takes a VERSION; shadow-off and promote take none")
-    try:
-        return send(args.request_file, args.pid_file, args.action, args.version, args.timeout)
-    except ValidationError:
+    if args.version is not None and not SEMVER_RE.match(args.version):
         parser.error(f"{args.version!r} is not a semantic version")
+    return send(args.request_file, args.pid_file, args.action, args.version, args.timeout)
 
 
 if __name__ == "__main__":

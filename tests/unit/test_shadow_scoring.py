@@ -332,3 +332,6 @@ def test_the_verbs_say_so_when_no_server_is_running(
     assert "no running server" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([*args, "shadow"])  # shadow needs a VERSION
+    with pytest.raises(SystemExit):
+        main([*args, "shadow", "latest"])
+    assert "'latest' is not a semantic version" in capsys.readouterr().err
