@@ -19,11 +19,12 @@ PACKAGE_ARGS ?=
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
 
-.PHONY: help install train package bundle rules serve test test-fast test-deploy bench lint schema docs \
+.PHONY: help install train package bundle rules serve shadow shadow-off promote test test-fast test-deploy bench lint schema docs \
 	system-deps checkov oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
+	@echo "make shadow VERSION=x.y.z  score a candidate beside the model make serve serves (make shadow-off, make promote)"
 	@echo "make test     unit, deploy, API and process tests (installs what they need)"
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
@@ -69,8 +70,29 @@ rules: bundle
 
 # Loopback unless BIND or PORT say otherwise: a laptop does not serve its
 # network by accident. The image binds all interfaces inside its container.
+# The master's pid and the rollout requests of make shadow / shadow-off /
+# promote live in SERVE_RUN, one per port: give those verbs the same PORT.
+SERVE_RUN ?= .run/serve-$(or $(PORT),8000)
+ROLLOUT_REQUEST := $(SERVE_RUN)/rollout-request.json
 serve: bundle
-	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
+	@mkdir -p "$(SERVE_RUN)" && rm -f "$(ROLLOUT_REQUEST)" "$(ROLLOUT_REQUEST).outcome"
+	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" \
+		ROLLOUT_REQUEST_FILE="$(ROLLOUT_REQUEST)" $(BIN)/gunicorn -c gunicorn.conf.py --pid "$(SERVE_RUN)/master.pid"
+
+# A candidate version scored in every worker beside the one serving, after each
+# answer (docs/operations.md#trying-a-new-model); promote: it serves, through a rollout.
+ROLLOUT_SEND = $(BIN)/python -m service.server.rollout_request \
+	--request-file "$(ROLLOUT_REQUEST)" --pid-file "$(SERVE_RUN)/master.pid"
+shadow: install
+	@test -n "$(filter command line environment,$(origin VERSION))" \
+		|| { echo "usage: make shadow VERSION=x.y.z" >&2; exit 2; }
+	@$(ROLLOUT_SEND) shadow "$(VERSION)"
+
+shadow-off: install
+	@$(ROLLOUT_SEND) shadow-off
+
+promote: install
+	@$(ROLLOUT_SEND) promote
 
 # Keys live in API_KEYS_FILE (digests only); running servers pick changes up
 # within seconds. Standard-library Python: no virtualenv needed.

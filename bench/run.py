@@ -41,6 +41,10 @@ ML_API, METRICS_OFF, SKLEARN = "ml-api", "ml-api-metrics-off", "ml-api-sklearn"
 # with both off: the hot-path budget compares these two.
 PRODUCTION, BOTH_OFF = "ml-api-production", "ml-api-auth-metrics-off"
 AUTH_ONLY = "ml-api-auth-only"  # attributes the difference between the two
+# Production with an ONNX shadow candidate (a model retrained with another seed)
+# scored in every worker: what shadow scoring costs the served version.
+SHADOW = "ml-api-production-shadow"
+SHADOW_VERSION = "1.0.1"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ServerSpec:
     api_key: bool = False
     # The source tree gunicorn runs in: this checkout, or an older commit's.
     source: Path = REPO
+    # Serve the bench's bundle with a retrained candidate in its shadow.
+    shadow: bool = False
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -63,6 +69,7 @@ SERVERS: dict[str, ServerSpec] = {
     PRODUCTION: ServerSpec(api_key=True),
     BOTH_OFF: ServerSpec(env={"METRICS_ENABLED": "false"}),
     AUTH_ONLY: ServerSpec(env={"METRICS_ENABLED": "false"}, api_key=True),
+    SHADOW: ServerSpec(api_key=True, shadow=True),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -138,6 +145,24 @@ def train(work: Path, source: Path = REPO) -> Path:
         check=True,
     )
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def shadow_models(work: Path, bundle: Path) -> Path:
+    """A model directory holding the bench's bundle and, as SHADOW_VERSION, the same
+    model retrained with another seed (ONNX too): the shadow server's MODEL_DIR."""
+    models = work / "models-shadow"
+    if not models.exists():
+        shutil.copytree(bundle, models / bundle.parent.name / bundle.name)
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "training", "--output-dir", str(models)),
+                *("--version", SHADOW_VERSION, "--random-state", "1"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+    return models
 
 
 def file_name(server: str) -> str:
@@ -230,6 +255,12 @@ def launch(
         "TRUSTED_MODEL_SHA256": hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest(),
         **spec.env,
     }
+    if spec.shadow:
+        env.update(
+            MODEL_DIR=str(shadow_models(work, bundle)),
+            MODEL_VERSION=bundle.name,
+            SHADOW_MODEL_VERSION=SHADOW_VERSION,
+        )
     app = [spec.app] if spec.app else []
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *app]
     return Launch(command, spec.source, env, headers)
@@ -754,6 +785,14 @@ def full(args: argparse.Namespace) -> int:
         "metrics cost <= 10% of req/s": [
             round(1 - ml / results[METRICS_OFF]["rps"], 3),
             ml >= 0.9 * results[METRICS_OFF]["rps"],
+        ],
+        "production with an ONNX shadow >= 0.85x production": [
+            round(results[SHADOW]["rps"] / results[PRODUCTION]["rps"], 3),
+            results[SHADOW]["rps"] >= 0.85 * results[PRODUCTION]["rps"],
+        ],
+        "production with an ONNX shadow p99 <= 10 ms": [
+            results[SHADOW]["p99_ms"],
+            results[SHADOW]["p99_ms"] <= 10,
         ],
         "production (metrics + API keys) >= 0.9x both off": [
             round(results[PRODUCTION]["rps"] / results[BOTH_OFF]["rps"], 3),

@@ -37,6 +37,7 @@ from service.routes import health, model_info
 from service.routes.public import OpenPaths, open_paths
 from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
+from service.shadow.candidate import load_shadow
 
 if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
@@ -108,7 +109,11 @@ async def start_serving(settings: ServiceSettings) -> PredictionPipeline:
             }
         },
     )
-    return PredictionPipeline(predictor, settings.max_batch_size, metrics)
+    pipeline = PredictionPipeline(predictor, settings.max_batch_size, metrics)
+    pipeline.shadow = load_shadow(settings, predictor)
+    if pipeline.shadow is not None:
+        pipeline.shadow.start()
+    return pipeline
 
 
 async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
@@ -245,6 +250,8 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         pipeline: PredictionPipeline | None = api.state.pipeline
+        if pipeline is not None and pipeline.shadow is not None:
+            await pipeline.shadow.stop()
         if pipeline is not None and pipeline.predictor.batcher is not None:
             await pipeline.predictor.batcher.stop()
         api.state.pipeline = None

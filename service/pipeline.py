@@ -3,7 +3,9 @@
 Each protocol's codec decodes a request into rows (or one row) and encodes
 the outputs (service.predict_codec for /predict, service.v2.infer for the Open
 Inference Protocol); between the two, this pipeline runs the backend and
-records the prediction metrics.
+records the prediction metrics, and hands the rows and the answer to the
+shadow candidate, if one is scored (service.shadow.scorer), which scores
+them after the answer is sent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from service.predictor import Predictor
 
 if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
+    from service.shadow.scorer import ShadowScorer
 
 # One row's outputs: a classifier's probabilities as Python floats when the
 # backend's row call answered, else the outputs of the one-row matrix.
@@ -33,12 +36,15 @@ class PredictionPipeline:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self._classifier = predictor.manifest.task != "regression"
+        self.shadow: ShadowScorer | None = None
 
     async def run(self, rows: FloatMatrix) -> Outputs:
         """The backend's outputs (probabilities, or predicted values), with their metrics."""
         outputs = await self.predictor.predict(rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(rows, outputs)
+        if self.shadow is not None:
+            self.shadow.submit(rows, outputs)
         return outputs
 
     async def run_row(self, row: Row, dtype: npt.DTypeLike = np.float64) -> RowOutputs:
@@ -54,5 +60,7 @@ class PredictionPipeline:
             if probabilities is not None:
                 if self.metrics is not None:
                     self.metrics.observe_row(row, probabilities)
+                if self.shadow is not None:
+                    self.shadow.submit(row, probabilities)
                 return probabilities
         return await self.run(np.array((row,), dtype=dtype))

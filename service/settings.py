@@ -11,7 +11,14 @@ import re
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.auth.keyfile import DEFAULT_KEYS_FILE
@@ -21,6 +28,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 MIB = 1024 * 1024
 # Internal: set by the Gunicorn master for the workers it forks, never by operators.
 PINNED_BUNDLE_VARIABLE = "ML_API_PINNED_BUNDLE"
+SHADOW_BUNDLE_VARIABLE = "ML_API_SHADOW_BUNDLE"
 _SHA256 = re.compile(SHA256_PATTERN)
 
 
@@ -112,6 +120,40 @@ class ServiceSettings(_AuthSettings):
         description="Pin a semantic version. Unset: the master picks the highest version "
         "present at start and on SIGHUP (workers never choose).",
     )
+    shadow_model_version: str | None = Field(
+        default=None,
+        description="A candidate version of the same model to score in every worker on the "
+        "rows the served version answers, after each answer is sent (never on the client's "
+        "time): the master proves and pins it as it does a rollout. Unset: no shadow. "
+        "`make shadow`, `make shadow-off` and `make promote` change it on a running server.",
+    )
+    shadow_queue_rows: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Rows a worker holds for the shadow to score; beyond them rows are "
+        "dropped (counted in `model_shadow_dropped_rows_total`), never waited for.",
+    )
+    shadow_timeout: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds one shadow call may take; a shadow that takes longer (or "
+        "raises) is switched off in that worker, with a log line and a count.",
+    )
+    shadow_min_agreement: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="The agreement rate below which `MlApiShadowDisagreement` fires: workers "
+        "export it as `model_shadow_agreement_min`, which the alert compares with.",
+    )
+    rollout_request_file: Path | None = Field(
+        default=None,
+        description="Where `make shadow`, `make shadow-off` and `make promote` leave their "
+        "request for the master's next SIGHUP (`make serve` sets it). Unset: a SIGHUP only "
+        "rolls out `MODEL_VERSION` (or the newest version) as before.",
+    )
     backend: Literal["onnx", "sklearn"] | None = Field(
         default=None,
         description="Unset: `onnx` if the bundle has one. `sklearn` serves the native model, "
@@ -181,6 +223,12 @@ class ServiceSettings(_AuthSettings):
         description="Internal: the bundle the master proved (path, version, manifest "
         "SHA-256), inherited by the workers it forks. Never set it yourself.",
     )
+    shadow_bundle: PinnedBundle | None = Field(
+        default=None,
+        alias=SHADOW_BUNDLE_VARIABLE,
+        description="Internal: the shadow candidate the master proved, inherited by the "
+        "workers it forks. Never set it yourself.",
+    )
     prometheus_multiproc_dir: Path | None = Field(
         default=None,
         description="The server's setting of the same name (gunicorn.conf.py exports it "
@@ -194,17 +242,20 @@ class ServiceSettings(_AuthSettings):
         "(`protected`), or not served (`off`).",
     )
 
-    @field_validator("model_version", "backend", "micro_batching", mode="before")
+    @field_validator(
+        "model_version", "shadow_model_version", "backend", "micro_batching", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose files pass `MODEL_VERSION=` for "unset".
         return None if value == "" else value
 
-    @field_validator("model_version")
+    @field_validator("model_version", "shadow_model_version")
     @classmethod
-    def _semver(cls, value: str | None) -> str | None:
+    def _semver(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not SEMVER_RE.match(value):
-            raise ValueError(f"MODEL_VERSION {value!r} is not a semantic version")
+            name = (info.field_name or "").upper()
+            raise ValueError(f"{name} {value!r} is not a semantic version")
         return value
 
     @field_validator("trusted_model_sha256")
@@ -215,7 +266,7 @@ class ServiceSettings(_AuthSettings):
                 raise ValueError(f"TRUSTED_MODEL_SHA256: {digest!r} is not a SHA-256 hex digest")
         return value
 
-    @field_validator("trusted_digests_file", mode="before")
+    @field_validator("trusted_digests_file", "rollout_request_file", mode="before")
     @classmethod
     def _blank_file_is_unset(cls, value: object) -> object:
         return None if value == "" else value

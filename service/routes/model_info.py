@@ -20,7 +20,8 @@ from service.manifest import (
 )
 from service.pipeline import PredictionPipeline
 from service.schemas import ErrorResponse
-from service.server.rollout_record import Result, RolloutAttempt, read_record
+from service.server.rollout_record import Result, RolloutAttempt, ShadowDecision, read_record
+from service.shadow.summary import ShadowSummary, shadow_summary
 
 router = APIRouter(tags=["model"])
 
@@ -39,6 +40,10 @@ class InferenceProfile(BaseModel):
 class Rollouts(BaseModel):
     last_attempt: RolloutAttempt | None
     counts: dict[Result, int]
+    shadow: ShadowDecision | None = Field(
+        description="The master's last decision about a shadow candidate (accepted, "
+        "refused with its reason, or off)."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -70,6 +75,10 @@ class ModelInfo(BaseModel):
     manifest_sha256: str
     rollout: Rollouts | None = Field(
         description="The Gunicorn master's last rollout attempt; null outside Gunicorn."
+    )
+    shadow: ShadowSummary | None = Field(
+        description="The candidate scored in the shadow of this version, its state and its "
+        "agreement so far; null when there is none."
     )
 
 
@@ -129,6 +138,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "bundle_path": str(predictor.bundle_path),
         "manifest_sha256": predictor.manifest_sha256,
         "rollout": _rollout(request),
+        "shadow": shadow_summary(pipeline),
     }
 
 
@@ -141,4 +151,5 @@ def _rollout(request: Request) -> dict[str, Any] | None:
     return {
         "last_attempt": record.last.model_dump(mode="json") if record.last else None,
         "counts": record.counts,
+        "shadow": record.shadow.model_dump(mode="json") if record.shadow else None,
     }

@@ -11,6 +11,13 @@ exactly that bundle, never "whatever is newest now". A refused candidate
 leaves the pin, and so the serving version, as it was; the refusal is one log
 line, a count in `model_rollouts_total{result}` and the last attempt in
 `/model-info`.
+
+A shadow candidate (SHADOW_MODEL_VERSION at start; `make shadow`, `make
+shadow-off`, `make promote` later, through service.server.rollout_request) is
+proved by the same trial, must fit the version serving (service.server.
+shadow_fit), and is pinned the same way in a second variable; the served
+version is never touched by it. A promotion is a rollout of the shadow's
+pinned path.
 """
 
 from __future__ import annotations
@@ -30,15 +37,29 @@ from pydantic import BaseModel
 from service.bundle import BundleError, resolve_bundle_dir
 from service.logs import escape
 from service.manifest import Manifest
-from service.server.rollout_record import RolloutAttempt, now, record_attempt
-from service.settings import PINNED_BUNDLE_VARIABLE, PinnedBundle, ServiceSettings
+from service.server.rollout_record import (
+    RolloutAttempt,
+    ShadowDecision,
+    Trigger,
+    now,
+    record_attempt,
+    record_shadow,
+)
+from service.server.rollout_request import answer, take_request
+from service.server.shadow_fit import check_fit
+from service.settings import (
+    PINNED_BUNDLE_VARIABLE,
+    SHADOW_BUNDLE_VARIABLE,
+    PinnedBundle,
+    ServiceSettings,
+)
 
 # The master exits with this when, at start, nothing can be served at all.
 NOTHING_TO_SERVE = 1
 TRIAL_RANDOM_ROWS = 256
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # The trial must not write into the server's metrics or inherit the current pin.
-_NOT_FOR_THE_TRIAL = ("PROMETHEUS_MULTIPROC_DIR", PINNED_BUNDLE_VARIABLE)
+_NOT_FOR_THE_TRIAL = ("PROMETHEUS_MULTIPROC_DIR", PINNED_BUNDLE_VARIABLE, SHADOW_BUNDLE_VARIABLE)
 
 
 class TrialResult(BaseModel):
@@ -192,17 +213,29 @@ class Rollouts:
     def __init__(self, trial_runner: Callable[[Path, float], TrialResult] = run_trial) -> None:
         self._run_trial = trial_runner
         self.pin: PinnedBundle | None = None
+        self.shadow: PinnedBundle | None = None
+        # After `make promote` on a server started with MODEL_VERSION: the
+        # version a later SIGHUP rolls out (the operator chose it last).
+        self._promoted: str | None = None
 
     def attempt(
-        self, trigger: Literal["start", "sighup"], metrics_dir: Path, log: Any
+        self,
+        trigger: Trigger,
+        metrics_dir: Path,
+        log: Any,
+        candidate: Path | None = None,
     ) -> RolloutAttempt:
+        """Prove and pin `candidate`, or else MODEL_VERSION (or the newest version)."""
         settings = ServiceSettings(pinned_bundle=None)
         started = time.monotonic()
-        path: Path | None = None
+        path: Path | None = candidate
         try:
-            path = resolve_bundle_dir(
-                settings.model_dir, settings.model_name, settings.model_version
-            ).absolute()
+            if path is None:
+                path = resolve_bundle_dir(
+                    settings.model_dir,
+                    settings.model_name,
+                    self._promoted or settings.model_version,
+                ).absolute()
             result = self._run_trial(path, settings.rollout_trial_timeout)
         except BundleError as exc:
             result = TrialResult(ok=False, reason=str(exc))
@@ -232,11 +265,10 @@ class Rollouts:
                 time=now(),
             )
         else:
-            serving = self.pin.version if self.pin else "nothing"
             log.error(
                 "model rollout refused (%s), still serving %s: %s",
                 trigger,
-                escape(serving),
+                escape(self.serving),
                 escape(result.reason),
             )
             attempt = RolloutAttempt(
@@ -253,18 +285,165 @@ class Rollouts:
             log.error("model rollout not recorded in %s: %s", escape(metrics_dir), escape(exc))
         return attempt
 
+    @property
+    def serving(self) -> str:
+        return self.pin.version if self.pin else "nothing"
+
+    # ------------------------------------------------------------ the shadow --
+
+    def try_shadow(
+        self, trigger: Trigger, version: str, metrics_dir: Path, log: Any
+    ) -> tuple[bool, str]:
+        """Prove `version` as a rollout would, check it fits the version serving,
+        and pin it as the shadow; a refusal leaves the shadow (and the served
+        version) as they were."""
+        settings = ServiceSettings(pinned_bundle=None)
+        started = time.monotonic()
+        path: Path | None = None
+        candidate: PinnedBundle | None = None
+        try:
+            path = resolve_bundle_dir(settings.model_dir, settings.model_name, version).absolute()
+            if self.pin is None:
+                raise BundleError(path, "shadow: nothing is serving to compare it with")
+            result = self._run_trial(path, settings.rollout_trial_timeout)
+            reason = result.reason
+            if result.ok and result.version and result.manifest_sha256:
+                candidate = PinnedBundle(
+                    path=path, version=result.version, manifest_sha256=result.manifest_sha256
+                )
+                check_fit(self.pin, candidate)
+        except (BundleError, ValueError) as exc:
+            candidate, reason = None, str(exc)
+        if candidate is None:
+            line = (
+                f"model shadow refused ({trigger}), serving {self.serving} untouched, "
+                f"shadow {self.shadowing}: {reason}"
+            )
+            log.error("%s", escape(line))
+            self._record_shadow(trigger, version, path, "refused", reason, metrics_dir, log)
+            return False, line
+        self.shadow = candidate
+        os.environ[SHADOW_BUNDLE_VARIABLE] = candidate.model_dump_json()
+        line = (
+            f"model shadow accepted ({trigger}): {settings.model_name} {version} from {path} "
+            f"scored beside {self.serving}, trial {time.monotonic() - started:.1f} s"
+        )
+        log.info("%s", escape(line))
+        self._record_shadow(trigger, version, path, "accepted", None, metrics_dir, log)
+        return True, line
+
+    @property
+    def shadowing(self) -> str:
+        return self.shadow.version if self.shadow else "none"
+
+    def clear_shadow(self, trigger: Trigger, reason: str, metrics_dir: Path, log: Any) -> str:
+        shadow = self.shadow
+        self.shadow = None
+        os.environ.pop(SHADOW_BUNDLE_VARIABLE, None)
+        line = (
+            f"model shadow off ({trigger}): {shadow.version if shadow else 'none'}, {reason}; "
+            f"serving {self.serving}"
+        )
+        log.info("%s", escape(line))
+        self._record_shadow(
+            trigger,
+            shadow.version if shadow else None,
+            shadow.path if shadow else None,
+            "off",
+            reason,
+            metrics_dir,
+            log,
+        )
+        return line
+
+    def _record_shadow(
+        self,
+        trigger: Trigger,
+        version: str | None,
+        path: Path | None,
+        result: Literal["accepted", "refused", "off"],
+        reason: str | None,
+        metrics_dir: Path,
+        log: Any,
+    ) -> None:
+        decision = ShadowDecision(
+            trigger=trigger,
+            version=version,
+            path=str(path) if path else None,
+            result=result,
+            reason=reason,
+            shadowing=self.shadow.version if self.shadow else None,
+            time=now(),
+        )
+        try:
+            record_shadow(metrics_dir, decision)
+        except OSError as exc:
+            log.error("model shadow not recorded in %s: %s", escape(metrics_dir), escape(exc))
+
+    def _shadow_still_fits(self, trigger: Trigger, metrics_dir: Path, log: Any) -> None:
+        """After a new served version: a shadow that is now serving, or no
+        longer fits it, stops being scored."""
+        if self.shadow is None or self.pin is None:
+            return
+        try:
+            check_fit(self.pin, self.shadow)
+        except (BundleError, ValueError) as exc:
+            self.clear_shadow(trigger, str(exc), metrics_dir, log)
+
+    def promote(self, metrics_dir: Path, log: Any) -> tuple[bool, str]:
+        """The shadow becomes the served version through a rollout, and stops being a shadow."""
+        if self.shadow is None:
+            line = f"promote refused, still serving {self.serving}: no shadow is being scored"
+            log.error("%s", escape(line))
+            return False, line
+        shadow = self.shadow
+        attempt = self.attempt("promote", metrics_dir, log, candidate=shadow.path)
+        if attempt.result == "refused":
+            return False, (
+                f"promote refused, still serving {self.serving}, shadow {shadow.version} "
+                f"kept: {attempt.reason}"
+            )
+        if ServiceSettings(pinned_bundle=None).model_version is not None:
+            self._promoted = shadow.version
+        self.clear_shadow("promote", "promoted to serve", metrics_dir, log)
+        return True, f"promoted: serving {self.serving}, no shadow"
+
+    # ------------------------------------------------------------ the hooks --
+
     def start(self, metrics_dir: Path, log: Any) -> None:
+        os.environ.pop(SHADOW_BUNDLE_VARIABLE, None)
         if self.attempt("start", metrics_dir, log).result == "refused":
             # Nothing was ever served: failing fast beats workers with no model.
             raise SystemExit(NOTHING_TO_SERVE)
+        version = ServiceSettings(pinned_bundle=None).shadow_model_version
+        if version is not None:
+            self.try_shadow("start", version, metrics_dir, log)
 
     def reload(self, metrics_dir: Path, log: Any) -> None:
         try:
-            self.attempt("sighup", metrics_dir, log)
+            self._reload(metrics_dir, log)
         except Exception as exc:
             # An exception escaping a hook ends Gunicorn's main loop: the
             # master would exit. The pin, and so the serving version, stays.
             log.error("model rollout refused (sighup), internal error: %s", escape(repr(exc)))
+
+    def _reload(self, metrics_dir: Path, log: Any) -> None:
+        request_file = ServiceSettings(pinned_bundle=None).rollout_request_file
+        request = take_request(request_file)
+        if isinstance(request, str):
+            log.error("%s", escape(request))
+            request = None
+        if request is None or request_file is None:
+            if self.attempt("sighup", metrics_dir, log).result == "accepted":
+                self._shadow_still_fits("sighup", metrics_dir, log)
+            return
+        if request.action == "shadow" and request.version is not None:
+            ok, line = self.try_shadow("sighup", request.version, metrics_dir, log)
+        elif request.action == "promote":
+            ok, line = self.promote(metrics_dir, log)
+        else:
+            ok, line = True, self.clear_shadow("sighup", "switched off", metrics_dir, log)
+        answer(request_file, request, ok, line)
 
 
 ROLLOUTS = Rollouts()

@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 STATE_FILE = "rollouts.json"
 Result = Literal["accepted", "refused"]
 RESULTS: tuple[Result, ...] = ("accepted", "refused")
+Trigger = Literal["start", "sighup", "promote"]
 
 
 class RolloutAttempt(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    trigger: Literal["start", "sighup"]
+    trigger: Trigger
     version: str | None
     path: str | None
     result: Result
@@ -33,10 +34,29 @@ class RolloutAttempt(BaseModel):
     time: datetime
 
 
+class ShadowDecision(BaseModel):
+    """The master's last decision about the shadow: a candidate accepted (being
+    scored from then on) or refused (the shadow before it stays), or the
+    shadow switched off (`off`: by the operator, a promotion or a new served
+    version it cannot shadow)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    trigger: Trigger
+    version: str | None
+    path: str | None
+    result: Literal["accepted", "refused", "off"]
+    reason: str | None
+    # The shadow pinned after this decision (None: no shadow is scored).
+    shadowing: str | None
+    time: datetime
+
+
 class RolloutRecord(BaseModel):
     counts: dict[Result, int] = {"accepted": 0, "refused": 0}
     last: RolloutAttempt | None = None
     serving: RolloutAttempt | None = None
+    shadow: ShadowDecision | None = None
 
 
 def now() -> datetime:
@@ -57,7 +77,18 @@ def record_attempt(directory: Path, attempt: RolloutAttempt) -> RolloutRecord:
     counts = dict(record.counts)
     counts[attempt.result] = counts.get(attempt.result, 0) + 1
     serving = attempt if attempt.result == "accepted" else record.serving
-    record = RolloutRecord(counts=counts, last=attempt, serving=serving)
+    return _write(
+        directory,
+        RolloutRecord(counts=counts, last=attempt, serving=serving, shadow=record.shadow),
+    )
+
+
+def record_shadow(directory: Path, decision: ShadowDecision) -> RolloutRecord:
+    record = read_record(directory) or RolloutRecord()
+    return _write(directory, record.model_copy(update={"shadow": decision}))
+
+
+def _write(directory: Path, record: RolloutRecord) -> RolloutRecord:
     # Written whole and renamed: a reader sees the old record or the new one.
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".rollouts-")
     with os.fdopen(fd, "wb") as handle:

@@ -12,6 +12,7 @@ from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import request_body, responses, schema_ref
 from service.schemas import example_value
+from service.shadow.summary import shadow_summary
 from service.v2.infer import HEADER_LENGTH, MATRIX_DTYPE, OCTET_STREAM, InferenceCodec
 from service.v2.mapping import CategoryTensor, tensor_map
 from service.v2.tensors import TensorError
@@ -90,7 +91,13 @@ async def server_ready(request: FastRequest) -> FastResponse:
 
 
 async def model_metadata(request: FastRequest) -> FastResponse:
-    return FastResponse(_model(request, request.require_pipeline()).metadata)
+    pipeline = request.require_pipeline()
+    model = _model(request, pipeline)
+    shadow = shadow_summary(pipeline)
+    if shadow is None:
+        return FastResponse(model.metadata)
+    # The shadow's counts change with every request: never cached.
+    return _json({**orjson.loads(model.metadata), "shadow": shadow})
 
 
 async def model_ready(request: FastRequest) -> FastResponse:

@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from service.shadow.summary import ShadowSummary
+
 Parameters = dict[str, str | int | float | bool]
 
 
@@ -54,6 +56,11 @@ class ModelMetadata(BaseModel):
             "task, feature_names (the manifest's feature order), classes, and categories "
             "(each category input's allowed values), as JSON text."
         )
+    )
+    shadow: ShadowSummary | None = Field(
+        default=None,
+        description="Present while a candidate is scored in this version's shadow: which, "
+        "its state and its agreement so far.",
     )
 
 

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.bundles import REPO, SETOSA, VIRGINICA
+from tests.support.bundles import REPO, SETOSA, VIRGINICA, copy_bundle
 from tests.support.prometheus import (
     Prometheus,
     PromQLError,
@@ -50,6 +50,7 @@ GRAFANA_DIR = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "ml-api.json"
 DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 JOB = "ml-api"
+SERVED, SHADOW = "1.0.0", "1.0.1"
 
 VERSICOLOR = {"sepal_length": 5.9, "sepal_width": 3.0, "petal_length": 4.2, "petal_width": 1.5}
 TRAFFIC_SECONDS = 4.0
@@ -262,7 +263,9 @@ def _test_config(tmp_path: Path, model_dir: Path, api_port: int, prometheus_port
     directory.mkdir()
     shutil.copy(ALERT_RULES, directory / ALERT_RULES.name)
     # Few rows flow here: the drift alerts' row guard must not hide their expressions.
-    write_drift_rules(model_dir, directory / DRIFT_RULES, "--min-rows", "1")
+    write_drift_rules(
+        model_dir, directory / DRIFT_RULES, "--min-rows", "1", "--model-version", SERVED
+    )
     path = directory / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -345,7 +348,10 @@ def test_every_dashboard_and_rule_expression_returns_data_from_a_real_prometheus
     model_dir: Path, tmp_path: Path
 ) -> None:
     dashboard = _dashboard()
-    with running_gunicorn(model_dir, tmp_path / "gunicorn", workers=3) as api:
+    # A shadow candidate (an identical copy) too: its panels and alert need its series.
+    copy_bundle(model_dir / "iris" / SERVED, model_dir, version=SHADOW)
+    env = {"MODEL_VERSION": SERVED, "SHADOW_MODEL_VERSION": SHADOW}
+    with running_gunicorn(model_dir, tmp_path / "gunicorn", workers=3, env=env) as api:
         prometheus_port = free_port()
         config = _test_config(tmp_path, model_dir, api.port, prometheus_port)
         rules = _rules() + _rules(config.parent / DRIFT_RULES)
