@@ -46,7 +46,8 @@ def served_model(pipeline: PredictionPipeline) -> ServedModel:
         "versions": [manifest.version],
         "platform": PLATFORMS.get(pipeline.predictor.backend.name, pipeline.predictor.backend.name),
         "inputs": [
-            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.inputs
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": t.metadata}
+            for t in tensors.inputs
         ],
         "outputs": [
             {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.outputs

@@ -104,8 +104,8 @@ def test_metadata_lists_the_numeric_matrix_and_one_bytes_input_per_category(
         {"name": "city", "datatype": "BYTES", "shape": [-1]},
     ]
     assert body["outputs"] == [{"name": "prediction", "datatype": "FP64", "shape": [-1]}]
-    assert json.loads(body["properties"]["feature_names"]) == ["rooms", "area", "city"]
-    assert sorted(json.loads(body["properties"]["categories"])["city"]) == ["lyon", "nice", "paris"]
+    assert body["properties"]["feature_names"] == ["rooms", "area", "city"]
+    assert sorted(body["properties"]["categories"]["city"]) == ["lyon", "nice", "paris"]
 
 
 def test_json_inference_equals_predict_for_the_same_rows(flats: TestClient) -> None:
