@@ -43,14 +43,13 @@ def titanic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, pd.DataFrame
     return package_titanic(tmp_path_factory.mktemp("titanic"))
 
 
-def _client(model_dir: Path, name: str, backend: str | None = None) -> TestClient:
+def _client(model_dir: Path, name: str) -> TestClient:
     settings = ServiceSettings(
         model_dir=model_dir,
         model_name=name,
         trusted_model_sha256=pinned_digests(model_dir),
         auth="off",
         api_keys_file=model_dir / "no-api-keys",
-        **({"backend": backend} if backend else {}),
     )
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
