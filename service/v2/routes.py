@@ -188,7 +188,7 @@ def _document_infer(
 
     example = None
     if pipeline is not None:
-        examples = {f.name: example_value(f) for f in pipeline.predictor.manifest.features}
+        examples = {f.field_name: example_value(f) for f in pipeline.predictor.manifest.features}
         inputs = []
         for tensor in served_model(pipeline).codec.tensors.inputs:
             row = [examples[name] for name in tensor.feature_names]

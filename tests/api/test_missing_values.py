@@ -281,3 +281,28 @@ def test_a_model_that_cannot_take_nan_keeps_null_a_422_and_is_refused_as_nullabl
         answer = client.post("/predict", json={**body, "weight": 2.0}).json()
         expected = model.predict_proba(pd.DataFrame([{"width (mm)": 3.0, "weight": 2.0}]))[0]
         assert [answer["probabilities"][c] for c in ("0", "1")] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_renamed_column_is_sent_by_its_api_name_and_reaches_the_model_by_its_own(
+    tmp_path: Path,
+) -> None:
+    rename = {"sepal length (cm)": "sepal_length", "income-2023": "income"}
+    model, frame, model_dir = package_titanic(tmp_path, rename=rename)
+    row = frame.iloc[0]
+    body = {rename.get(k, k): v for k, v in instance(row).items()}
+    with _client(model_dir, TITANIC_NAME) as client:
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200, answer.text
+        expected = model.predict_proba(frame.head(1))[0]
+        assert _probabilities(answer.json()) == pytest.approx(expected, abs=TOLERANCE)
+        old = client.post("/predict", json=instance(row))
+        assert old.status_code == 422
+        assert {tuple(e["loc"][1:]) for e in old.json()["detail"]} >= {
+            ("sepal length (cm)",),
+            ("sepal_length",),
+        }
+        metadata = client.get(f"/v2/models/{TITANIC_NAME}").json()
+        assert metadata["properties"]["feature_names"][:2] == ["sepal_length", "income"]
+        info = client.get("/model-info").json()
+        assert info["feature_names"][:2] == ["sepal_length", "income"]
+        assert [f["name"] for f in info["features"]][:2] == list(rename)
