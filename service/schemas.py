@@ -167,8 +167,9 @@ def _attribute(feature: FeatureSpec, position: int) -> tuple[str, dict[str, Any]
     is a plain identifier (the OpenAPI document stays as it was), else a positional
     attribute with the name as the alias clients send."""
     name = feature.field_name
-    plain = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_")
-    if plain and not hasattr(BaseModel, name):
+    plain = name.isidentifier() and not keyword.iskeyword(name)
+    # pydantic reserves leading underscores and warns about its `model_` namespace.
+    if plain and not name.startswith(("_", "model_")) and not hasattr(BaseModel, name):
         return name, {}
     return f"feature_{position}", {"alias": name, "title": name}
 

@@ -91,3 +91,18 @@ def test_a_missing_rate_is_a_share(current: dict[str, Any], rate: float) -> None
     current["features"][0]["missing_rate"] = rate
     with pytest.raises(ValidationError, match="missing_rate"):
         Manifest.model_validate(current)
+
+
+def test_request_fields_are_the_feature_names_whatever_python_makes_of_them(
+    current: dict[str, Any],
+) -> None:
+    from service.schemas import build_request_models
+
+    names = ["sepal length (cm)", "class", "model_year", "copy"]
+    for feature, name in zip(current["features"], names, strict=True):
+        feature["name"] = name
+    models = build_request_models(Manifest.model_validate(current), max_batch_size=10)
+    body = dict.fromkeys(names, 1.5)
+    instance = models.instance.model_validate(body)
+    assert instance.model_dump(by_alias=True) == body
+    assert list(models.instance.model_json_schema()["properties"]) == names
