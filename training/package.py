@@ -24,7 +24,8 @@ from training.pipeline import Publication, Warn, publish
 
 # Reference rows each nullable feature is proven on, missing.
 NULLABLE_PROOF_ROWS = 50
-# Parity rows drawn at random with each nullable feature missing half the time.
+# Parity rows drawn at random with each nullable feature missing half the time
+# (never more than --parity-random-rows, so 0 turns them off too).
 MISSING_PARITY_ROWS = 1000
 MISSING_PARITY_SEED = 20260412
 # A declared bound: (lower, upper), inclusive; None where open.
@@ -413,7 +414,9 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     proof_rows = x[:NULLABLE_PROOF_ROWS] if x is not None else onnx_export.random_rows(specs, 20)
     prove_nullable(model, task, inputs, proof_rows, nullable)
     parity_rows = x if x is not None else np.empty((0, len(names)), dtype=object)
-    with_missing = missing_parity_rows(specs, nullable, MISSING_PARITY_ROWS)
+    with_missing = missing_parity_rows(
+        specs, nullable, min(MISSING_PARITY_ROWS, config.parity_random_rows)
+    )
     if len(with_missing):
         parity_rows = np.concatenate([parity_rows.astype(object), with_missing])
     bundle = Publication(
