@@ -13,7 +13,13 @@ from training.__main__ import package_config_from
 from training.datasets import FeatureInfo, load_builtin, load_csv
 from training.errors import TrainingError
 from training.features import feature_spec
-from training.package import api_names, class_names, declared_bounds, nullable_features
+from training.package import (
+    api_names,
+    class_names,
+    declared_bounds,
+    missing_parity_rows,
+    nullable_features,
+)
 
 NAMES = ["sepal length (cm)", "income-2023", "od280/od315_of_diluted_wines", "age"]
 
@@ -147,3 +153,32 @@ def test_the_command_line_reads_the_new_flags() -> None:
     assert config.bounds == {"fare": (0.0, None), "age": (0.0, 120.0), "x": (None, 5.0)}
     assert config.strict_bounds
     assert config.class_names == ["died", "survived"]
+
+
+def test_the_parity_gate_gets_random_rows_with_each_nullable_feature_missing_at_random() -> None:
+    specs = [
+        feature_spec(
+            FeatureInfo("age", "Age", None),
+            np.array([1.0, 80.0, np.nan]),
+            "declared",
+            nullable=True,
+        ),
+        feature_spec(FeatureInfo("fare", "Fare", None), np.array([5.0, 300.0]), "declared"),
+        feature_spec(
+            FeatureInfo("port", "Port", None, "category"),
+            np.array(["S", "C", np.nan], dtype=object),
+            "declared",
+            nullable=True,
+        ),
+    ]
+    rows = missing_parity_rows(specs, {"age", "port"}, 400)
+    assert rows.shape == (400, 3)
+    missing = np.array([[v != v for v in row] for row in rows])
+    assert 100 < missing[:, 0].sum() < 300
+    assert 100 < missing[:, 2].sum() < 300
+    assert not missing[:, 1].any()
+    present_ages = rows[~missing[:, 0], 0].astype(float)
+    assert present_ages.min() >= 1.0
+    assert present_ages.max() <= 80.0
+    assert set(rows[~missing[:, 2], 2]) == {"S", "C"}
+    assert len(missing_parity_rows(specs, set(), 400)) == 0
