@@ -23,9 +23,11 @@ from tests.support.missing_values import (
     TITANIC_NAME,
     instance,
     package_titanic,
+    plain_logistic,
 )
 from tests.support.scrape import sample, scrape
 from tests.support.servers import running_gunicorn
+from training.package import PackageConfig, package
 
 pytestmark = pytest.mark.process
 
@@ -112,3 +114,42 @@ def test_workers_answer_missing_values_as_the_notebook_model_does(
         # Each missing age: null and left out on /predict, once in the batch, and
         # once from tritonclient (the refused request never reached the model).
         assert counted == 3 * n_missing_age + n_triton_missing
+
+
+def test_a_model_that_cannot_take_nan_keeps_null_a_422_naming_the_field(tmp_path: Path) -> None:
+    model, _, model_dir = plain_logistic(tmp_path / "plain")
+    package(
+        PackageConfig(
+            model_file=tmp_path / "plain" / "model.joblib",
+            name="plain",
+            version="1.0.0",
+            reference_data=tmp_path / "plain" / "reference.csv",
+            target="label",
+            output_dir=model_dir,
+            parity_random_rows=50,
+        ),
+        warn=lambda _: None,
+    )
+    env = {"MODEL_NAME": "plain", "TRUSTED_MODEL_SHA256": pinned_digests(model_dir)}
+    with (
+        running_gunicorn(model_dir, tmp_path / "logs", workers=1, env=env) as server,
+        httpx.Client(timeout=30) as client,
+    ):
+        for body in ({"width (mm)": 3.0, "weight": None}, {"width (mm)": 3.0}):
+            refused = client.post(f"{server.url}/predict", json=body)
+            assert refused.status_code == 422
+            assert refused.json()["detail"][0]["loc"] == ["body", "weight"]
+        v2 = client.post(
+            f"{server.url}/v2/models/plain/infer",
+            json={
+                "inputs": [
+                    {"name": "features", "datatype": "FP64", "shape": [1, 2], "data": [3.0, None]}
+                ]
+            },
+        )
+        assert v2.status_code == 400
+        assert "'weight'" in v2.json()["error"]
+        answer = client.post(f"{server.url}/predict", json={"width (mm)": 3.0, "weight": 2.0})
+        expected = model.predict_proba(pd.DataFrame([{"width (mm)": 3.0, "weight": 2.0}]))[0]
+        probabilities = answer.json()["probabilities"]
+        assert [probabilities["0"], probabilities["1"]] == pytest.approx(expected, abs=TOLERANCE)
