@@ -410,15 +410,11 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     if classes is not None and len(classes) < 2:
         raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
     inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
-    evaluation = _evaluate(model, task, data, x, inputs, classes)
+    # Before the reference rows are scored: a model that cannot take a missing
+    # value is told so by feature, not by the first row that has one.
     proof_rows = x[:NULLABLE_PROOF_ROWS] if x is not None else onnx_export.random_rows(specs, 20)
     prove_nullable(model, task, inputs, proof_rows, nullable)
-    parity_rows = x if x is not None else np.empty((0, len(names)), dtype=object)
-    with_missing = missing_parity_rows(
-        specs, nullable, min(MISSING_PARITY_ROWS, config.parity_random_rows)
-    )
-    if len(with_missing):
-        parity_rows = np.concatenate([parity_rows.astype(object), with_missing])
+    evaluation = _evaluate(model, task, data, x, inputs, classes)
     bundle = Publication(
         name=name,
         version=config.version,
@@ -432,7 +428,7 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         classes=classes,
         target_statistics=evaluation.target_statistics,
         metrics=evaluation.metrics,
-        parity_rows=parity_rows,
+        parity_rows=_parity_rows(x, specs, nullable, config.parity_random_rows),
         reference_rows=x,
     )
     return publish(
@@ -442,6 +438,17 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         tolerance=config.parity_tolerance,
         warn=warn,
     )
+
+
+def _parity_rows(
+    x: NDArray[Any] | None, specs: list[dict[str, Any]], nullable: Collection[str], random_rows: int
+) -> NDArray[Any]:
+    """The reference rows as they are, then random rows with missing values."""
+    rows = x if x is not None else np.empty((0, len(specs)), dtype=object)
+    with_missing = missing_parity_rows(specs, nullable, min(MISSING_PARITY_ROWS, random_rows))
+    if not len(with_missing):
+        return rows
+    return np.concatenate([rows.astype(object), with_missing])
 
 
 def _unreferenced(

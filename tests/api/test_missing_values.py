@@ -272,6 +272,12 @@ def test_a_model_that_cannot_take_nan_keeps_null_a_422_and_is_refused_as_nullabl
     assert message.startswith("feature 'weight' is nullable but the model fails on a missing")
     assert "NaN" in message
     assert "\n" not in message
+    gappy = tmp_path / "gappy.csv"
+    lines = (tmp_path / "reference.csv").read_text().splitlines()
+    width, _, label = lines[1].split(",")
+    gappy.write_text("\n".join([lines[0], f"{width},,{label}", *lines[2:]]) + "\n")
+    with pytest.raises(TrainingError, match=r"^feature 'weight' is nullable but the model fails"):
+        package(PackageConfig(**{**config.__dict__, "reference_data": gappy}), lambda _: None)
     package(config, lambda _: None)
     with _client(model_dir, "plain") as client:
         body = {"width (mm)": 3.0, "weight": None}
