@@ -18,7 +18,10 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION: Literal[2] = 2
+# 3: features may be nullable (with their reference missing rate), have any
+# name a DataFrame column can have, an API name of their own, and bounds only
+# where declared. Schema 2 manifests validate unchanged; schema 1 is upgraded.
+SCHEMA_VERSION: Literal[3] = 3
 MODEL_FILE_SKLEARN = "model.joblib"
 MODEL_FILE_ONNX = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -33,8 +36,15 @@ SEMVER_RE = re.compile(SEMVER_PATTERN, re.ASCII)
 # Names become URL segments, Prometheus label values and Python identifiers.
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN, re.ASCII)
-FEATURE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-FEATURE_NAME_RE = re.compile(FEATURE_NAME_PATTERN, re.ASCII)
+# A feature's name is the model's own column name and, as-is, its JSON field
+# name and metric label: any text a DataFrame column can hold but control
+# characters (they break logs, headers and the exposition format).
+MAX_FEATURE_NAME_LENGTH = 200
+FEATURE_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"
+FEATURE_NAME_RE = re.compile(FEATURE_NAME_PATTERN)
+# What an ONNX graph's string input is given for a missing category (the
+# packager's conversions impute this string; the parity gate measured it).
+ONNX_MISSING_CATEGORY = ""
 # A bundle file name is joined to the bundle path: no separators, no dot-files.
 FILE_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -82,9 +92,27 @@ BinShares = list[Annotated[float, Field(ge=0, le=1)]]
 
 
 class _FeatureBase(_Strict):
-    name: str = Field(pattern=FEATURE_NAME_PATTERN)
+    name: str = Field(pattern=FEATURE_NAME_PATTERN, description="The model's own column name.")
     description: str
     unit: str | None = None
+    api_name: str | None = Field(
+        default=None,
+        pattern=FEATURE_NAME_PATTERN,
+        description="The JSON field name, when renamed (--rename); else `name`.",
+    )
+    nullable: bool = Field(
+        default=False,
+        description="Accepts a missing value (JSON null or a left-out field): the model "
+        "sees NaN, or a missing category.",
+    )
+    missing_rate: float | None = Field(
+        default=None, ge=0, le=1, description="Share of reference rows missing this feature."
+    )
+
+    @property
+    def field_name(self) -> str:
+        """The feature's name in requests, answers' metadata and the OpenAPI document."""
+        return self.api_name or self.name
 
 
 class _NumericFeature(_FeatureBase):
@@ -106,6 +134,9 @@ class _NumericFeature(_FeatureBase):
     )
     # Absent in bundles built before drift scores; those features get no score.
     bin_shares: BinShares | None = None
+    # True when the bounds above were declared (--bounds, a data set's physical
+    # limits) rather than derived from the reference data.
+    bounds_declared: bool = False
 
     @property
     def has_reference(self) -> bool:
@@ -307,7 +338,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class Manifest(_Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[2, 3] = SCHEMA_VERSION
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
     created_at: datetime
@@ -355,6 +386,9 @@ class Manifest(_Strict):
         names = self.feature_names
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
+        fields = self.field_names
+        if len(set(fields)) != len(fields):
+            raise ValueError("feature API names must be unique")
         self._check_task()
         if MODEL_FILE_SKLEARN not in self.files:
             raise ValueError(f"files must list {MODEL_FILE_SKLEARN}")
@@ -422,6 +456,10 @@ class Manifest(_Strict):
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f.field_name for f in self.features]
 
     @property
     def has_reference_data(self) -> bool:

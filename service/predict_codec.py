@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import operator
 import typing
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.backends.base import FloatMatrix, Outputs, Row, winning_class
 from service.errors import ClientError
-from service.schemas import RequestModels, build_request_models
+from service.schemas import RequestModels, build_request_models, row_attributes
 
 if TYPE_CHECKING:
     from service.manifest import Manifest
@@ -95,13 +96,18 @@ class _Collected:
         self.count += count
 
 
+def _accepted_keys(model: type[BaseModel]) -> set[str]:
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
 def _known_keys_only(model: type[BaseModel], value: Any, loc: list[Any], out: _Collected) -> Any:
     """The object without keys the model forbids; each dropped key counted as pydantic would."""
     if not isinstance(value, dict):
         return value
     kept = {}
+    accepted = _accepted_keys(model)
     for key, item in value.items():
-        if key in model.model_fields:
+        if key in accepted:
             kept[key] = item
         else:
             out.add([{"loc": ["body", *loc, key], "msg": _EXTRA_KEY, "type": "extra_forbidden"}], 1)
@@ -175,13 +181,22 @@ def parse_body(model: type[M], body: bytes) -> M:
         raise RequestBodyError(validation_errors(exc), exc.error_count()) from None
 
 
-def _row_reader(names: Sequence[str]) -> Callable[[BaseModel], Row]:
+def _row_reader(names: Sequence[str], nullable: bool) -> Callable[[BaseModel], Row]:
     # attrgetter runs in C: a thousand-row batch is read in a fraction of a millisecond.
     if len(names) == 1:
         single = operator.attrgetter(names[0])
-        return lambda instance: (single(instance),)
-    reader: Callable[[BaseModel], Row] = operator.attrgetter(*names)
-    return reader
+        reader: Callable[[BaseModel], Row] = lambda instance: (single(instance),)  # noqa: E731
+    else:
+        reader = operator.attrgetter(*names)
+    if not nullable:
+        return reader
+    nan = math.nan
+
+    def with_nan(instance: BaseModel) -> Row:
+        # A missing value is NaN in the rows, as numpy's float64 conversion makes it.
+        return tuple(nan if value is None else value for value in reader(instance))
+
+    return with_nan
 
 
 class PredictCodec:
@@ -191,7 +206,8 @@ class PredictCodec:
         self.models: RequestModels = build_request_models(manifest, max_batch_size)
         self._instance = self.models.instance
         self._batch = self.models.batch
-        self._read_row = _row_reader(manifest.feature_names)
+        nullable = any(f.nullable for f in manifest.features)
+        self._read_row = _row_reader(row_attributes(manifest), nullable)
         self._class_names = list(manifest.classes or ())
         self._version = manifest.version
         self._answers: Callable[[Outputs], list[dict[str, Any]]] = (

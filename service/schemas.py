@@ -8,6 +8,7 @@ allowed values in the OpenAPI schema.
 
 from __future__ import annotations
 
+import keyword
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -152,6 +153,39 @@ def feature_field(feature: FeatureSpec) -> Any:
     ]
 
 
+def nullable_field(feature: FeatureSpec) -> Any:
+    """The feature's field, or null; a left-out field is null too (the default)."""
+    value = feature_field(feature)
+    return Annotated[
+        value | None,
+        Field(description=_description(feature), json_schema_extra={"x-nullable": True}),
+    ]
+
+
+def _attribute(feature: FeatureSpec, position: int) -> tuple[str, dict[str, Any]]:
+    """The model field's attribute name and its alias: the field name itself where it
+    is a plain identifier (the OpenAPI document stays as it was), else a positional
+    attribute with the name as the alias clients send."""
+    name = feature.field_name
+    plain = name.isidentifier() and not keyword.iskeyword(name)
+    # pydantic reserves leading underscores and warns about its `model_` namespace.
+    if plain and not name.startswith(("_", "model_")) and not hasattr(BaseModel, name):
+        return name, {}
+    return f"feature_{position}", {"alias": name, "title": name}
+
+
+def row_attributes(manifest: Manifest) -> list[str]:
+    """Attribute names of the instance model's fields, in feature order."""
+    return [_attribute(f, j)[0] for j, f in enumerate(manifest.features)]
+
+
+def _field(feature: FeatureSpec, position: int) -> tuple[str, Any]:
+    attribute, alias = _attribute(feature, position)
+    if feature.nullable:
+        return attribute, (nullable_field(feature), Field(None, **alias))
+    return attribute, (feature_field(feature), Field(..., **alias))
+
+
 def _title(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
 
@@ -166,12 +200,12 @@ class RequestModels:
 
 
 def build_request_models(manifest: Manifest, max_batch_size: int) -> RequestModels:
-    example = {f.name: example_value(f) for f in manifest.features}
+    example = {f.field_name: example_value(f) for f in manifest.features}
     example_json: dict[str, Any] = dict(example)
     strict_object = ConfigDict(
         extra="forbid", frozen=True, json_schema_extra={"examples": [example_json]}
     )
-    fields: dict[str, Any] = {f.name: (feature_field(f), ...) for f in manifest.features}
+    fields: dict[str, Any] = dict(_field(f, j) for j, f in enumerate(manifest.features))
     prefix = _title(manifest.name)
     instance = create_model(f"{prefix}Instance", __config__=strict_object, **fields)
     batch = create_model(

@@ -142,6 +142,47 @@ def config_from(argv: Sequence[str] | None) -> TrainConfig:
     )
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",")]
+
+
+def _pairs(text: str, what: str) -> list[tuple[str, str]]:
+    """'a=1,b c=2' as [('a', '1'), ('b c', '2')]: each item split at its last '='."""
+    pairs = []
+    for item in text.split(","):
+        key, equals, value = item.rpartition("=")
+        if not equals or not key.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _renames(text: str) -> dict[str, str]:
+    return dict(_pairs(text, "NAME=API_NAME"))
+
+
+def _bound(text: str) -> float | None:
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _bounds(text: str) -> dict[str, tuple[float | None, float | None]]:
+    result = {}
+    for name, interval in _pairs(text, "NAME=LOW:HIGH"):
+        low, colon, high = interval.partition(":")
+        if not colon:
+            raise argparse.ArgumentTypeError(f"{name}={interval!r} is not NAME=LOW:HIGH")
+        result[name] = (_bound(low), _bound(high))
+    return result
+
+
 def build_package_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m training package",
@@ -181,6 +222,41 @@ def build_package_parser() -> argparse.ArgumentParser:
         metavar="TOL",
     )
     p.add_argument("--no-onnx", action="store_true", help="write an sklearn-only bundle")
+    p.add_argument(
+        "--nullable",
+        type=_comma_list,
+        default=[],
+        metavar="a,b|all",
+        help="features that accept a missing value (JSON null or a left-out field) besides "
+        "those missing in --reference-data; the model must answer with them missing",
+    )
+    p.add_argument(
+        "--rename",
+        type=_renames,
+        default={},
+        metavar="'column=field,...'",
+        help="API field names for some columns (the model keeps its own)",
+    )
+    p.add_argument(
+        "--bounds",
+        type=_bounds,
+        default={},
+        metavar="'a=0:,b=0:120'",
+        help="inclusive limits requests must respect (either side may be open)",
+    )
+    p.add_argument(
+        "--strict-bounds",
+        action="store_true",
+        help="also refuse values far outside the reference data's range (10 spans around "
+        "it; zero or below where every reference value was positive)",
+    )
+    p.add_argument(
+        "--class-names",
+        type=_comma_list,
+        default=None,
+        metavar="a,b",
+        help="names of the model's classes, in its class order (for integer-coded classes)",
+    )
     return p
 
 
@@ -198,6 +274,11 @@ def package_config_from(argv: Sequence[str]) -> PackageConfig:
         parity_random_rows=args.parity_random_rows,
         parity_tolerance=args.parity_tolerance,
         onnx=not args.no_onnx,
+        nullable=args.nullable,
+        rename=args.rename,
+        bounds=args.bounds,
+        strict_bounds=args.strict_bounds,
+        class_names=args.class_names,
     )
 
 

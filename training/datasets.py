@@ -6,14 +6,14 @@ import csv
 import math
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.manifest import FEATURE_NAME_PATTERN, FEATURE_NAME_RE, FeatureKind, Task
+from service.manifest import FeatureKind, Task
 from training.errors import TrainingError
 
 BUILTIN_DATASETS = ("iris", "wine", "breast_cancer", "diabetes")
@@ -31,10 +31,35 @@ _BUILTIN_TARGETS = {
     "diabetes": "progression",
 }
 
+# Every physical quantity in the built-in data sets is a positive measurement
+# (a length, a concentration, a count of something present), except these,
+# which reach zero: declared, so the bundles refuse what cannot be measured.
+_BUILTIN_ZERO_ALLOWED = frozenset(
+    {
+        "mean concavity",
+        "mean concave points",
+        "concavity error",
+        "concave points error",
+        "worst concavity",
+        "worst concave points",
+    }
+)
+
 _UNIT_RE = re.compile(r"^(?P<label>.*?)\s*\((?P<unit>[^()]*)\)\s*$")
 _INTEGER_RE = re.compile(r"^[+-]?[0-9]+$")
-# Spellings of "no value" seen in exported spreadsheets; all are missing, not text.
-_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+# Fitting derives API names from headers; they stay plain identifiers.
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+_IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN, re.ASCII)
+# Spellings of "no value" seen in exported spreadsheets, and every string
+# pandas.read_csv reads as NA by default: all are missing, not text.
+_MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "<na>", "-nan", "#na", "#n/a"})
+_PANDAS_MISSING = frozenset({"#N/A N/A", "-1.#IND", "-1.#QNAN", "1.#IND", "1.#QNAN"})
+
+
+def is_missing(text: str) -> bool:
+    """A CSV field pandas (or a spreadsheet export) means as no value."""
+    value = text.strip()
+    return value.lower() in _MISSING or value in _PANDAS_MISSING
 
 
 @dataclass(frozen=True)
@@ -43,6 +68,8 @@ class FeatureInfo:
     description: str
     unit: str | None
     kind: FeatureKind = "number"
+    # Bounds the data set declares (manifest keys minimum, exclusive_minimum, maximum).
+    declared_bounds: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -77,10 +104,10 @@ def feature_info(raw: str, kind: FeatureKind = "number") -> FeatureInfo:
     if name[:1].isdigit():
         # Field names become Python identifiers in the generated API schema.
         name = "f_" + name
-    if not FEATURE_NAME_RE.match(name):
+    if not _IDENTIFIER_RE.match(name):
         raise TrainingError(
             f"column {raw!r} cannot be made into a feature name matching "
-            f"{FEATURE_NAME_PATTERN} (got {name!r}); rename the column"
+            f"{IDENTIFIER_PATTERN} (got {name!r}); rename the column"
         )
     description = text[:1].upper() + text[1:] if text else name
     return FeatureInfo(name=name, description=description, unit=unit, kind=kind)
@@ -127,12 +154,22 @@ def load_builtin(dataset: str) -> Dataset:
     bunch = loaders[dataset]()
     task = BUILTIN_TASKS[dataset]
     classification = task == "classification"
+    raw_names = [str(f) for f in bunch.feature_names]
+    infos = [
+        replace(
+            info,
+            declared_bounds={
+                "minimum" if raw in _BUILTIN_ZERO_ALLOWED else "exclusive_minimum": 0.0
+            },
+        )
+        for raw, info in zip(raw_names, feature_infos(raw_names), strict=True)
+    ]
     return Dataset(
         X=np.asarray(bunch.data, dtype=np.float64),
         y=np.asarray(bunch.target, dtype=np.int64 if classification else np.float64),
         task=task,
         class_names=[str(c) for c in bunch.target_names] if classification else None,
-        features=feature_infos([str(f) for f in bunch.feature_names]),
+        features=infos,
         source=f"sklearn:{dataset}",
         target=_BUILTIN_TARGETS[dataset],
     )
@@ -140,7 +177,7 @@ def load_builtin(dataset: str) -> Dataset:
 
 def _parse_number(text: str, column: str, line: int) -> float:
     value = text.strip()
-    if value.lower() in _MISSING:
+    if is_missing(value):
         raise TrainingError(f"column {column!r} has a missing value on line {line}")
     try:
         number = float(value)
@@ -198,7 +235,7 @@ def _target(table: _Table, path: Path, target: str, task: Task) -> tuple[NDArray
     index = table.header.index(target)
     labels: list[str] = []
     for line, value in zip(table.lines, table.column(index), strict=True):
-        if value.lower() in _MISSING:
+        if is_missing(value):
             raise TrainingError(f"target column {target!r} has a missing value on line {line}")
         labels.append(value)
     if task == "regression":
@@ -215,21 +252,30 @@ def _feature_column(
     """What every value of the column allows: a category when no value is a number
     (or the model is known to take the column as text), else a number, or with
     `typed` an integer when every value is a whole number. A column mixing
-    numbers and text is a typo more often than a category: an error."""
+    numbers and text is a typo more often than a category: an error.
+
+    Typed (reference data), a missing value is NaN, as pandas reads it; a
+    column with no value at all says nothing about its feature: an error.
+    Untyped (fitting data), a missing value is an error."""
     name = table.header[index]
     values = table.column(index)
-    present = [(line, v) for line, v in zip(table.lines, values, strict=True)]
-    for line, v in present:
-        if v.lower() in _MISSING:
-            raise TrainingError(f"column {name!r} has a missing value on line {line}")
-    numeric = [_is_number(v) for v in values]
+    rows = list(zip(table.lines, values, strict=True))
+    present = [(line, v) for line, v in rows if not is_missing(v)]
+    if not typed and len(present) < len(rows):
+        line = next(line for line, v in rows if is_missing(v))
+        raise TrainingError(f"column {name!r} has a missing value on line {line}")
+    if not present:
+        raise TrainingError(f"column {name!r} has no value on any line")
+    numeric = [_is_number(v) for _, v in present]
     if name in categorical or not any(numeric):
-        return "category", np.asarray(values, dtype=object)
-    numbers = [_parse_number(v, name, line) for line, v in present]
+        return "category", np.asarray(
+            [np.nan if is_missing(v) else v for v in values], dtype=object
+        )
+    parsed = {line: _parse_number(v, name, line) for line, v in present}
     kind: FeatureKind = (
-        "integer" if typed and all(_INTEGER_RE.match(v) for v in values) else "number"
+        "integer" if typed and all(_INTEGER_RE.match(v) for _, v in present) else "number"
     )
-    return kind, np.asarray(numbers, dtype=np.float64)
+    return kind, np.asarray([parsed.get(line, np.nan) for line, _ in rows], dtype=np.float64)
 
 
 def load_csv(
@@ -262,7 +308,13 @@ def load_csv(
         kind, column = _feature_column(table, i, typed, categorical)
         kinds.append(kind)
         columns.append(column)
-    infos = feature_infos([header[i] for i in feature_columns], kinds)
+    raw_names = [header[i] for i in feature_columns]
+    # Packaging keeps a column's name as the model knows it; fitting derives one.
+    infos = (
+        [FeatureInfo(raw, raw, None, kind) for raw, kind in zip(raw_names, kinds, strict=True)]
+        if typed
+        else feature_infos(raw_names, kinds)
+    )
     dtype = object if "category" in kinds else np.float64
     x = np.empty((len(table.rows), len(columns)), dtype=dtype)
     for j, column in enumerate(columns):

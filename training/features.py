@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
 from service.manifest import bin_edges
 from training.datasets import FeatureInfo
+from training.errors import TrainingError
+
+# What refuses a value beyond its type: "plausible" adds the wide range around
+# the reference data (fitting, and packaging with --strict-bounds); "declared"
+# only the bounds a data set or the user declared (packaging's default).
+BoundsPolicy = Literal["plausible", "declared"]
 
 # Far outside the training range a value is almost always a unit or encoding
 # mistake, yet a model should still accept honest outliers: allow 10 spans.
@@ -105,6 +111,13 @@ def target_statistics(y: NDArray[np.float64]) -> dict[str, Any]:
     }
 
 
+def absent(column: NDArray[Any]) -> NDArray[np.bool_]:
+    """Where a column (floats, or objects from a CSV) holds a missing value."""
+    if column.dtype != object:
+        return np.isnan(np.asarray(column, dtype=np.float64))
+    return np.asarray([v is None or (isinstance(v, float) and v != v) for v in column], bool)
+
+
 def category_statistics(column: NDArray[Any]) -> dict[str, Any]:
     """The closed set, most frequent first, with each value's share of the rows."""
     counts = Counter(str(v) for v in column)
@@ -116,14 +129,29 @@ def category_statistics(column: NDArray[Any]) -> dict[str, Any]:
     }
 
 
-def feature_spec(info: FeatureInfo, column: NDArray[Any] | None) -> dict[str, Any]:
-    """One manifest feature entry; without reference data only the kind and wide bounds."""
+def feature_spec(
+    info: FeatureInfo,
+    column: NDArray[Any] | None,
+    policy: BoundsPolicy = "plausible",
+    nullable: bool = False,
+) -> dict[str, Any]:
+    """One manifest feature entry; without reference data only the kind and type
+    bounds. Statistics describe the values present; the missing rate the rest."""
     spec: dict[str, Any] = {
         "kind": info.kind,
         "name": info.name,
         "description": info.description,
         "unit": info.unit,
+        "nullable": nullable,
     }
+    if column is not None:
+        missing = absent(column)
+        if missing.all():
+            raise TrainingError(f"feature {info.name!r} has no value in the reference data")
+        spec["missing_rate"] = float(missing.mean())
+        if missing.any() and not nullable:
+            raise ValueError(f"feature {info.name!r} has missing values but is not nullable")
+        column = column[~missing]
     if info.kind == "category":
         if column is None:
             raise ValueError(f"category feature {info.name!r} needs its allowed values")
@@ -131,9 +159,24 @@ def feature_spec(info: FeatureInfo, column: NDArray[Any] | None) -> dict[str, An
     if column is None:
         if info.kind == "integer":
             spec |= {"minimum": -INTEGER_LIMIT, "maximum": INTEGER_LIMIT}
-        return spec
+        return declared(spec, info)
     numbers = np.asarray(column, dtype=np.float64)
-    return spec | bounds(numbers, integer=info.kind == "integer") | numeric_statistics(numbers)
+    if policy == "plausible":
+        spec |= bounds(numbers, integer=info.kind == "integer")
+    return declared(spec, info) | numeric_statistics(numbers)
+
+
+def declared(spec: dict[str, Any], info: FeatureInfo) -> dict[str, Any]:
+    """The spec with the declared bounds in place of whatever bound of the same
+    side came before."""
+    if not info.declared_bounds:
+        return spec
+    spec = {**spec, "bounds_declared": True}
+    for key, value in info.declared_bounds.items():
+        side = "minimum" if "minimum" in key else "maximum"
+        spec.pop(f"exclusive_{side}" if key == side else side, None)
+        spec[key] = value
+    return spec
 
 
 def feature_specs(x: NDArray[Any], infos: list[FeatureInfo]) -> list[dict[str, Any]]:

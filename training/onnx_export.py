@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.manifest import Task
+from service.manifest import ONNX_MISSING_CATEGORY, Task
 from training.datasets import FeatureInfo
 
 INPUT_NAME = "input"
@@ -79,6 +79,11 @@ class ModelInput:
         feeds: dict[str, NDArray[Any]] = {}
         for j, (f, name) in enumerate(zip(self.features, info["column_inputs"], strict=True)):
             column = self._column(x, j, f)
+            if f.kind == "category":
+                # A missing category reaches the graph as the service's backend sends it.
+                column = np.asarray(
+                    [ONNX_MISSING_CATEGORY if v is np.nan else v for v in column], dtype=object
+                )
             dtype = object if f.kind == "category" else np.float32
             feeds[name] = np.asarray(column, dtype=dtype).reshape(-1, 1)
         return feeds
@@ -86,7 +91,10 @@ class ModelInput:
     @staticmethod
     def _column(x: NDArray[Any], j: int, f: FeatureInfo) -> NDArray[Any]:
         if f.kind == "category":
-            return np.asarray([str(v) for v in x[:, j]], dtype=object)
+            # Missing (None or NaN) stays np.nan, what pandas gave the notebook's model.
+            return np.asarray(
+                [np.nan if v is None or v != v else str(v) for v in x[:, j]], dtype=object
+            )
         return np.asarray(x[:, j], dtype=np.float64)
 
 

@@ -8,19 +8,28 @@ through the same ONNX conversion, parity gate and validation as a fitted one.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.manifest import FEATURE_NAME_PATTERN, FEATURE_NAME_RE, FeatureKind, Task
+from service.manifest import FEATURE_NAME_RE, MAX_FEATURE_NAME_LENGTH, FeatureKind, Task
 from training import bundle_writer, features, fit, onnx_export
 from training.datasets import Dataset, FeatureInfo, load_csv
 from training.errors import TrainingError
 from training.pipeline import Publication, Warn, publish
+
+# Reference rows each nullable feature is proven on, missing.
+NULLABLE_PROOF_ROWS = 50
+# Parity rows drawn at random with each nullable feature missing half the time
+# (never more than --parity-random-rows, so 0 turns them off too).
+MISSING_PARITY_ROWS = 1000
+MISSING_PARITY_SEED = 20260412
+# A declared bound: (lower, upper), inclusive; None where open.
+Bound = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,16 @@ class PackageConfig:
     parity_random_rows: int = 5000
     parity_tolerance: float | None = None
     onnx: bool = True
+    # Features that take a missing value besides those missing in the reference
+    # data; "all" (alone) for every feature.
+    nullable: Sequence[str] = ()
+    # The model's column name -> the API's field name.
+    rename: Mapping[str, str] = field(default_factory=dict)
+    bounds: Mapping[str, Bound] = field(default_factory=dict)
+    # Today's wide plausibility range around the reference data refuses again.
+    strict_bounds: bool = False
+    # Names of integer-coded classes, in the model's class order.
+    class_names: Sequence[str] | None = None
 
 
 def load_model(path: Path) -> Any:
@@ -106,24 +125,82 @@ def resolve_feature_names(
         raise TrainingError(
             f"the model takes {n_in} features but {chosen_from} names {len(names)}: {names}"
         )
-    for n in names:
-        if not FEATURE_NAME_RE.match(n):
-            raise TrainingError(
-                f"feature name {n!r} is not usable as an API field; names must match "
-                f"{FEATURE_NAME_PATTERN} (rename it with --features and a matching CSV header)"
-            )
-    if len(set(names)) != len(names):
-        raise TrainingError(f"feature names repeat: {names}")
     return names, fitted is not None
 
 
-def class_names(model: Any, data: Dataset | None) -> list[str]:
+def api_names(names: Sequence[str], rename: Mapping[str, str]) -> list[str]:
+    """Each feature's JSON field name: its own, or what --rename gives it. Every
+    unusable name is listed in one error, so one fix settles them all."""
+    problems = [f"--rename names {old!r}, not a feature" for old in rename if old not in names]
+    fields = [rename.get(n, n) for n in names]
+    for name, api in zip(names, fields, strict=True):
+        shown = repr(api) if api == name else f"{api!r} (renamed from {name!r})"
+        if not api.strip():
+            problems.append(f"{shown} is empty")
+        elif len(api) > MAX_FEATURE_NAME_LENGTH:
+            problems.append(f"{shown[:60]}... is longer than {MAX_FEATURE_NAME_LENGTH} characters")
+        elif not FEATURE_NAME_RE.match(api):
+            problems.append(f"{shown} holds a control character")
+    repeated = sorted({api for api in fields if fields.count(api) > 1})
+    problems += [f"{api!r} names more than one feature" for api in repeated]
+    if problems:
+        raise TrainingError(
+            f"unusable feature names ({len(problems)}): "
+            + "; ".join(problems)
+            + " (give API names with --rename 'old=new,...')"
+        )
+    return fields
+
+
+def nullable_features(
+    names: Sequence[str], requested: Sequence[str], data_missing: Collection[str]
+) -> set[str]:
+    """Features missing in the reference data, and those --nullable names."""
+    if list(requested) == ["all"]:
+        return set(names)
+    unknown = [n for n in requested if n not in names]
+    if unknown:
+        raise TrainingError(f"--nullable names unknown features {unknown}; the features: {names}")
+    return set(requested) | set(data_missing)
+
+
+def declared_bounds(infos: Sequence[FeatureInfo], bounds: Mapping[str, Bound]) -> list[FeatureInfo]:
+    kinds = {info.name: info.kind for info in infos}
+    problems = [f"{n!r} is not a feature" for n in bounds if n not in kinds]
+    problems += [f"{n!r} is a category" for n in bounds if kinds.get(n) == "category"]
+    problems += [
+        f"{n!r}: {lo} is above {hi}"
+        for n, (lo, hi) in bounds.items()
+        if lo is not None and hi is not None and lo > hi
+    ]
+    if problems:
+        raise TrainingError("--bounds: " + "; ".join(problems))
+    result = []
+    for info in infos:
+        lo, hi = bounds.get(info.name, (None, None))
+        declared = {"minimum": lo, "maximum": hi}
+        kept = {key: value for key, value in declared.items() if value is not None}
+        result.append(replace(info, declared_bounds=kept) if kept else info)
+    return result
+
+
+def class_names(model: Any, data: Dataset | None, given: Sequence[str] | None = None) -> list[str]:
     """Class names in predict_proba column order.
 
-    When the classes are encoded as 0..k-1 and the reference target holds k
-    other labels, the labels are mapped in sorted order (LabelEncoder's).
+    --class-names names them in that order. When the classes are encoded as
+    0..k-1 and the reference target holds k other labels, the labels are
+    mapped in sorted order (LabelEncoder's).
     """
     classes = [str(c) for c in model.classes_]
+    if given is not None:
+        if len(given) != len(classes):
+            raise TrainingError(
+                f"--class-names gives {len(given)} names for the model's {len(classes)} "
+                f"classes {classes[:10]}"
+            )
+        if len(set(given)) != len(given) or not all(given):
+            raise TrainingError(f"--class-names must be distinct and non-empty: {list(given)}")
+        return list(given)
     labels = sorted(set(data.target_labels)) if data and data.target_labels else None
     if labels is None or set(labels) <= set(classes):
         return classes
@@ -172,7 +249,8 @@ def _encoded_categories(model: Any, names: list[str]) -> dict[str, list[str]]:
             selected = [names[c] if isinstance(c, int | np.integer) else str(c) for c in columns]
             for column, values in zip(selected, encoder.categories_, strict=False):
                 if values.dtype == object:
-                    found[column] = [str(v) for v in values]
+                    # An encoder fitted on missing values lists NaN among them.
+                    found[column] = [str(v) for v in values if v is not None and v == v]
     return found
 
 
@@ -188,12 +266,62 @@ def _infos(
     return [
         FeatureInfo(
             name=n,
-            description=n.replace("_", " ").capitalize(),
+            description=n.replace("_", " ").capitalize() if n.strip() else n,
             unit=None,
             kind="category" if n in encoded else kinds.get(n, "number"),
         )
         for n in names
     ]
+
+
+def _with_missing(x: NDArray[Any], column: int) -> NDArray[Any]:
+    rows = x.astype(object) if x.dtype != object else x.copy()
+    rows[:, column] = np.nan
+    return rows if x.dtype == object else rows.astype(np.float64)
+
+
+def prove_nullable(
+    model: Any,
+    task: Task,
+    inputs: onnx_export.ModelInput,
+    rows: NDArray[Any],
+    nullable: Collection[str],
+) -> None:
+    """The model answers (finitely) with each nullable feature missing, or the
+    bundle is refused with the model's own error."""
+    for j, info in enumerate(inputs.features):
+        if info.name not in nullable:
+            continue
+        try:
+            outputs = onnx_export.sklearn_outputs(
+                model, inputs.for_sklearn(_with_missing(rows, j)), task
+            )
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise TrainingError(
+                f"feature {info.name!r} is nullable but the model fails on a missing value: "
+                f"{type(exc).__name__}: {message}"
+            ) from None
+        if not np.all(np.isfinite(outputs)):
+            raise TrainingError(
+                f"feature {info.name!r} is nullable but the model answers NaN or infinity "
+                "when it is missing"
+            )
+
+
+def missing_parity_rows(
+    specs: list[dict[str, Any]], nullable: Collection[str], n: int
+) -> NDArray[Any]:
+    """Random rows inside the features' ranges, each nullable feature missing at
+    random (half the rows): the parity gate's rows with missing values."""
+    columns = [j for j, spec in enumerate(specs) if spec["name"] in nullable]
+    if not columns or n == 0:
+        return np.empty((0, len(specs)), dtype=object)
+    rows = onnx_export.random_rows(specs, n).astype(object)
+    rng = np.random.default_rng(MISSING_PARITY_SEED)
+    for j in columns:
+        rows[rng.random(n) < 0.5, j] = np.nan
+    return rows
 
 
 def _columns_in_order(data: Dataset, header: list[str], names: list[str]) -> NDArray[Any]:
@@ -230,7 +358,13 @@ def _evaluate(
     target_statistics = None
     if task == "classification":
         assert classes is not None
-        truth: NDArray[Any] = np.asarray(data.target_labels, dtype=object)
+        # A target written as the model's own classes reads as their names
+        # (--class-names); one written as the names already is left alone.
+        named = dict(zip((str(c) for c in model.classes_), classes, strict=True))
+        labels = data.target_labels or []
+        if not set(labels) <= set(classes):
+            labels = [named.get(label, label) for label in labels]
+        truth: NDArray[Any] = np.asarray(labels, dtype=object)
         predicted = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
     else:
         truth, predicted = data.y, outputs
@@ -253,18 +387,33 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     task = task_of(model)
     header = _reference_header(config)
     names, as_frame = resolve_feature_names(model, config.features, header)
+    fields = api_names(names, config.rename)
     encoded = _encoded_categories(model, names)
     data = _reference(config, task, categorical=encoded)
-    infos = _infos(names, data, header, encoded)
+    infos = declared_bounds(_infos(names, data, header, encoded), config.bounds)
     x = _columns_in_order(data, header, names) if data is not None and header else None
+    data_missing = (
+        [n for j, n in enumerate(names) if features.absent(x[:, j]).any()] if x is not None else []
+    )
+    nullable = nullable_features(names, config.nullable, data_missing)
+    policy: features.BoundsPolicy = "plausible" if config.strict_bounds else "declared"
     specs = [
-        features.feature_spec(info, x[:, j]) if x is not None else _unreferenced(info, encoded)
-        for j, info in enumerate(infos)
+        (
+            features.feature_spec(info, x[:, j], policy, info.name in nullable)
+            if x is not None
+            else _unreferenced(info, encoded, info.name in nullable)
+        )
+        | ({"api_name": api} if api != info.name else {})
+        for j, (info, api) in enumerate(zip(infos, fields, strict=True))
     ]
-    classes = class_names(model, data) if task == "classification" else None
+    classes = class_names(model, data, config.class_names) if task == "classification" else None
     if classes is not None and len(classes) < 2:
         raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
     inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
+    # Before the reference rows are scored: a model that cannot take a missing
+    # value is told so by feature, not by the first row that has one.
+    proof_rows = x[:NULLABLE_PROOF_ROWS] if x is not None else onnx_export.random_rows(specs, 20)
+    prove_nullable(model, task, inputs, proof_rows, nullable)
     evaluation = _evaluate(model, task, data, x, inputs, classes)
     bundle = Publication(
         name=name,
@@ -279,7 +428,7 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         classes=classes,
         target_statistics=evaluation.target_statistics,
         metrics=evaluation.metrics,
-        parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
+        parity_rows=_parity_rows(x, specs, nullable, config.parity_random_rows),
         reference_rows=x,
     )
     return publish(
@@ -291,13 +440,28 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     )
 
 
-def _unreferenced(info: FeatureInfo, encoded: dict[str, list[str]]) -> dict[str, Any]:
+def _parity_rows(
+    x: NDArray[Any] | None, specs: list[dict[str, Any]], nullable: Collection[str], random_rows: int
+) -> NDArray[Any]:
+    """The reference rows as they are, then random rows with missing values."""
+    rows = x if x is not None else np.empty((0, len(specs)), dtype=object)
+    with_missing = missing_parity_rows(specs, nullable, min(MISSING_PARITY_ROWS, random_rows))
+    if not len(with_missing):
+        return rows
+    return np.concatenate([rows.astype(object), with_missing])
+
+
+def _unreferenced(
+    info: FeatureInfo, encoded: dict[str, list[str]], nullable: bool
+) -> dict[str, Any]:
     """A feature spec without reference data: a category's allowed values come
     from the model's own encoder, with no frequencies."""
     if info.kind != "category":
-        return features.feature_spec(info, None)
-    spec = features.feature_spec(info, np.asarray(encoded[info.name], dtype=object))
-    return spec | {"categories": encoded[info.name], "frequencies": None}
+        return features.feature_spec(info, None, nullable=nullable)
+    spec = features.feature_spec(
+        info, np.asarray(encoded[info.name], dtype=object), nullable=nullable
+    )
+    return spec | {"categories": encoded[info.name], "frequencies": None, "missing_rate": None}
 
 
 def _raw_header(path: Path) -> list[str]:

@@ -16,7 +16,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.backends.base import FloatMatrix, Outputs, Row
-from service.manifest import CategoryFeature, Manifest
+from service.manifest import ONNX_MISSING_CATEGORY, CategoryFeature, Manifest
+from service.missing import category_values
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 
@@ -38,7 +39,7 @@ def _column_feeds(manifest: Manifest, names: list[str]) -> Callable[[FloatMatrix
             if values is None:
                 result[name] = column.astype(np.float32)
             else:
-                result[name] = values[column.astype(np.intp)]
+                result[name] = category_values(values, column, ONNX_MISSING_CATEGORY)
         return result
 
     return feeds

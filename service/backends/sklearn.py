@@ -20,6 +20,7 @@ import numpy as np
 
 from service.backends.base import FloatMatrix, Outputs
 from service.manifest import CategoryFeature, Manifest
+from service.missing import category_values
 
 # One OpenMP thread, like n_jobs=1 below: each worker already has a core, and
 # HistGradientBoosting, LightGBM and XGBoost called from the micro-batcher's
@@ -45,7 +46,7 @@ def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], 
 
     def columns(rows: FloatMatrix) -> list[Any]:
         return [
-            categories[j][rows[:, j].astype(np.intp)] if j in categories else rows[:, j]
+            category_values(categories[j], rows[:, j], np.nan) if j in categories else rows[:, j]
             for j in range(len(names))
         ]
 

@@ -121,7 +121,9 @@ class BufferedHistograms:
 
     def _add_columns(self, matrix: npt.NDArray[np.floating]) -> None:
         for column, histogram in zip(self._columns, self.histograms, strict=True):
-            histogram.add_many(matrix[:, column])
+            values = matrix[:, column]
+            # A missing value (NaN) is no observation of the feature's distribution.
+            histogram.add_many(values[~np.isnan(values)])
 
 
 class BufferedGauge:

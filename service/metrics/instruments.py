@@ -141,6 +141,21 @@ CATEGORIES = Counter(
 MAX_CATEGORY_LABELS = 50
 OTHER_CATEGORY = "other"
 
+MISSING_METRIC = "model_feature_missing_total"
+MISSING = Counter(
+    MISSING_METRIC,
+    "Live inputs missing a nullable feature (JSON null, a left-out field, NaN).",
+    ["model", "version", "feature"],
+    registry=None,
+)
+OUT_OF_RANGE_METRIC = "model_feature_out_of_range_total"
+OUT_OF_RANGE = Counter(
+    OUT_OF_RANGE_METRIC,
+    "Live numeric inputs outside the reference data's minimum and maximum (accepted).",
+    ["model", "version", "feature"],
+    registry=None,
+)
+
 FEATURE_METRIC = "model_feature_value"
 # registry=None throughout: scrapes build a fresh registry over the multiprocess
 # files, and the default registry's process collector would clash by name.
@@ -225,6 +240,23 @@ class ModelMetrics:
                 self._histogram_columns.append(column)
                 histograms.append(histogram.labels(*labels, feature.name))
         self._features = BufferedHistograms(histograms, self._histogram_columns)
+        # Written through, as the category counters: exact across workers.
+        self._missing = [
+            (column, MISSING.labels(*labels, feature.name))
+            for column, feature in enumerate(manifest.features)
+            if feature.nullable
+        ]
+        self._ranges = [
+            (column, feature.training_min, feature.training_max, counter)
+            for column, feature in enumerate(manifest.features)
+            if not isinstance(feature, CategoryFeature)
+            and feature.training_min is not None
+            and feature.training_max is not None
+            for counter in (OUT_OF_RANGE.labels(*labels, feature.name),)
+        ]
+        self._per_row = bool(
+            self._histogram_columns or self._categories or self._missing or self._ranges
+        )
         MODEL_INFO.labels(*labels, backend, checksum).set(1)
 
     def observe_backend_call(self, rows: int, seconds: float) -> None:
@@ -241,29 +273,48 @@ class ModelMetrics:
                 self._count_class[winning_class(outputs[0].tolist())](1)
             elif self._values is not None:
                 self._values.add_one(float(outputs[0]))
-            if self._histogram_columns or self._categories:
+            if self._per_row:
                 self._observe_features(rows[0].tolist())
             return
         self._observe_outputs(outputs)
         if self._histogram_columns:
             self._features.add_rows(rows)
         for column, counters in self._categories:
-            codes = rows[:, column].astype(np.intp)
+            codes = rows[:, column]
+            codes = codes[~np.isnan(codes)].astype(np.intp)
             for code, count in enumerate(np.bincount(codes, minlength=len(counters)).tolist()):
                 if count:
                     counters[code].inc(count)
+        for column, counter in self._missing:
+            missing = int(np.isnan(rows[:, column]).sum())
+            if missing:
+                counter.inc(missing)
+        for column, low, high, counter in self._ranges:
+            values = rows[:, column]
+            outside = int(((values < low) | (values > high)).sum())
+            if outside:
+                counter.inc(outside)
 
     def observe_row(self, row: Sequence[float], probabilities: Sequence[float]) -> None:
         """One classified row, from plain Python values."""
         self._count_class[winning_class(probabilities)](1)
-        if self._histogram_columns or self._categories:
+        if self._per_row:
             self._observe_features(row)
 
     def _observe_features(self, row: Sequence[float]) -> None:
         if self._histogram_columns:
             self._features.add_row(row)
         for column, counters in self._categories:
-            counters[int(row[column])].inc(1)
+            code = row[column]
+            if code == code:  # NaN (missing) is counted below, not as a category
+                counters[int(code)].inc(1)
+        for column, counter in self._missing:
+            if row[column] != row[column]:
+                counter.inc(1)
+        for column, low, high, counter in self._ranges:
+            # NaN fails both comparisons: a missing value is not out of range.
+            if row[column] < low or row[column] > high:
+                counter.inc(1)
 
     def _observe_outputs(self, outputs: npt.NDArray[np.floating]) -> None:
         if self._classification:

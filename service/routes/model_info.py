@@ -117,7 +117,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "estimator_module": manifest.estimator.module,
         "estimator_params": manifest.estimator.params,
         "backend": predictor.backend.name,
-        "feature_names": manifest.feature_names,
+        "feature_names": manifest.field_names,
         "features": [f.model_dump() for f in manifest.features],
         "class_labels": manifest.classes,
         "target_statistics": (

@@ -106,8 +106,8 @@ def _trial_rows(manifest: Manifest, example: Instance, max_rows: int) -> list[In
             else:
                 column = list(values)
         else:
-            column = [example[feature.name]]
-        columns[feature.name] = column
+            column = [example[feature.field_name]]
+        columns[feature.field_name] = column
     rows = [example]
     for i in range(count - 1):
         rows.append({name: column[i % len(column)] for name, column in columns.items()})

@@ -376,6 +376,7 @@ class InferenceCodec:
                     f"input '{name}'",
                     tensor.feature_names,
                     bools_possible,
+                    tensor.nullable,
                 )
             else:
                 raise TensorError(f"input '{name}': no data and no binary_data_size")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -111,12 +112,23 @@ class InputTensor:
     bounds: Bounds
     # Positions (in this tensor) of the integer features: whole numbers only, as /predict.
     integers: tuple[int, ...] = ()
+    # Positions (in this tensor) of the nullable features: NaN (JSON null) is their missing value.
+    nullable: tuple[int, ...] = ()
 
     @property
     def shape(self) -> list[int]:
         return [-1, len(self.columns)]
 
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "feature_names": list(self.feature_names),
+            "nullable": [i in self.nullable for i in range(len(self.columns))],
+        }
+
     def check(self, values: npt.NDArray[Any]) -> None:
+        if self.nullable and values.dtype.kind == "f":
+            values = self._present(values)
         self._check_bounds(values)
         if self.integers and values.dtype.kind == "f":
             whole = values[:, list(self.integers)]
@@ -130,6 +142,21 @@ class InputTensor:
                     f"{values[row, column].item()} is not an integer"
                     + (f" ({more} more invalid values)" if more else "")
                 )
+
+    def _present(self, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The values with each nullable column's NaN (a missing value) replaced by a
+        value its checks accept: only what is present is checked."""
+        columns = list(self.nullable)
+        part = values[:, columns]
+        absent = np.isnan(part)
+        if not absent.any():
+            return values
+        lower = self.bounds.lower[columns]
+        # A whole number within the bounds: integer columns accept it too.
+        fill = np.clip(np.ceil(lower), lower, self.bounds.upper[columns])
+        checked = values.astype(np.float64)
+        checked[:, columns] = np.where(absent, fill, part)
+        return checked
 
     def _check_bounds(self, values: npt.NDArray[Any]) -> None:
         """The manifest's bounds, float32 range, no NaN or infinity: vectorised.
@@ -208,12 +235,22 @@ class CategoryTensor:
     feature: str
     column: int
     categories: tuple[str, ...]
+    # A JSON null is the missing value (the empty string only if it is a category).
+    nullable: bool = False
     datatype: ClassVar[str] = "BYTES"
     accepted: ClassVar[frozenset[str]] = frozenset({"BYTES"})
 
     @property
     def shape(self) -> list[int]:
         return [-1]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "feature_names": [self.feature],
+            "nullable": [self.nullable],
+            "categories": list(self.categories),
+        }
 
     @property
     def columns(self) -> tuple[int, ...]:
@@ -233,7 +270,14 @@ class CategoryTensor:
     def indices(self, values: list[Any], where: str) -> npt.NDArray[np.float64]:
         """Each value's index in the feature's categories; a 400 naming the first stranger."""
         get = self._index.get
-        found = [get(value) if type(value) in (str, bytes) else None for value in values]
+        found: list[float | int | None] = [
+            get(value) if type(value) in (str, bytes) else None for value in values
+        ]
+        if self.nullable and None in values:
+            found = [
+                math.nan if value is None else code
+                for value, code in zip(values, found, strict=True)
+            ]
         if None not in found:
             return np.asarray(found, dtype=np.float64)
         row = found.index(None)
@@ -270,7 +314,7 @@ ModelInput = InputTensor | CategoryTensor
 class TensorMap:
     inputs: tuple[ModelInput, ...]
     outputs: tuple[OutputTensor, ...]
-    properties: dict[str, str]
+    properties: dict[str, Any]
 
     @functools.cached_property
     def outputs_by_name(self) -> dict[str, OutputTensor]:
@@ -300,8 +344,16 @@ def _inputs(manifest: Manifest) -> tuple[ModelInput, ...]:
     categories = []
     for column, feature in enumerate(manifest.features):
         if isinstance(feature, CategoryFeature):
-            name = _unique(feature.name, taken)
-            categories.append(CategoryTensor(name, feature.name, column, tuple(feature.categories)))
+            name = _unique(feature.field_name, taken)
+            categories.append(
+                CategoryTensor(
+                    name,
+                    feature.field_name,
+                    column,
+                    tuple(feature.categories),
+                    feature.nullable,
+                )
+            )
     if not numeric:
         return tuple(categories)
     return (
@@ -309,10 +361,11 @@ def _inputs(manifest: Manifest) -> tuple[ModelInput, ...]:
             FEATURES_INPUT,
             "FP32",
             tuple(column for column, _ in numeric),
-            tuple(feature.name for _, feature in numeric),
+            tuple(feature.field_name for _, feature in numeric),
             frozenset(NUMERIC_DATATYPES),
             _bounds([feature for _, feature in numeric]),
             tuple(i for i, (_, f) in enumerate(numeric) if isinstance(f, IntegerFeature)),
+            tuple(i for i, (_, f) in enumerate(numeric) if f.nullable),
         ),
         *categories,
     )
@@ -392,16 +445,16 @@ def _regression_outputs() -> tuple[OutputTensor, ...]:
 
 def tensor_map(manifest: Manifest) -> TensorMap:
     # Not tensors, but what a client needs to build and read them.
-    properties = {"task": manifest.task, "feature_names": json.dumps(manifest.feature_names)}
+    properties: dict[str, Any] = {"task": manifest.task, "feature_names": manifest.field_names}
     if manifest.classes is None:
         outputs = _regression_outputs()
     else:
         outputs = _classification_outputs(manifest.classes)
-        properties["classes"] = json.dumps(manifest.classes)
+        properties["classes"] = list(manifest.classes)
     inputs = _inputs(manifest)
     categories = {t.name: list(t.categories) for t in inputs if isinstance(t, CategoryTensor)}
     if categories:
-        properties["categories"] = json.dumps(categories)
+        properties["categories"] = categories
     return TensorMap(inputs=inputs, outputs=outputs, properties=properties)
 
 

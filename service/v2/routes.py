@@ -47,7 +47,8 @@ def served_model(pipeline: PredictionPipeline) -> ServedModel:
         "versions": [manifest.version],
         "platform": PLATFORMS.get(pipeline.predictor.backend.name, pipeline.predictor.backend.name),
         "inputs": [
-            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.inputs
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape, "parameters": t.metadata}
+            for t in tensors.inputs
         ],
         "outputs": [
             {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors.outputs
@@ -194,7 +195,7 @@ def _document_infer(
 
     example = None
     if pipeline is not None:
-        examples = {f.name: example_value(f) for f in pipeline.predictor.manifest.features}
+        examples = {f.field_name: example_value(f) for f in pipeline.predictor.manifest.features}
         inputs = []
         for tensor in served_model(pipeline).codec.tensors.inputs:
             row = [examples[name] for name in tensor.feature_names]

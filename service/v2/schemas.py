@@ -45,16 +45,30 @@ class TensorMetadata(BaseModel):
     shape: list[int] = Field(description="-1 for the batch dimension.")
 
 
+class InputParameters(BaseModel):
+    feature_names: list[str] = Field(description="The features this input carries, in order.")
+    nullable: list[bool] = Field(
+        description="Per feature: a missing value is accepted (JSON null; NaN in binary data)."
+    )
+    categories: list[str] | None = Field(
+        default=None, description="A category input's allowed values."
+    )
+
+
+class InputMetadata(TensorMetadata):
+    parameters: InputParameters
+
+
 class ModelMetadata(BaseModel):
     name: str
     versions: list[str] = Field(description="Only the version serving can be requested.")
     platform: str
-    inputs: list[TensorMetadata]
+    inputs: list[InputMetadata]
     outputs: list[TensorMetadata]
-    properties: dict[str, str] = Field(
+    properties: dict[str, Any] = Field(
         description=(
-            "task, feature_names (the manifest's feature order), classes, and categories "
-            "(each category input's allowed values), as JSON text."
+            "task, feature_names (the manifest's feature order, an array), classes (an "
+            "array), and categories (each category input's allowed values)."
         )
     )
     shadow: ShadowSummary | None = Field(

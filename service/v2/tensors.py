@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def json_tensor(
     where: str,
     column_names: Sequence[str],
     bools_possible: bool,
+    nullable: Sequence[int] = (),
 ) -> npt.NDArray[Any]:
     """`data` (flat, or nested as the shape) as an array of that shape.
 
@@ -123,6 +125,12 @@ def json_tensor(
                 f"{where}: shape [{rows}, {columns}] needs {rows * columns} elements, "
                 f"data has {len(elements)}"
             )
+    if nullable and not datatype.integer and None in elements:
+        missing = frozenset(nullable)
+        elements = [
+            math.nan if value is None and index % columns in missing else value
+            for index, value in enumerate(elements)
+        ]
     try:
         parsed = array.array(datatype.typecode, elements)
     except (TypeError, OverflowError):

@@ -68,14 +68,21 @@ def test_model_metadata_describes_the_tensors_from_the_manifest(
     assert metadata["name"] == "iris"
     assert metadata["versions"] == ["1.0.0"]
     assert metadata["platform"] in {"onnx_onnxv1", "sklearn_joblib"}
-    assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
+    assert metadata["inputs"] == [
+        {
+            "name": "features",
+            "datatype": "FP32",
+            "shape": [-1, 4],
+            "parameters": {"feature_names": FEATURES, "nullable": [False] * 4},
+        }
+    ]
     assert metadata["outputs"] == [
         {"name": "predicted_class", "datatype": "INT64", "shape": [-1]},
         {"name": "predicted_class_name", "datatype": "BYTES", "shape": [-1]},
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
     ]
-    assert json.loads(metadata["properties"]["feature_names"]) == FEATURES
-    assert json.loads(metadata["properties"]["classes"]) == CLASSES
+    assert metadata["properties"]["feature_names"] == FEATURES
+    assert metadata["properties"]["classes"] == CLASSES
 
 
 @pytest.mark.parametrize("path", ["/v2/models/iris/ready", "/v2/models/iris/versions/1.0.0/ready"])

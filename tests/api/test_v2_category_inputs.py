@@ -100,12 +100,26 @@ def test_metadata_lists_the_numeric_matrix_and_one_bytes_input_per_category(
 ) -> None:
     body = flats.get(f"/v2/models/{MIXED_NAME}").json()
     assert body["inputs"] == [
-        {"name": "features", "datatype": "FP32", "shape": [-1, 2]},
-        {"name": "city", "datatype": "BYTES", "shape": [-1]},
+        {
+            "name": "features",
+            "datatype": "FP32",
+            "shape": [-1, 2],
+            "parameters": {"feature_names": ["rooms", "area"], "nullable": [False, False]},
+        },
+        {
+            "name": "city",
+            "datatype": "BYTES",
+            "shape": [-1],
+            "parameters": {
+                "feature_names": ["city"],
+                "nullable": [False],
+                "categories": body["inputs"][1]["parameters"]["categories"],
+            },
+        },
     ]
     assert body["outputs"] == [{"name": "prediction", "datatype": "FP64", "shape": [-1]}]
-    assert json.loads(body["properties"]["feature_names"]) == ["rooms", "area", "city"]
-    assert sorted(json.loads(body["properties"]["categories"])["city"]) == ["lyon", "nice", "paris"]
+    assert body["properties"]["feature_names"] == ["rooms", "area", "city"]
+    assert sorted(body["properties"]["categories"]["city"]) == ["lyon", "nice", "paris"]
 
 
 def test_json_inference_equals_predict_for_the_same_rows(flats: TestClient) -> None:

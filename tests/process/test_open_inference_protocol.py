@@ -114,7 +114,14 @@ def test_server_and_model_health_and_metadata(client: triton.InferenceServerClie
     for version in ("", "1.0.0"):
         metadata = client.get_model_metadata("iris", version)
         assert metadata["versions"] == ["1.0.0"]
-        assert metadata["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
+        assert metadata["inputs"] == [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": [-1, 4],
+                "parameters": {"feature_names": FEATURES, "nullable": [False] * 4},
+            }
+        ]
         assert [o["name"] for o in metadata["outputs"]] == [
             "predicted_class",
             "predicted_class_name",

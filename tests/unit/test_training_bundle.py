@@ -76,7 +76,7 @@ def test_manifest_is_accepted_by_the_service_contract(iris_bundle: Path) -> None
 
 def test_manifest_records_dataset_estimator_metrics_and_versions(iris_bundle: Path) -> None:
     m = manifest_of(iris_bundle)
-    assert m["schema_version"] == 2
+    assert m["schema_version"] == 3
     assert m["task"] == "classification"
     assert m["name"] == "iris"
     assert m["version"] == "1.0.0"
@@ -212,7 +212,7 @@ def test_invalid_manifest_is_rejected_before_anything_is_written(
 
     def bad_build(**kwargs: Any) -> dict[str, Any]:
         manifest = real_build(**kwargs)
-        manifest["features"][0]["name"] = "not a name"
+        manifest["features"][0]["name"] = "not\na name"
         return manifest
 
     monkeypatch.setattr(bundle_writer, "build_manifest", bad_build)

@@ -73,6 +73,8 @@ def test_feature_specs_hold_only_json_plain_values() -> None:
         for key, value in spec.items():
             if key in ("deciles", "bin_shares"):
                 assert all(type(v) is float for v in value)
+            elif key == "nullable":
+                assert value is False
             elif key not in ("kind", "name", "description", "unit"):
                 assert type(value) is float, key
     assert specs[1]["minimum"] == pytest.approx(-1.0 - 20.0)

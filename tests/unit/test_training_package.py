@@ -109,7 +109,11 @@ def test_without_reference_data_the_bundle_is_valid_and_has_no_drift_statistics(
         ),
         (["--features", "a,b,c"], "the model takes 4 features but --features names 3"),
         ([], "the model does not record its feature names"),
-        (["--features", "a,b,c,not a name"], "feature name 'not a name' is not usable"),
+        (
+            ["--features", "a,b,c,d", "--rename", "a=,b=c"],
+            "unusable feature names (2): '' (renamed from 'a') is empty; "
+            "'c' names more than one feature",
+        ),
         (["--features", IRIS_NAMES, "--target", "species"], "--target is only meaningful"),
     ],
 )

@@ -42,7 +42,7 @@ def test_a_category_feature_named_features_does_not_hide_the_numeric_matrix(
     category = tensors.inputs[1]
     assert isinstance(category, CategoryTensor)
     assert category.feature_names == ("features",)
-    assert json.loads(tensors.properties["categories"]) == {"features_category": ["a", "b"]}
+    assert tensors.properties["categories"] == {"features_category": ["a", "b"]}
     codec = InferenceCodec(tensors, "iris", "1.0.0", max_rows=10)
     request: dict[str, Any] = {
         "inputs": [
