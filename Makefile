@@ -15,6 +15,9 @@ TARGET ?=
 FEATURES ?=
 NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
+# Digests of native models that may be loaded (outside MODEL_DIR): make package
+# records the bundle it writes, make serve reads them.
+TRUSTED_DIGESTS_FILE ?= secrets/trusted-model-sha256
 # make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
@@ -46,19 +49,21 @@ $(BIN)/.installed: requirements.lock requirements-dev.lock
 install: $(BIN)/.installed
 
 train: install
-	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
+	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) \
+		--output-dir "$(or $(MODEL_DIR),artifacts)" $(TRAIN_ARGS)
 
 # Bundle a model the user already fitted (see docs/own-model.md).
 package: install
 	@test -n "$(MODEL_FILE)" || { echo "make package needs MODEL_FILE=path/to/model.joblib" >&2; exit 2; }
 	$(BIN)/python -m training package "$(MODEL_FILE)" --name "$(NAME)" --version "$(VERSION)" \
+		--output-dir "$(or $(MODEL_DIR),artifacts)" --trusted-digests-file "$(TRUSTED_DIGESTS_FILE)" \
 		$(if $(REFERENCE_DATA),--reference-data "$(REFERENCE_DATA)") \
 		$(if $(TARGET),--target "$(TARGET)") \
 		$(if $(FEATURES),--features "$(FEATURES)") $(PACKAGE_ARGS)
 
 # Train only when no bundle of this model exists yet.
 bundle: install
-	@compgen -G "artifacts/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
+	@compgen -G "$(or $(MODEL_DIR),artifacts)/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
 
 # Drift scores and alerts for the newest bundle of MODEL_NAME (or VERSION when
 # given on the command line), from its manifest: docs/monitoring.md.
@@ -70,7 +75,8 @@ rules: bundle
 # Loopback unless BIND or PORT say otherwise: a laptop does not serve its
 # network by accident. The image binds all interfaces inside its container.
 serve: bundle
-	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
+	MODEL_NAME=$(MODEL_NAME) TRUSTED_DIGESTS_FILE="$(TRUSTED_DIGESTS_FILE)" \
+		BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
 
 # Keys live in API_KEYS_FILE (digests only); running servers pick changes up
 # within seconds. Standard-library Python: no virtualenv needed.

@@ -41,6 +41,10 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # A category value is a JSON string in requests and a label value in metrics.
 MAX_CATEGORIES = 1000
 MAX_CATEGORY_LENGTH = 200
+# What an ONNX graph's string input receives for a missing category: never a
+# category itself (categories are non-empty), and what the packager's graph
+# maps to the fitted imputer's fill value.
+ONNX_MISSING_CATEGORY = ""
 # Class names are label values, answer fields and log text too: bounded alike.
 MAX_CLASSES = 1000
 DECILE_COUNT = 9
@@ -166,6 +170,10 @@ class CategoryFeature(_FeatureBase):
     # Share of each category in the reference data, in `categories` order;
     # absent without reference data.
     frequencies: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    # How the native model takes the column: strings ("object"), or a pandas
+    # `category` dtype over `categories` (LightGBM, XGBoost enable_categorical,
+    # HistGradientBoosting categorical_features="from_dtype").
+    native_dtype: Literal["object", "category"] = "object"
 
     @property
     def has_reference(self) -> bool:

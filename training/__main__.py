@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from training.bundle_writer import MANIFEST_FILE, check_name, check_version
+from training.bundle_writer import MANIFEST_FILE, MODEL_FILE_SKLEARN, check_name, check_version
 from training.datasets import BUILTIN_DATASETS
 from training.errors import TrainingError
 from training.fit import ESTIMATORS
@@ -181,6 +181,14 @@ def build_package_parser() -> argparse.ArgumentParser:
         metavar="TOL",
     )
     p.add_argument("--no-onnx", action="store_true", help="write an sklearn-only bundle")
+    p.add_argument(
+        "--trusted-digests-file",
+        type=Path,
+        metavar="PATH",
+        help="record the bundle's model.joblib SHA-256 here, the file the service reads as "
+        "TRUSTED_DIGESTS_FILE (make package passes secrets/trusted-model-sha256, which "
+        "make serve reads): the native model then loads with no digest pinned by hand",
+    )
     return p
 
 
@@ -198,6 +206,7 @@ def package_config_from(argv: Sequence[str]) -> PackageConfig:
         parity_random_rows=args.parity_random_rows,
         parity_tolerance=args.parity_tolerance,
         onnx=not args.no_onnx,
+        trusted_digests_file=args.trusted_digests_file,
     )
 
 
@@ -213,15 +222,27 @@ def summary(manifest: dict[str, Any]) -> str:
         )
     return (
         f"{manifest['name']} {manifest['version']} ({manifest['task']}): {scores}, "
-        f"backend {manifest['backend']}, parity {'passed' if parity['passed'] else 'not passed'}"
+        f"backend {manifest['backend']}, {parity_outcome(parity)}"
     )
+
+
+def parity_outcome(parity: dict[str, Any]) -> str:
+    """What the gate found, and never a result it did not reach: a model that
+    did not convert (or --no-onnx) was never compared."""
+    if parity["passed"]:
+        return "parity passed"
+    if parity["test_rows"] + parity["random_rows"] == 0:
+        return "parity not run"
+    return "parity failed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     run: Callable[[], Path]
+    digests_file: Path | None = None
     if arguments[:1] == ["package"]:
         package_config = package_config_from(arguments[1:])
+        digests_file = package_config.trusted_digests_file
         run = lambda: package(package_config, warn_on_stderr)  # noqa: E731
     else:
         config = config_from(arguments)
@@ -242,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PREFIX}unexpected {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     print(summary(manifest))
+    if digests_file is not None:
+        digest = manifest["files"][MODEL_FILE_SKLEARN]["sha256"]
+        print(
+            f"trusted: {MODEL_FILE_SKLEARN} sha256 {digest} recorded in {digests_file} "
+            "(TRUSTED_DIGESTS_FILE, which make serve reads)"
+        )
     print(path)
     return 0
 

@@ -8,6 +8,7 @@ through the same ONNX conversion, parity gate and validation as a fitted one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.manifest import FEATURE_NAME_PATTERN, FEATURE_NAME_RE, FeatureKind, Task
-from training import bundle_writer, features, fit, onnx_export
+from training import bundle_writer, features, fit, onnx_export, trust
 from training.datasets import Dataset, FeatureInfo, load_csv
 from training.errors import TrainingError
+from training.native_categories import native_categories
 from training.pipeline import Publication, Warn, publish
 
 
@@ -36,6 +38,9 @@ class PackageConfig:
     parity_random_rows: int = 5000
     parity_tolerance: float | None = None
     onnx: bool = True
+    # Where the service reads trusted digests (make serve's TRUSTED_DIGESTS_FILE):
+    # the bundle's model.joblib digest is recorded there. None: not recorded.
+    trusted_digests_file: Path | None = None
 
 
 def load_model(path: Path) -> Any:
@@ -172,7 +177,8 @@ def _encoded_categories(model: Any, names: list[str]) -> dict[str, list[str]]:
             selected = [names[c] if isinstance(c, int | np.integer) else str(c) for c in columns]
             for column, values in zip(selected, encoder.categories_, strict=False):
                 if values.dtype == object:
-                    found[column] = [str(v) for v in values]
+                    # NaN among them is a missing value the encoder saw, not a category.
+                    found[column] = [str(v) for v in values if not onnx_export.is_missing(v)]
     return found
 
 
@@ -180,7 +186,7 @@ def _infos(
     names: list[str],
     data: Dataset | None,
     header: list[str] | None,
-    encoded: dict[str, list[str]],
+    encoded: Collection[str],
 ) -> list[FeatureInfo]:
     kinds: dict[str, FeatureKind] = {}
     if data is not None and header is not None:
@@ -248,23 +254,31 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     name = bundle_writer.check_name(config.name)
     target = bundle_writer.bundle_path(config.output_dir, name, config.version)
     bundle_writer.refuse_existing(target, config.force)
+    if config.trusted_digests_file is not None:
+        trust.check_outside(config.trusted_digests_file, config.output_dir)
 
     model = load_model(config.model_file)
     task = task_of(model)
     header = _reference_header(config)
     names, as_frame = resolve_feature_names(model, config.features, header)
     encoded = _encoded_categories(model, names)
-    data = _reference(config, task, categorical=encoded)
-    infos = _infos(names, data, header, encoded)
+    native = native_categories(model, names)
+    data = _reference(config, task, categorical={*encoded, *native})
+    infos = _infos(names, data, header, {*encoded, *native})
     x = _columns_in_order(data, header, names) if data is not None and header else None
     specs = [
-        features.feature_spec(info, x[:, j]) if x is not None else _unreferenced(info, encoded)
+        _native_category_spec(info, x[:, j] if x is not None else None, native[info.name])
+        if info.name in native
+        else features.feature_spec(info, x[:, j])
+        if x is not None
+        else _unreferenced(info, encoded)
         for j, info in enumerate(infos)
     ]
+    category_dtypes = {s["name"]: s["categories"] for s in specs if s.get("native_dtype")}
     classes = class_names(model, data) if task == "classification" else None
     if classes is not None and len(classes) < 2:
         raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
-    inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
+    inputs = onnx_export.ModelInput(infos, as_frame=as_frame, category_dtypes=category_dtypes)
     evaluation = _evaluate(model, task, data, x, inputs, classes)
     bundle = Publication(
         name=name,
@@ -282,13 +296,16 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
         reference_rows=x,
     )
-    return publish(
+    path = publish(
         bundle,
         onnx=config.onnx,
         parity_random_rows=config.parity_random_rows,
         tolerance=config.parity_tolerance,
         warn=warn,
     )
+    if config.trusted_digests_file is not None:
+        trust.record_digest(path, config.trusted_digests_file)
+    return path
 
 
 def _unreferenced(info: FeatureInfo, encoded: dict[str, list[str]]) -> dict[str, Any]:
@@ -298,6 +315,37 @@ def _unreferenced(info: FeatureInfo, encoded: dict[str, list[str]]) -> dict[str,
         return features.feature_spec(info, None)
     spec = features.feature_spec(info, np.asarray(encoded[info.name], dtype=object))
     return spec | {"categories": encoded[info.name], "frequencies": None}
+
+
+def _native_category_spec(
+    info: FeatureInfo, column: NDArray[Any] | None, categories: list[str] | None
+) -> dict[str, Any]:
+    """A column the model takes as pandas `category` dtype: its allowed values are
+    the model's own categories (or, where the model does not say, the reference
+    data's), with the reference data's share of each."""
+    if categories is None:
+        if column is None:
+            raise TrainingError(
+                f"the model takes {info.name!r} as a pandas category but does not record "
+                "its categories (XGBoost without pyarrow): pass --reference-data"
+            )
+        spec = features.feature_spec(info, column)
+        return spec | {"native_dtype": "category"}
+    spec = features.feature_spec(info, np.asarray(categories, dtype=object))
+    spec |= {"categories": categories, "frequencies": None, "native_dtype": "category"}
+    if column is None:
+        return spec
+    values = [str(v) for v in column if not onnx_export.is_missing(v)]
+    unknown = sorted(set(values) - set(categories))
+    if unknown:
+        raise TrainingError(
+            f"column {info.name!r} of the reference data has values the model does not "
+            f"know as categories: {unknown[:10]} (the model knows {categories[:10]})"
+        )
+    if values:
+        counts = Counter(values)
+        spec["frequencies"] = [counts[c] / len(values) for c in categories]
+    return spec
 
 
 def _raw_header(path: Path) -> list[str]:

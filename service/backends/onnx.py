@@ -16,7 +16,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.backends.base import FloatMatrix, Outputs, Row
-from service.manifest import CategoryFeature, Manifest
+from service.manifest import ONNX_MISSING_CATEGORY, CategoryFeature, Manifest
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 
@@ -37,8 +37,16 @@ def _column_feeds(manifest: Manifest, names: list[str]) -> Callable[[FloatMatrix
             column = rows[:, j : j + 1]
             if values is None:
                 result[name] = column.astype(np.float32)
-            else:
+                continue
+            missing = np.isnan(column)
+            if not missing.any():
                 result[name] = values[column.astype(np.intp)]
+                continue
+            # A missing category (NaN) is the string the graph maps to the
+            # fitted imputer's fill value.
+            strings = values[np.where(missing, 0, column).astype(np.intp)]
+            strings[missing] = ONNX_MISSING_CATEGORY
+            result[name] = strings
         return result
 
     return feeds

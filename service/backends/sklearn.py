@@ -17,6 +17,7 @@ from collections.abc import Callable, Set
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from service.backends.base import FloatMatrix, Outputs
 from service.manifest import CategoryFeature, Manifest
@@ -32,11 +33,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], Any]:
     """Rows as the estimator was fitted on them: the float matrix itself, or with
-    categories decoded to their strings, as a DataFrame when it was fitted on one."""
+    categories decoded to their strings (a missing one, NaN in the matrix, to
+    NaN), as a DataFrame when it was fitted on one, where a column it took as a
+    pandas `category` gets that dtype over the manifest's categories."""
     categories = {
         j: np.asarray(f.categories, dtype=object)
         for j, f in enumerate(manifest.features)
         if isinstance(f, CategoryFeature)
+    }
+    native = {
+        j
+        for j, f in enumerate(manifest.features)
+        if isinstance(f, CategoryFeature) and f.native_dtype == "category"
     }
     fitted_names = getattr(estimator, "feature_names_in_", None)
     if not categories and fitted_names is None:
@@ -45,11 +53,13 @@ def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], 
 
     def columns(rows: FloatMatrix) -> list[Any]:
         return [
-            categories[j][rows[:, j].astype(np.intp)] if j in categories else rows[:, j]
+            _decoded(categories[j], rows[:, j], native=j in native)
+            if j in categories
+            else rows[:, j]
             for j in range(len(names))
         ]
 
-    if fitted_names is not None:
+    if fitted_names is not None or native:
         import pandas as pd
 
         return lambda rows: pd.DataFrame(dict(zip(names, columns(rows), strict=True)))
@@ -61,6 +71,22 @@ def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], 
         return table
 
     return objects
+
+
+def _decoded(values: npt.NDArray[np.object_], codes: FloatMatrix, *, native: bool) -> Any:
+    """A category column from its indexes into `values`; NaN is a missing value."""
+    missing = np.isnan(codes)
+    index = np.where(missing, -1, codes).astype(np.intp)
+    if native:
+        import pandas as pd
+
+        # from_codes takes -1 as missing: the model sees NaN, as in its DataFrame.
+        return pd.Categorical.from_codes(index, categories=values)
+    if not missing.any():
+        return values[index]
+    decoded = values[index]
+    decoded[missing] = np.nan
+    return decoded
 
 
 class UntrustedModelError(Exception):
