@@ -416,7 +416,8 @@ def export(
         step = model_steps.failing_step(exc, convertible(model))
         reason = f"{step}: conversion failed: {_one_line(exc)}"
         return skipped(_with_cost(reason, model, inputs, task, x_test, specs), tolerance, task)
-    probes = with_missing_values(random_rows(specs, parity_random_rows), model, inputs, task)
+    nullable = nullable_features(specs, x_test)
+    probes = with_missing_values(random_rows(specs, parity_random_rows), nullable)
     report = check_parity(model_bytes, info, model, inputs, task, x_test, probes, tolerance)
     if not report.passed:
         why = _with_cost(report.reason or "", model, inputs, task, x_test, specs, model_bytes, info)
@@ -428,33 +429,25 @@ def export(
 MISSING_SHARE = 0.2
 
 
-def accepts_missing(model: Any, inputs: ModelInput, task: Task, rows: NDArray[Any]) -> list[int]:
-    """The features the estimator predicts with when their value is missing
-    (an imputer in front, or trees that route NaN): it is asked, feature by feature."""
-    accepted = []
-    for j in range(len(inputs.features)):
-        probe = np.array(rows[:8], dtype=object if rows.dtype == object else np.float64)
-        probe[:, j] = np.nan
-        try:
-            outputs = sklearn_outputs(model, inputs.for_sklearn(probe), task)
-        except Exception:
-            continue
-        if np.all(np.isfinite(outputs)):
-            accepted.append(j)
-    return accepted
+def nullable_features(specs: list[dict[str, Any]], x_test: NDArray[Any]) -> list[int]:
+    """The features a request may leave missing: declared nullable, or missing
+    somewhere in the reference rows (the model was shown such rows)."""
+    found = []
+    for j, spec in enumerate(specs):
+        column = x_test[:, j] if len(x_test) else []
+        if spec.get("nullable") or any(is_missing(v) for v in column):
+            found.append(j)
+    return found
 
 
-def with_missing_values(
-    rows: NDArray[Any], model: Any, inputs: ModelInput, task: Task
-) -> NDArray[Any]:
-    """The random rows, with a share of the values missing in every feature the
-    model takes a missing value in: the gate compares what a request with a
-    missing field gets."""
-    if not len(rows):
+def with_missing_values(rows: NDArray[Any], nullable: list[int]) -> NDArray[Any]:
+    """The random rows, with a share of the values missing in every nullable
+    feature: the gate compares what a request with a missing field gets."""
+    if not len(rows) or not nullable:
         return rows
     rng = np.random.default_rng(PARITY_SEED + 1)
     rows = rows.copy()
-    for j in accepts_missing(model, inputs, task, rows):
+    for j in nullable:
         rows[rng.random(len(rows)) < MISSING_SHARE, j] = np.nan
     return rows
 
