@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION: Literal[2] = 2
 MODEL_FILE_SKLEARN = "model.joblib"
+# The native model as skops wrote it: loaded by skops' safe loader, never unpickled.
+MODEL_FILE_SKOPS = "model.skops"
 MODEL_FILE_ONNX = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 
@@ -231,6 +233,7 @@ class LibraryVersions(_Strict):
     onnxmltools: str | None = None
     xgboost: str | None = None
     lightgbm: str | None = None
+    skops: str | None = None
 
 
 class EstimatorInfo(_Strict):
@@ -350,6 +353,12 @@ class Manifest(_Strict):
         description="The backend this bundle supports best; 'sklearn' means no usable ONNX model."
     )
     files: dict[Annotated[str, Field(pattern=FILE_NAME_PATTERN)], FileEntry]
+    skops_trusted_types: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Set when the native model is model.skops (instead of model.joblib): "
+        "the types beyond skops' defaults its loader trusts, as the packager's user confirmed.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -364,8 +373,8 @@ class Manifest(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
         self._check_task()
-        if MODEL_FILE_SKLEARN not in self.files:
-            raise ValueError(f"files must list {MODEL_FILE_SKLEARN}")
+        if self.native_model_file not in self.files:
+            raise ValueError(f"files must list {self.native_model_file}")
         has_onnx = MODEL_FILE_ONNX in self.files
         if self.backend == "onnx" and not (has_onnx and self.onnx and self.parity.passed):
             raise ValueError(
@@ -426,6 +435,10 @@ class Manifest(_Strict):
                 "probabilities_output" if self.task == "classification" else "prediction_output"
             )
             raise ValueError(f"a {self.task} ONNX model needs onnx.{needed}")
+
+    @property
+    def native_model_file(self) -> str:
+        return MODEL_FILE_SKLEARN if self.skops_trusted_types is None else MODEL_FILE_SKOPS
 
     @property
     def feature_names(self) -> list[str]:

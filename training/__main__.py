@@ -10,7 +10,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from training.bundle_writer import MANIFEST_FILE, MODEL_FILE_SKLEARN, check_name, check_version
+from training.bundle_writer import (
+    MANIFEST_FILE,
+    MODEL_FILE_SKLEARN,
+    MODEL_FILE_SKOPS,
+    check_name,
+    check_version,
+)
 from training.datasets import BUILTIN_DATASETS
 from training.errors import TrainingError
 from training.fit import ESTIMATORS
@@ -149,7 +155,12 @@ def build_package_parser() -> argparse.ArgumentParser:
         "estimator or pipeline, XGBoost or LightGBM) into a versioned bundle in "
         "DIR/<name>/<version>/.",
     )
-    p.add_argument("model_file", type=Path, metavar="MODEL_FILE", help="a joblib file")
+    p.add_argument(
+        "model_file",
+        type=Path,
+        metavar="MODEL_FILE",
+        help="a joblib or pickle file (.joblib, .pkl, .pickle), or a .skops file",
+    )
     p.add_argument("--name", type=_via(check_name), required=True)
     p.add_argument("--version", type=_via(check_version), required=True, metavar="X.Y.Z")
     p.add_argument(
@@ -189,6 +200,14 @@ def build_package_parser() -> argparse.ArgumentParser:
         "TRUSTED_DIGESTS_FILE (make package passes secrets/trusted-model-sha256, which "
         "make serve reads): the native model then loads with no digest pinned by hand",
     )
+    p.add_argument(
+        "--trust-skops-types",
+        type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+        default=(),
+        metavar="a.B,c.D",
+        help="for a .skops MODEL_FILE: the types beyond skops' defaults you trust it to "
+        "hold (the packager lists them when it refuses the file)",
+    )
     return p
 
 
@@ -207,6 +226,7 @@ def package_config_from(argv: Sequence[str]) -> PackageConfig:
         parity_tolerance=args.parity_tolerance,
         onnx=not args.no_onnx,
         trusted_digests_file=args.trusted_digests_file,
+        trust_skops_types=args.trust_skops_types,
     )
 
 
@@ -263,7 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PREFIX}unexpected {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     print(summary(manifest))
-    if digests_file is not None:
+    if manifest.get("skops_trusted_types") is not None:
+        print(f"trusted: {MODEL_FILE_SKOPS} loads with skops' safe loader; nothing to pin")
+    elif digests_file is not None:
         digest = manifest["files"][MODEL_FILE_SKLEARN]["sha256"]
         print(
             f"trusted: {MODEL_FILE_SKLEARN} sha256 {digest} recorded in {digests_file} "

@@ -36,9 +36,9 @@ def failing_step(exc: BaseException, model: Any) -> str:
     """The path of the step a conversion failed on: the converter's own operator
     in the traceback, else the first step whose class the message names, else
     the model itself."""
-    paths = {id(step): path for path, step in named_steps(model)}
+    paths: dict[int, str] = {id(step): path for path, step in named_steps(model)}
     tb: types.TracebackType | None = exc.__traceback__
-    deepest = None
+    deepest: str | None = None
     while tb is not None:
         operator = tb.tb_frame.f_locals.get("operator")
         raw = getattr(operator, "raw_operator", None)
@@ -48,7 +48,7 @@ def failing_step(exc: BaseException, model: Any) -> str:
     if deepest is not None:
         return deepest
     message = str(exc)
-    for path, step in reversed(named_steps(model)):
+    for named, step in reversed(named_steps(model)):
         if type(step).__name__ in message:
-            return path
+            return str(named)
     return ROOT

@@ -28,9 +28,9 @@ def native_categories(model: Any, names: Sequence[str]) -> dict[str, list[str] |
 
 
 def _lightgbm(step: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
-    booster = getattr(step, "booster_", None)
+    booster: Any = getattr(step, "booster_", None)
     categorical = getattr(booster, "pandas_categorical", None)
-    if not categorical:
+    if booster is None or not categorical:
         return {}
     # pandas_categorical lists the categories of the DataFrame's category
     # columns in column order; the booster's categorical_column are their indexes.
@@ -44,7 +44,7 @@ def _lightgbm(step: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
 
 
 def _xgboost(step: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
-    booster = step.get_booster() if hasattr(step, "get_booster") else None
+    booster: Any = step.get_booster() if hasattr(step, "get_booster") else None
     types = getattr(booster, "feature_types", None) or []
     columns = [j for j, kind in enumerate(types) if kind == "c"]
     if not columns:

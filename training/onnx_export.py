@@ -434,7 +434,7 @@ def nullable_features(specs: list[dict[str, Any]], x_test: NDArray[Any]) -> list
     somewhere in the reference rows (the model was shown such rows)."""
     found = []
     for j, spec in enumerate(specs):
-        column = x_test[:, j] if len(x_test) else []
+        column: Any = x_test[:, j] if len(x_test) else ()
         if spec.get("nullable") or any(is_missing(v) for v in column):
             found.append(j)
     return found

@@ -41,21 +41,63 @@ class PackageConfig:
     # Where the service reads trusted digests (make serve's TRUSTED_DIGESTS_FILE):
     # the bundle's model.joblib digest is recorded there. None: not recorded.
     trusted_digests_file: Path | None = None
+    # --trust-skops-types: what the user confirmed a .skops file may hold.
+    trust_skops_types: tuple[str, ...] = ()
 
 
-def load_model(path: Path) -> Any:
-    """Unpickle the user's own model file (trusted by the person running this command)."""
-    import joblib
+@dataclass(frozen=True)
+class LoadedModel:
+    estimator: Any
+    # Set for a .skops file: the types beyond skops' defaults it needs, confirmed.
+    skops_trusted_types: list[str] | None = None
 
+
+SKOPS_SUFFIX = ".skops"
+
+
+def load_model(path: Path, trust_skops_types: Collection[str] = ()) -> LoadedModel:
+    """A .skops file through skops' safe loader, with the types its user confirmed;
+    anything else (.joblib, .pkl, .pickle) unpickled: the user's own file, trusted
+    by the person running this command."""
+    if not path.is_file():
+        raise TrainingError(f"cannot read {path}: no such file")
+    skops_types = None
     try:
-        model = joblib.load(path)
-    except FileNotFoundError:
-        raise TrainingError(f"cannot read {path}: no such file") from None
+        if path.suffix == SKOPS_SUFFIX:
+            skops_types = _skops_types(path, trust_skops_types)
+            import skops.io
+
+            model = skops.io.load(path, trusted=skops_types)
+        else:
+            import joblib
+
+            model = joblib.load(path)
+    except TrainingError:
+        raise
     except Exception as exc:
         raise TrainingError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
     if not callable(getattr(model, "predict", None)):
         raise TrainingError(f"{path} holds a {type(model).__name__}, not a fitted estimator")
-    return model
+    return LoadedModel(model, skops_types)
+
+
+def _skops_types(path: Path, confirmed: Collection[str]) -> list[str]:
+    """The types the file needs beyond skops' defaults, once all are confirmed."""
+    try:
+        import skops.io
+    except ImportError:
+        raise TrainingError(
+            f"{path} is a skops file and skops is not installed (pip install skops)"
+        ) from None
+    needed = sorted(skops.io.get_untrusted_types(file=path))
+    unconfirmed = [t for t in needed if t not in set(confirmed)]
+    if unconfirmed:
+        flag = f"--trust-skops-types {','.join(needed)}"
+        raise TrainingError(
+            f"{path} needs types skops does not trust by default: {', '.join(unconfirmed)}; "
+            f"if you trust them, pass {flag} (make package PACKAGE_ARGS='{flag}')"
+        )
+    return needed
 
 
 def task_of(model: Any) -> Task:
@@ -257,7 +299,8 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     if config.trusted_digests_file is not None:
         trust.check_outside(config.trusted_digests_file, config.output_dir)
 
-    model = load_model(config.model_file)
+    loaded = load_model(config.model_file, config.trust_skops_types)
+    model = loaded.estimator
     task = task_of(model)
     header = _reference_header(config)
     names, as_frame = resolve_feature_names(model, config.features, header)
@@ -295,6 +338,7 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         metrics=evaluation.metrics,
         parity_rows=x if x is not None else np.empty((0, len(names)), dtype=object),
         reference_rows=x,
+        skops_trusted_types=loaded.skops_trusted_types,
     )
     path = publish(
         bundle,
@@ -303,7 +347,7 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         tolerance=config.parity_tolerance,
         warn=warn,
     )
-    if config.trusted_digests_file is not None:
+    if config.trusted_digests_file is not None and loaded.skops_trusted_types is None:
         trust.record_digest(path, config.trusted_digests_file)
     return path
 

@@ -1,11 +1,12 @@
-"""The native scikit-learn model: a pickle, so loading it runs code.
+"""The native scikit-learn model: a pickle, so loading it runs code, or a
+skops file, which its safe loader rebuilds without running any.
 
 Whoever can write MODEL_DIR can write a pickle and a manifest whose checksums
 match it, so neither the manifest's backend field nor its checksums decide
 what is unpickled: only a SHA-256 pinned outside MODEL_DIR (TRUSTED_MODEL_SHA256
-or TRUSTED_DIGESTS_FILE, baked into the image at build time) does. This class
-is the one place that unpickles, and it checks the digest of the very bytes it
-loads.
+or TRUSTED_DIGESTS_FILE, baked into the image at build time or recorded by
+`make package`) does. `unpickle` is the one place that unpickles, and it checks
+the digest of the very bytes it loads.
 """
 
 from __future__ import annotations
@@ -93,20 +94,44 @@ class UntrustedModelError(Exception):
     """The model's digest is not pinned outside MODEL_DIR: it is never unpickled."""
 
 
+def unpickle(model_bytes: bytes, trusted_sha256: Set[str]) -> Any:
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest not in trusted_sha256:
+        raise UntrustedModelError(
+            f"untrusted: model.joblib has sha256 {digest}, which is not pinned in "
+            "TRUSTED_MODEL_SHA256 or TRUSTED_DIGESTS_FILE; a pickle runs code when "
+            "loaded, so it is never loaded unpinned"
+        )
+    import joblib  # only once the bytes are trusted: ONNX workers never import it
+
+    return joblib.load(io.BytesIO(model_bytes))
+
+
+# skops trusts any type its user names; a manifest (inside MODEL_DIR) could
+# name anything, so only types of the libraries a model is made of are taken.
+SKOPS_TRUSTED_ROOTS = frozenset(
+    {"numpy", "scipy", "sklearn", "lightgbm", "xgboost", "pandas", "collections"}
+)
+
+
+def load_skops(model_bytes: bytes, trusted_types: list[str]) -> Any:
+    """skops' safe loader: objects of its default types and of `trusted_types`
+    (the packager's user confirmed them) are rebuilt, nothing is unpickled."""
+    foreign = [t for t in trusted_types if t.split(".", 1)[0] not in SKOPS_TRUSTED_ROOTS]
+    if foreign:
+        raise UntrustedModelError(
+            f"untrusted: model.skops asks to trust {foreign}, outside the libraries "
+            f"a model is made of ({', '.join(sorted(SKOPS_TRUSTED_ROOTS))})"
+        )
+    import skops.io
+
+    return skops.io.loads(model_bytes, trusted=trusted_types)
+
+
 class SklearnBackend:
     name = "sklearn"
 
-    def __init__(self, model_bytes: bytes, manifest: Manifest, trusted_sha256: Set[str]) -> None:
-        digest = hashlib.sha256(model_bytes).hexdigest()
-        if digest not in trusted_sha256:
-            raise UntrustedModelError(
-                f"untrusted: model.joblib has sha256 {digest}, which is not pinned in "
-                "TRUSTED_MODEL_SHA256 or TRUSTED_DIGESTS_FILE; a pickle runs code when "
-                "loaded, so it is never loaded unpinned"
-            )
-        import joblib  # only once the bytes are trusted: ONNX workers never import it
-
-        estimator: Any = joblib.load(io.BytesIO(model_bytes))
+    def __init__(self, estimator: Any, manifest: Manifest) -> None:
         if manifest.classes is not None:
             classes = getattr(estimator, "classes_", None)
             if classes is None or len(classes) != len(manifest.classes):

@@ -78,6 +78,7 @@ class UserModel:
     target: str
     expected_backend: str
     features: list[str] | None = None  # --features, for a model fitted without names
+    skops: bool = False  # saved with skops.io.dump rather than joblib.dump
 
     @property
     def x(self) -> pd.DataFrame:
@@ -324,6 +325,12 @@ def hist_gradient_boosting_native() -> UserModel:
     return UserModel(model, frame.assign(label=label), "label", "sklearn")
 
 
+def titanic_skops() -> UserModel:
+    """The Titanic pipeline saved as a .skops file, as scikit-learn's docs advise."""
+    pytest.importorskip("skops")
+    return dataclasses.replace(titanic_logistic_regression(), skops=True)
+
+
 BUILDERS: dict[str, Callable[[], UserModel]] = {
     "article_forest": article_forest,
     "scaled_logistic_regression": scaled_logistic_regression,
@@ -340,6 +347,7 @@ BUILDERS: dict[str, Callable[[], UserModel]] = {
     "xgboost_with_nan": xgboost_with_nan,
     "lightgbm_with_category": lightgbm_with_category,
     "hist_gradient_boosting_native": hist_gradient_boosting_native,
+    "titanic_skops": titanic_skops,
 }
 
 
@@ -349,20 +357,32 @@ def package_user_model(
     """Fit BUILDERS[key], save it as a user would, and package it with its
     reference data into work/models; returns the model and the bundle path."""
     user = BUILDERS[key]()
-    joblib.dump(user.model, work / "model.joblib")
+    model_file, trusted = save_model(user, work)
     # The reference CSV keeps complete rows: its reader refuses missing values
     # (the parity gate's random rows carry them, in every feature the model
     # takes a missing value in).
     user.reference.dropna().to_csv(work / "reference.csv", index=False)
     config = PackageConfig(
-        model_file=work / "model.joblib",
+        model_file=model_file,
         name=key.replace("_", "-"),
         version="1.0.0",
         reference_data=work / "reference.csv",
         target=user.target,
         features=user.features,
         output_dir=work / "models",
+        trust_skops_types=trusted,
     )
     if parity_random_rows is not None:
         config = dataclasses.replace(config, parity_random_rows=parity_random_rows)
     return user, package(config, warn=lambda _: None)
+
+
+def save_model(user: UserModel, work: Path) -> tuple[Path, tuple[str, ...]]:
+    """The model file as its user saved it, and the skops types they would confirm."""
+    if not user.skops:
+        joblib.dump(user.model, work / "model.joblib")
+        return work / "model.joblib", ()
+    import skops.io
+
+    skops.io.dump(user.model, work / "model.skops")
+    return work / "model.skops", tuple(skops.io.get_untrusted_types(file=work / "model.skops"))

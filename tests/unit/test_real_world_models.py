@@ -21,7 +21,6 @@ from tests.support.bundles import pinned_digests
 from tests.support.user_models import (
     COLORS,
     UserModel,
-    custom_function_pipeline,
     lightgbm_with_category,
     package_user_model,
     titanic_logistic_regression,
@@ -130,7 +129,6 @@ def test_a_step_onnx_cannot_express_is_named_with_its_cost(tmp_path: Path) -> No
     reason = json.loads((path / "manifest.json").read_text())["parity"]["reason"]
     assert reason.startswith("functiontransformer: conversion failed: "), reason
     assert "onnx unavailable, sklearn " in reason
-    assert custom_function_pipeline  # the same builder the API tests serve
 
 
 def test_the_summary_says_parity_was_not_run_when_it_was_not(tmp_path: Path) -> None:
