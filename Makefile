@@ -30,7 +30,7 @@ help:
 	@echo "make test     unit, deploy, API and process tests (installs what they need)"
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
-	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
+	@echo "make package  MODEL_FILE=model.joblib|.pkl|.skops NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c PACKAGE_ARGS=...]"
 	@echo "make rules    MODEL_NAME=... RULES_FILE=path: Prometheus drift rules (PSI per feature, alerts) from the bundle's manifest"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from service.manifest import CategoryFeature, Manifest
 from training.package import PackageConfig, package
 
 MIXED_NAME = "flats"
@@ -386,3 +387,17 @@ def save_model(user: UserModel, work: Path) -> tuple[Path, tuple[str, ...]]:
 
     skops.io.dump(user.model, work / "model.skops")
     return work / "model.skops", tuple(skops.io.get_untrusted_types(file=work / "model.skops"))
+
+
+def backend_rows(manifest: Manifest, frame: pd.DataFrame) -> np.ndarray:
+    """Rows as the service hands them to a backend: numbers as floats, a category
+    as the index of its value, a missing value as NaN."""
+    columns = []
+    for feature, name in zip(manifest.features, frame.columns, strict=True):
+        values = frame[name].astype(object)
+        if isinstance(feature, CategoryFeature):
+            index = {c: i for i, c in enumerate(feature.categories)}
+            columns.append([np.nan if pd.isna(v) else index[str(v)] for v in values])
+        else:
+            columns.append([np.nan if pd.isna(v) else float(v) for v in values])
+    return np.asarray(columns, dtype=np.float64).T

@@ -15,12 +15,12 @@ import pytest
 
 from service.backends import load_backend
 from service.bundle import verify_bundle
-from service.manifest import Manifest
 from service.settings import ServiceSettings
 from tests.support.bundles import pinned_digests
 from tests.support.user_models import (
     COLORS,
     UserModel,
+    backend_rows,
     lightgbm_with_category,
     package_user_model,
     titanic_logistic_regression,
@@ -43,20 +43,6 @@ ROWS = 120
 TOLERANCE = 1e-5
 
 
-def as_matrix(manifest: Manifest, frame: pd.DataFrame) -> np.ndarray:
-    """Rows as the service hands them to a backend: numbers as floats, a category
-    as the index of its value, a missing value as NaN."""
-    columns = []
-    for feature, name in zip(manifest.features, frame.columns, strict=True):
-        values = frame[name].astype(object)
-        if feature.kind == "category":
-            index = {c: i for i, c in enumerate(feature.categories)}
-            columns.append([np.nan if pd.isna(v) else index[str(v)] for v in values])
-        else:
-            columns.append([np.nan if pd.isna(v) else float(v) for v in values])
-    return np.asarray(columns, dtype=np.float64).T
-
-
 def model_input(user: UserModel, frame: pd.DataFrame) -> Any:
     return frame.to_numpy() if user.features is not None else frame
 
@@ -76,7 +62,7 @@ def test_each_backend_answers_like_the_model_on_rows_with_missing_values(
     frame = user.x.head(ROWS)
     assert frame.isna().any().any()  # rows with missing values are compared
     expected = user.model.predict_proba(model_input(user, frame))
-    rows = as_matrix(manifest, frame)
+    rows = backend_rows(manifest, frame)
     trusted = frozenset(pinned_digests(path.parent.parent).split(","))
     backends = ["onnx", "sklearn"] if manifest.backend == "onnx" else ["sklearn"]
     for name in backends:
@@ -215,7 +201,7 @@ def test_the_packager_records_the_digest_the_service_trusts(tmp_path: Path) -> N
     backend = load_backend(bundle, "sklearn", settings.trusted_model_digests())
     frame = user.x.head(20)
     np.testing.assert_allclose(
-        backend.predict(as_matrix(bundle.manifest, frame)),
+        backend.predict(backend_rows(bundle.manifest, frame)),
         user.model.predict_proba(frame),
         atol=TOLERANCE,
     )
