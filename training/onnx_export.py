@@ -468,10 +468,21 @@ def _with_cost(
 ) -> str:
     """The reason, and what one row costs on each backend (median of in-process
     calls): what falling back to scikit-learn means for latency."""
+    from threadpoolctl import threadpool_limits
+
     row = x_test[:1] if len(x_test) else random_rows(specs, 1)
     try:
         frame = inputs.for_sklearn(row)
-        costs = [f"sklearn {_median_us(lambda: sklearn_outputs(model, frame, task)):.0f} µs/row"]
+        # As the service's sklearn backend runs the model: n_jobs=1 and one
+        # OpenMP thread (service/backends/sklearn.py).
+        timed = model
+        if hasattr(model, "n_jobs"):
+            import copy
+
+            timed = copy.deepcopy(model).set_params(n_jobs=1)
+        with threadpool_limits(limits=1):
+            sklearn_us = _median_us(lambda: sklearn_outputs(timed, frame, task))
+        costs = [f"sklearn {sklearn_us:.0f} µs/row"]
     except Exception:
         return reason
     if model_bytes is not None and info is not None:

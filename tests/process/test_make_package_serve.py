@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -29,11 +30,21 @@ ROWS = [
 ]
 
 
+# The virtualenv running the tests: make uses it as is (-o: never reinstalls it).
+VENV = Path(sys.executable).parent.parent
+
+
 def make(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # -o: the shared virtualenv is installed already; make must not rebuild it.
     with log.open("wb") as handle:
         return subprocess.Popen(
-            ["make", "--no-print-directory", "-o", ".venv/.installed", *args],
+            [
+                "make",
+                "--no-print-directory",
+                f"VENV={VENV}",
+                "-o",
+                f"{VENV}/bin/.installed",
+                *args,
+            ],
             cwd=REPO,
             env=env,
             stdout=handle,
