@@ -16,8 +16,9 @@ FEATURES ?=
 NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
 # Digests of native models that may be loaded (outside MODEL_DIR): make package
-# records the bundle it writes, make serve reads them.
+# records the bundle it writes, make serve reads them (exported to its server).
 TRUSTED_DIGESTS_FILE ?= secrets/trusted-model-sha256
+export TRUSTED_DIGESTS_FILE
 # make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
@@ -75,8 +76,7 @@ rules: bundle
 # Loopback unless BIND or PORT say otherwise: a laptop does not serve its
 # network by accident. The image binds all interfaces inside its container.
 serve: bundle
-	MODEL_NAME=$(MODEL_NAME) TRUSTED_DIGESTS_FILE="$(TRUSTED_DIGESTS_FILE)" \
-		BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
+	MODEL_NAME=$(MODEL_NAME) BIND="$(or $(BIND),127.0.0.1:$(or $(PORT),8000))" $(BIN)/gunicorn -c gunicorn.conf.py
 
 # Keys live in API_KEYS_FILE (digests only); running servers pick changes up
 # within seconds. Standard-library Python: no virtualenv needed.
