@@ -15,6 +15,10 @@ TARGET ?=
 FEATURES ?=
 NAME ?= $(MODEL_NAME)
 PACKAGE_ARGS ?=
+# Digests of native models that may be loaded (outside MODEL_DIR): make package
+# records the bundle it writes, make serve reads them (exported to its server).
+TRUSTED_DIGESTS_FILE ?= secrets/trusted-model-sha256
+export TRUSTED_DIGESTS_FILE
 # make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
@@ -28,7 +32,7 @@ help:
 	@echo "make test     unit, deploy, API and process tests (installs what they need)"
 	@echo "make test-deploy  Kubernetes manifests: kustomize render, schema validation, checkov"
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
-	@echo "make package  MODEL_FILE=model.joblib NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c]"
+	@echo "make package  MODEL_FILE=model.joblib|.pkl|.skops NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c PACKAGE_ARGS=...]"
 	@echo "make rules    MODEL_NAME=... RULES_FILE=path: Prometheus drift rules (PSI per feature, alerts) from the bundle's manifest"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
@@ -47,19 +51,21 @@ $(BIN)/.installed: requirements.lock requirements-dev.lock
 install: $(BIN)/.installed
 
 train: install
-	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) $(TRAIN_ARGS)
+	$(BIN)/python -m training --dataset $(DATASET) --name $(MODEL_NAME) --version $(VERSION) \
+		--output-dir "$(or $(MODEL_DIR),artifacts)" $(TRAIN_ARGS)
 
 # Bundle a model the user already fitted (see docs/own-model.md).
 package: install
 	@test -n "$(MODEL_FILE)" || { echo "make package needs MODEL_FILE=path/to/model.joblib" >&2; exit 2; }
 	$(BIN)/python -m training package "$(MODEL_FILE)" --name "$(NAME)" --version "$(VERSION)" \
+		--output-dir "$(or $(MODEL_DIR),artifacts)" --trusted-digests-file "$(TRUSTED_DIGESTS_FILE)" \
 		$(if $(REFERENCE_DATA),--reference-data "$(REFERENCE_DATA)") \
 		$(if $(TARGET),--target "$(TARGET)") \
 		$(if $(FEATURES),--features "$(FEATURES)") $(PACKAGE_ARGS)
 
 # Train only when no bundle of this model exists yet.
 bundle: install
-	@compgen -G "artifacts/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
+	@compgen -G "$(or $(MODEL_DIR),artifacts)/$(MODEL_NAME)/*/manifest.json" >/dev/null || $(MAKE) --no-print-directory train
 
 # Drift scores and alerts for the newest bundle of MODEL_NAME (or VERSION when
 # given on the command line), from its manifest: docs/monitoring.md.

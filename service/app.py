@@ -28,7 +28,7 @@ from service.compression import RequestDecompressionMiddleware
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
 from service.logs import APP_LOGGER, AccessLog, configure_logging, flush_access_logs
-from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN
+from service.manifest import MODEL_FILE_ONNX
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.openapi import build_openapi
 from service.pipeline import PredictionPipeline
@@ -57,7 +57,8 @@ RETRY_MAX_SECONDS = 30.0
 def model_metrics(predictor: Predictor) -> ModelMetrics:
     from service.metrics.instruments import ModelMetrics
 
-    served_file = MODEL_FILE_ONNX if predictor.backend.name == "onnx" else MODEL_FILE_SKLEARN
+    native = predictor.manifest.native_model_file
+    served_file = MODEL_FILE_ONNX if predictor.backend.name == "onnx" else native
     return ModelMetrics(
         predictor.manifest, predictor.backend.name, predictor.checksums[served_file]
     )

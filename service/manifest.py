@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # where declared. Schema 2 manifests validate unchanged; schema 1 is upgraded.
 SCHEMA_VERSION: Literal[3] = 3
 MODEL_FILE_SKLEARN = "model.joblib"
+# The native model as skops wrote it: loaded by skops' safe loader, never unpickled.
+MODEL_FILE_SKOPS = "model.skops"
 MODEL_FILE_ONNX = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 
@@ -51,6 +53,10 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 # A category value is a JSON string in requests and a label value in metrics.
 MAX_CATEGORIES = 1000
 MAX_CATEGORY_LENGTH = 200
+# What an ONNX graph's string input receives for a missing category: never a
+# category itself (categories are non-empty), and what the packager's graph
+# maps to the fitted imputer's fill value.
+ONNX_MISSING_CATEGORY = ""
 # Class names are label values, answer fields and log text too: bounded alike.
 MAX_CLASSES = 1000
 DECILE_COUNT = 9
@@ -197,6 +203,10 @@ class CategoryFeature(_FeatureBase):
     # Share of each category in the reference data, in `categories` order;
     # absent without reference data.
     frequencies: list[Annotated[float, Field(ge=0, le=1)]] | None = None
+    # How the native model takes the column: strings ("object"), or a pandas
+    # `category` dtype over `categories` (LightGBM, XGBoost enable_categorical,
+    # HistGradientBoosting categorical_features="from_dtype").
+    native_dtype: Literal["object", "category"] = "object"
 
     @property
     def has_reference(self) -> bool:
@@ -254,6 +264,7 @@ class LibraryVersions(_Strict):
     onnxmltools: str | None = None
     xgboost: str | None = None
     lightgbm: str | None = None
+    skops: str | None = None
 
 
 class EstimatorInfo(_Strict):
@@ -373,6 +384,12 @@ class Manifest(_Strict):
         description="The backend this bundle supports best; 'sklearn' means no usable ONNX model."
     )
     files: dict[Annotated[str, Field(pattern=FILE_NAME_PATTERN)], FileEntry]
+    skops_trusted_types: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Set when the native model is model.skops (instead of model.joblib): "
+        "the types beyond skops' defaults its loader trusts, as the packager's user confirmed.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -390,8 +407,8 @@ class Manifest(_Strict):
         if len(set(fields)) != len(fields):
             raise ValueError("feature API names must be unique")
         self._check_task()
-        if MODEL_FILE_SKLEARN not in self.files:
-            raise ValueError(f"files must list {MODEL_FILE_SKLEARN}")
+        if self.native_model_file not in self.files:
+            raise ValueError(f"files must list {self.native_model_file}")
         has_onnx = MODEL_FILE_ONNX in self.files
         if self.backend == "onnx" and not (has_onnx and self.onnx and self.parity.passed):
             raise ValueError(
@@ -452,6 +469,10 @@ class Manifest(_Strict):
                 "probabilities_output" if self.task == "classification" else "prediction_output"
             )
             raise ValueError(f"a {self.task} ONNX model needs onnx.{needed}")
+
+    @property
+    def native_model_file(self) -> str:
+        return MODEL_FILE_SKLEARN if self.skops_trusted_types is None else MODEL_FILE_SKOPS
 
     @property
     def feature_names(self) -> list[str]:

@@ -10,7 +10,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from training.bundle_writer import MANIFEST_FILE, check_name, check_version
+from training.bundle_writer import (
+    MANIFEST_FILE,
+    MODEL_FILE_SKLEARN,
+    MODEL_FILE_SKOPS,
+    check_name,
+    check_version,
+)
 from training.datasets import BUILTIN_DATASETS
 from training.errors import TrainingError
 from training.fit import ESTIMATORS
@@ -190,7 +196,12 @@ def build_package_parser() -> argparse.ArgumentParser:
         "estimator or pipeline, XGBoost or LightGBM) into a versioned bundle in "
         "DIR/<name>/<version>/.",
     )
-    p.add_argument("model_file", type=Path, metavar="MODEL_FILE", help="a joblib file")
+    p.add_argument(
+        "model_file",
+        type=Path,
+        metavar="MODEL_FILE",
+        help="a joblib or pickle file (.joblib, .pkl, .pickle), or a .skops file",
+    )
     p.add_argument("--name", type=_via(check_name), required=True)
     p.add_argument("--version", type=_via(check_version), required=True, metavar="X.Y.Z")
     p.add_argument(
@@ -257,6 +268,22 @@ def build_package_parser() -> argparse.ArgumentParser:
         metavar="a,b",
         help="names of the model's classes, in its class order (for integer-coded classes)",
     )
+    p.add_argument(
+        "--trusted-digests-file",
+        type=Path,
+        metavar="PATH",
+        help="record the bundle's model.joblib SHA-256 here, the file the service reads as "
+        "TRUSTED_DIGESTS_FILE (make package passes secrets/trusted-model-sha256, which "
+        "make serve reads): the native model then loads with no digest pinned by hand",
+    )
+    p.add_argument(
+        "--trust-skops-types",
+        type=lambda text: tuple(t for t in _comma_list(text) if t),
+        default=(),
+        metavar="a.B,c.D",
+        help="for a .skops MODEL_FILE: the types beyond skops' defaults you trust it to "
+        "hold (the packager lists them when it refuses the file)",
+    )
     return p
 
 
@@ -279,6 +306,8 @@ def package_config_from(argv: Sequence[str]) -> PackageConfig:
         bounds=args.bounds,
         strict_bounds=args.strict_bounds,
         class_names=args.class_names,
+        trusted_digests_file=args.trusted_digests_file,
+        trust_skops_types=args.trust_skops_types,
     )
 
 
@@ -294,15 +323,27 @@ def summary(manifest: dict[str, Any]) -> str:
         )
     return (
         f"{manifest['name']} {manifest['version']} ({manifest['task']}): {scores}, "
-        f"backend {manifest['backend']}, parity {'passed' if parity['passed'] else 'not passed'}"
+        f"backend {manifest['backend']}, {parity_outcome(parity)}"
     )
+
+
+def parity_outcome(parity: dict[str, Any]) -> str:
+    """What the gate found, and never a result it did not reach: a model that
+    did not convert (or --no-onnx) was never compared."""
+    if parity["passed"]:
+        return "parity passed"
+    if parity["test_rows"] + parity["random_rows"] == 0:
+        return "parity not run"
+    return "parity failed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     run: Callable[[], Path]
+    digests_file: Path | None = None
     if arguments[:1] == ["package"]:
         package_config = package_config_from(arguments[1:])
+        digests_file = package_config.trusted_digests_file
         run = lambda: package(package_config, warn_on_stderr)  # noqa: E731
     else:
         config = config_from(arguments)
@@ -323,6 +364,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PREFIX}unexpected {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     print(summary(manifest))
+    if manifest.get("skops_trusted_types") is not None:
+        print(f"trusted: {MODEL_FILE_SKOPS} loads with skops' safe loader; nothing to pin")
+    elif digests_file is not None:
+        digest = manifest["files"][MODEL_FILE_SKLEARN]["sha256"]
+        print(
+            f"trusted: {MODEL_FILE_SKLEARN} sha256 {digest} recorded in {digests_file} "
+            "(TRUSTED_DIGESTS_FILE, which make serve reads)"
+        )
     print(path)
     return 0
 

@@ -22,6 +22,7 @@ from service.manifest import (
     MANIFEST_FILE,
     MODEL_FILE_ONNX,
     MODEL_FILE_SKLEARN,
+    MODEL_FILE_SKOPS,
     NAME_PATTERN,
     NAME_RE,
     SCHEMA_VERSION,
@@ -32,7 +33,7 @@ from training.datasets import Dataset
 from training.errors import TrainingError
 from training.onnx_export import OnnxOutcome
 
-__all__ = ["MANIFEST_FILE", "MODEL_FILE_ONNX", "MODEL_FILE_SKLEARN"]
+__all__ = ["MANIFEST_FILE", "MODEL_FILE_ONNX", "MODEL_FILE_SKLEARN", "MODEL_FILE_SKOPS"]
 
 
 def check_name(name: str) -> str:
@@ -47,7 +48,9 @@ def check_version(version: str) -> str:
     return version
 
 
-def library_versions(with_onnx: bool, boosting: set[str]) -> dict[str, str | None]:
+def library_versions(
+    with_onnx: bool, boosting: set[str], skops: bool = False
+) -> dict[str, str | None]:
     def version(dist: str) -> str | None:
         try:
             return importlib.metadata.version(dist)
@@ -70,6 +73,7 @@ def library_versions(with_onnx: bool, boosting: set[str]) -> dict[str, str | Non
         "onnxmltools": version("onnxmltools") if with_onnx and boosting else None,
         "xgboost": version("xgboost") if "xgboost" in boosting else None,
         "lightgbm": version("lightgbm") if "lightgbm" in boosting else None,
+        "skops": version("skops") if skops else None,
     }
 
 
@@ -96,6 +100,20 @@ def serialize_model(model: Any) -> bytes:
     return buffer.getvalue()
 
 
+def native_model_files(model: Any, skops_trusted_types: list[str] | None) -> dict[str, bytes]:
+    """model.joblib, or model.skops for a model given as skops: the bundle then
+    holds no pickle, and its loader needs exactly the types the user confirmed."""
+    if skops_trusted_types is None:
+        return {MODEL_FILE_SKLEARN: serialize_model(model)}
+    import skops.io
+
+    data: bytes = skops.io.dumps(model)
+    extra = sorted(set(skops.io.get_untrusted_types(data=data)) - set(skops_trusted_types))
+    if extra:
+        raise TrainingError(f"the model written as skops needs types nobody confirmed: {extra}")
+    return {MODEL_FILE_SKOPS: data}
+
+
 def file_entries(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
     return {
         name: {"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
@@ -117,6 +135,7 @@ def build_manifest(
     metrics: dict[str, Any] | None,
     outcome: OnnxOutcome,
     files: dict[str, bytes],
+    skops_trusted_types: list[str] | None = None,
 ) -> dict[str, Any]:
     has_onnx = outcome.model_bytes is not None
     steps = [model, *(step for _, step in getattr(model, "steps", []))]
@@ -131,7 +150,7 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "task": task,
         "dataset": dataset,
-        "libraries": library_versions(has_onnx, boosting),
+        "libraries": library_versions(has_onnx, boosting, skops_trusted_types is not None),
         "estimator": {
             "class_name": type(model).__name__,
             "module": type(model).__module__,
@@ -146,6 +165,7 @@ def build_manifest(
         "onnx": outcome.info,
         "backend": "onnx" if has_onnx else "sklearn",
         "files": file_entries(files),
+        "skops_trusted_types": skops_trusted_types,
     }
 
 

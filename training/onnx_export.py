@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.manifest import ONNX_MISSING_CATEGORY, Task
+from service.manifest import ONNX_MISSING_CATEGORY as MISSING_CATEGORY
+from service.manifest import Task
+from training import model_steps
 from training.datasets import FeatureInfo
 
 INPUT_NAME = "input"
@@ -47,11 +50,18 @@ class OnnxOutcome:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """How the estimator takes its rows: feature kinds, and whether it was fitted
-    on a pandas DataFrame (then columns are selected by name)."""
+    """How the estimator takes its rows: feature kinds, whether it was fitted on a
+    pandas DataFrame (then columns are selected by name), and which columns it
+    took as pandas `category` dtype, with their categories.
+
+    A missing value is NaN in the rows (numbers and categories alike): the
+    estimator sees NaN, as in a notebook's DataFrame; the ONNX graph sees NaN
+    for a number and MISSING_CATEGORY for a string.
+    """
 
     features: list[FeatureInfo]
     as_frame: bool = False
+    category_dtypes: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def has_categories(self) -> bool:
@@ -64,13 +74,13 @@ class ModelInput:
             import pandas as pd
 
             return pd.DataFrame(
-                {f.name: self._column(x, j, f) for j, f in enumerate(self.features)}
+                {f.name: self._native_column(x, j, f) for j, f in enumerate(self.features)}
             )
         if not self.has_categories:
             return np.asarray(x, dtype=np.float64)
         rows = np.empty(x.shape, dtype=object)
         for j, f in enumerate(self.features):
-            rows[:, j] = self._column(x, j, f)
+            rows[:, j] = self._column(x, j, f, missing=np.nan)
         return rows
 
     def for_onnx(self, x: NDArray[Any], info: dict[str, Any]) -> dict[str, NDArray[Any]]:
@@ -78,24 +88,30 @@ class ModelInput:
             return {info["input_name"]: np.asarray(x, dtype=np.float32)}
         feeds: dict[str, NDArray[Any]] = {}
         for j, (f, name) in enumerate(zip(self.features, info["column_inputs"], strict=True)):
-            column = self._column(x, j, f)
-            if f.kind == "category":
-                # A missing category reaches the graph as the service's backend sends it.
-                column = np.asarray(
-                    [ONNX_MISSING_CATEGORY if v is np.nan else v for v in column], dtype=object
-                )
+            column = self._column(x, j, f, missing=MISSING_CATEGORY)
             dtype = object if f.kind == "category" else np.float32
             feeds[name] = np.asarray(column, dtype=dtype).reshape(-1, 1)
         return feeds
 
+    def _native_column(self, x: NDArray[Any], j: int, f: FeatureInfo) -> Any:
+        column = self._column(x, j, f, missing=np.nan)
+        categories = self.category_dtypes.get(f.name)
+        if categories is None:
+            return column
+        import pandas as pd
+
+        return pd.Categorical(column, categories=categories)
+
     @staticmethod
-    def _column(x: NDArray[Any], j: int, f: FeatureInfo) -> NDArray[Any]:
+    def _column(x: NDArray[Any], j: int, f: FeatureInfo, missing: Any) -> NDArray[Any]:
         if f.kind == "category":
-            # Missing (None or NaN) stays np.nan, what pandas gave the notebook's model.
-            return np.asarray(
-                [np.nan if v is None or v != v else str(v) for v in x[:, j]], dtype=object
-            )
+            return np.asarray([missing if is_missing(v) else str(v) for v in x[:, j]], dtype=object)
         return np.asarray(x[:, j], dtype=np.float64)
+
+
+def is_missing(value: Any) -> bool:
+    """None or NaN: how a missing value sits in an object array of rows."""
+    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
 
 
 class _GraphError(Exception):
@@ -171,19 +187,45 @@ def _register_boosting_converters(model: Any) -> dict[str, int] | None:
     return {"": get_latest_tested_opset_version(), "ai.onnx.ml": 3}
 
 
-def _without_xgboost_feature_names(model: Any) -> Any:
-    """onnxmltools reads XGBoost features only by the names f0, f1, ...; a model
-    fitted on a DataFrame keeps column names in its booster. The converted copy
-    forgets them (the graph takes columns by position, in manifest order)."""
-    if not any(type(s).__module__.startswith("xgboost") for s in _steps(model)):
+def convertible(model: Any) -> Any:
+    """The graph to convert: the model itself, or a copy that computes the same
+    where skl2onnx cannot take a step as written. The parity gate proves it.
+
+    - onnxmltools reads XGBoost features only by the names f0, f1, ...; a model
+      fitted on a DataFrame keeps column names in its booster. The copy forgets
+      them (the graph takes columns by position, in manifest order).
+    - A SimpleImputer on strings whose missing value is NaN (what pandas reads
+      for an empty text field) has no converter; the copy's imputer replaces
+      MISSING_CATEGORY instead, which the graph is fed for a missing category,
+      with the same fill value (statistics_).
+    """
+    boosters = [s for s in _all_steps(model) if type(s).__module__.startswith("xgboost")]
+    imputers = [s for s in _all_steps(model) if _nan_string_imputer(s)]
+    if not boosters and not imputers:
         return model
     import copy
 
     model = copy.deepcopy(model)
-    for step in _steps(model):
+    for step in _all_steps(model):
         if type(step).__module__.startswith("xgboost"):
             step.get_booster().feature_names = None
+        elif _nan_string_imputer(step):
+            step.missing_values = MISSING_CATEGORY
     return model
+
+
+def _all_steps(model: Any) -> list[Any]:
+    return [step for _, step in model_steps.named_steps(model)]
+
+
+def _nan_string_imputer(step: Any) -> bool:
+    from sklearn.impute import SimpleImputer
+
+    if not isinstance(step, SimpleImputer) or not hasattr(step, "statistics_"):
+        return False
+    missing = step.missing_values
+    nan = missing is None or (isinstance(missing, float) and np.isnan(missing))
+    return nan and step.statistics_.dtype == object
 
 
 def _column_layout(model: Any, inputs: ModelInput) -> bool:
@@ -200,7 +242,7 @@ def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     target_opset = _register_boosting_converters(model)
-    model = _without_xgboost_feature_names(model)
+    model = convertible(model)
     if _column_layout(model, inputs):
         initial_types: list[tuple[str, Any]] = [
             (
@@ -360,17 +402,114 @@ def export(
     parity_random_rows: int,
     tolerance: float,
 ) -> OnnxOutcome:
-    """Convert and gate; any failure yields an sklearn-only outcome with the reason."""
+    """Convert and gate; any failure yields an sklearn-only outcome whose reason
+    names the step and what serving it natively costs."""
+    if inputs.category_dtypes:
+        columns = ", ".join(inputs.category_dtypes)
+        step = model_steps.named_steps(model)[-1][0]
+        reason = f"{step}: pandas category columns ({columns}) have no ONNX conversion"
+        return skipped(_with_cost(reason, model, inputs, task, x_test, specs), tolerance, task)
     try:
         model_bytes = convert(model, inputs, task)
         info = graph_info(model_bytes, task, len(inputs.features))
     except Exception as exc:
-        return skipped(f"conversion failed: {_one_line(exc)}", tolerance, task)
-    probes = random_rows(specs, parity_random_rows)
+        step = model_steps.failing_step(exc, convertible(model))
+        reason = f"{step}: conversion failed: {_one_line(exc)}"
+        return skipped(_with_cost(reason, model, inputs, task, x_test, specs), tolerance, task)
+    nullable = nullable_features(specs, x_test)
+    probes = with_missing_values(random_rows(specs, parity_random_rows), nullable)
     report = check_parity(model_bytes, info, model, inputs, task, x_test, probes, tolerance)
     if not report.passed:
-        return OnnxOutcome(None, None, report)
+        why = _with_cost(report.reason or "", model, inputs, task, x_test, specs, model_bytes, info)
+        return OnnxOutcome(None, None, dataclasses.replace(report, reason=why))
     return OnnxOutcome(model_bytes, info, report)
+
+
+# Share of the random rows' cells left missing in each feature the model takes NaN in.
+MISSING_SHARE = 0.2
+
+
+def nullable_features(specs: list[dict[str, Any]], x_test: NDArray[Any]) -> list[int]:
+    """The features a request may leave missing: declared nullable, or missing
+    somewhere in the reference rows (the model was shown such rows)."""
+    found = []
+    for j, spec in enumerate(specs):
+        column: Any = x_test[:, j] if len(x_test) else ()
+        if spec.get("nullable") or any(is_missing(v) for v in column):
+            found.append(j)
+    return found
+
+
+def with_missing_values(rows: NDArray[Any], nullable: list[int]) -> NDArray[Any]:
+    """The random rows, with a share of the values missing in every nullable
+    feature: the gate compares what a request with a missing field gets."""
+    if not len(rows) or not nullable:
+        return rows
+    rng = np.random.default_rng(PARITY_SEED + 1)
+    rows = rows.copy()
+    for j in nullable:
+        rows[rng.random(len(rows)) < MISSING_SHARE, j] = np.nan
+    return rows
+
+
+# Calls timed per backend for the cost figure of an sklearn-only bundle.
+COST_CALLS = 30
+
+
+def _with_cost(
+    reason: str,
+    model: Any,
+    inputs: ModelInput,
+    task: Task,
+    x_test: NDArray[Any],
+    specs: list[dict[str, Any]],
+    model_bytes: bytes | None = None,
+    info: dict[str, Any] | None = None,
+) -> str:
+    """The reason, and what one row costs on each backend (median of in-process
+    calls): what falling back to scikit-learn means for latency."""
+    from threadpoolctl import threadpool_limits
+
+    row = x_test[:1] if len(x_test) else random_rows(specs, 1)
+    try:
+        frame = inputs.for_sklearn(row)
+        # As the service's sklearn backend runs the model: n_jobs=1 and one
+        # OpenMP thread (service/backends/sklearn.py).
+        timed = model
+        if hasattr(model, "n_jobs"):
+            import copy
+
+            timed = copy.deepcopy(model).set_params(n_jobs=1)
+        with threadpool_limits(limits=1):
+            sklearn_us = _median_us(lambda: sklearn_outputs(timed, frame, task))
+        costs = [f"sklearn {sklearn_us:.0f} µs/row"]
+    except Exception:
+        return reason
+    if model_bytes is not None and info is not None:
+        output = (
+            info["probabilities_output"] if task == "classification" else info["prediction_output"]
+        )
+        try:
+            run, feeds = session(model_bytes).run, inputs.for_onnx(row, info)
+            costs.insert(0, f"onnx {_median_us(lambda: run([output], feeds)):.0f} µs/row")
+        except Exception:
+            costs.insert(0, "onnx unusable")
+    else:
+        costs.insert(0, "onnx unavailable")
+    return f"{reason} ({', '.join(costs)})"
+
+
+def _median_us(call: Any) -> float:
+    import statistics
+    import time
+
+    call()
+    samples = []
+    for _ in range(COST_CALLS):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ through the same ONNX conversion, parity gate and validation as a fitted one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,9 +18,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.manifest import FEATURE_NAME_RE, MAX_FEATURE_NAME_LENGTH, FeatureKind, Task
-from training import bundle_writer, features, fit, onnx_export
+from training import bundle_writer, features, fit, onnx_export, trust
 from training.datasets import Dataset, FeatureInfo, load_csv
 from training.errors import TrainingError
+from training.native_categories import native_categories
 from training.pipeline import Publication, Warn, publish
 
 # Reference rows each nullable feature is proven on, missing.
@@ -55,21 +57,66 @@ class PackageConfig:
     strict_bounds: bool = False
     # Names of integer-coded classes, in the model's class order.
     class_names: Sequence[str] | None = None
+    # Where the service reads trusted digests (make serve's TRUSTED_DIGESTS_FILE):
+    # the bundle's model.joblib digest is recorded there. None: not recorded.
+    trusted_digests_file: Path | None = None
+    # --trust-skops-types: what the user confirmed a .skops file may hold.
+    trust_skops_types: tuple[str, ...] = ()
 
 
-def load_model(path: Path) -> Any:
-    """Unpickle the user's own model file (trusted by the person running this command)."""
-    import joblib
+@dataclass(frozen=True)
+class LoadedModel:
+    estimator: Any
+    # Set for a .skops file: the types beyond skops' defaults it needs, confirmed.
+    skops_trusted_types: list[str] | None = None
 
+
+SKOPS_SUFFIX = ".skops"
+
+
+def load_model(path: Path, trust_skops_types: Collection[str] = ()) -> LoadedModel:
+    """A .skops file through skops' safe loader, with the types its user confirmed;
+    anything else (.joblib, .pkl, .pickle) unpickled: the user's own file, trusted
+    by the person running this command."""
+    if not path.is_file():
+        raise TrainingError(f"cannot read {path}: no such file")
+    skops_types = None
     try:
-        model = joblib.load(path)
-    except FileNotFoundError:
-        raise TrainingError(f"cannot read {path}: no such file") from None
+        if path.suffix == SKOPS_SUFFIX:
+            skops_types = _skops_types(path, trust_skops_types)
+            import skops.io
+
+            model = skops.io.load(path, trusted=skops_types)
+        else:
+            import joblib
+
+            model = joblib.load(path)
+    except TrainingError:
+        raise
     except Exception as exc:
         raise TrainingError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
     if not callable(getattr(model, "predict", None)):
         raise TrainingError(f"{path} holds a {type(model).__name__}, not a fitted estimator")
-    return model
+    return LoadedModel(model, skops_types)
+
+
+def _skops_types(path: Path, confirmed: Collection[str]) -> list[str]:
+    """The types the file needs beyond skops' defaults, once all are confirmed."""
+    try:
+        import skops.io
+    except ImportError:
+        raise TrainingError(
+            f"{path} is a skops file and skops is not installed (pip install skops)"
+        ) from None
+    needed = sorted(skops.io.get_untrusted_types(file=path))
+    unconfirmed = [t for t in needed if t not in set(confirmed)]
+    if unconfirmed:
+        flag = f"--trust-skops-types {','.join(needed)}"
+        raise TrainingError(
+            f"{path} needs types skops does not trust by default: {', '.join(unconfirmed)}; "
+            f"if you trust them, pass {flag} (make package PACKAGE_ARGS='{flag}')"
+        )
+    return needed
 
 
 def task_of(model: Any) -> Task:
@@ -249,8 +296,8 @@ def _encoded_categories(model: Any, names: list[str]) -> dict[str, list[str]]:
             selected = [names[c] if isinstance(c, int | np.integer) else str(c) for c in columns]
             for column, values in zip(selected, encoder.categories_, strict=False):
                 if values.dtype == object:
-                    # An encoder fitted on missing values lists NaN among them.
-                    found[column] = [str(v) for v in values if v is not None and v == v]
+                    # NaN among them is a missing value the encoder saw, not a category.
+                    found[column] = [str(v) for v in values if not onnx_export.is_missing(v)]
     return found
 
 
@@ -258,7 +305,7 @@ def _infos(
     names: list[str],
     data: Dataset | None,
     header: list[str] | None,
-    encoded: dict[str, list[str]],
+    encoded: Collection[str],
 ) -> list[FeatureInfo]:
     kinds: dict[str, FeatureKind] = {}
     if data is not None and header is not None:
@@ -382,15 +429,19 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     name = bundle_writer.check_name(config.name)
     target = bundle_writer.bundle_path(config.output_dir, name, config.version)
     bundle_writer.refuse_existing(target, config.force)
+    if config.trusted_digests_file is not None:
+        trust.check_outside(config.trusted_digests_file, config.output_dir)
 
-    model = load_model(config.model_file)
+    loaded = load_model(config.model_file, config.trust_skops_types)
+    model = loaded.estimator
     task = task_of(model)
     header = _reference_header(config)
     names, as_frame = resolve_feature_names(model, config.features, header)
     fields = api_names(names, config.rename)
     encoded = _encoded_categories(model, names)
-    data = _reference(config, task, categorical=encoded)
-    infos = declared_bounds(_infos(names, data, header, encoded), config.bounds)
+    native = native_categories(model, names)
+    data = _reference(config, task, categorical={*encoded, *native})
+    infos = declared_bounds(_infos(names, data, header, {*encoded, *native}), config.bounds)
     x = _columns_in_order(data, header, names) if data is not None and header else None
     data_missing = (
         [n for j, n in enumerate(names) if features.absent(x[:, j]).any()] if x is not None else []
@@ -399,17 +450,22 @@ def package(config: PackageConfig, warn: Warn) -> Path:
     policy: features.BoundsPolicy = "plausible" if config.strict_bounds else "declared"
     specs = [
         (
-            features.feature_spec(info, x[:, j], policy, info.name in nullable)
+            _native_category_spec(
+                info, x[:, j] if x is not None else None, native[info.name], info.name in nullable
+            )
+            if info.name in native
+            else features.feature_spec(info, x[:, j], policy, info.name in nullable)
             if x is not None
             else _unreferenced(info, encoded, info.name in nullable)
         )
         | ({"api_name": api} if api != info.name else {})
         for j, (info, api) in enumerate(zip(infos, fields, strict=True))
     ]
+    category_dtypes = {s["name"]: s["categories"] for s in specs if s.get("native_dtype")}
     classes = class_names(model, data, config.class_names) if task == "classification" else None
     if classes is not None and len(classes) < 2:
         raise TrainingError(f"the classifier knows fewer than 2 classes: {classes}")
-    inputs = onnx_export.ModelInput(infos, as_frame=as_frame)
+    inputs = onnx_export.ModelInput(infos, as_frame=as_frame, category_dtypes=category_dtypes)
     # Before the reference rows are scored: a model that cannot take a missing
     # value is told so by feature, not by the first row that has one.
     proof_rows = x[:NULLABLE_PROOF_ROWS] if x is not None else onnx_export.random_rows(specs, 20)
@@ -430,14 +486,18 @@ def package(config: PackageConfig, warn: Warn) -> Path:
         metrics=evaluation.metrics,
         parity_rows=_parity_rows(x, specs, nullable, config.parity_random_rows),
         reference_rows=x,
+        skops_trusted_types=loaded.skops_trusted_types,
     )
-    return publish(
+    path = publish(
         bundle,
         onnx=config.onnx,
         parity_random_rows=config.parity_random_rows,
         tolerance=config.parity_tolerance,
         warn=warn,
     )
+    if config.trusted_digests_file is not None and loaded.skops_trusted_types is None:
+        trust.record_digest(path, config.trusted_digests_file)
+    return path
 
 
 def _parity_rows(
@@ -462,6 +522,39 @@ def _unreferenced(
         info, np.asarray(encoded[info.name], dtype=object), nullable=nullable
     )
     return spec | {"categories": encoded[info.name], "frequencies": None, "missing_rate": None}
+
+
+def _native_category_spec(
+    info: FeatureInfo, column: NDArray[Any] | None, categories: list[str] | None, nullable: bool
+) -> dict[str, Any]:
+    """A column the model takes as pandas `category` dtype: its allowed values are
+    the model's own categories (or, where the model does not say, the reference
+    data's), with the reference data's share of each."""
+    if categories is None:
+        if column is None:
+            raise TrainingError(
+                f"the model takes {info.name!r} as a pandas category but does not record "
+                "its categories (XGBoost without pyarrow): pass --reference-data"
+            )
+        spec = features.feature_spec(info, column, nullable=nullable)
+        return spec | {"native_dtype": "category"}
+    spec = features.feature_spec(info, np.asarray(categories, dtype=object), nullable=nullable)
+    spec |= {"categories": categories, "frequencies": None, "native_dtype": "category"}
+    if column is None:
+        return spec
+    values = [str(v) for v in column if not onnx_export.is_missing(v)]
+    unknown = sorted(set(values) - set(categories))
+    if unknown:
+        raise TrainingError(
+            f"column {info.name!r} of the reference data has values the model does not "
+            f"know as categories: {unknown[:10]} (the model knows {categories[:10]})"
+        )
+    if values:
+        counts = Counter(values)
+        spec["frequencies"] = [counts[c] / len(values) for c in categories]
+    if len(column):
+        spec["missing_rate"] = 1 - len(values) / len(column)
+    return spec
 
 
 def _raw_header(path: Path) -> list[str]:

@@ -66,6 +66,8 @@ class Publication:
     # The rows the reference statistics describe; the model's predictions on
     # them are the baseline of prediction drift.
     reference_rows: NDArray[Any] | None
+    # A model given as a .skops file is kept as one (loaded with these types).
+    skops_trusted_types: list[str] | None = None
 
 
 def _stderr_warning(message: str) -> None:
@@ -126,7 +128,7 @@ def publish(
         prediction_shares = features.prediction_shares(
             outputs, bundle.classes, bundle.target_statistics
         )
-    files = {bundle_writer.MODEL_FILE_SKLEARN: bundle_writer.serialize_model(bundle.model)}
+    files = bundle_writer.native_model_files(bundle.model, bundle.skops_trusted_types)
     if outcome.model_bytes is not None:
         files[bundle_writer.MODEL_FILE_ONNX] = outcome.model_bytes
     manifest = bundle_writer.build_manifest(
@@ -142,6 +144,7 @@ def publish(
         metrics=bundle.metrics,
         outcome=outcome,
         files=files,
+        skops_trusted_types=bundle.skops_trusted_types,
     )
     bundle_writer.validate(manifest)
     return bundle_writer.write_bundle(

@@ -7,7 +7,7 @@ from importlib import metadata
 
 from service.backends.base import InferenceBackend
 from service.bundle import BundleError, VerifiedBundle
-from service.manifest import MODEL_FILE_ONNX, MODEL_FILE_SKLEARN, Backend
+from service.manifest import MODEL_FILE_ONNX, Backend
 
 
 def choose_backend(bundle: VerifiedBundle, requested: Backend | None) -> Backend:
@@ -58,11 +58,21 @@ def load_backend(
             from service.backends.onnx import OnnxBackend
 
             return OnnxBackend(bundle.files[MODEL_FILE_ONNX], manifest)
-        from service.backends.sklearn import SklearnBackend, UntrustedModelError
+        from service.backends.sklearn import (
+            SklearnBackend,
+            UntrustedModelError,
+            load_skops,
+            unpickle,
+        )
 
         try:
             check_sklearn_compatible(bundle)
-            return SklearnBackend(bundle.files[MODEL_FILE_SKLEARN], manifest, trusted_sha256)
+            native = bundle.files[manifest.native_model_file]
+            if manifest.skops_trusted_types is not None:
+                estimator = load_skops(native, manifest.skops_trusted_types)
+            else:
+                estimator = unpickle(native, trusted_sha256)
+            return SklearnBackend(estimator, manifest)
         except UntrustedModelError as exc:
             raise BundleError(bundle.path, str(exc)) from None
     except BundleError:

@@ -1,11 +1,12 @@
-"""The native scikit-learn model: a pickle, so loading it runs code.
+"""The native scikit-learn model: a pickle, so loading it runs code, or a
+skops file, which its safe loader rebuilds without running any.
 
 Whoever can write MODEL_DIR can write a pickle and a manifest whose checksums
 match it, so neither the manifest's backend field nor its checksums decide
 what is unpickled: only a SHA-256 pinned outside MODEL_DIR (TRUSTED_MODEL_SHA256
-or TRUSTED_DIGESTS_FILE, baked into the image at build time) does. This class
-is the one place that unpickles, and it checks the digest of the very bytes it
-loads.
+or TRUSTED_DIGESTS_FILE, baked into the image at build time or recorded by
+`make package`) does. `unpickle` is the one place that unpickles, and it checks
+the digest of the very bytes it loads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Set
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from service.backends.base import FloatMatrix, Outputs
 from service.manifest import CategoryFeature, Manifest
@@ -33,11 +35,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], Any]:
     """Rows as the estimator was fitted on them: the float matrix itself, or with
-    categories decoded to their strings, as a DataFrame when it was fitted on one."""
+    categories decoded to their strings (a missing one, NaN in the matrix, to
+    NaN), as a DataFrame when it was fitted on one, where a column it took as a
+    pandas `category` gets that dtype over the manifest's categories."""
     categories = {
         j: np.asarray(f.categories, dtype=object)
         for j, f in enumerate(manifest.features)
         if isinstance(f, CategoryFeature)
+    }
+    native = {
+        j
+        for j, f in enumerate(manifest.features)
+        if isinstance(f, CategoryFeature) and f.native_dtype == "category"
     }
     fitted_names = getattr(estimator, "feature_names_in_", None)
     if not categories and fitted_names is None:
@@ -46,11 +55,13 @@ def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], 
 
     def columns(rows: FloatMatrix) -> list[Any]:
         return [
-            category_values(categories[j], rows[:, j], np.nan) if j in categories else rows[:, j]
+            _decoded(categories[j], rows[:, j], native=j in native)
+            if j in categories
+            else rows[:, j]
             for j in range(len(names))
         ]
 
-    if fitted_names is not None:
+    if fitted_names is not None or native:
         import pandas as pd
 
         return lambda rows: pd.DataFrame(dict(zip(names, columns(rows), strict=True)))
@@ -64,24 +75,59 @@ def _model_input(estimator: Any, manifest: Manifest) -> Callable[[FloatMatrix], 
     return objects
 
 
+def _decoded(values: npt.NDArray[np.object_], codes: FloatMatrix, *, native: bool) -> Any:
+    """A category column from its indexes into `values`; NaN is a missing value."""
+    if native:
+        import pandas as pd
+
+        # from_codes takes -1 as missing: the model sees NaN, as in its DataFrame.
+        index = np.where(np.isnan(codes), -1, codes).astype(np.intp)
+        return pd.Categorical.from_codes(index, categories=values)
+    return category_values(values, codes, np.nan)
+
+
 class UntrustedModelError(Exception):
     """The model's digest is not pinned outside MODEL_DIR: it is never unpickled."""
+
+
+def unpickle(model_bytes: bytes, trusted_sha256: Set[str]) -> Any:
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest not in trusted_sha256:
+        raise UntrustedModelError(
+            f"untrusted: model.joblib has sha256 {digest}, which is not pinned in "
+            "TRUSTED_MODEL_SHA256 or TRUSTED_DIGESTS_FILE; a pickle runs code when "
+            "loaded, so it is never loaded unpinned"
+        )
+    import joblib  # only once the bytes are trusted: ONNX workers never import it
+
+    return joblib.load(io.BytesIO(model_bytes))
+
+
+# skops trusts any type its user names; a manifest (inside MODEL_DIR) could
+# name anything, so only types of the libraries a model is made of are taken.
+SKOPS_TRUSTED_ROOTS = frozenset(
+    {"numpy", "scipy", "sklearn", "lightgbm", "xgboost", "pandas", "collections"}
+)
+
+
+def load_skops(model_bytes: bytes, trusted_types: list[str]) -> Any:
+    """skops' safe loader: objects of its default types and of `trusted_types`
+    (the packager's user confirmed them) are rebuilt, nothing is unpickled."""
+    foreign = [t for t in trusted_types if t.split(".", 1)[0] not in SKOPS_TRUSTED_ROOTS]
+    if foreign:
+        raise UntrustedModelError(
+            f"untrusted: model.skops asks to trust {foreign}, outside the libraries "
+            f"a model is made of ({', '.join(sorted(SKOPS_TRUSTED_ROOTS))})"
+        )
+    import skops.io
+
+    return skops.io.loads(model_bytes, trusted=trusted_types)
 
 
 class SklearnBackend:
     name = "sklearn"
 
-    def __init__(self, model_bytes: bytes, manifest: Manifest, trusted_sha256: Set[str]) -> None:
-        digest = hashlib.sha256(model_bytes).hexdigest()
-        if digest not in trusted_sha256:
-            raise UntrustedModelError(
-                f"untrusted: model.joblib has sha256 {digest}, which is not pinned in "
-                "TRUSTED_MODEL_SHA256 or TRUSTED_DIGESTS_FILE; a pickle runs code when "
-                "loaded, so it is never loaded unpinned"
-            )
-        import joblib  # only once the bytes are trusted: ONNX workers never import it
-
-        estimator: Any = joblib.load(io.BytesIO(model_bytes))
+    def __init__(self, estimator: Any, manifest: Manifest) -> None:
         if manifest.classes is not None:
             classes = getattr(estimator, "classes_", None)
             if classes is None or len(classes) != len(manifest.classes):

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from service.manifest import CategoryFeature, Manifest
 from training.package import PackageConfig, package
 
 MIXED_NAME = "flats"
@@ -80,6 +81,7 @@ class UserModel:
     target: str
     expected_backend: str
     features: list[str] | None = None  # --features, for a model fitted without names
+    skops: bool = False  # saved with skops.io.dump rather than joblib.dump
 
     @property
     def x(self) -> pd.DataFrame:
@@ -209,6 +211,129 @@ def one_hot_pipeline() -> UserModel:
     return UserModel(model, frame.assign(price=label), "price", "onnx")
 
 
+def passengers(n: int = 400, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Titanic-shaped rows: ~20% of ages and a few embarkation ports missing
+    (NaN, as pandas reads empty CSV fields), and who survived."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "pclass": rng.integers(1, 4, n),
+            "age": rng.uniform(1, 80, n).round(1),
+            "fare": rng.exponential(30, n).round(2) + 1,
+            "sex": rng.choice(["male", "female"], n),
+            "embarked": rng.choice(["S", "C", "Q"], n, p=[0.7, 0.2, 0.1]),
+        }
+    )
+    frame.loc[rng.random(n) < 0.2, "age"] = np.nan
+    frame.loc[rng.random(n) < 0.05, "embarked"] = np.nan
+    odds = (frame.sex == "female") * 2.0 - frame.pclass * 0.6 - frame.age.fillna(30) / 40
+    survived = (odds + rng.normal(0, 0.5, n) > -0.8).astype(int).to_numpy()
+    return frame, survived
+
+
+def titanic_pipeline(final: Any) -> Any:
+    """The notebook pipeline: median-imputed scaled numbers, most-frequent-imputed
+    one-hot strings (whose missing value is NaN), then `final`."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    numbers = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    strings = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="most_frequent")),
+            ("onehot", OneHotEncoder(handle_unknown="ignore")),
+        ]
+    )
+    prep = ColumnTransformer(
+        [("num", numbers, ["pclass", "age", "fare"]), ("cat", strings, ["sex", "embarked"])]
+    )
+    return Pipeline([("prep", prep), ("model", final)])
+
+
+def titanic_logistic_regression() -> UserModel:
+    from sklearn.linear_model import LogisticRegression
+
+    frame, survived = passengers()
+    model = titanic_pipeline(LogisticRegression()).fit(frame, survived)
+    return UserModel(model, frame.assign(survived=survived), "survived", "onnx")
+
+
+def titanic_random_forest() -> UserModel:
+    from sklearn.ensemble import RandomForestClassifier
+
+    frame, survived = passengers()
+    forest = RandomForestClassifier(n_estimators=20, max_depth=6, random_state=0)
+    model = titanic_pipeline(forest).fit(frame, survived)
+    # ONNX scales a float32 input in float32, scikit-learn a float64 one before
+    # its trees cast to float32: a few reference rows land across a threshold,
+    # and the gate refuses the graph.
+    return UserModel(model, frame.assign(survived=survived), "survived", "sklearn")
+
+
+def _numbers_with_nan(n: int = 600, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Five numeric columns with 10% of the values NaN, and a label."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5))
+    label = (x[:, 0] + x[:, 1] ** 2 > 1).astype(int)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    return x, label
+
+
+def xgboost_with_nan() -> UserModel:
+    """XGBoost fitted on a bare array with 10% NaN (its default missing value)."""
+    xgboost = pytest.importorskip("xgboost")
+    x, label = _numbers_with_nan()
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3).fit(x, label)
+    names = [f"x{j}" for j in range(x.shape[1])]
+    reference = pd.DataFrame(x, columns=names).assign(label=label)
+    return UserModel(model, reference, "label", "onnx", features=names)
+
+
+COLORS = ("red", "green", "blue")
+
+
+def _colored(n: int = 600, seed: int = 2) -> tuple[pd.DataFrame, np.ndarray]:
+    """Two numbers (10% NaN in the first) and a pandas `category` column."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "size": rng.normal(size=n),
+            "weight": rng.normal(size=n),
+            "color": pd.Categorical(rng.choice(list(COLORS), n), categories=list(COLORS)),
+        }
+    )
+    frame.loc[rng.random(n) < 0.1, "size"] = np.nan
+    label = ((frame["size"].fillna(0) > 0) ^ (frame.color == "red")).astype(int).to_numpy()
+    return frame, label
+
+
+def lightgbm_with_category() -> UserModel:
+    """LightGBM's default categorical handling of a pandas `category` column."""
+    lightgbm = pytest.importorskip("lightgbm")
+    frame, label = _colored()
+    model = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(frame, label)
+    return UserModel(model, frame.assign(label=label), "label", "sklearn")
+
+
+def hist_gradient_boosting_native() -> UserModel:
+    """HistGradientBoosting with NaN and categorical_features="from_dtype"."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    frame, label = _colored()
+    model = HistGradientBoostingClassifier(
+        max_iter=20, categorical_features="from_dtype", random_state=0
+    ).fit(frame, label)
+    return UserModel(model, frame.assign(label=label), "label", "sklearn")
+
+
+def titanic_skops() -> UserModel:
+    """The Titanic pipeline saved as a .skops file, as scikit-learn's docs advise."""
+    pytest.importorskip("skops")
+    return dataclasses.replace(titanic_logistic_regression(), skops=True)
+
+
 BUILDERS: dict[str, Callable[[], UserModel]] = {
     "article_forest": article_forest,
     "scaled_logistic_regression": scaled_logistic_regression,
@@ -220,6 +345,12 @@ BUILDERS: dict[str, Callable[[], UserModel]] = {
     "xgboost_classifier": xgboost_classifier,
     "lightgbm_regressor": lightgbm_regressor,
     "one_hot_pipeline": one_hot_pipeline,
+    "titanic_logistic_regression": titanic_logistic_regression,
+    "titanic_random_forest": titanic_random_forest,
+    "xgboost_with_nan": xgboost_with_nan,
+    "lightgbm_with_category": lightgbm_with_category,
+    "hist_gradient_boosting_native": hist_gradient_boosting_native,
+    "titanic_skops": titanic_skops,
 }
 
 
@@ -229,17 +360,46 @@ def package_user_model(
     """Fit BUILDERS[key], save it as a user would, and package it with its
     reference data into work/models; returns the model and the bundle path."""
     user = BUILDERS[key]()
-    joblib.dump(user.model, work / "model.joblib")
-    user.reference.to_csv(work / "reference.csv", index=False)
+    model_file, trusted = save_model(user, work)
+    # The reference CSV keeps complete rows: its reader refuses missing values
+    # (the parity gate's random rows carry them, in every feature the model
+    # takes a missing value in).
+    user.reference.dropna().to_csv(work / "reference.csv", index=False)
     config = PackageConfig(
-        model_file=work / "model.joblib",
+        model_file=model_file,
         name=key.replace("_", "-"),
         version="1.0.0",
         reference_data=work / "reference.csv",
         target=user.target,
         features=user.features,
         output_dir=work / "models",
+        trust_skops_types=trusted,
     )
     if parity_random_rows is not None:
         config = dataclasses.replace(config, parity_random_rows=parity_random_rows)
     return user, package(config, warn=lambda _: None)
+
+
+def save_model(user: UserModel, work: Path) -> tuple[Path, tuple[str, ...]]:
+    """The model file as its user saved it, and the skops types they would confirm."""
+    if not user.skops:
+        joblib.dump(user.model, work / "model.joblib")
+        return work / "model.joblib", ()
+    import skops.io
+
+    skops.io.dump(user.model, work / "model.skops")
+    return work / "model.skops", tuple(skops.io.get_untrusted_types(file=work / "model.skops"))
+
+
+def backend_rows(manifest: Manifest, frame: pd.DataFrame) -> np.ndarray:
+    """Rows as the service hands them to a backend: numbers as floats, a category
+    as the index of its value, a missing value as NaN."""
+    columns = []
+    for feature, name in zip(manifest.features, frame.columns, strict=True):
+        values = frame[name].astype(object)
+        if isinstance(feature, CategoryFeature):
+            index = {c: i for i, c in enumerate(feature.categories)}
+            columns.append([np.nan if pd.isna(v) else index[str(v)] for v in values])
+        else:
+            columns.append([np.nan if pd.isna(v) else float(v) for v in values])
+    return np.asarray(columns, dtype=np.float64).T

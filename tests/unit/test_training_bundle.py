@@ -92,8 +92,10 @@ def test_manifest_records_dataset_estimator_metrics_and_versions(iris_bundle: Pa
     assert m["metrics"]["evaluated_on"] == "held_out"
     assert m["metrics"]["test_size"] == 0.25
     assert 0 <= m["metrics"]["f1_macro"] <= 1
-    boosting = {"onnxmltools", "xgboost", "lightgbm"}  # recorded only for such models
-    assert all(m["libraries"][k] for k in m["libraries"] if k not in boosting)
+    # Recorded only for such models (and skops only for a model kept as skops).
+    optional = {"onnxmltools", "xgboost", "lightgbm", "skops"}
+    assert all(m["libraries"][k] for k in m["libraries"] if k not in optional)
+    assert m["libraries"]["skops"] is None
     assert m["features"][0]["exclusive_minimum"] == 0.0
 
 

@@ -1,0 +1,224 @@
+"""Notebook-style models (imputers on numbers and strings, NaN in boosted trees,
+pandas `category` columns), packaged by the real packager: the backend chosen,
+and each backend's answers on rows with missing values equal to the model's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from service.backends import load_backend
+from service.bundle import verify_bundle
+from service.settings import ServiceSettings
+from tests.support.bundles import pinned_digests
+from tests.support.user_models import (
+    COLORS,
+    UserModel,
+    backend_rows,
+    lightgbm_with_category,
+    package_user_model,
+    titanic_logistic_regression,
+)
+from tests.unit.test_training_cli import run
+from training import onnx_export
+from training.datasets import FeatureInfo
+from training.native_categories import native_categories
+from training.package import PackageConfig, package
+
+REAL_WORLD = [
+    "titanic_logistic_regression",
+    "titanic_random_forest",
+    "xgboost_with_nan",
+    "lightgbm_with_category",
+    "hist_gradient_boosting_native",
+]
+ROWS = 120
+# ONNX computes in float32; probabilities differ from float64 in the 7th digit.
+TOLERANCE = 1e-5
+
+
+def model_input(user: UserModel, frame: pd.DataFrame) -> Any:
+    return frame.to_numpy() if user.features is not None else frame
+
+
+@pytest.mark.parametrize("key", REAL_WORLD)
+def test_each_backend_answers_like_the_model_on_rows_with_missing_values(
+    key: str, tmp_path: Path
+) -> None:
+    user, path = package_user_model(key, tmp_path, parity_random_rows=300)
+    bundle = verify_bundle(path)
+    manifest = bundle.manifest
+    assert manifest.backend == user.expected_backend, manifest.parity.reason
+    if manifest.backend == "sklearn":
+        # The reason names the step, and what a row costs natively.
+        assert manifest.parity.reason is not None
+        assert "µs/row" in manifest.parity.reason
+    frame = user.x.head(ROWS)
+    assert frame.isna().any().any()  # rows with missing values are compared
+    expected = user.model.predict_proba(model_input(user, frame))
+    rows = backend_rows(manifest, frame)
+    trusted = frozenset(pinned_digests(path.parent.parent).split(","))
+    backends = ["onnx", "sklearn"] if manifest.backend == "onnx" else ["sklearn"]
+    for name in backends:
+        served = load_backend(bundle, name, trusted).predict(rows)  # type: ignore[arg-type]
+        np.testing.assert_allclose(served, expected, atol=TOLERANCE, err_msg=name)
+
+
+def test_the_titanic_pipeline_converts_and_its_gate_compares_missing_values(
+    tmp_path: Path,
+) -> None:
+    """The string imputer's NaN has no converter as written; the equivalent
+    graph passes the gate on reference rows with NaN and random rows with
+    every feature missing at random."""
+    user = titanic_logistic_regression()
+    kinds = {"pclass": "integer", "sex": "category", "embarked": "category"}
+    infos = [FeatureInfo(n, n, None, kinds.get(n, "number")) for n in user.x.columns]  # type: ignore[arg-type]
+    inputs = onnx_export.ModelInput(infos, as_frame=True)
+    reference = user.x.astype(object).to_numpy()
+    assert pd.isna(reference).any(axis=0).tolist() == [False, True, False, False, True]
+    specs: list[dict[str, Any]] = [
+        {"kind": "category", "categories": ["male", "female"]}
+        if f.kind == "category" and f.name == "sex"
+        else {"kind": "category", "categories": ["S", "C", "Q"]}
+        if f.kind == "category"
+        else {"kind": f.kind, "training_min": 1.0, "training_max": 80.0}
+        for f in infos
+    ]
+    # Missing in the reference rows, or declared nullable: the random rows
+    # leave these missing at random too.
+    specs[0]["nullable"] = True
+    assert onnx_export.nullable_features(specs, reference) == [0, 1, 4]
+    probes = onnx_export.with_missing_values(onnx_export.random_rows(specs, 400), [0, 1, 4])
+    assert pd.isna(probes).any(axis=0).tolist() == [True, True, False, False, True]
+    outcome = onnx_export.export(
+        user.model,
+        inputs,
+        "classification",
+        specs,
+        reference,
+        parity_random_rows=400,
+        tolerance=TOLERANCE,
+    )
+    assert outcome.parity.passed, outcome.parity.reason
+    assert outcome.parity.test_rows == len(reference)
+    assert outcome.model_bytes is not None
+
+
+def test_a_step_onnx_cannot_express_is_named_with_its_cost(tmp_path: Path) -> None:
+    _, path = package_user_model("custom_function_pipeline", tmp_path, parity_random_rows=50)
+    reason = json.loads((path / "manifest.json").read_text())["parity"]["reason"]
+    assert reason.startswith("functiontransformer: conversion failed: "), reason
+    assert "onnx unavailable, sklearn " in reason
+
+
+def test_the_summary_says_parity_was_not_run_when_it_was_not(tmp_path: Path) -> None:
+    user = lightgbm_with_category()
+    joblib.dump(user.model, tmp_path / "model.joblib")
+    user.reference.dropna().to_csv(tmp_path / "reference.csv", index=False)
+    result = run(
+        "package",
+        tmp_path / "model.joblib",
+        "--name",
+        "colors",
+        "--version",
+        "1.0.0",
+        "--output-dir",
+        tmp_path / "models",
+        "--reference-data",
+        tmp_path / "reference.csv",
+        "--target",
+        "label",
+        "--no-onnx",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.splitlines()[0]
+    assert summary.endswith("backend sklearn, parity not run"), summary
+
+
+def test_a_category_column_is_typed_with_the_models_own_categories(tmp_path: Path) -> None:
+    _, path = package_user_model("lightgbm_with_category", tmp_path, parity_random_rows=50)
+    manifest = json.loads((path / "manifest.json").read_text())
+    color = next(f for f in manifest["features"] if f["name"] == "color")
+    assert color["kind"] == "category"
+    assert color["native_dtype"] == "category"
+    # LightGBM's pandas_categorical: the DataFrame's own categories, in its order.
+    assert color["categories"] == list(COLORS)
+    assert sum(color["frequencies"]) == pytest.approx(1.0)
+
+
+def test_native_categories_are_read_from_each_library() -> None:
+    """Pins the internals training.native_categories reads."""
+    import lightgbm
+    import xgboost
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    frame = pd.DataFrame(
+        {
+            "n": np.arange(60, dtype=float),
+            "c": pd.Categorical(["b", "a", "c"] * 20, categories=["c", "b", "a"]),
+        }
+    )
+    label = np.arange(60) % 2
+    names = list(frame.columns)
+    lgbm = lightgbm.LGBMClassifier(n_estimators=2, verbose=-1, min_child_samples=2)
+    assert native_categories(lgbm.fit(frame, label), names) == {"c": ["c", "b", "a"]}
+    hgb = HistGradientBoostingClassifier(max_iter=2, categorical_features="from_dtype")
+    assert native_categories(hgb.fit(frame, label), names) == {"c": ["a", "b", "c"]}
+    xgb = xgboost.XGBClassifier(n_estimators=2, enable_categorical=True)
+    found = native_categories(xgb.fit(frame, label), names)
+    assert list(found) == ["c"]  # the categories too when pyarrow is installed
+    assert found["c"] in (None, ["c", "b", "a"])
+    plain = HistGradientBoostingClassifier(max_iter=2).fit(frame[["n"]], label)
+    assert native_categories(plain, ["n"]) == {}
+
+
+def test_the_packager_records_the_digest_the_service_trusts(tmp_path: Path) -> None:
+    user = lightgbm_with_category()
+    joblib.dump(user.model, tmp_path / "model.joblib")
+    digests = tmp_path / "etc" / "trusted-model-sha256"
+    config = PackageConfig(
+        model_file=tmp_path / "model.joblib",
+        name="colors",
+        version="1.0.0",
+        output_dir=tmp_path / "models",
+        parity_random_rows=50,
+        trusted_digests_file=digests,
+    )
+    path = package(config, warn=lambda _: None)
+    recorded = digests.read_text()
+    assert recorded == f"{pinned_digests(tmp_path / 'models')}  colors/1.0.0/model.joblib\n"
+    # Packaging again with --force records nothing twice.
+    package(PackageConfig(**{**config.__dict__, "force": True}), warn=lambda _: None)
+    assert digests.read_text() == recorded
+    settings = ServiceSettings(model_dir=tmp_path / "models", trusted_digests_file=digests)
+    bundle = verify_bundle(path)
+    backend = load_backend(bundle, "sklearn", settings.trusted_model_digests())
+    frame = user.x.head(20)
+    np.testing.assert_allclose(
+        backend.predict(backend_rows(bundle.manifest, frame)),
+        user.model.predict_proba(frame),
+        atol=TOLERANCE,
+    )
+
+
+def test_a_digests_file_inside_the_output_directory_is_refused(tmp_path: Path) -> None:
+    user = lightgbm_with_category()
+    joblib.dump(user.model, tmp_path / "model.joblib")
+    config = PackageConfig(
+        model_file=tmp_path / "model.joblib",
+        name="colors",
+        version="1.0.0",
+        output_dir=tmp_path / "models",
+        trusted_digests_file=tmp_path / "models" / "sums",
+    )
+    from training.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="is inside --output-dir"):
+        package(config, warn=lambda _: None)
+    assert not (tmp_path / "models").exists()
