@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from service.capture.hook import capture_payload
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import request_body, responses, schema_ref
@@ -118,6 +119,8 @@ async def infer(request: FastRequest) -> FastResponse:
         outputs = await pipeline.run_row(parsed.one_row, MATRIX_DTYPE)
     else:
         outputs = await pipeline.run(parsed.rows)
+    rows = parsed.rows if parsed.one_row is None else parsed.one_row
+    capture_payload(request, pipeline, rows, outputs)
     body, header_length = model.codec.encode(parsed, outputs)
     if header_length is None:
         return FastResponse(body)
