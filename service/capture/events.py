@@ -92,8 +92,8 @@ def event_id(request_id: str, row: int, rows: int) -> str:
     return request_id if rows == 1 else f"{request_id}/{row}"
 
 
-def event_lines(captured: Captured) -> bytes:
-    """One JSON line per row of the request."""
+def event_lines(captured: Captured) -> list[bytes]:
+    """One JSON line per row of the request, each with its newline."""
     manifest = captured.manifest
     rows = _rows(captured.inputs)
     outputs = _rows(captured.outputs)
@@ -119,6 +119,5 @@ def event_lines(captured: Captured) -> bytes:
                 "outputs": _outputs(manifest, output),
             },
         }
-        lines.append(orjson.dumps(event, option=orjson.OPT_SERIALIZE_NUMPY))
-    lines.append(b"")
-    return b"\n".join(lines)
+        lines.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
+    return lines

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,19 +81,33 @@ class RotatingFiles:
         found before the first request."""
         self._open_next()
 
-    def write(self, lines: bytes) -> None:
-        if (
-            self._fd is None
-            or self._unlinked()
-            or (self._size and self._size + len(lines) > self.max_bytes)
-        ):
-            self._open_next()
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Each run of lines that fits the current file in one write(2); a
+        file passes `max_bytes` only if a single line does."""
+        start = 0
+        while start < len(lines):
+            if self._fd is None or self._unlinked():
+                self._open_next()
+            room = self.max_bytes - self._size
+            end, size = start, 0
+            while end < len(lines) and size + len(lines[end]) <= room:
+                size += len(lines[end])
+                end += 1
+            if end == start:
+                if self._size:
+                    self._open_next()
+                    continue
+                end, size = start + 1, len(lines[start])  # one line over the limit: alone
+            self._write_all(b"".join(lines[start:end]))
+            self._size += size
+            start = end
+
+    def _write_all(self, data: bytes) -> None:
         assert self._fd is not None
-        view = memoryview(lines)
+        view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._size += len(lines)
 
     def _unlinked(self) -> bool:
         # Removed by someone else (an operator, another host's cleanup): a new file.

@@ -88,7 +88,7 @@ class PayloadWriter:
         if not taken:
             return
         try:
-            self.files.write(b"".join(map(event_lines, taken)))
+            self.files.write([line for captured in taken for line in event_lines(captured)])
         except Exception as exc:
             if self._lost == 0:
                 log.error(

@@ -32,29 +32,32 @@ def captured(manifest: Manifest, request_id: str = "r1", rows: int = 1) -> Captu
     return Captured(request_id, "/predict", 1_700_000_000.25, manifest, inputs, outputs)
 
 
-def test_a_file_is_rotated_before_a_batch_would_pass_the_limit(tmp_path: Path) -> None:
+def sizes_in_order(directory: Path) -> list[int]:
+    return [f.path.stat().st_size for f in sorted(log_files(directory), key=lambda f: f.sequence)]
+
+
+def test_a_file_is_rotated_before_a_line_would_pass_the_limit(tmp_path: Path) -> None:
     files = RotatingFiles(tmp_path, max_bytes=350, keep_files=100)
-    for batch in (LINE * 2, LINE, LINE, LINE * 3, LINE):
-        files.write(batch)
+    for lines in (2, 1, 1, 3, 1):
+        files.write([LINE] * lines)
     files.close()
-    sizes = [f.path.stat().st_size for f in sorted(log_files(tmp_path), key=lambda f: f.sequence)]
-    # 200 + 100 = 300; + 100 would pass 350: a new file. 300 alone, then 100.
-    assert sizes == [300, 100, 300, 100]
+    # A batch is split at the line that would pass the limit.
+    assert sizes_in_order(tmp_path) == [300, 300, 200]
+    for file in log_files(tmp_path):
+        assert file.path.read_bytes() == LINE * (file.path.stat().st_size // len(LINE))
 
 
-def test_a_batch_larger_than_the_limit_still_gets_written_whole(tmp_path: Path) -> None:
+def test_a_line_larger_than_the_limit_gets_a_file_of_its_own(tmp_path: Path) -> None:
     files = RotatingFiles(tmp_path, max_bytes=150, keep_files=100)
-    files.write(LINE)
-    files.write(LINE * 4)
+    files.write([LINE, LINE * 2, LINE])
     files.close()
-    sizes = sorted(f.path.stat().st_size for f in log_files(tmp_path))
-    assert sizes == [100, 400]
+    assert sizes_in_order(tmp_path) == [100, 200, 100]
 
 
 def test_only_the_newest_finished_files_are_kept(tmp_path: Path) -> None:
     files = RotatingFiles(tmp_path, max_bytes=100, keep_files=2)
     for _ in range(6):
-        files.write(LINE)
+        files.write([LINE])
     files.close()
     kept = sorted(f.sequence for f in log_files(tmp_path))
     assert kept == [4, 5, 6]  # two finished files and the open one
@@ -76,7 +79,7 @@ def test_pruning_spares_live_workers_open_files_and_not_dead_ones(tmp_path: Path
     other_host = tmp_path / "payloads-elsewhere-1-000001.jsonl"
     other_host.write_bytes(LINE)
     files = RotatingFiles(tmp_path, max_bytes=100, keep_files=0)
-    files.write(LINE)
+    files.write([LINE])
     files.close()
     left = {(f.host, f.pid) for f in log_files(tmp_path)}
     assert left == {(host, live_pid), (host, os.getpid()), ("elsewhere", 1)}
@@ -118,7 +121,7 @@ def test_requests_the_disk_refused_are_counted_as_drops(tmp_path: Path, manifest
 
 
 def test_an_event_holds_the_cloud_event_and_the_prediction_only(manifest: Manifest) -> None:
-    (line,) = event_lines(captured(manifest, "abc")).splitlines()
+    (line,) = event_lines(captured(manifest, "abc"))
     event = json.loads(line)
     assert event == {
         "specversion": "1.0",
@@ -147,7 +150,7 @@ def test_an_event_holds_the_cloud_event_and_the_prediction_only(manifest: Manife
 
 
 def test_every_row_of_a_request_is_an_event_of_its_own(manifest: Manifest) -> None:
-    lines = event_lines(captured(manifest, "abc", rows=3)).splitlines()
+    lines = event_lines(captured(manifest, "abc", rows=3))
     events = [json.loads(line) for line in lines]
     assert [e["id"] for e in events] == ["abc/0", "abc/1", "abc/2"]
     assert [e["data"]["row"] for e in events] == [0, 1, 2]
@@ -157,6 +160,7 @@ def test_a_missing_value_is_written_as_null(manifest: Manifest) -> None:
     record = Captured(
         "m", "/predict", 0.0, manifest, (float("nan"), 3.5, 1.4, 0.2), [0.2, 0.3, 0.5]
     )
-    event = json.loads(event_lines(record))
+    (line,) = event_lines(record)
+    event = json.loads(line)
     assert event["data"]["inputs"]["sepal_length"] is None
     assert event["data"]["outputs"]["predicted_class"] == 2
