@@ -18,7 +18,8 @@ from service.app import create_app
 from service.auth import keyfile
 from service.settings import ServiceSettings
 from tests.api.conftest import ClientFactory
-from tests.support.bundles import SETOSA, VIRGINICA, pinned_digests
+from tests.support.bundles import SETOSA, VIRGINICA
+from tests.support.capture import capturing_settings
 from tests.support.user_models import MIXED_NAME, package_mixed_regressor
 from tests.support.v2 import HEADER_LENGTH, INFER, ROWS, binary_request, json_request, read_response
 
@@ -147,15 +148,7 @@ def test_regressor_events_name_categories_and_carry_the_prediction(
     tmp_path: Path, payloads: Path
 ) -> None:
     model_dir = package_mixed_regressor(tmp_path / "flats")
-    settings = ServiceSettings(
-        model_dir=model_dir,
-        model_name=MIXED_NAME,
-        trusted_model_sha256=pinned_digests(model_dir),
-        payload_log_dir=payloads,
-        payload_sample=1.0,
-        auth="off",
-        api_keys_file=tmp_path / "no-keys",
-    )
+    settings = capturing_settings(model_dir, payloads, model_name=MIXED_NAME)
     instances = [
         {"rooms": 3, "area": 80.5, "city": "lyon"},
         {"rooms": 5, "area": 120.0, "city": "paris"},

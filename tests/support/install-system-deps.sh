@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need from Debian's archive: Prometheus and promtool,
 # nginx with its njs module (the per-key rate limits), libgomp1 (OpenMP) for
-# LightGBM. Package scripts must not start a system Prometheus or nginx beside ours.
+# LightGBM, Chromium (headless: the drift report renders). Package scripts must not start a system Prometheus or nginx beside ours.
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -14,5 +14,5 @@ fi
 trap '[ "$created_policy" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d' EXIT
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    prometheus nginx-light libnginx-mod-http-js libgomp1 >/dev/null
-command -v prometheus promtool nginx
+    prometheus nginx-light libnginx-mod-http-js libgomp1 chromium >/dev/null
+command -v prometheus promtool nginx chromium
