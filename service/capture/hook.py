@@ -62,7 +62,7 @@ def capture_payload(
         payload_log.offer(request, pipeline, inputs, outputs)
 
 
-def _drop_counter() -> Callable[[int], None]:
+def drop_counter() -> Callable[[int], None]:
     from service.metrics.client_internals import incrementer
     from service.metrics.instruments import PAYLOAD_LOG_DROPPED
 
@@ -83,7 +83,7 @@ def start_payload_log(settings: ServiceSettings) -> PayloadLog | None:
         files.open()
     except OSError as exc:
         raise RuntimeError(f"PAYLOAD_LOG_DIR {settings.payload_log_dir}: {exc}") from None
-    on_drop = _drop_counter() if settings.metrics_enabled else None
+    on_drop = drop_counter() if settings.metrics_enabled else None
     writer = PayloadWriter(files, on_drop)
     writer.start()
     _active = PayloadLog(writer, settings.payload_sample)

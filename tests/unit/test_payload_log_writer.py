@@ -164,3 +164,12 @@ def test_a_missing_value_is_written_as_null(manifest: Manifest) -> None:
     event = json.loads(line)
     assert event["data"]["inputs"]["sepal_length"] is None
     assert event["data"]["outputs"]["predicted_class"] == 2
+
+
+def test_drops_reach_the_shared_counter() -> None:
+    from service.capture.hook import drop_counter
+    from service.metrics.instruments import PAYLOAD_LOG_DROPPED
+
+    before = PAYLOAD_LOG_DROPPED._value.get()
+    drop_counter()(3)
+    assert PAYLOAD_LOG_DROPPED._value.get() == before + 3
