@@ -49,7 +49,7 @@ def _rows(values: Any) -> list[Any]:
     if isinstance(values, np.ndarray):
         listed: list[Any] = values.tolist()
         return listed if values.ndim > 1 else [listed]
-    if values and isinstance(values[0], Sequence | np.ndarray):
+    if values and isinstance(values[0], list | tuple | np.ndarray):
         return [list(row) for row in values]
     return [list(values)]
 
