@@ -55,8 +55,10 @@ def _rows(values: Any) -> list[Any]:
 
 
 def _category(feature: CategoryFeature, code: Any) -> str | None:
-    # A category travels as the index of its value; anything else (NaN for a
-    # missing value) is written as null.
+    # A category travels as the index of its value (or as the value itself,
+    # to a model fed by columns); NaN, a missing value, is written as null.
+    if isinstance(code, str):
+        return code
     if isinstance(code, float) and (math.isnan(code) or not code.is_integer()):
         return None
     index = int(code)

@@ -85,14 +85,27 @@ class PayloadWriter:
     def _write_buffered(self) -> None:
         buffer = self._buffer
         taken = [buffer.popleft() for _ in range(len(buffer))]
-        if not taken:
+        lines: list[bytes] = []
+        encoded = 0
+        for captured in taken:
+            try:
+                lines += event_lines(captured)
+            except Exception as exc:
+                # Inputs the events cannot describe: that request alone is lost.
+                self._lose(1, exc)
+            else:
+                encoded += 1
+        if not lines:
             return
         try:
-            self.files.write([line for captured in taken for line in event_lines(captured)])
-        except Exception as exc:
-            if self._lost == 0:
-                log.error(
-                    f"payload log: {len(taken)} requests not written: {type(exc).__name__}: {exc}",
-                    extra={"fields": {"directory": str(self.files.directory)}},
-                )
-            self._lost += len(taken)
+            self.files.write(lines)
+        except OSError as exc:
+            self._lose(encoded, exc)
+
+    def _lose(self, requests: int, exc: Exception) -> None:
+        if self._lost == 0:
+            log.error(
+                f"payload log: requests not written: {type(exc).__name__}: {exc}",
+                extra={"fields": {"directory": str(self.files.directory)}},
+            )
+        self._lost += requests

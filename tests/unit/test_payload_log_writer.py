@@ -173,3 +173,19 @@ def test_drops_reach_the_shared_counter() -> None:
     before = PAYLOAD_LOG_DROPPED._value.get()
     drop_counter()(3)
     assert PAYLOAD_LOG_DROPPED._value.get() == before + 3
+
+
+def test_a_request_the_events_cannot_describe_is_lost_alone(
+    tmp_path: Path, manifest: Manifest
+) -> None:
+    counted: list[int] = []
+    writer = PayloadWriter(RotatingFiles(tmp_path, max_bytes=1 << 20, keep_files=1), counted.append)
+    writer.submit(captured(manifest, "before"))
+    writer.submit(Captured("odd", "/predict", 0.0, manifest, (1.0, 2.0), [0.2, 0.3, 0.5]))
+    writer.submit(captured(manifest, "after"))
+    writer.start()
+    writer.close()
+    writer.submit(captured(manifest, "next"))  # the loss is reported from the request path
+    lines = b"".join(f.path.read_bytes() for f in log_files(tmp_path)).splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["before", "after"]
+    assert counted == [1]
