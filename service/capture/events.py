@@ -33,8 +33,9 @@ class Captured:
     """One sampled request: what the model saw and what it answered."""
 
     request_id: str
-    # The route's path template (/predict, /predict/batch, /v2/models/{model_name}/infer).
-    route: str
+    # The CloudEvents source: the path the request was sent to (/predict,
+    # /v2/models/iris/infer); a route matched it, so it names the served model.
+    source: str
     # Seconds since the epoch, when the answer was computed.
     time: float
     manifest: Manifest
@@ -108,7 +109,7 @@ def event_lines(captured: Captured) -> list[bytes]:
         event = {
             "specversion": SPEC_VERSION,
             "id": event_id(captured.request_id, index, len(rows)),
-            "source": captured.route,
+            "source": captured.source,
             "type": EVENT_TYPE,
             "time": moment,
             "datacontenttype": CONTENT_TYPE,

@@ -40,7 +40,7 @@ class PayloadLog:
         self.writer.submit(
             Captured(
                 request_id_of(scope) or "",
-                scope["route"].path,
+                scope["path"],
                 time.time(),
                 pipeline.predictor.manifest,
                 inputs,

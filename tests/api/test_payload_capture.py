@@ -125,7 +125,7 @@ def test_v2_infer_writes_an_event_per_row_json_and_binary(
     ]
     answered = read_response(two.content, two.headers.get(HEADER_LENGTH))["outputs"]
     for event, row in zip(events, [ROWS[0], ROWS[0], ROWS[1]], strict=True):
-        assert_cloud_event(event, "/v2/models/{model_name}/infer")
+        assert_cloud_event(event, INFER)
         # The float32 values the model saw.
         assert list(event["data"]["inputs"].values()) == row.tolist()
     for event, expected in zip(events[1:], answered["probabilities"], strict=True):
