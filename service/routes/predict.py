@@ -34,8 +34,9 @@ async def predict(request: FastRequest) -> FastResponse:
     codec = predict_codec(pipeline)
     row = codec.decode_one(request.body)
     outputs = await pipeline.run_row(row)
+    answer = FastResponse(codec.encode_one(outputs))
     capture_payload(request, pipeline, row, outputs)
-    return FastResponse(codec.encode_one(outputs))
+    return answer
 
 
 async def predict_batch(request: FastRequest) -> FastResponse:
@@ -43,8 +44,9 @@ async def predict_batch(request: FastRequest) -> FastResponse:
     codec = predict_codec(pipeline)
     rows = codec.decode_batch(request.body)
     outputs = await pipeline.run(rows)
+    answer = FastResponse(codec.encode_batch(outputs))
     capture_payload(request, pipeline, rows, outputs)
-    return FastResponse(codec.encode_batch(outputs))
+    return answer
 
 
 def _documenter(request_model: str, response_model: str, unloaded: type[BaseModel]) -> Documenter:

@@ -119,9 +119,10 @@ async def infer(request: FastRequest) -> FastResponse:
         outputs = await pipeline.run_row(parsed.one_row, MATRIX_DTYPE)
     else:
         outputs = await pipeline.run(parsed.rows)
-    rows = parsed.rows if parsed.one_row is None else parsed.one_row
-    capture_payload(request, pipeline, rows, outputs)
     body, header_length = model.codec.encode(parsed, outputs)
+    capture_payload(
+        request, pipeline, parsed.rows if parsed.one_row is None else parsed.one_row, outputs
+    )
     if header_length is None:
         return FastResponse(body)
     return FastResponse(
