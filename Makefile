@@ -24,7 +24,8 @@ RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
 
 .PHONY: help install train package bundle rules serve shadow shadow-off promote test test-fast test-deploy bench lint schema docs \
-	system-deps checkov oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk
+	system-deps checkov oip-spec uv locks clean api-key api-key-revoke client generator kserve-sdk \
+	monitoring-tools drift-report
 
 help:
 	@echo "make serve    install, train the default bundle if none exists, serve on 127.0.0.1:8000"
@@ -34,6 +35,7 @@ help:
 	@echo "make train    DATASET=iris|wine|breast_cancer|diabetes MODEL_NAME=... VERSION=x.y.z TRAIN_ARGS=..."
 	@echo "make package  MODEL_FILE=model.joblib|.pkl|.skops NAME=... VERSION=x.y.z [REFERENCE_DATA=ref.csv TARGET=col FEATURES=a,b,c PACKAGE_ARGS=...]"
 	@echo "make rules    MODEL_NAME=... RULES_FILE=path: Prometheus drift rules (PSI per feature, alerts) from the bundle's manifest"
+	@echo "make drift-report REFERENCE_DATA=ref.csv PAYLOADS=dir: HTML drift report of captured payloads (Evidently)"
 	@echo "make bench    req/s, p50/p99 against in-run baselines (wrk); BENCH_ARGS=--baseline-commit REV"
 	@echo "make e2e      container tier: image, compose stack, nginx, Prometheus"
 	@echo "make lint     ruff and mypy"
@@ -110,12 +112,14 @@ api-key-revoke:
 	@test -n "$(NAME)" || { echo "usage: make api-key-revoke NAME=<key id> [ARGS=--allow-empty]" >&2; exit 2; }
 	@$(PYTHON) -m service.auth.keys --file "$(API_KEYS_FILE)" revoke "$(NAME)" $(ARGS)
 
-# Prometheus (and promtool), nginx and its njs module (the proxy tests) and
-# libgomp1 (LightGBM) from Debian's archive.
+# Prometheus (and promtool), nginx and its njs module (the proxy tests),
+# libgomp1 (LightGBM) and Chromium (the drift report's rendering test) from
+# Debian's archive.
 NJS_MODULE := /usr/lib/nginx/modules/ngx_http_js_module.so
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null \
 		&& command -v prometheus-alertmanager >/dev/null \
+		&& command -v chromium >/dev/null \
 		&& test -e $(NJS_MODULE) && /sbin/ldconfig -p | grep -q libgomp.so.1 \
 		|| tests/support/install-system-deps.sh
 
@@ -170,6 +174,28 @@ $(KSERVE_VENV)/.installed: tests/process/kserve.lock
 
 kserve-sdk: $(KSERVE_VENV)/.installed
 
+# Evidently (make drift-report) in a virtualenv of its own, as checkov: the
+# `monitoring` extra, locked on its own (requirements-monitoring.lock), since
+# it needs pandas 2 where the service pins 3.
+MONITORING_VENV := $(TOOLS)/monitoring
+
+$(MONITORING_VENV)/.installed: requirements-monitoring.lock
+	$(PYTHON) -m venv $(MONITORING_VENV)
+	$(MONITORING_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-monitoring.lock
+	touch $@
+
+monitoring-tools: $(MONITORING_VENV)/.installed
+
+# Captured payloads (PAYLOAD_LOG_DIR's files) against the reference CSV the
+# model was packaged with: an HTML report, one line per feature on stdout.
+PAYLOADS ?=
+REPORT ?= drift-report.html
+
+drift-report: monitoring-tools
+	@test -n "$(REFERENCE_DATA)" -a -n "$(PAYLOADS)" || { echo "usage: make drift-report REFERENCE_DATA=ref.csv PAYLOADS=dir [REPORT=drift-report.html]" >&2; exit 2; }
+	@$(MONITORING_VENV)/bin/python -m service.monitoring.drift_report \
+		--reference "$(REFERENCE_DATA)" --payloads "$(PAYLOADS)" --output "$(REPORT)"
+
 # deploy/kubernetes validated offline: kustomize render, Kubernetes schemas, checkov.
 test-deploy: install checkov
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/python -m pytest tests/deploy
@@ -192,8 +218,9 @@ $(OIP_SPEC): tests/support/mlserver.lock | $(BIN)/.installed
 
 oip-spec: $(OIP_SPEC)
 
-test: install system-deps bundle checkov oip-spec generator kserve-sdk
+test: install system-deps bundle checkov oip-spec generator kserve-sdk monitoring-tools
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov OIP_SPEC=$(OIP_SPEC) \
+		MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
 		$(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
 
 test-fast: install
@@ -229,6 +256,7 @@ locks: $(UV)
 	$(LOCK_COMPILE) --extra serve --extra train -o requirements.lock
 	$(LOCK_COMPILE) --extra serve -c requirements.lock -o requirements-serve.lock
 	$(LOCK_COMPILE) --extra dev -c requirements.lock -o requirements-dev.lock
+	$(LOCK_COMPILE) --extra monitoring -o requirements-monitoring.lock
 
 schema: install
 	$(BIN)/python -m service.manifest > training/manifest.schema.json

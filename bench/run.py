@@ -45,6 +45,8 @@ AUTH_ONLY = "ml-api-auth-only"  # attributes the difference between the two
 # scored in every worker: what shadow scoring costs the served version.
 SHADOW = "ml-api-production-shadow"
 SHADOW_VERSION = "1.0.1"
+# Production with payload capture on: every request, and one in a hundred.
+CAPTURE_ALL, CAPTURE_1PCT = "ml-api-capture-all", "ml-api-capture-1pct"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class ServerSpec:
     source: Path = REPO
     # Serve the bench's bundle with a retrained candidate in its shadow.
     shadow: bool = False
+    # PAYLOAD_SAMPLE, into a directory of the bench's work tree; None: capture off.
+    payload_sample: float | None = None
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -70,6 +74,8 @@ SERVERS: dict[str, ServerSpec] = {
     BOTH_OFF: ServerSpec(env={"METRICS_ENABLED": "false"}),
     AUTH_ONLY: ServerSpec(env={"METRICS_ENABLED": "false"}, api_key=True),
     SHADOW: ServerSpec(api_key=True, shadow=True),
+    CAPTURE_ALL: ServerSpec(api_key=True, payload_sample=1.0),
+    CAPTURE_1PCT: ServerSpec(api_key=True, payload_sample=0.01),
 }
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
@@ -229,6 +235,19 @@ def with_baseline(
     return specs
 
 
+def payload_env(work: Path, name: str, sample: float | None) -> dict[str, str]:
+    """Capture on disk, as a deployment's volume would be, bounded to 4 x 16 MB
+    finished files a server (at full speed every request fills them in minutes)."""
+    if sample is None:
+        return {"PAYLOAD_SAMPLE": "0"}
+    return {
+        "PAYLOAD_SAMPLE": str(sample),
+        "PAYLOAD_LOG_DIR": str(work / f"{file_name(name)}-payloads"),
+        "PAYLOAD_LOG_MAX_MB": "16",
+        "PAYLOAD_LOG_FILES": "4",
+    }
+
+
 @dataclass(frozen=True)
 class Launch:
     command: list[str]
@@ -253,6 +272,7 @@ def launch(
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir(work, name)),
         # The bench's own bundle: its pickle may load (the sklearn server needs it).
         "TRUSTED_MODEL_SHA256": hashlib.sha256((bundle / "model.joblib").read_bytes()).hexdigest(),
+        **payload_env(work, name, spec.payload_sample),
         **spec.env,
     }
     if spec.shadow:
@@ -797,6 +817,10 @@ def full(args: argparse.Namespace) -> int:
         "production (metrics + API keys) >= 0.9x both off": [
             round(results[PRODUCTION]["rps"] / results[BOTH_OFF]["rps"], 3),
             results[PRODUCTION]["rps"] >= 0.9 * results[BOTH_OFF]["rps"],
+        ],
+        "payload capture at 1% costs <= 5% of req/s": [
+            round(1 - results[CAPTURE_1PCT]["rps"] / results[PRODUCTION]["rps"], 3),
+            results[CAPTURE_1PCT]["rps"] >= 0.95 * results[PRODUCTION]["rps"],
         ],
         "sklearn (micro-batched) >= 10x article": [
             round(results[SKLEARN]["rps"] / article, 1),

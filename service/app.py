@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from service.auth.keyfile import KeyFileError
 from service.auth.middleware import CHECK_INTERVAL_SECONDS, ApiKeyMiddleware, KeyStore
 from service.bundle import BundleError
+from service.capture.hook import start_payload_log, stop_payload_log
 from service.compression import RequestDecompressionMiddleware
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
@@ -229,6 +230,11 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         load_keys(keys)
+        try:
+            payload_log = start_payload_log(settings)
+        except RuntimeError as exc:
+            log.critical(str(exc))
+            raise StartupRefusedError(str(exc)) from None
         tasks: list[asyncio.Task[None]] = []
         if keys.enabled:
             tasks.append(asyncio.create_task(watch_keys(keys)))
@@ -256,6 +262,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         if pipeline is not None and pipeline.predictor.batcher is not None:
             await pipeline.predictor.batcher.stop()
         api.state.pipeline = None
+        stop_payload_log(payload_log)
         flush_access_logs()
 
     docs = settings.docs != "off"

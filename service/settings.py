@@ -242,8 +242,42 @@ class ServiceSettings(_AuthSettings):
         "(`protected`), or not served (`off`).",
     )
 
+    # Payload capture (service.capture): off unless both are set.
+    payload_log_dir: Path | None = Field(
+        default=None,
+        description="Where sampled requests and their answers are written, as CloudEvents "
+        "JSON lines (`payloads-<host>-<pid>-<n>.jsonl`, one file open per worker). "
+        "Needed when `PAYLOAD_SAMPLE` is above 0.",
+    )
+    payload_sample: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of prediction requests captured (`/predict`, each row of "
+        "`/predict/batch` and of V2 inference); `0`: capture off.",
+    )
+    payload_log_max_mb: float = Field(
+        default=100,
+        gt=0,
+        le=1024 * 1024,
+        description="A worker starts its next payload file once the current one would "
+        "pass this size.",
+    )
+    payload_log_files: int = Field(
+        default=10,
+        ge=0,
+        le=100_000,
+        description="Finished payload files kept per host (besides each live worker's "
+        "open one); the oldest are deleted at each rotation.",
+    )
+
     @field_validator(
-        "model_version", "shadow_model_version", "backend", "micro_batching", mode="before"
+        "model_version",
+        "shadow_model_version",
+        "backend",
+        "micro_batching",
+        "payload_log_dir",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -280,6 +314,12 @@ class ServiceSettings(_AuthSettings):
                     f"TRUSTED_DIGESTS_FILE {self.trusted_digests_file} is inside MODEL_DIR: "
                     "whoever writes bundles could vouch for them"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _payload_log_needs_a_directory(self) -> Self:
+        if self.payload_sample > 0 and self.payload_log_dir is None:
+            raise ValueError("PAYLOAD_SAMPLE is above 0 but PAYLOAD_LOG_DIR is not set")
         return self
 
     def trusted_model_digests(self) -> frozenset[str]:

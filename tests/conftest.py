@@ -32,6 +32,10 @@ AMBIENT_SETTINGS = (
     "API_KEYS_FILE",
     "AUTH",
     "DOCS",
+    "PAYLOAD_LOG_DIR",
+    "PAYLOAD_SAMPLE",
+    "PAYLOAD_LOG_MAX_MB",
+    "PAYLOAD_LOG_FILES",
 )
 
 

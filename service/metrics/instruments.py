@@ -94,6 +94,13 @@ PREDICTIONS = Counter(
     ["model", "version", "class"],
     registry=None,
 )
+# Written through (exact): a capture that silently loses requests would skew
+# whatever is computed from the files.
+PAYLOAD_LOG_DROPPED = Counter(
+    "payload_log_dropped",
+    "Sampled requests the payload log did not write: its buffer was full, or the disk refused.",
+    registry=None,
+)
 MODEL_INFO = Gauge(
     "model_info",
     "The model bundle a live worker serves (value 1).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from service.capture.hook import capture_payload
 from service.fastpath import JSON_BODY, Documenter, FastRequest, FastResponse, FastRoute
 from service.openapi import Errors, request_body, responses, schema_ref
 from service.predict_codec import predict_codec
@@ -32,14 +33,20 @@ async def predict(request: FastRequest) -> FastResponse:
     pipeline = request.require_pipeline()
     codec = predict_codec(pipeline)
     row = codec.decode_one(request.body)
-    return FastResponse(codec.encode_one(await pipeline.run_row(row)))
+    outputs = await pipeline.run_row(row)
+    answer = FastResponse(codec.encode_one(outputs))
+    capture_payload(request, pipeline, row, outputs)
+    return answer
 
 
 async def predict_batch(request: FastRequest) -> FastResponse:
     pipeline = request.require_pipeline()
     codec = predict_codec(pipeline)
     rows = codec.decode_batch(request.body)
-    return FastResponse(codec.encode_batch(await pipeline.run(rows)))
+    outputs = await pipeline.run(rows)
+    answer = FastResponse(codec.encode_batch(outputs))
+    capture_payload(request, pipeline, rows, outputs)
+    return answer
 
 
 def _documenter(request_model: str, response_model: str, unloaded: type[BaseModel]) -> Documenter:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from service.capture.hook import capture_payload
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import request_body, responses, schema_ref
@@ -127,6 +128,9 @@ async def infer(request: FastRequest) -> FastResponse:
     else:
         outputs = await pipeline.run(parsed.rows)
     body, header_length = model.codec.encode(parsed, outputs)
+    capture_payload(
+        request, pipeline, parsed.rows if parsed.one_row is None else parsed.one_row, outputs
+    )
     if header_length is None:
         return FastResponse(body)
     return FastResponse(
