@@ -1,7 +1,9 @@
 """A captured prediction as CloudEvents 1.0 structured-mode JSON lines.
 
 Built in the writer's thread, never on the request path: the request only
-hands over references to its rows and outputs (service.capture.hook).
+hands over references to its rows and outputs (service.capture.hook). When a
+shadow candidate is scored, each row's event also carries the candidate's
+answer for it, or why there is none (`data.shadow`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from service.manifest import CategoryFeature
 
 if TYPE_CHECKING:
     from service.manifest import Manifest
+    from service.shadow.scorer import ShadowResult
 
 SPEC_VERSION = "1.0"
 EVENT_TYPE = "ml-api.prediction"
@@ -43,6 +46,8 @@ class Captured:
     inputs: Any
     # One row's probabilities, or the backend's outputs for every row.
     outputs: Any
+    # The shadow's result for these rows, when a shadow is scored.
+    shadow: ShadowResult | None = None
 
 
 def _rows(values: Any) -> list[Any]:
@@ -88,6 +93,27 @@ def _outputs(manifest: Manifest, output: Any) -> dict[str, Any]:
     }
 
 
+def _output_rows(manifest: Manifest, outputs: Any, rows: int) -> list[Any]:
+    listed = _rows(outputs)
+    if manifest.task == "regression" and len(listed) == 1 and rows > 1:
+        return [[value] for value in listed[0]]  # a regressor's (n,) outputs
+    return listed
+
+
+def _shadow(manifest: Manifest, result: ShadowResult, rows: int) -> list[dict[str, Any]]:
+    """Each row's `data.shadow`: the candidate's outputs, as `outputs` are
+    written (it has the primary's task and classes), and whether it agreed;
+    or only the state when its rows were never scored."""
+    described = {"version": result.version, "state": result.state}
+    if result.outputs is None or result.agrees is None:
+        return [described] * rows
+    outputs = _output_rows(manifest, result.outputs, rows)
+    return [
+        {**described, "agree": bool(agree), "outputs": _outputs(manifest, output)}
+        for output, agree in zip(outputs, result.agrees.tolist(), strict=True)
+    ]
+
+
 def event_id(request_id: str, row: int, rows: int) -> str:
     """The request id the answer carried in X-Request-ID; a request of several
     rows has an event per row, and CloudEvents needs each (source, id) pair
@@ -99,13 +125,20 @@ def event_lines(captured: Captured) -> list[bytes]:
     """One JSON line per row of the request, each with its newline."""
     manifest = captured.manifest
     rows = _rows(captured.inputs)
-    outputs = _rows(captured.outputs)
-    if manifest.task == "regression" and len(outputs) == 1 and len(rows) > 1:
-        outputs = [[value] for value in outputs[0]]  # a regressor's (n,) outputs
+    outputs = _output_rows(manifest, captured.outputs, len(rows))
+    shadow = None if captured.shadow is None else _shadow(manifest, captured.shadow, len(rows))
     moment = datetime.fromtimestamp(captured.time, UTC).isoformat().replace("+00:00", "Z")
     model = {"name": manifest.name, "version": manifest.version}
     lines = []
     for index, (row, output) in enumerate(zip(rows, outputs, strict=True)):
+        data = {
+            "model": model,
+            "row": index,
+            "inputs": _inputs(manifest, row),
+            "outputs": _outputs(manifest, output),
+        }
+        if shadow is not None:
+            data["shadow"] = shadow[index]
         event = {
             "specversion": SPEC_VERSION,
             "id": event_id(captured.request_id, index, len(rows)),
@@ -115,12 +148,7 @@ def event_lines(captured: Captured) -> list[bytes]:
             "datacontenttype": CONTENT_TYPE,
             # An extension attribute: the X-Request-ID of every row's event.
             "requestid": captured.request_id,
-            "data": {
-                "model": model,
-                "row": index,
-                "inputs": _inputs(manifest, row),
-                "outputs": _outputs(manifest, output),
-            },
+            "data": data,
         }
         lines.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
     return lines

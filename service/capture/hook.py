@@ -3,10 +3,14 @@ worker's payload log behind it (started and stopped by the app's lifespan).
 
 A worker serves one app, so the log is the process's: the routes reach it
 without a field on every request. Unsampled, a request costs one random draw.
+With a shadow scored, a sampled request's capture follows its rows to the
+shadow and is handed to the writer once the shadow's result for them is back
+(service.shadow.scorer); the client never waits for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from service.fastpath import FastRequest
     from service.pipeline import PredictionPipeline
     from service.settings import ServiceSettings
+    from service.shadow.scorer import ShadowResult
 
 MIB = 1024 * 1024
 
@@ -37,16 +42,25 @@ class PayloadLog:
         if self.sample < 1.0 and random.random() >= self.sample:
             return
         scope = request.scope
-        self.writer.submit(
-            Captured(
-                request_id_of(scope) or "",
-                scope["path"],
-                time.time(),
-                pipeline.predictor.manifest,
-                inputs,
-                outputs,
-            )
+        captured = Captured(
+            request_id_of(scope) or "",
+            scope["path"],
+            time.time(),
+            pipeline.predictor.manifest,
+            inputs,
+            outputs,
         )
+        shadow = pipeline.shadow
+        if shadow is None:
+            self.writer.submit(captured)
+        else:
+            shadow.follow(outputs, self._with_shadow(captured))
+
+    def _with_shadow(self, captured: Captured) -> Callable[[ShadowResult], None]:
+        def submit(result: ShadowResult) -> None:
+            self.writer.submit(dataclasses.replace(captured, shadow=result))
+
+        return submit
 
 
 _active: PayloadLog | None = None

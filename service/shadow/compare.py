@@ -25,6 +25,8 @@ Floats = npt.NDArray[np.float64]
 class Comparison:
     agree: int
     disagree: int
+    # Per row: whether it agreed.
+    agrees: npt.NDArray[np.bool_]
     # The finite differences, one per comparable row.
     differences: Floats
     # The candidate's answers: its class index per row (classifier) or its value (regressor).
@@ -50,10 +52,12 @@ def compare(
         same = differences <= tolerance
         answers = candidate
     finite = np.isfinite(differences)
-    agree = int(np.count_nonzero(same & finite))
+    agrees = same & finite
+    agree = int(np.count_nonzero(agrees))
     return Comparison(
         agree=agree,
         disagree=int(primary.shape[0]) - agree,
+        agrees=agrees,
         differences=differences[finite],
         candidate_answers=answers,
     )

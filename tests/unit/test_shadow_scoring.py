@@ -4,6 +4,7 @@ what fits as a shadow, and the master's shadow decisions."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -27,7 +28,12 @@ from service.server.rollout_request import (
 from service.server.shadow_fit import mismatch
 from service.settings import PINNED_BUNDLE_VARIABLE, SHADOW_BUNDLE_VARIABLE, PinnedBundle
 from service.shadow.compare import compare
-from service.shadow.scorer import HANDOVER_SECONDS, ShadowCandidate, ShadowScorer
+from service.shadow.scorer import (
+    HANDOVER_SECONDS,
+    ShadowCandidate,
+    ShadowResult,
+    ShadowScorer,
+)
 from tests.support.bundles import copy_bundle
 
 # ---------------------------------------------------------- the comparison --
@@ -173,6 +179,112 @@ def test_a_call_that_outlives_the_timeout_switches_the_shadow_off_and_is_not_cou
         await asyncio.sleep(0.05)
         assert scorer.counts.agree + scorer.counts.disagree == 0
         await scorer.stop()
+
+    asyncio.run(run())
+
+
+# ------------------------------------------------- following a request --
+
+
+def test_followed_rows_get_the_candidate_s_outputs_and_agreement_per_row() -> None:
+    async def run() -> None:
+        scorer = scorer_for(Backend())
+        scorer.start()
+        results: dict[str, ShadowResult] = {}
+        scorer.submit(np.array([[0.7, 0.0], [0.2, 0.0]]), batch := np.array([[0.7, 0.3]] * 2))
+        scorer.follow(batch, functools.partial(results.__setitem__, "batch"))
+        scorer.submit([0.9, 0.0], [0.9, 0.1])  # not followed
+        scorer.submit([0.3, 0.0], single := [0.9, 0.1])
+        scorer.follow(single, functools.partial(results.__setitem__, "single"))
+        await settle(lambda: len(results) == 2)
+        await scorer.stop()
+        # Single rows are stacked first: the followed one's slice is still its own.
+        one, two = results["single"], results["batch"]
+        assert (one.version, one.state) == (two.version, two.state) == ("1.1.0", "scored")
+        assert np.allclose(one.outputs, [[0.3, 0.7]])  # type: ignore[arg-type]
+        assert np.array_equal(one.agrees, [False])  # type: ignore[arg-type]
+        assert np.allclose(two.outputs, [[0.7, 0.3], [0.2, 0.8]])  # type: ignore[arg-type]
+        assert np.array_equal(two.agrees, [True, False])  # type: ignore[arg-type]
+        assert (scorer.counts.agree, scorer.counts.disagree) == (2, 2)
+
+    asyncio.run(run())
+
+
+def test_followed_rows_the_queue_had_no_room_for_are_told_they_were_dropped() -> None:
+    async def run() -> None:
+        backend = Backend()
+        backend.gate.clear()
+        scorer = scorer_for(backend, queue_rows=4)
+        scorer.start()
+        scorer.submit(np.zeros((1, 2)), np.zeros((1, 2)))
+        await settle(lambda: backend.calls == [1])
+        results: dict[str, ShadowResult] = {}
+        scorer.submit(np.zeros((3, 2)), fits := np.zeros((3, 2)))
+        scorer.follow(fits, functools.partial(results.__setitem__, "fits"))
+        scorer.submit(np.zeros((3, 2)), beyond := np.full((3, 2), 0.5))
+        scorer.follow(beyond, functools.partial(results.__setitem__, "beyond"))
+        await asyncio.sleep(2 * HANDOVER_SECONDS)  # the hand-over's timer fires first
+        assert scorer.counts.dropped == 3
+        assert list(results) == ["beyond"]
+        assert results["beyond"].state == "dropped"
+        assert results["beyond"].outputs is None
+        backend.gate.set()
+        await settle(lambda: "fits" in results)
+        assert results["fits"].state == "scored"
+        await scorer.stop()
+
+    asyncio.run(run())
+
+
+def test_followed_rows_of_a_shadow_that_raises_or_hangs_are_told_once_it_was_switched_off() -> None:
+    async def run(raises: bool) -> list[ShadowResult]:
+        backend = Backend(raises=raises)
+        backend.gate.clear()
+        scorer = scorer_for(backend, timeout=5 if raises else 0.05)
+        scorer.start()
+        results: list[ShadowResult] = []
+        scorer.submit(np.zeros((1, 2)), in_call := np.zeros((1, 2)))
+        scorer.follow(in_call, results.append)
+        await settle(lambda: backend.calls == [1])
+        scorer.submit(np.zeros((2, 2)), queued := np.zeros((2, 2)))
+        scorer.follow(queued, results.append)
+        await asyncio.sleep(2 * HANDOVER_SECONDS)
+        if raises:
+            backend.gate.set()
+        await settle(lambda: scorer.state == "switched_off")
+        backend.gate.set()  # a hung call returns: its answer reaches no one
+        await asyncio.sleep(0.05)
+        scorer.submit(np.zeros((1, 2)), late := np.zeros((1, 2)))
+        scorer.follow(late, results.append)  # told at once: nothing will score it
+        await scorer.stop()
+        return results
+
+    for raises in (True, False):
+        results = asyncio.run(run(raises))
+        assert [r.state for r in results] == ["switched_off"] * 3
+        assert all(r.outputs is None for r in results)
+
+
+def test_followed_rows_still_waiting_when_the_worker_stops_are_told_so() -> None:
+    async def run() -> None:
+        backend = Backend()
+        backend.gate.clear()
+        scorer = scorer_for(backend)
+        scorer.start()
+        results: list[ShadowResult] = []
+        scorer.submit(np.zeros((1, 2)), in_call := np.zeros((1, 2)))
+        scorer.follow(in_call, results.append)
+        await settle(lambda: backend.calls == [1])
+        scorer.submit(np.zeros((1, 2)), queued := np.zeros((1, 2)))
+        scorer.follow(queued, results.append)
+        await asyncio.sleep(2 * HANDOVER_SECONDS)
+        scorer.submit(np.zeros((1, 2)), pending := np.zeros((1, 2)))
+        scorer.follow(pending, results.append)
+        await scorer.stop()
+        assert [r.state for r in results] == ["stopped"] * 3
+        backend.gate.set()
+        await asyncio.sleep(0.05)
+        assert len(results) == 3
 
     asyncio.run(run())
 
