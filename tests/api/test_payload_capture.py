@@ -4,7 +4,6 @@ what it answered; never a header or a key."""
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,9 @@ from service.auth import keyfile
 from service.settings import ServiceSettings
 from tests.api.conftest import ClientFactory
 from tests.support.bundles import SETOSA, VIRGINICA
-from tests.support.capture import capturing_settings
+from tests.support.capture import capturing_settings, read_events
 from tests.support.user_models import MIXED_NAME, package_mixed_regressor
 from tests.support.v2 import HEADER_LENGTH, INFER, ROWS, binary_request, json_request, read_response
-
-
-def read_events(directory: Path) -> list[dict[str, Any]]:
-    lines = []
-    for path in sorted(directory.glob("payloads-*.jsonl")):
-        lines += path.read_bytes().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def assert_cloud_event(event: dict[str, Any], route: str) -> None:

@@ -3,33 +3,14 @@ metadata naming the candidate and its agreement so far."""
 
 from __future__ import annotations
 
-import hashlib
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from service.settings import PinnedBundle
 from tests.api.conftest import ClientFactory
-from tests.support.bundles import SETOSA, VIRGINICA, copy_bundle
-
-
-def shadow_pin(model_dir: Path, version: str) -> PinnedBundle:
-    bundle = copy_bundle(model_dir / "iris" / "1.0.0", model_dir, version=version)
-    digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-    return PinnedBundle(path=bundle, version=version, manifest_sha256=digest)
-
-
-def shadow_after(client: TestClient, rows: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        shadow: dict[str, Any] = client.get("/model-info").json()["shadow"]
-        counted = shadow["rows"]["agree"] + shadow["rows"]["disagree"]
-        if counted >= rows or time.monotonic() > deadline:
-            return shadow
-        time.sleep(0.02)
+from tests.support.bundles import SETOSA, VIRGINICA
+from tests.support.shadow import identical_shadow_pin, shadow_after
 
 
 @pytest.mark.parametrize(
@@ -40,7 +21,7 @@ def test_an_identical_shadow_leaves_answers_alone_and_reports_full_agreement(
 ) -> None:
     # A version of its own per case: the test process's metric files are shared.
     version = "1.0.7" if metrics_enabled else "1.0.8"
-    pin = shadow_pin(model_dir, version)
+    pin = identical_shadow_pin(model_dir, version)
     settings = {"model_version": "1.0.0", "metrics_enabled": metrics_enabled}
     with make_client(shadow_bundle=pin, **settings) as client:
         single = client.post("/predict", json=SETOSA)

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
-from service.backends.onnx import OnnxBackend
-from service.bundle import verify_bundle
 from tests.support.bundles import REPO, copy_bundle, rewrite_file, train_bundle, trusting
 from tests.support.scrape import parse_samples, sample
 from tests.support.servers import Gunicorn, running_gunicorn, wait_for
+from tests.support.shadow import disagreements_offline, random_rows, train_retrained
 from tests.support.shadow_models import Fault, make_faulty
 from tests.support.traffic import Traffic
 
@@ -42,20 +40,6 @@ def shadow_counts(server: Gunicorn, shadow: str) -> dict[str, float]:
     }
 
 
-def random_rows(bundle: Path, count: int, seed: int) -> list[dict[str, float]]:
-    """Rows across the training range of every feature, as a client would send them."""
-    manifest = verify_bundle(bundle).manifest
-    rng = np.random.default_rng(seed)
-    rows: list[dict[str, float]] = [{} for _ in range(count)]
-    for feature in manifest.features:
-        low, high = getattr(feature, "training_min", None), getattr(feature, "training_max", None)
-        assert low is not None
-        assert high is not None
-        for row, value in zip(rows, rng.uniform(low, high, count).round(2), strict=True):
-            row[feature.name] = float(value)
-    return rows
-
-
 def send_rows(server: Gunicorn, rows: list[dict[str, float]]) -> None:
     """Half one per /predict request, the rest in /predict/batch requests of 25."""
     half = len(rows) // 2
@@ -65,18 +49,6 @@ def send_rows(server: Gunicorn, rows: list[dict[str, float]]) -> None:
         for start in range(half, len(rows), 25):
             batch = {"instances": rows[start : start + 25]}
             client.post("/predict/batch", json=batch).raise_for_status()
-
-
-def disagreements_offline(served: Path, candidate: Path, rows: list[dict[str, float]]) -> int:
-    """The rows where the two bundles' ONNX models pick different classes."""
-    classes = []
-    for bundle in (served, candidate):
-        verified = verify_bundle(bundle)
-        backend = OnnxBackend(verified.files["model.onnx"], verified.manifest)
-        names = verified.manifest.feature_names
-        matrix = np.array([[row[name] for name in names] for row in rows], dtype=np.float64)
-        classes.append(np.asarray(backend.predict(matrix)).argmax(axis=1))
-    return int(np.count_nonzero(classes[0] != classes[1]))
 
 
 def scored(server: Gunicorn, shadow: str, rows: int) -> bool:
@@ -111,21 +83,7 @@ def test_an_identical_candidate_agrees_on_every_row(
 def test_a_retrained_candidate_disagrees_exactly_where_it_does_offline(
     model_dir: Path, bundle_path: Path, tmp_path: Path
 ) -> None:
-    other = train_bundle(
-        tmp_path / "retrained",
-        "--version",
-        "1.1.0",
-        "--random-state",
-        "7",
-        "--test-size",
-        "0.5",
-        "--n-estimators",
-        "3",
-        "--max-depth",
-        "2",
-        "--min-accuracy",
-        "0.5",
-    )
+    other = train_retrained(tmp_path / "retrained", "1.1.0")
     candidate = copy_bundle(other, model_dir)
     rows = random_rows(bundle_path, 400, seed=2)
     expected = disagreements_offline(bundle_path, candidate, rows)

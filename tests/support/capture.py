@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +21,11 @@ def capturing_settings(model_dir: Path, payloads: Path, **overrides: Any) -> Ser
         api_keys_file=payloads.parent / "no-api-keys",
         **overrides,
     )
+
+
+def read_events(directory: Path) -> list[dict[str, Any]]:
+    """Every event in the directory's payload files, file by file."""
+    lines = []
+    for path in sorted(directory.glob("payloads-*.jsonl")):
+        lines += path.read_bytes().splitlines()
+    return [json.loads(line) for line in lines]

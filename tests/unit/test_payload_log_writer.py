@@ -4,6 +4,7 @@ and an event holds the CloudEvents attributes and the prediction, nothing else."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from service.capture.events import Captured, event_lines
 from service.capture.files import RotatingFiles, host_name, log_files
 from service.capture.writer import PayloadWriter
 from service.manifest import Manifest
+from service.shadow.scorer import ResultState, ShadowResult
 
 LINE = b'{"line": "' + b"x" * 87 + b'"}\n'  # 100 bytes
 
@@ -147,6 +149,48 @@ def test_an_event_holds_the_cloud_event_and_the_prediction_only(manifest: Manife
             },
         },
     }
+
+
+def test_each_row_s_event_carries_the_shadow_s_answer_for_it(manifest: Manifest) -> None:
+    names = manifest.classes or []
+    candidate = np.array([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7]], dtype=np.float32)
+    result = ShadowResult("1.1.0", "scored", candidate, np.array([True, False]))
+    record = dataclasses.replace(captured(manifest, "abc", rows=2), shadow=result)
+    events = [json.loads(line) for line in event_lines(record)]
+    assert [e["data"]["shadow"] for e in events] == [
+        {
+            "version": "1.1.0",
+            "state": "scored",
+            "agree": True,
+            "outputs": events[0]["data"]["outputs"],
+        },
+        {
+            "version": "1.1.0",
+            "state": "scored",
+            "agree": False,
+            "outputs": {
+                "predicted_class": 2,
+                "predicted_class_name": names[2],
+                "probabilities": dict(zip(names, [0.1, 0.2, 0.7], strict=True)),
+            },
+        },
+    ]
+
+
+@pytest.mark.parametrize("state", ["dropped", "switched_off", "stopped"])
+def test_rows_the_shadow_never_scored_say_why_in_every_event(
+    manifest: Manifest, state: ResultState
+) -> None:
+    record = dataclasses.replace(
+        captured(manifest, "abc", rows=2), shadow=ShadowResult("1.1.0", state)
+    )
+    events = [json.loads(line) for line in event_lines(record)]
+    assert [e["data"]["shadow"] for e in events] == [{"version": "1.1.0", "state": state}] * 2
+
+
+def test_without_a_shadow_an_event_has_no_shadow_field(manifest: Manifest) -> None:
+    (line,) = event_lines(captured(manifest))
+    assert "shadow" not in json.loads(line)["data"]
 
 
 def test_every_row_of_a_request_is_an_event_of_its_own(manifest: Manifest) -> None:
