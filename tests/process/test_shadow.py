@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.support.bundles import REPO, copy_bundle, rewrite_file, train_bundle, trusting
+from tests.support.capture import read_events
 from tests.support.scrape import parse_samples, sample
 from tests.support.servers import Gunicorn, running_gunicorn, wait_for
 from tests.support.shadow import disagreements_offline, random_rows, train_retrained
@@ -87,7 +88,13 @@ def test_a_retrained_candidate_disagrees_exactly_where_it_does_offline(
     candidate = copy_bundle(other, model_dir)
     rows = random_rows(bundle_path, 400, seed=2)
     expected = disagreements_offline(bundle_path, candidate, rows)
-    env = {**SERVED, "SHADOW_MODEL_VERSION": "1.1.0"}
+    payloads = tmp_path / "payloads"
+    env = {
+        **SERVED,
+        "SHADOW_MODEL_VERSION": "1.1.0",
+        "PAYLOAD_LOG_DIR": str(payloads),
+        "PAYLOAD_SAMPLE": "1.0",
+    }
     with running_gunicorn(model_dir, tmp_path / "logs", env=env) as server:
         send_rows(server, rows)
         wait_for(lambda: scored(server, "1.1.0", len(rows)), 30, what="every row scored")
@@ -98,6 +105,12 @@ def test_a_retrained_candidate_disagrees_exactly_where_it_does_offline(
     assert counts["disagree"] == expected
     assert counts["agree"] == len(rows) - expected
     assert info["shadow"]["agreement"] == pytest.approx((len(rows) - expected) / len(rows))
+    # Every row's captured event, written by whichever worker answered it, carries
+    # the shadow's answer: its disagreements are the same rows'.
+    shadows = [event["data"]["shadow"] for event in read_events(payloads)]
+    assert len(shadows) == len(rows)
+    assert {(s["version"], s["state"]) for s in shadows} == {("1.1.0", "scored")}
+    assert sum(not s["agree"] for s in shadows) == expected
 
 
 def faulty_candidate(model_dir: Path, tmp_path: Path, fault: Fault) -> dict[str, str]:
