@@ -67,9 +67,9 @@ class ShadowResult:
 
 
 class _Follower:
-    """A callback called at most once: a result can reach a follower twice
-    (a call that hung past the timeout, then returned), and only the first counts.
-    Only the event loop's thread calls it."""
+    """A callback called at most once: the rows of a call can be told twice (the
+    watchdog gave up on the call as it returned; the worker stopped after it
+    returned), and only the first counts. Only the event loop's thread calls it."""
 
     __slots__ = ("_callback",)
 
