@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,13 @@ def faulty_candidate(model_dir: Path, tmp_path: Path, fault: Fault) -> dict[str,
 def test_a_candidate_that_raises_or_hangs_is_switched_off_and_the_primary_never_fails(
     model_dir: Path, tmp_path: Path, fault: Fault, counted: str, reason: str
 ) -> None:
+    payloads = tmp_path / "payloads"
     env = {
         **SERVED,
         "SHADOW_MODEL_VERSION": "1.1.0",
         **faulty_candidate(model_dir, tmp_path, fault),
+        "PAYLOAD_LOG_DIR": str(payloads),
+        "PAYLOAD_SAMPLE": "1.0",
     }
     with running_gunicorn(model_dir, tmp_path / "logs", env=env) as server:
         with Traffic(server.url) as traffic:
@@ -157,6 +161,11 @@ def test_a_candidate_that_raises_or_hangs_is_switched_off_and_the_primary_never_
     assert info["shadow"]["state"] == "switched_off"
     assert reason in info["shadow"]["reason"]
     assert info["shadow"]["workers_scoring"] == 0
+    # Every answer is captured, those of rows the broken shadow held too.
+    states = Counter(event["data"]["shadow"]["state"] for event in read_events(payloads))
+    assert sum(states.values()) == len(traffic.versions)
+    assert set(states) <= {"scored", "switched_off"}
+    assert states["switched_off"] > 0
 
 
 def make_verb(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
