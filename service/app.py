@@ -37,6 +37,7 @@ from service.routes import health, model_info
 from service.routes.public import OpenPaths, open_paths
 from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
+from service.shedding import LoadSheddingMiddleware
 
 if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
@@ -171,16 +172,21 @@ def keys_file_gauge() -> Callable[[bool], None]:
 class MlApi:
     """The ASGI application Gunicorn serves.
 
-    Request context (id, access log, HTTP metrics), API keys, the body
-    limit, request decompression and the fast path (the prediction and Open
-    Inference Protocol routes of service.routes.table) wrap the FastAPI app
-    from outside, so a prediction
+    Request context (id, access log, HTTP metrics), load shedding, API keys,
+    the body limit, request decompression and the fast path (the prediction
+    and Open Inference Protocol routes of service.routes.table) wrap the
+    FastAPI app from outside, so a prediction
     skips FastAPI's per-request machinery entirely; every other route, and
     the lifespan, is FastAPI's.
     """
 
     def __init__(
-        self, api: FastAPI, settings: ServiceSettings, keys: KeyStore, open_paths: OpenPaths
+        self,
+        api: FastAPI,
+        settings: ServiceSettings,
+        keys: KeyStore,
+        open_paths: OpenPaths,
+        probe_paths: OpenPaths,
     ) -> None:
         self.api = api
         self.open_paths = open_paths
@@ -194,8 +200,12 @@ class MlApi:
         inflated = RequestDecompressionMiddleware(fast_path, max_bytes=settings.max_request_bytes)
         limited = BodySizeLimitMiddleware(inflated, max_bytes=settings.max_request_bytes)
         authenticated = ApiKeyMiddleware(limited, keys, open_paths)
+        # Before the key check (a refusal costs less than a key's hash) and
+        # after the request context (a refusal is logged and counted). What
+        # probes and Prometheus call is answered even past the bound.
+        bounded = LoadSheddingMiddleware(authenticated, settings.max_concurrency, probe_paths)
         self._asgi = RequestContextMiddleware(
-            authenticated, AccessLog(settings.log_level), metrics=http_metrics
+            bounded, AccessLog(settings.log_level), metrics=http_metrics
         )
 
     @property
@@ -289,4 +299,6 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         return build_openapi(api, FAST_ROUTES, opened.__contains__, keys.enabled)
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return MlApi(api, settings, keys, opened)
+    # Health and /metrics: what probes and Prometheus call, cheap and few.
+    probed = open_paths(api, routers, FAST_ROUTES, docs_public=False)
+    return MlApi(api, settings, keys, opened, probed)

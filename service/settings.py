@@ -129,6 +129,18 @@ class ServiceSettings(_AuthSettings):
         le=1024 * MIB,
         description="Larger bodies get 413, refused before they are read whole.",
     )
+    # A worker answers ~2,000-4,000 single rows/s here, so 256 ahead is ~0.1 s
+    # of queue: a client waits at most that long for an answer, or gets the
+    # 503 at once. Far above what a worker holds at full speed behind nginx or
+    # under the bench (32 connections for two workers).
+    max_concurrency: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="Requests in progress per worker; a request arriving behind this many "
+        "gets 503 with `Retry-After: 1` at once (health routes and `/metrics` are always "
+        "answered).",
+    )
     log_level: LogLevel = Field(default="INFO", description="Above `INFO`, no access log.")
     # Off only to measure what metrics cost (make bench); /metrics then 404s.
     metrics_enabled: bool = Field(

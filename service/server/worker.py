@@ -41,6 +41,7 @@ from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from service.server.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
+from service.shedding import REQUESTS_AHEAD
 
 # The least a drain waits for a just-accepted connection's request, even with
 # keep-alive off (KEEPALIVE=0).
@@ -131,10 +132,31 @@ class HeldHead:
         return self.transport.is_closing()
 
 
+class RequestsInProgress:
+    """Requests this worker has received and not finished answering. Not the
+    length of uvicorn's set of request tasks: a finished task leaves that set
+    a loop turn later, so every request arriving in a turn would count all
+    those answered in the turn before."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+IN_PROGRESS = RequestsInProgress()
+
+
 class WholeResponseCycle(RequestResponseCycle):
     """uvicorn's request cycle, its head held until the body (see HeldHead)."""
 
     transport: HeldHead  # type: ignore[assignment]
+
+    async def run_asgi(self, app: Any) -> None:
+        try:
+            await super().run_asgi(app)
+        finally:
+            IN_PROGRESS.count -= 1
 
     async def send(self, message: Any) -> None:
         transport = self.transport
@@ -150,22 +172,36 @@ class WholeResponseCycle(RequestResponseCycle):
 
 
 class WholeResponseProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, every response in one write (see WholeResponseCycle)."""
+    """uvicorn's httptools protocol, every response in one write (see
+    WholeResponseCycle), each request told how many were ahead of it."""
 
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
 
     def on_headers_complete(self) -> None:
+        # The worker's requests in progress as this one arrives, for load
+        # shedding (service.shedding).
+        self.scope[REQUESTS_AHEAD] = IN_PROGRESS.count  # type: ignore[literal-required]
         previous = self.cycle
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not previous:
-            # Its task is created but has not run yet. A class switch rather
-            # than a wrapper: no per-request closure and no reference cycle.
-            cycle.__class__ = WholeResponseCycle
-            cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
-            if self.close_after_next_answer:
-                cycle.keep_alive = False
+        if self.cycle is not previous:
+            # Started at once or queued behind a pipelined request: in
+            # progress either way (see connection_lost).
+            IN_PROGRESS.count += 1
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Before its coroutine exists. A class switch rather than a wrapper:
+        # no per-request closure and no reference cycle.
+        cycle.__class__ = WholeResponseCycle
+        cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
+        if self.close_after_next_answer:
+            cycle.keep_alive = False
+        super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Pipelined requests still queued behind one in progress never start now.
+        IN_PROGRESS.count -= len(self.pipeline)
+        super().connection_lost(exc)
 
 
 class DrainingServer(Server):

@@ -62,6 +62,19 @@ def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers()
     )
     used = set(re.findall(r"self\.transport\.(\w+)", inspect.getsource(cycle_class)))
     assert used <= {name for name in dir(HeldHead) if not name.startswith("_")}
+    # Every request cycle's task is made by _start_asgi_task (the switch comes
+    # before its coroutine exists); a pipelined one waits in self.pipeline
+    # until then, and never starts once the connection is lost.
+    protocol = httptools_impl.HttpToolsProtocol
+    assert "self._start_asgi_task(self.cycle, app)" in inspect.getsource(
+        protocol.on_headers_complete
+    )
+    assert "self.pipeline.appendleft((self.cycle, app))" in inspect.getsource(
+        protocol.on_headers_complete
+    )
+    on_response = inspect.getsource(protocol.on_response_complete)
+    assert on_response.index("is_closing()") < on_response.index("self._start_asgi_task(")
+    assert "cycle.run_asgi(app)" in inspect.getsource(protocol._start_asgi_task)
     # The head is written once, on http.response.start, the body after it.
     send = inspect.getsource(cycle_class.send)
     assert send.count('self.transport.write(b"".join(content))') == 2
