@@ -294,10 +294,15 @@ class BalancedAcceptor:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.Protocol],
         load: WorkerLoad,
+        max_connections: int,
+        make_room: Callable[[], bool],
     ) -> None:
         self._sock = sock
         self._factory = protocol_factory
         self._load = load
+        self._max_connections = max_connections
+        # Closes an idle connection to admit a new one; False if none is idle.
+        self._make_room = make_room
         self._loop = asyncio.get_running_loop()
         self._deferred_since: float | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -326,10 +331,22 @@ class BalancedAcceptor:
                 continue  # the client gave up
             except OSError:
                 break  # EMFILE and friends: the next wake-up tries again
+            if self._load.held() >= self._max_connections and not self._make_room():
+                # Every connection has a request in progress: this one waits for none.
+                conn.close()
+                self._count_over_limit()
+                continue
             conn.setblocking(False)
             self._load.handshaking += 1
             self._load.publish()
             self._loop.create_task(self._attach(conn))
+
+    @staticmethod
+    def _count_over_limit() -> None:
+        # Imported on the first refusal: a worker that never refuses loads nothing.
+        from service.metrics.connections import count_closed
+
+        count_closed("over_limit")
 
     def _defer(self) -> bool:
         """Whether to leave the queue to a less-loaded sibling for now: not
