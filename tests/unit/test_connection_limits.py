@@ -15,6 +15,7 @@ from uvicorn.server import ServerState
 from service.server.worker import (
     ConnectionLimits,
     WholeResponseProtocol,
+    close_after_answer,
     close_longest_idle,
     connection_cap,
     expire_overdue,
@@ -200,3 +201,21 @@ def test_the_connection_cap_stays_below_the_descriptor_limit() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert connection_cap(10) == 10
     assert connection_cap(10**9) < soft
+
+
+def test_an_idle_connection_asked_to_close_closes_after_its_next_answer() -> None:
+    async def run() -> tuple[bytes, bytes]:
+        async with serving() as connect:
+            client_end, protocol = await connect()
+            client_end.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            first = await _answer(client_end)
+            # Idle between requests: a rebalance asks it to reconnect.
+            assert close_after_answer([protocol], 1) == 1
+            assert not protocol.transport.is_closing()
+            client_end.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            return first, await _until_closed(client_end)
+
+    first, second = asyncio.run(run())
+    assert b"connection: close" not in first
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nconnection: close\r\n" in second
