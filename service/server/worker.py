@@ -245,7 +245,7 @@ class WholeResponseProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.head_deadline = self.loop.time() + self.limits.head_timeout
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
         awaiting_head = self.head_deadline is not None
@@ -282,14 +282,21 @@ class WholeResponseProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self.body_deadline = None
         super().on_message_complete()
+        # The body's end came after an early answer (a 413, say): idle now.
+        if self.cycle is not None and self.cycle.response_complete:
+            self._await_head()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle
-        # Idle now, unless a pipelined request (its head already here) started.
-        if cycle is None or cycle.response_complete:
-            self.head_bytes = 0
-            self.head_deadline = self.loop.time() + self.limits.head_timeout
+        # Idle now, unless a pipelined request (its head already here) started
+        # or the rest of this request's body is still on its way.
+        if (cycle is None or cycle.response_complete) and self.body_deadline is None:
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self.head_bytes = 0
+        self.head_deadline = self.loop.time() + self.limits.head_timeout
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Before its coroutine exists. A class switch rather than a wrapper:

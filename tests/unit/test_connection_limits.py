@@ -43,9 +43,18 @@ class Limited(WholeResponseProtocol):
     limits = LIMITS
 
 
+async def early(scope: Any, receive: Any, send: Any) -> None:
+    """Answers without reading the body, as a refusal (413, 401) does."""
+    headers = [(b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"no"})
+
+
 @asynccontextmanager
-async def serving() -> AsyncIterator[Callable[[], Awaitable[tuple[socket.socket, Limited]]]]:
-    config = Config(app=echo, lifespan="off", log_config=None)
+async def serving(
+    app: Any = echo,
+) -> AsyncIterator[Callable[[], Awaitable[tuple[socket.socket, Limited]]]]:
+    config = Config(app=app, lifespan="off", log_config=None)
     state = ServerState()
     loop = asyncio.get_running_loop()
     opened: list[socket.socket] = []
@@ -219,3 +228,25 @@ def test_an_idle_connection_asked_to_close_closes_after_its_next_answer() -> Non
     assert b"connection: close" not in first
     assert second.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nconnection: close\r\n" in second
+
+
+def test_a_body_still_arriving_after_an_early_answer_is_timed_as_a_body_not_a_head() -> None:
+    async def run() -> None:
+        async with serving(early) as connect:
+            client_end, protocol = await connect()
+            loop = asyncio.get_running_loop()
+            head = b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 40000\r\n\r\n"
+            await loop.sock_sendall(client_end, head + b"x" * 100)
+            assert (await _answer(client_end)).startswith(b"HTTP/1.1 200 OK\r\n")
+            # More body than a head may hold: still body, not a head too large.
+            await loop.sock_sendall(client_end, b"x" * 30000)
+            await asyncio.sleep(0.05)
+            assert protocol.head_deadline is None
+            assert protocol.body_deadline is not None
+            await loop.sock_sendall(client_end, b"x" * 9900)
+            await asyncio.sleep(0.05)
+            assert protocol.body_deadline is None
+            assert protocol.head_deadline is not None
+            assert not protocol.transport.is_closing()
+
+    asyncio.run(run())
