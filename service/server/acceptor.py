@@ -331,7 +331,7 @@ class BalancedAcceptor:
                 continue  # the client gave up
             except OSError:
                 break  # EMFILE and friends: the next wake-up tries again
-            if self._load.held() >= self._max_connections and not self._make_room():
+            if self._over_limit():
                 # Every connection has a request in progress: this one waits for none.
                 conn.close()
                 self._count_over_limit()
@@ -340,6 +340,16 @@ class BalancedAcceptor:
             self._load.handshaking += 1
             self._load.publish()
             self._loop.create_task(self._attach(conn))
+
+    def _over_limit(self) -> bool:
+        held = self._load.held()
+        if held < self._max_connections or self._make_room():
+            return False
+        # Connections still handshaking have sent nothing: idle, but not yet
+        # in the set make_room chooses from. Up to a batch of them may take
+        # the cap over (connection_cap leaves room for that), so a client
+        # arriving among a flood of them is not turned away.
+        return not (self._load.handshaking and held < self._max_connections + ACCEPT_BATCH)
 
     @staticmethod
     def _count_over_limit() -> None:

@@ -50,7 +50,13 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from service.server.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
+from service.server.acceptor import (
+    ACCEPT_BATCH,
+    LEDGER_ENV,
+    BalancedAcceptor,
+    ConnectionLedger,
+    WorkerLoad,
+)
 from service.settings import ServerSettings
 from service.shedding import REQUESTS_AHEAD
 
@@ -106,7 +112,8 @@ def connection_cap(wanted: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, soft - RESERVED_FDS))
+    # The acceptor may exceed the cap by a batch of connections still handshaking.
+    return max(1, min(wanted, soft - RESERVED_FDS - ACCEPT_BATCH))
 
 
 def drain_seconds(keepalive: float, graceful_timeout: float) -> float:

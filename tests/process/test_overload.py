@@ -32,7 +32,13 @@ async def _keep_alive_rounds(port: int) -> list[Answer]:
         for _ in range(ROUNDS):
             for _, writer in streams:
                 writer.write(PREDICT)
-            answers += await asyncio.gather(*(read_answer(reader) for reader, _ in streams))
+            answered = await asyncio.gather(*(read_answer(reader) for reader, _ in streams))
+            answers += answered
+            for index, answer in enumerate(answered):
+                # A worker rebalancing asks some connections to reconnect.
+                if answer.headers.get("connection") == "close":
+                    streams[index][1].close()
+                    streams[index] = await asyncio.open_connection("127.0.0.1", port)
     finally:
         for _, writer in streams:
             writer.close()
