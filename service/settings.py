@@ -129,12 +129,13 @@ class ServiceSettings(_AuthSettings):
         le=1024 * MIB,
         description="Larger bodies get 413, refused before they are read whole.",
     )
-    # A worker answers ~2,000-4,000 single rows/s here, so 256 ahead is ~0.1 s
-    # of queue: a client waits at most that long for an answer, or gets the
-    # 503 at once. Far above what a worker holds at full speed behind nginx or
-    # under the bench (32 connections for two workers).
+    # A worker answers ~2,000-10,000 single rows/s on this project's 2-core
+    # bench machine, so 512 ahead is 0.05-0.25 s of queue. Under wrk -c1000
+    # against two workers (500 connections each) it sheds almost nothing and
+    # p99 stays ~0.1 s; at 256 it refused ~half of what the workers could
+    # answer within 0.15 s.
     max_concurrency: int = Field(
-        default=256,
+        default=512,
         ge=1,
         le=1_000_000,
         description="Requests in progress per worker; a request arriving behind this many "
