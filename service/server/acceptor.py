@@ -250,6 +250,12 @@ class WorkerLoad:
     def publish(self) -> None:
         self.ledger.publish(self.held())
 
+    def connection_left(self) -> None:
+        """Published at once, as an accept is: a count left high until the next
+        heartbeat would have siblings take a whole burst of new connections
+        (they accept while not ahead of it) against connections that are gone."""
+        self.publish()
+
     def start(self) -> None:
         self.publish()
         self.rebalance()

@@ -36,7 +36,7 @@ import os
 import resource
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -271,6 +271,9 @@ class WholeResponseProtocol(HttpToolsProtocol):
 
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
+    # Called once the connection has left the worker's set: DrainingServer
+    # publishes the worker's count then (see WorkerLoad.connection_left).
+    on_connection_lost: Callable[[], None] | None = None
 
     def on_headers_complete(self) -> None:
         self.head_deadline = None
@@ -319,6 +322,8 @@ class WholeResponseProtocol(HttpToolsProtocol):
         IN_PROGRESS.count -= len(self.pipeline)
         self.head_deadline = self.body_deadline = None
         super().connection_lost(exc)
+        if self.on_connection_lost is not None:
+            self.on_connection_lost()
 
     def expire(self, now: float) -> None:
         """Close the connection if its head or body is overdue."""
@@ -410,18 +415,21 @@ class DrainingServer(Server):
         await super().startup(sockets=[])
         config, state = self.config, self.server_state
 
-        def create_protocol() -> asyncio.Protocol:
-            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=state, app_state=self.lifespan.state
-            )
-            return protocol
-
-        self._load = WorkerLoad(
+        load = self._load = WorkerLoad(
             ConnectionLedger(Path(ledger)),
             state.connections,
             shed=lambda count: close_after_answer(state.connections, count),
         )
-        self._load.start()
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=state, app_state=self.lifespan.state
+            )
+            if isinstance(protocol, WholeResponseProtocol):
+                protocol.on_connection_lost = load.connection_left
+            return protocol
+
+        load.start()
         acceptors = [
             BalancedAcceptor(
                 sock,

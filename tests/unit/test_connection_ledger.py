@@ -221,3 +221,17 @@ def test_ahead_of_siblings_tolerates_a_lead_of_one_sixteenth(
 ) -> None:
     load = acceptor.WorkerLoad(_Ledger(least), connections=[object()] * held)  # type: ignore[arg-type]
     assert load.ahead_of_siblings() is ahead
+
+
+def test_a_connection_leaving_is_published_at_once(ledger_path: Path) -> None:
+    # Not at the next heartbeat: siblings accept while they are not ahead of
+    # this count, so a stale high one would let them take a whole burst.
+    mine = _mine(ledger_path)
+    connections = {object() for _ in range(3)}
+    load = acceptor.WorkerLoad(mine, connections)
+    load.publish()
+    connections.pop()
+    load.connection_left()
+    assert mine._offset is not None
+    _, held, _ = acceptor._SLOT.unpack_from(ledger_path.read_bytes(), mine._offset)
+    assert held == 2

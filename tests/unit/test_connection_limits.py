@@ -250,3 +250,22 @@ def test_a_body_still_arriving_after_an_early_answer_is_timed_as_a_body_not_a_he
             assert not protocol.transport.is_closing()
 
     asyncio.run(run())
+
+
+def test_a_connection_that_ends_tells_the_worker_once_it_has_left_its_set() -> None:
+    # DrainingServer publishes the worker's count to its siblings then: a
+    # count left high until the next heartbeat had a sibling take a whole
+    # burst of new connections against connections that were gone.
+    async def run() -> list[int]:
+        left: list[int] = []
+        async with serving() as connect:
+            client_end, protocol = await connect()
+            protocol.on_connection_lost = lambda: left.append(len(protocol.connections))
+            assert protocol in protocol.connections
+            client_end.close()
+            async with asyncio.timeout(10):
+                while not left:  # noqa: ASYNC110 - the protocol signals nothing else
+                    await asyncio.sleep(0.01)
+        return left
+
+    assert asyncio.run(run()) == [0]
