@@ -191,10 +191,14 @@ class MlApi:
         self.api = api
         self.open_paths = open_paths
         http_metrics = None
+        on_shed: Callable[[], None] | None = None
         if settings.metrics_enabled:
             from service.metrics.http import HttpMetrics
+            from service.metrics.instruments import MAX_CONCURRENCY, REQUESTS_SHED
 
             http_metrics = HttpMetrics()
+            MAX_CONCURRENCY.set(settings.max_concurrency)
+            on_shed = REQUESTS_SHED.inc
         fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
         # The body limit counts the bytes on the wire, decompression the bytes they inflate to.
         inflated = RequestDecompressionMiddleware(fast_path, max_bytes=settings.max_request_bytes)
@@ -203,7 +207,9 @@ class MlApi:
         # Before the key check (a refusal costs less than a key's hash) and
         # after the request context (a refusal is logged and counted). What
         # probes and Prometheus call is answered even past the bound.
-        bounded = LoadSheddingMiddleware(authenticated, settings.max_concurrency, probe_paths)
+        bounded = LoadSheddingMiddleware(
+            authenticated, settings.max_concurrency, probe_paths, on_shed
+        )
         self._asgi = RequestContextMiddleware(
             bounded, AccessLog(settings.log_level), metrics=http_metrics
         )

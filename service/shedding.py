@@ -16,11 +16,15 @@ busy worker as alive, and they are cheap and few.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Container
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import send_error
+
+if TYPE_CHECKING:
+    from service.routes.public import OpenPaths
 
 # Scope key: requests this worker had in progress when the request arrived.
 REQUESTS_AHEAD = "ml_api.requests_ahead"
@@ -28,10 +32,18 @@ RETRY_AFTER_SECONDS = 1
 
 
 class LoadSheddingMiddleware:
-    def __init__(self, app: ASGIApp, max_concurrency: int, exempt_paths: Container[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_concurrency: int,
+        exempt_paths: OpenPaths,
+        on_shed: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_concurrency = max_concurrency
         self.exempt_paths = exempt_paths
+        # Counts each refusal (ml_api_requests_shed_total), when metrics are on.
+        self.on_shed = on_shed
         # Requests inside the application, for servers that give no REQUESTS_AHEAD.
         self._inside = 0
 
@@ -58,6 +70,8 @@ class LoadSheddingMiddleware:
             self._inside -= 1
 
     def _refuse(self, scope: Scope, send: Send, in_progress: int) -> Awaitable[None]:
+        if self.on_shed is not None:
+            self.on_shed()
         return send_error(
             send,
             scope,

@@ -6,9 +6,10 @@ import asyncio
 import json
 from typing import Any
 
+from service.routes.public import OpenPaths
 from service.shedding import REQUESTS_AHEAD, LoadSheddingMiddleware
 
-EXEMPT = {"/health/live"}
+EXEMPT = OpenPaths({"/health/live"})
 
 
 class HeldApp:
@@ -96,10 +97,15 @@ def test_the_servers_count_at_arrival_decides_when_it_gives_one() -> None:
     async def run() -> None:
         inner = HeldApp()
         inner.release.set()
-        app = LoadSheddingMiddleware(inner, max_concurrency=3, exempt_paths=EXEMPT)
+        shed: list[None] = []
+        app = LoadSheddingMiddleware(
+            inner, max_concurrency=3, exempt_paths=EXEMPT, on_shed=lambda: shed.append(None)
+        )
         assert _status(await _call(app, _scope(ahead=2))) == 200
         assert _status(await _call(app, _scope(ahead=3))) == 503
         exempt = _scope("/health/live", ahead=1000)
         assert _status(await _call(app, exempt)) == 200
+        # Each refusal counted once (ml_api_requests_shed_total), nothing else.
+        assert len(shed) == 1
 
     asyncio.run(run())
