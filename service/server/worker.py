@@ -250,6 +250,12 @@ class WholeResponseProtocol(HttpToolsProtocol):
     head_bytes = 0
     body_deadline: float | None = None
 
+    # Set by close_after_answer on an idle connection: its next answer closes it.
+    close_after_next_answer = False
+    # Called once the connection has left the worker's set: DrainingServer
+    # publishes the worker's count then (see WorkerLoad.connection_left).
+    on_connection_lost: Callable[[], None] | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._await_head()
@@ -268,12 +274,6 @@ class WholeResponseProtocol(HttpToolsProtocol):
         ):
             self.refuse(431, f"request head larger than {self.limits.head_bytes} bytes")
             count_closed("head_too_large")
-
-    # Set by close_after_answer on an idle connection: its next answer closes it.
-    close_after_next_answer = False
-    # Called once the connection has left the worker's set: DrainingServer
-    # publishes the worker's count then (see WorkerLoad.connection_left).
-    on_connection_lost: Callable[[], None] | None = None
 
     def on_headers_complete(self) -> None:
         self.head_deadline = None
