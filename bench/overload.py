@@ -28,10 +28,6 @@ ML_API = "ml-api"
 STOCK = "ml-api-on-stock-uvicorn-worker"
 # Gunicorn reads GUNICORN_CMD_ARGS after gunicorn.conf.py: only the worker class changes.
 STOCK_WORKER = {"GUNICORN_CMD_ARGS": "--worker-class uvicorn_worker.UvicornWorker"}
-SPECS: dict[str, run.ServerSpec] = {
-    ML_API: run.ServerSpec(),
-    STOCK: run.ServerSpec(env=STOCK_WORKER),
-}
 # A client waiting longer than this has given up (the issue's measure).
 CLIENT_TIMEOUT_SECONDS = 10
 HEALTH_EVERY_SECONDS = 0.2
@@ -96,7 +92,9 @@ def compare(
     wrk: str, work: Path, bundle: Path, workers: int, seconds: int, connections: int
 ) -> dict[str, dict[str, Any]]:
     """One overload round each, servers started together and measured one after the other."""
-    servers = run.start_all(SPECS, work, bundle, workers)
+    # Built here, not at import: bench.run imports this module from its top.
+    specs = {ML_API: run.ServerSpec(), STOCK: run.ServerSpec(env=STOCK_WORKER)}
+    servers = run.start_all(specs, work, bundle, workers)
     try:
         script = run.wrk_script(work, "/predict", json.dumps(run.SETOSA).encode())
         return {
