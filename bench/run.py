@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench import stages
+from bench import overload, stages
 
 REPO = Path(__file__).resolve().parents[1]
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
@@ -479,10 +479,10 @@ def connection_split(server: Server) -> dict[int, int]:
     return split
 
 
-def run_wrk(
+def wrk_command(
     wrk: str, server: Server, script: Path, path: str, seconds: int, connections: int
-) -> dict[str, Any]:
-    command = [
+) -> list[str]:
+    return [
         wrk,
         "-t2",
         f"-c{connections}",
@@ -492,6 +492,12 @@ def run_wrk(
         str(script),
         server.url + path,
     ]
+
+
+def run_wrk(
+    wrk: str, server: Server, script: Path, path: str, seconds: int, connections: int
+) -> dict[str, Any]:
+    command = wrk_command(wrk, server, script, path, seconds, connections)
     workers = server.workers()
     cpu_before = cpu_seconds(workers)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -647,6 +653,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset for a focused A/B: single-row rounds only, ratios to the"
         f" first named (default: all of {', '.join(SERVERS)})",
     )
+    parser.add_argument("--overload-seconds", type=int, default=20)
+    parser.add_argument("--overload-connections", type=int, default=1000)
+    parser.add_argument(
+        "--only-overload",
+        action="store_true",
+        help="only the overload scenario (ml-api's worker and the stock worker)",
+    )
     parser.add_argument(
         "--only-v2",
         action="store_true",
@@ -662,8 +675,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
-    if args.only_v2 and args.baseline_commit:
-        parser.error("--baseline-commit measures single-row rounds; --only-v2 has none")
+    if (args.only_v2 or args.only_overload) and args.baseline_commit:
+        parser.error(
+            "--baseline-commit measures single-row rounds; --only-v2 and --only-overload have none"
+        )
     return args
 
 
@@ -740,6 +755,8 @@ def full(args: argparse.Namespace) -> int:
     bundle = train(work)
     if args.only_v2:
         return only_v2(wrk, work, bundle, args)
+    if args.only_overload:
+        return only_overload(wrk, work, bundle, args)
     servers: dict[str, Server] = {}
     report: dict[str, Any] = {"settings": vars(args) | {"output": str(args.output)}}
     try:
@@ -777,6 +794,9 @@ def full(args: argparse.Namespace) -> int:
         for server in servers.values():
             server.stop()
         report["scrape_8_workers"] = scrape_seconds(work, bundle, 8)
+        report["overload"] = overload.compare(
+            wrk, work, bundle, args.workers, args.overload_seconds, args.overload_connections
+        )
         report.update(
             servers=results,
             batch_rows_per_second=batch,
@@ -829,6 +849,7 @@ def full(args: argparse.Namespace) -> int:
         "onnx worker does not import sklearn": [None, not report["onnx_worker_maps_sklearn"]],
         **v2_targets(v2),
         **baseline_target(results, args.baseline_commit),
+        **overload.targets(report["overload"]),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
@@ -848,6 +869,7 @@ def full(args: argparse.Namespace) -> int:
         f"/metrics with 8 workers: median {scrape['median_ms']:.1f} ms, "
         f"max {scrape['max_ms']:.1f} ms, {scrape['metric_files']} metric files"
     )
+    print("\n" + overload.table(report["overload"], args.overload_connections))
     print(f"\nper-stage CPU of one single-row /predict on {PRODUCTION} (py-spy + /proc):")
     print(stages.budget_table(report["stage_budget_us"]))
     print("\ntargets:")
@@ -864,6 +886,21 @@ def baseline_target(results: dict[str, dict[str, Any]], rev: str | None) -> dict
         return {}
     ratio = results[PRODUCTION]["rps"] / results[f"{PRODUCTION}@{rev}"]["rps"]
     return {f"{PRODUCTION} >= 0.95x {PRODUCTION}@{rev}": [round(ratio, 3), ratio >= 0.95]}
+
+
+def only_overload(wrk: str, work: Path, bundle: Path, args: argparse.Namespace) -> int:
+    try:
+        results = overload.compare(
+            wrk, work, bundle, args.workers, args.overload_seconds, args.overload_connections
+        )
+    finally:
+        remove_work(work)
+    print(overload.table(results, args.overload_connections))
+    print("\ntargets:")
+    for target, (value, met) in overload.targets(results).items():
+        print(f"  {'MET ' if met else 'MISS'} {target}: {value}")
+    print(json.dumps({"overload": results}))
+    return 0
 
 
 def only_v2(wrk: str, work: Path, bundle: Path, args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@
 #              TARGET=col FEATURES=a,b,c]
 #                         bake the user's fitted model instead, packaged inside the
 #                         build (a model that fails the packager's gates fails it)
-#   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana)
+#   make up               docker compose up the stack (OFFLINE=1: offline images, no Grafana);
+#                         a container that fails to start prints its first error line
 #   make down             docker compose down
 #   make e2e              end-to-end test: engine, images, compose stack, scale, drain,
 #                         swarm rolling update/rollback/scale under load (tests/e2e)
@@ -72,7 +73,7 @@ up: image
 	@# Compose bind-mounts the file into containers that run as other users;
 	@# `make api-key` creates it 0600. Digests reveal no key.
 	chmod a+r "$(API_KEYS_FILE)"
-	API_KEYS_FILE=$(API_KEYS_FILE) $(DOCKER_ENV) docker compose up -d --wait --scale api=$(REPLICAS) $(COMPOSE_SERVICES)
+	API_KEYS_FILE=$(API_KEYS_FILE) $(DOCKER_ENV) docker/compose-up.sh --scale api=$(REPLICAS) $(COMPOSE_SERVICES)
 	@echo "API:        http://127.0.0.1:$${PROXY_PORT:-8080}  (try: curl -X POST http://127.0.0.1:$${PROXY_PORT:-8080}/predict -H 'Content-Type: application/json' -d '{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}')"
 	@echo "Prometheus: http://127.0.0.1:$${PROMETHEUS_PORT:-9090}"
 	@echo "Alerts:     http://127.0.0.1:$${ALERTMANAGER_PORT:-9093}  (receiver: docker/alertmanager/alertmanager.yml)"

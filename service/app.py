@@ -39,6 +39,7 @@ from service.routes.public import OpenPaths, open_paths
 from service.routes.table import FAST_ROUTES
 from service.settings import ServiceSettings
 from service.shadow.candidate import load_shadow
+from service.shedding import LoadSheddingMiddleware
 
 if TYPE_CHECKING:
     from service.metrics.instruments import ModelMetrics
@@ -178,31 +179,46 @@ def keys_file_gauge() -> Callable[[bool], None]:
 class MlApi:
     """The ASGI application Gunicorn serves.
 
-    Request context (id, access log, HTTP metrics), API keys, the body
-    limit, request decompression and the fast path (the prediction and Open
-    Inference Protocol routes of service.routes.table) wrap the FastAPI app
-    from outside, so a prediction
+    Request context (id, access log, HTTP metrics), load shedding, API keys,
+    the body limit, request decompression and the fast path (the prediction
+    and Open Inference Protocol routes of service.routes.table) wrap the
+    FastAPI app from outside, so a prediction
     skips FastAPI's per-request machinery entirely; every other route, and
     the lifespan, is FastAPI's.
     """
 
     def __init__(
-        self, api: FastAPI, settings: ServiceSettings, keys: KeyStore, open_paths: OpenPaths
+        self,
+        api: FastAPI,
+        settings: ServiceSettings,
+        keys: KeyStore,
+        open_paths: OpenPaths,
+        probe_paths: OpenPaths,
     ) -> None:
         self.api = api
         self.open_paths = open_paths
         http_metrics = None
+        on_shed: Callable[[], None] | None = None
         if settings.metrics_enabled:
             from service.metrics.http import HttpMetrics
+            from service.metrics.instruments import MAX_CONCURRENCY, REQUESTS_SHED
 
             http_metrics = HttpMetrics()
+            MAX_CONCURRENCY.set(settings.max_concurrency)
+            on_shed = REQUESTS_SHED.inc
         fast_path = FastPath(api, FAST_ROUTES, server_version=api.version)
         # The body limit counts the bytes on the wire, decompression the bytes they inflate to.
         inflated = RequestDecompressionMiddleware(fast_path, max_bytes=settings.max_request_bytes)
         limited = BodySizeLimitMiddleware(inflated, max_bytes=settings.max_request_bytes)
         authenticated = ApiKeyMiddleware(limited, keys, open_paths)
+        # Before the key check (a refusal costs less than a key's hash) and
+        # after the request context (a refusal is logged and counted). What
+        # probes and Prometheus call is answered even past the bound.
+        bounded = LoadSheddingMiddleware(
+            authenticated, settings.max_concurrency, probe_paths, on_shed
+        )
         self._asgi = RequestContextMiddleware(
-            authenticated, AccessLog(settings.log_level), metrics=http_metrics
+            bounded, AccessLog(settings.log_level), metrics=http_metrics
         )
 
     @property
@@ -304,4 +320,6 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         return build_openapi(api, FAST_ROUTES, opened.__contains__, keys.enabled)
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return MlApi(api, settings, keys, opened)
+    # Health and /metrics: what probes and Prometheus call, cheap and few.
+    probed = open_paths(api, routers, FAST_ROUTES, docs_public=False)
+    return MlApi(api, settings, keys, opened, probed)

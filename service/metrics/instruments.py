@@ -73,6 +73,20 @@ HTTP_IN_PROGRESS = Gauge(
     multiprocess_mode="livesum",
     registry=None,
 )
+# With http_requests_in_progress, how close an instance is to shedding
+# (alert MlApiSaturated): summed over its live workers, like the requests.
+MAX_CONCURRENCY = Gauge(
+    "ml_api_max_concurrency",
+    "Requests in progress past which a worker answers 503 (MAX_CONCURRENCY), "
+    "summed over the live workers.",
+    multiprocess_mode="livesum",
+    registry=None,
+)
+REQUESTS_SHED = Counter(
+    "ml_api_requests_shed_total",
+    "Requests answered 503 at once because their worker had MAX_CONCURRENCY in progress.",
+    registry=None,
+)
 INFERENCE_DURATION = Histogram(
     "model_inference_duration_seconds",
     "Time in the backend per inference call.",

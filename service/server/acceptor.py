@@ -43,6 +43,10 @@ STALE_MS = 1000
 # A count beyond this (far more connections than a worker can hold) is not one.
 MAX_CONNECTIONS = 1 << 20
 RETRY_SECONDS = 0.0005
+# A worker is ahead of a sibling when it holds more than 1/16 above it (exact below 16).
+AHEAD_TOLERANCE_DIVISOR = 16
+# Connections accepted on one wake-up at most (asyncio's own server takes its backlog's worth).
+ACCEPT_BATCH = 128
 MAX_DEFER_SECONDS = 0.002
 # Keep-alive connections stay where they were accepted: after a sibling
 # restarts (a max_requests recycle, a crash) it would sit idle while this
@@ -246,6 +250,12 @@ class WorkerLoad:
     def publish(self) -> None:
         self.ledger.publish(self.held())
 
+    def connection_left(self) -> None:
+        """Published at once, as an accept is: a count left high until the next
+        heartbeat would have siblings take a whole burst of new connections
+        (they accept while not ahead of it) against connections that are gone."""
+        self.publish()
+
     def start(self) -> None:
         self.publish()
         self.rebalance()
@@ -264,8 +274,15 @@ class WorkerLoad:
         return self._shed((self.held() - least) // 2)
 
     def ahead_of_siblings(self) -> bool:
+        """Holding more than the least-loaded sibling, give or take a small
+        fraction: among hundreds of busy connections per worker a lead of a
+        few is noise, and deferring over it (a deferral waits out a whole
+        busy event-loop turn) would leave new connections queued for seconds."""
         least = self.ledger.least_loaded_sibling()
-        return least is not None and self.held() > least
+        if least is None:
+            return False
+        held = self.held()
+        return held > least + held // AHEAD_TOLERANCE_DIVISOR
 
     def stop(self) -> None:
         if self._heartbeat is not None:
@@ -283,10 +300,15 @@ class BalancedAcceptor:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.Protocol],
         load: WorkerLoad,
+        max_connections: int,
+        make_room: Callable[[], bool],
     ) -> None:
         self._sock = sock
         self._factory = protocol_factory
         self._load = load
+        self._max_connections = max_connections
+        # Closes an idle connection to admit a new one; False if none is idle.
+        self._make_room = make_room
         self._loop = asyncio.get_running_loop()
         self._deferred_since: float | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -295,26 +317,62 @@ class BalancedAcceptor:
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        if self._load.ahead_of_siblings():
-            now = self._loop.time()
-            if self._deferred_since is None:
-                self._deferred_since = now
-            if now - self._deferred_since < MAX_DEFER_SECONDS:
+        # Everything queued, up to a batch, while this worker is not ahead: one
+        # accept per event-loop turn left new connections (a health check
+        # among them) waiting behind a whole turn of busy keep-alive
+        # connections each.
+        for _ in range(ACCEPT_BATCH):
+            if self._defer():
                 # Stop watching for a moment so the sibling's wake-up wins the race.
                 self._loop.remove_reader(self._sock.fileno())
                 self._retry = self._loop.call_later(RETRY_SECONDS, self._resume)
                 return
-        self._deferred_since = None
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # a sibling took it, or the client gave up
-        except OSError:
-            return  # EMFILE and friends: the next wake-up tries again
-        conn.setblocking(False)
-        self._load.handshaking += 1
-        self._load.publish()
-        self._loop.create_task(self._attach(conn))
+            # Deferred or not, the next connection may be left to a sibling afresh.
+            self._deferred_since = None
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break  # the queue is empty, or a sibling took the rest
+            except ConnectionAbortedError:
+                continue  # the client gave up
+            except OSError:
+                break  # EMFILE and friends: the next wake-up tries again
+            if self._over_limit():
+                # Every connection has a request in progress: this one waits for none.
+                conn.close()
+                self._count_over_limit()
+                continue
+            conn.setblocking(False)
+            self._load.handshaking += 1
+            self._load.publish()
+            self._loop.create_task(self._attach(conn))
+
+    def _over_limit(self) -> bool:
+        held = self._load.held()
+        if held < self._max_connections or self._make_room():
+            return False
+        # Connections still handshaking have sent nothing: idle, but not yet
+        # in the set make_room chooses from. Up to a batch of them may take
+        # the cap over (connection_cap leaves room for that), so a client
+        # arriving among a flood of them is not turned away.
+        return not (self._load.handshaking and held < self._max_connections + ACCEPT_BATCH)
+
+    @staticmethod
+    def _count_over_limit() -> None:
+        # Imported on the first refusal: a worker that never refuses loads nothing.
+        from service.metrics.connections import count_closed
+
+        count_closed("over_limit")
+
+    def _defer(self) -> bool:
+        """Whether to leave the queue to a less-loaded sibling for now: not
+        once it has been left MAX_DEFER_SECONDS (the sibling is busy)."""
+        if not self._load.ahead_of_siblings():
+            return False
+        now = self._loop.time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < MAX_DEFER_SECONDS
 
     def _resume(self) -> None:
         self._retry = None

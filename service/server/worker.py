@@ -22,25 +22,46 @@ pinned by tests/unit/test_worker_internals.py.
 Its HTTP protocol (WholeResponseProtocol) sends each response's head and the
 first part of its body in one transport write: a worker killed mid-answer
 (SIGKILL, the OOM killer) leaves a client or proxy either a whole response or
-none, never a head it has already passed on and cannot retry.
+none, never a head it has already passed on and cannot retry. It also tells
+each request how many were in progress when it arrived (load shedding,
+service.shedding) and bounds what a directly connected client can hold: the
+size of a request head, the time a head and a body take to arrive, and the
+number of open connections (idle ones make room for new ones at the cap).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
-from service.server.acceptor import LEDGER_ENV, BalancedAcceptor, ConnectionLedger, WorkerLoad
+from service.server.acceptor import (
+    ACCEPT_BATCH,
+    LEDGER_ENV,
+    BalancedAcceptor,
+    ConnectionLedger,
+    WorkerLoad,
+)
+from service.settings import ServerSettings
+from service.shedding import REQUESTS_AHEAD
+
+if TYPE_CHECKING:
+    from service.metrics.connections import ClosedReason
 
 # The least a drain waits for a just-accepted connection's request, even with
 # keep-alive off (KEEPALIVE=0).
@@ -54,6 +75,45 @@ CONNECTION_CLOSE = (b"connection", b"close")
 # object; past it they are handed over together (writelines, one writev in
 # uvloop) rather than copied.
 JOIN_LIMIT_BYTES = 64 * 1024
+# How often connections are checked against their head and body deadlines.
+DEADLINE_SWEEP_SECONDS = 1.0
+# File descriptors a worker keeps for everything but client connections
+# (listening sockets, the bundle, metric and log files, the ledger).
+RESERVED_FDS = 128
+
+
+def count_closed(reason: ClosedReason) -> None:
+    # Imported on the first close: a worker that never closes one loads nothing.
+    from service.metrics.connections import count_closed as count
+
+    count(reason)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client connection may hold (see ServerSettings)."""
+
+    head_bytes: int = 16 * 1024
+    head_timeout: float = 10.0
+    body_timeout: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ConnectionLimits:
+        return cls(
+            settings.max_request_head_bytes,
+            settings.request_head_timeout,
+            settings.request_body_timeout,
+        )
+
+
+def connection_cap(wanted: int) -> int:
+    """MAX_CONNECTIONS_PER_WORKER, kept below this process's descriptor limit:
+    a worker out of descriptors cannot accept, open a file or answer anyone."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    # The acceptor may exceed the cap by a batch of connections still handshaking.
+    return max(1, min(wanted, soft - RESERVED_FDS - ACCEPT_BATCH))
 
 
 def drain_seconds(keepalive: float, graceful_timeout: float) -> float:
@@ -131,10 +191,31 @@ class HeldHead:
         return self.transport.is_closing()
 
 
+class RequestsInProgress:
+    """Requests this worker has received and not finished answering. Not the
+    length of uvicorn's set of request tasks: a finished task leaves that set
+    a loop turn later, so every request arriving in a turn would count all
+    those answered in the turn before."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+IN_PROGRESS = RequestsInProgress()
+
+
 class WholeResponseCycle(RequestResponseCycle):
     """uvicorn's request cycle, its head held until the body (see HeldHead)."""
 
     transport: HeldHead  # type: ignore[assignment]
+
+    async def run_asgi(self, app: Any) -> None:
+        try:
+            await super().run_asgi(app)
+        finally:
+            IN_PROGRESS.count -= 1
 
     async def send(self, message: Any) -> None:
         transport = self.transport
@@ -150,28 +231,179 @@ class WholeResponseCycle(RequestResponseCycle):
 
 
 class WholeResponseProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, every response in one write (see WholeResponseCycle)."""
+    """uvicorn's httptools protocol, every response in one write (see
+    WholeResponseCycle), each request told how many were ahead of it, and
+    bounds on what a client can hold: the head's size, the time its head and
+    its body take to arrive. httptools has no head limit of its own, and
+    uvicorn's only timer is for an idle keep-alive connection, reset by any
+    byte: a head trickled a byte at a time, or a connection that never sends,
+    stays open forever."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+
+    # Set while the connection waits for a request head: from the connection
+    # or the previous answer (None while a request is in progress).
+    head_deadline: float | None = None
+    # Bytes received toward the head awaited (from the start of the chunk in
+    # which it began at the latest: a chunk that also ends a body is not
+    # counted, so a limit is exceeded by at most one read).
+    head_bytes = 0
+    body_deadline: float | None = None
 
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
+    # Called once the connection has left the worker's set: DrainingServer
+    # publishes the worker's count then (see WorkerLoad.connection_left).
+    on_connection_lost: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        awaiting_head = self.head_deadline is not None
+        if awaiting_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing: the same chunk may hold a small head and a large body.
+        if (
+            awaiting_head
+            and self.head_deadline is not None
+            and self.head_bytes > self.limits.head_bytes
+            and not self.transport.is_closing()
+        ):
+            self.refuse(431, f"request head larger than {self.limits.head_bytes} bytes")
+            count_closed("head_too_large")
 
     def on_headers_complete(self) -> None:
+        self.head_deadline = None
+        self.head_bytes = 0
+        # The worker's requests in progress as this one arrives, for load
+        # shedding (service.shedding).
+        self.scope[REQUESTS_AHEAD] = IN_PROGRESS.count  # type: ignore[literal-required]
         previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous:
+            # Started at once or queued behind a pipelined request: in
+            # progress either way (see connection_lost).
+            IN_PROGRESS.count += 1
+        self.body_deadline = self.loop.time() + self.limits.body_timeout
+
+    def on_message_complete(self) -> None:
+        self.body_deadline = None
+        super().on_message_complete()
+        # The body's end came after an early answer (a 413, say): idle now.
+        if self.cycle is not None and self.cycle.response_complete:
+            self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
         cycle = self.cycle
-        if cycle is not previous:
-            # Its task is created but has not run yet. A class switch rather
-            # than a wrapper: no per-request closure and no reference cycle.
-            cycle.__class__ = WholeResponseCycle
-            cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
-            if self.close_after_next_answer:
-                cycle.keep_alive = False
+        # Idle now, unless a pipelined request (its head already here) started
+        # or the rest of this request's body is still on its way.
+        if (cycle is None or cycle.response_complete) and self.body_deadline is None:
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self.head_bytes = 0
+        self.head_deadline = self.loop.time() + self.limits.head_timeout
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Before its coroutine exists. A class switch rather than a wrapper:
+        # no per-request closure and no reference cycle.
+        cycle.__class__ = WholeResponseCycle
+        cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
+        if self.close_after_next_answer:
+            cycle.keep_alive = False
+        super()._start_asgi_task(cycle, app)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Pipelined requests still queued behind one in progress never start now.
+        IN_PROGRESS.count -= len(self.pipeline)
+        self.head_deadline = self.body_deadline = None
+        super().connection_lost(exc)
+        if self.on_connection_lost is not None:
+            self.on_connection_lost()
+
+    def expire(self, now: float) -> None:
+        """Close the connection if its head or body is overdue."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.head_deadline is not None and now >= self.head_deadline:
+            if self.head_bytes:
+                self.refuse(408, f"request head not received within {self.limits.head_timeout} s")
+            else:
+                self.transport.close()
+            count_closed("head_timeout")
+        elif self.body_deadline is not None and now >= self.body_deadline:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started:
+                # The application waiting for the body sees the client leave.
+                self.refuse(408, f"request body not received within {self.limits.body_timeout} s")
+            else:
+                self.transport.close()
+            count_closed("body_timeout")
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer in plain text and close, as uvicorn answers a malformed request."""
+        self.head_deadline = self.body_deadline = None
+        body = message.encode()
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.head_deadline is not None and not self.transport.is_closing()
+
+
+def expire_overdue(connections: Iterable[object], now: float) -> None:
+    for protocol in list(connections):
+        if isinstance(protocol, WholeResponseProtocol):
+            protocol.expire(now)
+
+
+def close_longest_idle(connections: Iterable[object]) -> bool:
+    """Make room at the connection cap: close the connection that has waited
+    longest for a request head (an idle keep-alive one, or one that never sent
+    anything), so a flood of idle connections cannot lock clients out.
+    False when every connection has a request in progress."""
+    oldest: WholeResponseProtocol | None = None
+    for protocol in connections:
+        if (
+            isinstance(protocol, WholeResponseProtocol)
+            and protocol.idle
+            and (oldest is None or protocol.head_deadline < oldest.head_deadline)  # type: ignore[operator]
+        ):
+            oldest = protocol
+    if oldest is None:
+        return False
+    oldest.head_deadline = None
+    oldest.transport.close()
+    count_closed("idle_evicted")
+    return True
 
 
 class DrainingServer(Server):
     _load: WorkerLoad | None = None
     # Set by the worker from Gunicorn's settings (see drain_seconds).
     drain_limit_seconds = ACCEPTED_REQUEST_GRACE_SECONDS
+    # Set by the worker from MAX_CONNECTIONS_PER_WORKER (see connection_cap).
+    max_connections = 1000
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop ticks every 0.1 s.
+        if counter % round(DEADLINE_SWEEP_SECONDS * 10) == 0:
+            expire_overdue(self.server_state.connections, asyncio.get_running_loop().time())
+        return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         ledger = os.environ.get(LEDGER_ENV)
@@ -183,19 +415,31 @@ class DrainingServer(Server):
         await super().startup(sockets=[])
         config, state = self.config, self.server_state
 
-        def create_protocol() -> asyncio.Protocol:
-            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=state, app_state=self.lifespan.state
-            )
-            return protocol
-
-        self._load = WorkerLoad(
+        load = self._load = WorkerLoad(
             ConnectionLedger(Path(ledger)),
             state.connections,
             shed=lambda count: close_after_answer(state.connections, count),
         )
-        self._load.start()
-        acceptors = [BalancedAcceptor(sock, create_protocol, self._load) for sock in sockets]
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=state, app_state=self.lifespan.state
+            )
+            if isinstance(protocol, WholeResponseProtocol):
+                protocol.on_connection_lost = load.connection_left
+            return protocol
+
+        load.start()
+        acceptors = [
+            BalancedAcceptor(
+                sock,
+                create_protocol,
+                self._load,
+                self.max_connections,
+                make_room=lambda: close_longest_idle(state.connections),
+            )
+            for sock in sockets
+        ]
         # uvicorn's shutdown only calls close() and wait_closed() on these.
         self.servers = acceptors  # type: ignore[assignment]
 
@@ -251,6 +495,9 @@ class DrainingUvicornWorker(UvicornWorker):  # type: ignore[misc]
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
         server.drain_limit_seconds = drain_seconds(self.cfg.keepalive, self.cfg.graceful_timeout)
+        settings = ServerSettings()
+        server.max_connections = connection_cap(settings.max_connections_per_worker)
+        WholeResponseProtocol.limits = ConnectionLimits.from_settings(settings)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         # Gunicorn halts the whole server on this code. A model problem never

@@ -70,6 +70,20 @@ def _split(server: Gunicorn, ids: list[str]) -> collections.Counter[int]:
     return collections.Counter(logged().values())
 
 
+def _close_and_wait(sockets: list[socket.socket]) -> None:
+    """Close, and wait until the server has closed its end of each connection:
+    a worker counts a connection until it has read the client's close (it
+    cannot know before), so a burst opened while the last one's closes are
+    still unread would meet workers counting connections that are gone."""
+    for sock in sockets:
+        sock.shutdown(socket.SHUT_WR)
+    for sock in sockets:
+        sock.settimeout(10)
+        while sock.recv(65536):
+            pass
+        sock.close()
+
+
 def _burst_split(server: Gunicorn, round_number: int) -> collections.Counter[int]:
     """Open every connection first (as wrk and nginx's pool do), then one request on each."""
     sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(CONNECTIONS)]
@@ -79,10 +93,13 @@ def _burst_split(server: Gunicorn, round_number: int) -> collections.Counter[int
             sock.sendall(_request(request_id))
         for sock in sockets:
             assert _read_response(sock).startswith(b"HTTP/1.1 200")
-        return _split(server, ids)
-    finally:
+        split = _split(server, ids)
+    except BaseException:
         for sock in sockets:
             sock.close()
+        raise
+    _close_and_wait(sockets)
+    return split
 
 
 def test_a_burst_of_keepalive_connections_is_split_between_workers(

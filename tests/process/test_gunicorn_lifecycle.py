@@ -7,6 +7,8 @@ import pickle
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest
 
 from tests.support.bundles import SETOSA, Detonator, copy_bundle, rewrite_file, trusting
 from tests.support.servers import Gunicorn, running_gunicorn, start_gunicorn, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.process
 
@@ -226,6 +230,31 @@ def test_tampered_bundle_makes_gunicorn_exit_nonzero_without_unpickling(
         f"model bundle refused: {bundle_path}: checksum mismatch: model.joblib" in server.stderr()
     )
     assert not marker.exists()
+
+
+def test_a_refused_start_s_first_error_line_is_the_reason_make_up_prints(
+    model_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    # docker/compose-up.sh pipes a failed container's log through
+    # docker/first_error.py: the reason, not only "container exited (1)".
+    (bundle_path / "model.joblib").write_bytes(b"not the model the manifest names")
+    server = start_gunicorn(model_dir, tmp_path / "logs", workers=1, env={"BACKEND": "sklearn"})
+    try:
+        assert server.wait(timeout=60) != 0
+    finally:
+        server.stop()
+    done = subprocess.run(
+        [sys.executable, "-I", str(REPO / "docker" / "first_error.py")],
+        input=server.stderr(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith(
+        "model rollout refused (start), still serving nothing: model bundle refused: "
+        f"{bundle_path}: checksum mismatch: model.joblib has sha256 "
+    )
+    assert done.stdout.count("\n") == 1
 
 
 def test_a_malicious_pickle_with_a_recomputed_manifest_never_runs_under_gunicorn(

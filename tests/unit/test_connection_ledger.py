@@ -200,3 +200,38 @@ def test_slots_filled_by_a_stranger_are_taken_over(ledger_path: Path) -> None:
         _write_slot(ledger_path, slot, os.getppid(), 0, acceptor._now_ms() + 60_000)
     mine = _mine(ledger_path)
     assert (mine.broken, mine._offset) == (None, 0)
+
+
+@pytest.mark.parametrize(
+    ("held", "least", "ahead"),
+    [
+        # Below 16 connections, any lead defers to the sibling.
+        (1, 0, True),
+        (5, 5, False),
+        (15, 14, True),
+        # Among hundreds, a lead within 1/16 is noise: accept.
+        (500, 480, False),
+        (500, 468, True),
+        (32, 30, False),
+        (32, 29, True),
+    ],
+)
+def test_ahead_of_siblings_tolerates_a_lead_of_one_sixteenth(
+    held: int, least: int, ahead: bool
+) -> None:
+    load = acceptor.WorkerLoad(_Ledger(least), connections=[object()] * held)  # type: ignore[arg-type]
+    assert load.ahead_of_siblings() is ahead
+
+
+def test_a_connection_leaving_is_published_at_once(ledger_path: Path) -> None:
+    # Not at the next heartbeat: siblings accept while they are not ahead of
+    # this count, so a stale high one would let them take a whole burst.
+    mine = _mine(ledger_path)
+    connections = {object() for _ in range(3)}
+    load = acceptor.WorkerLoad(mine, connections)
+    load.publish()
+    connections.pop()
+    load.connection_left()
+    assert mine._offset is not None
+    _, held, _ = acceptor._SLOT.unpack_from(ledger_path.read_bytes(), mine._offset)
+    assert held == 2

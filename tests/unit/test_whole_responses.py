@@ -13,7 +13,13 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.server.worker import CONNECTION_CLOSE, JOIN_LIMIT_BYTES, WholeResponseProtocol
+from service.server.worker import (
+    CONNECTION_CLOSE,
+    IN_PROGRESS,
+    JOIN_LIMIT_BYTES,
+    WholeResponseProtocol,
+)
+from service.shedding import REQUESTS_AHEAD
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 GET = b"GET /thing HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -183,3 +189,53 @@ def test_a_request_body_is_read_before_the_one_write(expect_continue: bool) -> N
     received, ours, _ = _both(echo, head + b"\r\nbody")
     assert received.endswith(b"\r\n\r\nbody")
     assert ours == ["write", "write"] if expect_continue else ["write"]
+
+
+def test_each_request_is_told_the_requests_received_and_not_yet_answered() -> None:
+    async def run() -> None:
+        release = asyncio.Event()
+        arrived: asyncio.Queue[int] = asyncio.Queue()
+
+        async def held(scope: Any, receive: Any, send: Any) -> None:
+            arrived.put_nowait(scope[REQUESTS_AHEAD])
+            await release.wait()
+            await _responder(BODY)(scope, receive, send)
+
+        config = Config(app=held, lifespan="off", log_config=None)
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+
+        async def connect() -> socket.socket:
+            server_end, client_end = socket.socketpair()
+            client_end.setblocking(False)
+            await loop.connect_accepted_socket(
+                lambda: WholeResponseProtocol(config=config, server_state=state, app_state={}),
+                server_end,
+            )
+            return client_end
+
+        async with asyncio.timeout(30):
+            clients = [await connect() for _ in range(3)]
+            for client_end in clients:
+                await loop.sock_sendall(client_end, LAST_GET)
+            assert [await arrived.get() for _ in clients] == [0, 1, 2]
+            assert IN_PROGRESS.count == 3
+            release.set()
+            for client_end in clients:
+                while await loop.sock_recv(client_end, 65536):
+                    pass
+                client_end.close()
+            assert IN_PROGRESS.count == 0
+
+            # A pipelined request still queued when its connection goes counts no more.
+            release.clear()
+            client_end = await connect()
+            await loop.sock_sendall(client_end, GET + GET)
+            assert await arrived.get() == 0
+            assert IN_PROGRESS.count == 2
+            client_end.close()
+            release.set()
+            while IN_PROGRESS.count:  # noqa: ASYNC110 - the count signals nothing
+                await asyncio.sleep(0.01)
+
+    asyncio.run(run())

@@ -62,6 +62,19 @@ def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers()
     )
     used = set(re.findall(r"self\.transport\.(\w+)", inspect.getsource(cycle_class)))
     assert used <= {name for name in dir(HeldHead) if not name.startswith("_")}
+    # Every request cycle's task is made by _start_asgi_task (the switch comes
+    # before its coroutine exists); a pipelined one waits in self.pipeline
+    # until then, and never starts once the connection is lost.
+    protocol = httptools_impl.HttpToolsProtocol
+    assert "self._start_asgi_task(self.cycle, app)" in inspect.getsource(
+        protocol.on_headers_complete
+    )
+    assert "self.pipeline.appendleft((self.cycle, app))" in inspect.getsource(
+        protocol.on_headers_complete
+    )
+    on_response = inspect.getsource(protocol.on_response_complete)
+    assert on_response.index("is_closing()") < on_response.index("self._start_asgi_task(")
+    assert "cycle.run_asgi(app)" in inspect.getsource(protocol._start_asgi_task)
     # The head is written once, on http.response.start, the body after it.
     send = inspect.getsource(cycle_class.send)
     assert send.count('self.transport.write(b"".join(content))') == 2
@@ -122,3 +135,26 @@ def test_an_idle_connection_is_asked_to_close_after_its_next_answer() -> None:
     assert close_after_answer([*idle, finished], 5) == 2
     assert finished.close_after_next_answer
     assert WholeResponseProtocol.close_after_next_answer is False
+
+
+def test_the_protocol_hooks_the_connection_limits_extend_still_exist() -> None:
+    # WholeResponseProtocol arms and clears its deadlines in these callbacks,
+    # answers refusals with uvicorn's status lines, and DrainingServer sweeps
+    # the deadlines from uvicorn's 0.1 s main-loop tick.
+    protocol = httptools_impl.HttpToolsProtocol
+    for hook in (
+        "connection_made",
+        "data_received",
+        "on_headers_complete",
+        "on_message_complete",
+        "on_response_complete",
+        "connection_lost",
+        "_start_asgi_task",
+    ):
+        assert callable(getattr(protocol, hook)), hook
+    assert "self.parser.feed_data(data)" in inspect.getsource(protocol.data_received)
+    assert "self.loop = " in inspect.getsource(protocol.__init__)
+    assert httptools_impl.STATUS_LINE[431].startswith(b"HTTP/1.1 431 ")
+    assert "counter" in inspect.signature(Server.on_tick).parameters
+    assert "await asyncio.sleep(0.1)" in inspect.getsource(Server.main_loop)
+    assert "self.on_tick(counter)" in inspect.getsource(Server.main_loop)
