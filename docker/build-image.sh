@@ -67,7 +67,12 @@ if [ -n "${MODEL_FILE:-}" ]; then
         [ -f "$REFERENCE_DATA" ] || die "REFERENCE_DATA $REFERENCE_DATA: no such file"
     fi
     mkdir -p "$out/usermodel/files"
-    cp "$MODEL_FILE" "$out/usermodel/files/model.joblib"
+    # A .skops file keeps its suffix: the packager loads it with skops' safe
+    # loader, never unpickles it. Any other file is a (joblib) pickle.
+    case "$MODEL_FILE" in
+        *.skops) cp "$MODEL_FILE" "$out/usermodel/files/model.skops" ;;
+        *) cp "$MODEL_FILE" "$out/usermodel/files/model.joblib" ;;
+    esac
     if [ -n "${REFERENCE_DATA:-}" ]; then cp "$REFERENCE_DATA" "$out/usermodel/files/reference.csv"; fi
     printf 'FROM scratch\nCOPY . /\n' > "$out/usermodel/Dockerfile"
     # Named by content, so builds of different models never share a tag.
@@ -98,7 +103,7 @@ read -r sha backend < <("$PYTHON" - "$out/manifest.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 files = m["files"]
-entry = files.get("model.onnx") or files["model.joblib"]
+entry = files.get("model.onnx") or files.get("model.joblib") or files["model.skops"]
 print(entry["sha256"] if isinstance(entry, dict) else entry, m["backend"])
 PY
 )

@@ -156,18 +156,20 @@ def test_model_failing_the_packagers_checks_fails_the_build(
     assert run(["docker", "image", "inspect", f"{TAG.split(':')[0]}:0.9.2"], check=False).returncode
 
 
-def test_sklearn_only_lightgbm_bundle_gets_the_boosting_extra_and_serves(
+def test_a_skops_lightgbm_file_is_served_without_a_pickle_with_the_boosting_extra(
     base_images: dict[str, str], user_model: UserModel, tmp_path: Path
 ) -> None:
-    # --no-onnx: served through LightGBM itself, so the runtime needs the
-    # boosting extra and the system OpenMP LightGBM links.
+    # A .skops file (no pickle anywhere) with --no-onnx: served through LightGBM
+    # itself, so the runtime needs the boosting extra and the OpenMP it links.
     lightgbm = pytest.importorskip("lightgbm")
     _, reference, _, rows = user_model
     target = pd.read_csv(reference)["progression"]
     model = lightgbm.LGBMRegressor(n_estimators=20, min_child_samples=5, verbose=-1)
     model.fit(rows, target)
-    model_file = tmp_path / "lgbm.joblib"
-    joblib.dump(model, model_file)
+    model_file = tmp_path / "lgbm.skops"
+    skops_io = pytest.importorskip("skops.io")
+    skops_io.dump(model, model_file)
+    trusted = ",".join(skops_io.get_untrusted_types(file=model_file))
     tag = f"{TAG.split(':')[0]}:0.9.3"
     built = _make_image(
         {**os.environ, **base_images},
@@ -176,7 +178,7 @@ def test_sklearn_only_lightgbm_bundle_gets_the_boosting_extra_and_serves(
         TARGET="progression",
         NAME="boosted",
         VERSION="0.9.3",
-        PACKAGE_ARGS="--no-onnx",
+        PACKAGE_ARGS=f"--no-onnx --trust-skops-types {trusted}",
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     try:
@@ -187,6 +189,11 @@ def test_sklearn_only_lightgbm_bundle_gets_the_boosting_extra_and_serves(
             wait_ready(cid, url)
             runtime = run(["docker", "exec", cid, "cat", "/opt/venv/ml-api-runtime"]).stdout
             assert runtime.strip() == "sklearn+boosting"
+            bundle = run(["docker", "exec", cid, "ls", "/app/artifacts/boosted/0.9.3"]).stdout
+            assert "model.skops" in bundle.split()
+            assert "model.joblib" not in bundle.split()
+            pinned = ["docker", "exec", cid, "cat", "/etc/ml-api/trusted-model-sha256"]
+            assert run(pinned).stdout.strip() == ""
             info = http("GET", f"{url}/model-info").json()
             assert (info["backend"], info["estimator_type"]) == ("sklearn", "LGBMRegressor")
             instances = rows.head(20).to_dict(orient="records")
