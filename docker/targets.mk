@@ -12,7 +12,11 @@
 #   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
 #   make engine           install/start a Docker engine and the compose plugin if missing
 #   make stack-up         deploy/swarm/stack.yaml on this engine's swarm (inits a
-#                         single-node swarm when there is none)
+#                         single-node swarm when there is none); Prometheus and
+#                         Grafana on this manager's 127.0.0.1 only (elsewhere:
+#                         ssh -L 3000:127.0.0.1:3000 <manager>); refuses
+#                         without GRAFANA_ADMIN_PASSWORD (or OFFLINE=1 /
+#                         GRAFANA_REPLICAS=0: no Grafana)
 #   make stack-rollout VERSION=x.y.z
 #                         build ml-api:x.y.z and roll the api service to it, one
 #                         task at a time; returns when converged or rolled back

@@ -18,8 +18,18 @@
 #                              (stop-first: it holds the host port); return
 #                              when both converged
 #   stack.sh init              only the swarm part of `up`
+#   stack.sh preflight         the checks `up` makes before touching the engine
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
+#
+# Prometheus (no authentication) and Grafana publish no port: swarm would bind
+# every interface of the node. `up` starts a loopback-only door to both on the
+# manager (monitoring-door.conf): http://127.0.0.1:$PROMETHEUS_PORT and
+# http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
+#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
+# Run this script on the manager: the door bind-mounts monitoring-door.conf
+# from this checkout. Grafana is not deployed with its default password: set
+# GRAFANA_ADMIN_PASSWORD (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
 # PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
@@ -28,8 +38,8 @@
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
 # host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
-# must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
-# other proxy limits (README, "Configuration").
+# must exist), GRAFANA_ADMIN_PASSWORD, PROXY_API_KEY_RATE and the other proxy
+# limits (docs/operations.md, "The proxy").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -109,7 +119,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url, Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
             return 0
         fi
         sleep 1
@@ -117,7 +127,59 @@ wait_for_prediction() {
     die "the proxy did not answer /health/ready on $url within ${TIMEOUT}s"
 }
 
+# Grafana on swarm is reachable by SSH tunnel from anywhere the manager is:
+# its default password would be everyone's. Without Grafana, a random one
+# fills the stack file's required variable.
+preflight() {
+    if [ "${GRAFANA_REPLICAS:-1}" != 0 ]; then
+        case "${GRAFANA_ADMIN_PASSWORD:-}" in
+            ''|admin) die "set GRAFANA_ADMIN_PASSWORD (not empty, not 'admin'), or GRAFANA_REPLICAS=0: on swarm Grafana is not deployed with its default password" ;;
+        esac
+    else
+        : "${GRAFANA_ADMIN_PASSWORD:=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+    fi
+    export GRAFANA_ADMIN_PASSWORD
+}
+
+monitoring_door() { printf '%s_monitoring-door' "$STACK_NAME"; }
+
+# A plain container on the stack's edge network (swarm cannot publish on one
+# address) that publishes Prometheus and Grafana on the manager's loopback
+# only. Its configuration is a read-only bind mount of this checkout's file:
+# this script runs on the manager, whose engine sees the file.
+start_monitoring_door() {
+    local door
+    door="$(monitoring_door)"
+    docker rm -f "$door" >/dev/null 2>&1 || true
+    docker run --detach --name "$door" --restart unless-stopped \
+        --label "com.docker.stack.namespace=$STACK_NAME" \
+        --network "${STACK_NAME}_edge" \
+        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
+        --mount "type=bind,source=$HERE/monitoring-door.conf,target=/etc/nginx/monitoring-door.conf,readonly" \
+        --user 65534:65534 --read-only --tmpfs /tmp \
+        --cap-drop ALL --security-opt no-new-privileges:true \
+        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        -e stderr -c /etc/nginx/monitoring-door.conf -g 'daemon off;' >/dev/null
+}
+
+stop_monitoring_door() {
+    docker rm -f "$(monitoring_door)" >/dev/null 2>&1 || true
+}
+
+# Until the door answers on loopback (nginx refuses connections until it
+# listens; a proxy that cannot reach Prometheus closes them at once).
+wait_for_monitoring_door() {
+    local url="http://127.0.0.1:${PROMETHEUS_PORT:-9090}/-/ready" deadline=$((SECONDS + TIMEOUT))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        sleep 1
+    done
+    docker logs --tail 20 "$(monitoring_door)" >&2 || true
+    die "Prometheus did not answer on $url (the monitoring door) within ${TIMEOUT}s"
+}
+
 cmd_up() {
+    preflight
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
@@ -128,9 +190,11 @@ cmd_up() {
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    start_monitoring_door
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
+    wait_for_monitoring_door
     wait_for_prediction
 }
 
@@ -241,6 +305,8 @@ cmd_scale() {
 }
 
 cmd_down() {
+    # Attached to the stack's network: it would keep the network alive.
+    stop_monitoring_door
     if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$STACK_NAME"; then
         log "removing stack $STACK_NAME"
         docker stack rm "$STACK_NAME" >&2
@@ -273,9 +339,10 @@ cmd_down() {
 case "${1:-}" in
     up) cmd_up ;;
     init) ensure_swarm ;;
+    preflight) preflight ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
     keys) cmd_keys ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | init | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | preflight | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
 esac

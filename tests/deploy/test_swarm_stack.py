@@ -4,11 +4,16 @@ The proxy's entrypoint renders nginx.conf with render.sh and loads
 api_keys.js: on swarm each must be a config of the proxy (no bind mount of
 docker/nginx as under compose) and part of stack.sh's config digest, or an
 edit would not roll out. Both services read the keys from the same secret.
+Prometheus and Grafana publish no port (swarm would bind every interface):
+stack.sh's loopback-only door publishes them, and refuses to deploy Grafana
+with its default password.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +70,68 @@ def test_api_and_proxy_read_the_keys_from_the_api_keys_secret() -> None:
         targets = {s["source"]: s["target"] for s in service["secrets"]}
         assert targets == {"api-keys": "api-keys"}
         assert service["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys"
+
+
+def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:
+    """Swarm publishes on every interface of a node; Prometheus has no
+    authentication. Only the proxy publishes; the others resolve to their
+    task (dnsrr: this kernel has no IPVS for a VIP)."""
+    services = _stack()["services"]
+    assert [name for name, service in services.items() if service.get("ports")] == ["proxy"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
+    # The loopback door attaches to the edge network as a plain container.
+    assert _stack()["networks"]["edge"]["attachable"] is True
+
+
+def _function(script: str, name: str) -> str:
+    body = script[script.index(f"{name}() {{") :]
+    return body[: body.index("\n}\n")]
+
+
+def test_the_monitoring_door_publishes_on_the_managers_loopback_only() -> None:
+    door = _function((SWARM / "stack.sh").read_text(), "start_monitoring_door")
+    published = re.findall(r'-p "([^"]+)"', door)
+    assert published == [
+        "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090",
+        "127.0.0.1:${GRAFANA_PORT:-3000}:3000",
+    ]
+    assert "source=$HERE/monitoring-door.conf" in door
+    conf = (SWARM / "monitoring-door.conf").read_text()
+    assert re.search(r"^\s*9090 prometheus:9090;$", conf, re.MULTILINE)
+    assert re.search(r"^\s*3000 grafana:3000;$", conf, re.MULTILINE)
+
+
+def _stack_sh(verb: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # An image that does not exist: were the refusal to let `up` through, it
+    # would stop at `docker image inspect`, before any deploy.
+    return subprocess.run(
+        ["bash", str(SWARM / "stack.sh"), verb],
+        env={
+            "PATH": os.environ["PATH"],
+            "STACK_NAME": "ml-api-preflight-test",
+            "IMAGE_NAME": "ml-api-preflight-test-no-such-image",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_stack_up_refuses_grafana_with_no_or_the_default_password() -> None:
+    grafana = _stack()["services"]["grafana"]["environment"]
+    # No default in the stack file: `docker stack deploy` by hand refuses too.
+    assert ":?" in grafana["GF_SECURITY_ADMIN_PASSWORD"]
+    for env in ({}, {"GRAFANA_ADMIN_PASSWORD": "admin"}, {"GRAFANA_ADMIN_PASSWORD": ""}):
+        refused = _stack_sh("up", **env)
+        assert refused.returncode == 1, (env, refused.stderr)
+        # One line, naming what to set.
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "set GRAFANA_ADMIN_PASSWORD" in refused.stderr, refused.stderr
+
+
+def test_preflight_passes_with_a_password_or_without_grafana() -> None:
+    assert _stack_sh("preflight", GRAFANA_ADMIN_PASSWORD="a long passphrase").returncode == 0
+    assert _stack_sh("preflight", GRAFANA_REPLICAS="0").returncode == 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, http, run
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -67,6 +68,44 @@ def test_stack_serves_through_the_proxy(swarm: Swarm) -> None:
     assert resp.json()["model_version"] == MODEL_VERSION
     assert swarm.image() == IMAGE
     assert_targets_are_the_tasks(swarm, 3)
+
+
+def _host_address() -> str:
+    """An address of this host that is not loopback: the default bridge's gateway."""
+    gateway = run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"]
+    ).stdout.strip()
+    assert gateway
+    assert not gateway.startswith("127."), gateway
+    return gateway
+
+
+def _connects(address: str, port: str) -> bool:
+    try:
+        with socket.create_connection((address, int(port)), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def test_prometheus_and_grafana_answer_on_the_managers_loopback_only(swarm: Swarm) -> None:
+    for name in ("prometheus", "grafana"):
+        [service] = json.loads(run(["docker", "service", "inspect", f"{STACK}_{name}"]).stdout)
+        assert not service["Spec"].get("EndpointSpec", {}).get("Ports"), name
+        assert not service.get("Endpoint", {}).get("Ports"), name
+    [door] = json.loads(run(["docker", "inspect", f"{STACK}_monitoring-door"]).stdout)
+    bound = {b["HostIp"] for v in door["HostConfig"]["PortBindings"].values() for b in v}
+    assert bound == {"127.0.0.1"}
+    # Prometheus itself answers through the door (what Grafana's port leads
+    # to is the same proxy; the tests run without a Grafana image).
+    assert http("GET", f"{swarm.prometheus}/-/ready").status == 200
+    assert _connects("127.0.0.1", swarm.env["GRAFANA_PORT"])
+    address = _host_address()
+    # The proxy is published on every interface (swarm's host mode): the
+    # address is reachable; Prometheus and Grafana are not, there.
+    assert _connects(address, swarm.env["PROXY_PORT"])
+    assert not _connects(address, swarm.env["PROMETHEUS_PORT"])
+    assert not _connects(address, swarm.env["GRAFANA_PORT"])
 
 
 def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm) -> None:
@@ -179,6 +218,10 @@ def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
         ["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}"]
     ).stdout.split()
     assert not leftovers
+    # The monitoring door went too.
+    assert not run(
+        ["docker", "ps", "-aq", "--filter", f"name={STACK}_monitoring-door"]
+    ).stdout.split()
     # The stack's secrets (also those stack.sh keys made) went with it.
     assert not run(
         ["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"], check=False
