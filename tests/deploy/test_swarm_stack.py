@@ -135,3 +135,53 @@ def test_stack_up_refuses_grafana_with_no_or_the_default_password() -> None:
 def test_preflight_passes_with_a_password_or_without_grafana() -> None:
     assert _stack_sh("preflight", GRAFANA_ADMIN_PASSWORD="a long passphrase").returncode == 0
     assert _stack_sh("preflight", GRAFANA_REPLICAS="0").returncode == 0
+
+
+def test_the_canary_is_the_api_at_zero_replicas() -> None:
+    """One definition: a canary differs from the primary only in its image
+    (stack.sh canary sets it) and its replicas."""
+    services = _stack()["services"]
+    api, canary = services["api"], services["canary"]
+    assert canary["deploy"]["replicas"] == 0
+    assert {**canary, "deploy": None} == {**api, "deploy": None}
+    assert {**canary["deploy"], "replicas": None} == {**api["deploy"], "replicas": None}
+    assert services["proxy"]["environment"]["CANARY_HOST"] == "canary"
+    scrape = yaml.safe_load((SWARM / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["dns_sd_configs"][0]["names"] == ["tasks.api", "tasks.canary"]
+
+
+def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(NGINX / "canary.sh"), "render", str(tmp_path), percent, sticky],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_canary_conf_splits_per_request_or_per_key(tmp_path: Path) -> None:
+    assert _render_canary(tmp_path, "0", "0").returncode == 0
+    off = (tmp_path / "canary.conf").read_text()
+    assert "upstream ml_api_canary" not in off  # the canary's name need not resolve
+    assert 'split_clients "${request_id}" $ml_api_upstream { * ml_api; }' in off
+    assert _render_canary(tmp_path, "10", "0").returncode == 0
+    ten = (tmp_path / "canary.conf").read_text()
+    assert "server canary:8000 " in ten
+    assert 'split_clients "${request_id}" $ml_api_upstream { 10% ml_api_canary; * ml_api; }' in ten
+    assert _render_canary(tmp_path, "50", "1").returncode == 0
+    sticky = (tmp_path / "canary.conf").read_text()
+    assert '"${http_authorization}${http_x_api_key}"' in sticky
+    for percent, sticky_value in (("101", "0"), ("-1", "0"), ("ten", "0"), ("5", "2")):
+        refused = _render_canary(tmp_path, percent, sticky_value)
+        assert refused.returncode == 2, (percent, sticky_value)
+    # A refused value leaves the last good file.
+    assert (tmp_path / "canary.conf").read_text() == sticky
+
+
+def test_the_proxy_sends_requests_to_the_upstream_canary_conf_names() -> None:
+    conf = (NGINX / "nginx.conf").read_text()
+    assert "include canary.conf;" in conf
+    assert re.findall(r"proxy_pass [^;]+;", conf) == ["proxy_pass http://$ml_api_upstream;"]
+    render = (NGINX / "render.sh").read_text()
+    assert 'sh "$SRC/canary.sh" render "$OUT" 0 0' in render

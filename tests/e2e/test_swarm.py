@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, http, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, LoadStream, http, run
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -208,6 +208,67 @@ def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) 
         )
         == 1
     )
+
+
+# Seconds of traffic at each canary share, at ~40 requests/s: a share's
+# binomial spread is 1.1 points at 10 % (800 answers) and 1.3 at 50 % (1,600),
+# so +-5 is 4 of them or more.
+CANARY_WINDOW = {10: 20.0, 50: 40.0}
+
+
+def test_canary_gets_its_share_then_is_promoted_without_a_failed_request(swarm: Swarm) -> None:
+    """stack.sh canary / promote / canary-off (make stack-canary ...) under
+    ~40 requests/s from new-connection and keep-alive clients: the proxy's
+    split follows each weight (a graceful nginx reload), and the candidate
+    serves everything once promoted. The primary runs 1.1.0 by now (the
+    rolling update); the candidate is the 1.0.0 image."""
+    primary, candidate = NEXT_VERSION, MODEL_VERSION
+    assert swarm.image() == f"{IMAGE_NAME}:{primary}"
+    shares: dict[int, float] = {}
+    since = time.time()
+    with LoadStream(swarm.proxy, threads=2, kept=2, pause=0.08, headers=swarm.headers) as load:
+        started = time.monotonic()
+        time.sleep(2)
+        for percent, version in ((10, candidate), (50, "")):
+            swarm.stack("canary", *([version] if version else []), str(percent))
+            t0 = time.monotonic()
+            time.sleep(CANARY_WINDOW[percent])
+            answered = load.answered_between(t0, time.monotonic())
+            shares[percent] = 100 * answered.count(candidate) / len(answered)
+            TIMINGS[f"swarm canary {percent} %: share from the candidate"] = (
+                f"{shares[percent]:.1f} % of {len(answered)}"
+            )
+            assert set(answered) == {primary, candidate}
+        swarm.stack("canary-off")
+        off = time.monotonic()
+        time.sleep(3)
+        after_off = set(load.answered_between(off, time.monotonic()))
+        swarm.stack("canary", candidate, "50")
+        t0 = time.monotonic()
+        swarm.stack("promote")
+        TIMINGS["swarm canary promote"] = time.monotonic() - t0
+        promoted = time.monotonic()
+        time.sleep(3)
+        TIMINGS["swarm canary: requests/s"] = (
+            f"{len(load.results) / (time.monotonic() - started):.0f}"
+        )
+    report("swarm canary 10 % -> 50 % -> off -> 50 % -> promote", load, swarm, since)
+    for percent, share in shares.items():
+        assert abs(share - percent) <= 5, (percent, share)
+    assert after_off == {primary}
+    assert load.versions_since(promoted) == {candidate}
+    assert swarm.image() == f"{IMAGE_NAME}:{candidate}"
+    replicas = run(
+        [
+            "docker",
+            "service",
+            "inspect",
+            f"{STACK}_canary",
+            "--format",
+            "{{.Spec.Mode.Replicated.Replicas}}",
+        ]
+    ).stdout.strip()
+    assert replicas == "0"
 
 
 def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
