@@ -252,6 +252,9 @@ def test_canary_gets_its_share_then_is_promoted_without_a_failed_request(swarm: 
         TIMINGS["swarm canary: requests/s"] = (
             f"{len(load.results) / (time.monotonic() - started):.0f}"
         )
+    TIMINGS["swarm canary: kept-connection requests resent after a reload closed it"] = len(
+        load.resent
+    )
     report("swarm canary 10 % -> 50 % -> off -> 50 % -> promote", load, swarm, since)
     for percent, share in shares.items():
         assert abs(share - percent) <= 5, (percent, share)
