@@ -13,10 +13,21 @@
 #   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
 #   make engine           install/start a Docker engine and the compose plugin if missing
 #   make stack-up         deploy/swarm/stack.yaml on this engine's swarm (inits a
-#                         single-node swarm when there is none)
+#                         single-node swarm when there is none); Prometheus and
+#                         Grafana on this manager's 127.0.0.1 only (elsewhere:
+#                         ssh -L 3000:127.0.0.1:3000 <manager>); refuses
+#                         without GRAFANA_ADMIN_PASSWORD (or OFFLINE=1 /
+#                         GRAFANA_REPLICAS=0: no Grafana)
 #   make stack-rollout VERSION=x.y.z
 #                         build ml-api:x.y.z and roll the api service to it, one
 #                         task at a time; returns when converged or rolled back
+#   make stack-canary VERSION=x.y.z PERCENT=n [STICKY=1]
+#                         build ml-api:x.y.z, run it as the canary service beside
+#                         the api and send it n % of requests (per request;
+#                         STICKY=1: per API key); without VERSION, change the
+#                         share of the running canary
+#   make stack-promote    roll the api to the canary's version, remove the canary
+#   make stack-canary-off send the canary nothing and remove it
 #   make stack-scale REPLICAS=n
 #   make stack-keys       swap the running stack's API keys for the keys file's
 #                         content (swarm secrets are immutable: a new one, rolled
@@ -57,7 +68,8 @@ DOCKER_ENV = MODEL_VERSION=$(VERSION) MODEL_NAME=$(IMAGE_MODEL_NAME) DATASET=$(D
 	PACKAGE_ARGS="$(PACKAGE_ARGS)"
 E2E_PYTHON = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 
-.PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-keys stack-down
+.PHONY: image up down e2e offline-images engine stack-up stack-rollout stack-scale stack-keys stack-down \
+	stack-canary stack-promote stack-canary-off
 
 engine:
 	PYTHON=$(PYTHON) docker/ensure-engine.sh start
@@ -95,6 +107,20 @@ stack-rollout: image
 
 stack-scale:
 	deploy/swarm/stack.sh scale $(REPLICAS)
+
+# VERSION only when given on the command line: without it, only the share changes.
+CANARY_VERSION = $(if $(filter command line,$(origin VERSION)),$(VERSION))
+STICKY ?= 0
+
+stack-canary: $(if $(CANARY_VERSION),image)
+	@test -n "$(PERCENT)" || { echo "usage: make stack-canary [VERSION=x.y.z] PERCENT=n [STICKY=1]" >&2; exit 2; }
+	STICKY=$(STICKY) deploy/swarm/stack.sh canary $(CANARY_VERSION) "$(PERCENT)"
+
+stack-promote:
+	deploy/swarm/stack.sh promote
+
+stack-canary-off:
+	deploy/swarm/stack.sh canary-off
 
 stack-down:
 	deploy/swarm/stack.sh down

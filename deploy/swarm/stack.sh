@@ -13,13 +13,34 @@
 #   stack.sh scale N           N api replicas; return when converged
 #   stack.sh keys              rotate the API keys of the running stack to
 #                              the keys file's current content: a new secret,
-#                              swapped into the api (start-first, one task at a
+#                              swapped into the api and the canary
+#                              (start-first, one task at a
 #                              time: no request lost) and then the proxy
 #                              (stop-first: it holds the host port); return
 #                              when both converged
+#   stack.sh canary [VERSION] PERCENT
+#                              run $IMAGE_NAME:VERSION as the `canary` service
+#                              beside the api ($CANARY_REPLICAS, 1) and have the
+#                              proxy send it PERCENT % of requests, split per
+#                              request (STICKY=1: per API key); without VERSION,
+#                              change the share of the running canary. The
+#                              proxy reloads gracefully: no request is lost
+#   stack.sh promote           roll the api to the canary's image (as rollout),
+#                              then remove the canary
+#   stack.sh canary-off        send the canary nothing, then remove it
 #   stack.sh init              only the swarm part of `up`
+#   stack.sh preflight         the checks `up` makes before touching the engine
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
+#
+# Prometheus (no authentication) and Grafana publish no port: swarm would bind
+# every interface of the node. `up` starts a loopback-only door to both on the
+# manager (monitoring-door.conf): http://127.0.0.1:$PROMETHEUS_PORT and
+# http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
+#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
+# Run this script on the manager: the door bind-mounts monitoring-door.conf
+# from this checkout. Grafana is not deployed with its default password: set
+# GRAFANA_ADMIN_PASSWORD (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
 # PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
@@ -28,8 +49,8 @@
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
 # host's keys file, secrets/api-keys: `make api-key NAME=<id>` writes it; it
-# must exist, an empty one runs the API open), PROXY_API_KEY_RATE and the
-# other proxy limits (README, "Configuration").
+# must exist), GRAFANA_ADMIN_PASSWORD, PROXY_API_KEY_RATE and the other proxy
+# limits (docs/operations.md, "The proxy").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -64,7 +85,7 @@ ensure_swarm() {
 # immutable, so an edited file must become a new config.
 config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
-        docker/nginx/render.sh docker/nginx/api_keys.js \
+        docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
@@ -109,7 +130,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url, Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
             return 0
         fi
         sleep 1
@@ -117,7 +138,59 @@ wait_for_prediction() {
     die "the proxy did not answer /health/ready on $url within ${TIMEOUT}s"
 }
 
+# Grafana on swarm is reachable by SSH tunnel from anywhere the manager is:
+# its default password would be everyone's. Without Grafana, a random one
+# fills the stack file's required variable.
+preflight() {
+    if [ "${GRAFANA_REPLICAS:-1}" != 0 ]; then
+        case "${GRAFANA_ADMIN_PASSWORD:-}" in
+            ''|admin) die "set GRAFANA_ADMIN_PASSWORD (not empty, not 'admin'), or GRAFANA_REPLICAS=0: on swarm Grafana is not deployed with its default password" ;;
+        esac
+    else
+        : "${GRAFANA_ADMIN_PASSWORD:=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+    fi
+    export GRAFANA_ADMIN_PASSWORD
+}
+
+monitoring_door() { printf '%s_monitoring-door' "$STACK_NAME"; }
+
+# A plain container on the stack's edge network (swarm cannot publish on one
+# address) that publishes Prometheus and Grafana on the manager's loopback
+# only. Its configuration is a read-only bind mount of this checkout's file:
+# this script runs on the manager, whose engine sees the file.
+start_monitoring_door() {
+    local door
+    door="$(monitoring_door)"
+    docker rm -f "$door" >/dev/null 2>&1 || true
+    docker run --detach --name "$door" --restart unless-stopped \
+        --label "com.docker.stack.namespace=$STACK_NAME" \
+        --network "${STACK_NAME}_edge" \
+        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
+        --mount "type=bind,source=$HERE/monitoring-door.conf,target=/etc/nginx/monitoring-door.conf,readonly" \
+        --user 65534:65534 --read-only --tmpfs /tmp \
+        --cap-drop ALL --security-opt no-new-privileges:true \
+        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        -e stderr -c /etc/nginx/monitoring-door.conf -g 'daemon off;' >/dev/null
+}
+
+stop_monitoring_door() {
+    docker rm -f "$(monitoring_door)" >/dev/null 2>&1 || true
+}
+
+# Until the door answers on loopback (nginx refuses connections until it
+# listens; a proxy that cannot reach Prometheus closes them at once).
+wait_for_monitoring_door() {
+    local url="http://127.0.0.1:${PROMETHEUS_PORT:-9090}/-/ready" deadline=$((SECONDS + TIMEOUT))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        sleep 1
+    done
+    docker logs --tail 20 "$(monitoring_door)" >&2 || true
+    die "Prometheus did not answer on $url (the monitoring door) within ${TIMEOUT}s"
+}
+
 cmd_up() {
+    preflight
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
@@ -128,9 +201,11 @@ cmd_up() {
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    start_monitoring_door
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
+    wait_for_monitoring_door
     wait_for_prediction
 }
 
@@ -207,10 +282,13 @@ cmd_keys() {
     fi
     local -A mount=(
         [api]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
+        [canary]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
         [proxy]="source=$secret,target=api-keys,mode=0444"
     )
     local stale=()
-    for svc in api proxy; do
+    # The canary is the api's definition, keys included (at 0 replicas it
+    # has no task to roll: the new spec is all there is to wait for).
+    for svc in api canary proxy; do
         old="$(mounted_keys_secret "$svc")"
         if [ "$old" = "$secret" ]; then
             log "$(service "$svc") mounts $secret already"
@@ -221,7 +299,9 @@ cmd_keys() {
         before="$(update_field "$svc" StartedAt)"
         docker service update --detach --secret-rm "$old" --secret-add "${mount[$svc]}" "$(service "$svc")" >/dev/null
         status=0
-        wait_update "$svc" "$before" || status=$?
+        if [ "$svc" != canary ] || [ "$(service_replicas canary)" != 0 ]; then
+            wait_update "$svc" "$before" || status=$?
+        fi
         [ "$status" = 0 ] || die "$(service "$svc") did not take the new keys (its tasks keep $old)"
         stale+=("$old")
     done
@@ -229,8 +309,85 @@ cmd_keys() {
         docker secret rm "$old" >/dev/null 2>&1 || true
     done
     wait_converged api
+    wait_converged canary
     wait_converged proxy
     log "API keys of $STACK_NAME are $secret"
+}
+
+# The proxy's task container on this node (the proxy runs on a manager:
+# run this script on that manager).
+proxy_container() {
+    local id
+    id="$(docker ps -q --filter "label=com.docker.swarm.service.name=$(service proxy)" | head -n 1)"
+    [ -n "$id" ] || die "no task of $(service proxy) runs on this node: run stack.sh on the manager that runs it"
+    printf '%s' "$id"
+}
+
+# The proxy's watcher applies the share (docker/nginx/canary.sh) and reloads
+# nginx; this returns once it has.
+canary_share() {
+    docker exec "$(proxy_container)" sh /etc/nginx/canary.sh set "$1" "$2" >&2
+}
+
+service_image() {
+    docker service inspect "$(service "$1")" --format '{{.Spec.TaskTemplate.ContainerSpec.Image}}'
+}
+
+service_replicas() {
+    docker service inspect "$(service "$1")" --format '{{if .Spec.Mode.Replicated}}{{.Spec.Mode.Replicated.Replicas}}{{end}}'
+}
+
+cmd_canary() {
+    local version="${1:-}" percent="${2:-}" sticky="${STICKY:-0}" svc image
+    case "$percent" in
+        ''|*[!0-9]*) die "usage: stack.sh canary [VERSION] PERCENT (a whole number from 0 to 100)" ;;
+    esac
+    [ "$percent" -le 100 ] || die "PERCENT $percent is more than 100"
+    case "$sticky" in 0|1) ;; *) die "STICKY is 0 or 1, not '$sticky'" ;; esac
+    svc="$(service canary)"
+    docker service inspect "$svc" >/dev/null 2>&1 || die "no service $svc: run \`make stack-up\` first"
+    if [ -n "$version" ]; then
+        image="$IMAGE_NAME:$version"
+        docker image inspect "$image" >/dev/null 2>&1 || die "no image $image: run \`make stack-canary VERSION=$version PERCENT=$percent\`"
+        if [ "$(service_image canary)" != "$image" ] && [ "$(service_replicas canary)" != 0 ]; then
+            # A canary of another version: it goes first, so that every
+            # task counted below runs the new one.
+            cmd_canary_off
+        fi
+        log "canary $svc: $image, ${CANARY_REPLICAS:-1} replica(s)"
+        docker service update --detach --no-resolve-image --image "$image" \
+            --replicas "${CANARY_REPLICAS:-1}" "$svc" >/dev/null
+        # Running = healthy: the task is in DNS, ready for the proxy.
+        wait_converged canary
+    elif [ "$(service_replicas canary)" = 0 ]; then
+        die "no canary runs: \`make stack-canary VERSION=x.y.z PERCENT=$percent\`"
+    fi
+    canary_share "$percent" "$sticky"
+    log "canary $(service_image canary): $percent % of requests (sticky: $sticky)"
+}
+
+cmd_canary_off() {
+    local svc
+    svc="$(service canary)"
+    docker service inspect "$svc" >/dev/null 2>&1 || die "no service $svc: run \`make stack-up\` first"
+    # First nothing to it (requests under way finish), then away with it.
+    canary_share 0 0
+    docker service scale --detach "$svc=0" >/dev/null
+    wait_converged canary
+    log "canary removed; every request goes to $(service api) ($(service_image api))"
+}
+
+cmd_promote() {
+    local image version status=0
+    docker service inspect "$(service canary)" >/dev/null 2>&1 || die "no service $(service canary): run \`make stack-up\` first"
+    [ "$(service_replicas canary)" != 0 ] || die "no canary runs: nothing to promote"
+    image="$(service_image canary)"
+    version="${image##*:}"
+    [ "$image" = "$IMAGE_NAME:$version" ] || die "the canary runs $image, not an $IMAGE_NAME image"
+    log "promoting $image: rolling $(service api) to it, then removing the canary"
+    cmd_rollout "$version" || status=$?
+    [ "$status" = 0 ] || die "$(service api) did not take $image (rollout ended $status); the canary keeps its share"
+    cmd_canary_off
 }
 
 cmd_scale() {
@@ -241,6 +398,8 @@ cmd_scale() {
 }
 
 cmd_down() {
+    # Attached to the stack's network: it would keep the network alive.
+    stop_monitoring_door
     if docker stack ls --format '{{.Name}}' 2>/dev/null | grep -qx "$STACK_NAME"; then
         log "removing stack $STACK_NAME"
         docker stack rm "$STACK_NAME" >&2
@@ -273,9 +432,15 @@ cmd_down() {
 case "${1:-}" in
     up) cmd_up ;;
     init) ensure_swarm ;;
+    preflight) preflight ;;
     rollout) shift; cmd_rollout "$@" ;;
     scale) shift; cmd_scale "$@" ;;
+    canary) shift
+        # One argument: the share of the running canary.
+        if [ "$#" -eq 1 ]; then cmd_canary "" "$1"; else cmd_canary "$@"; fi ;;
+    canary-off) cmd_canary_off ;;
+    promote) cmd_promote ;;
     keys) cmd_keys ;;
     down) cmd_down ;;
-    *) echo "usage: $0 up | init | rollout VERSION | scale N | keys | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | init | preflight | rollout VERSION | scale N | canary [VERSION] PERCENT | promote | canary-off | keys | down" >&2; exit 2 ;;
 esac

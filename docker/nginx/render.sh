@@ -66,3 +66,5 @@ sed -e "s|\${API_KEYS_FILE}|$API_KEYS_FILE|g" \
     -e "s|\${PROXY_OPEN_BURST}|$PROXY_OPEN_BURST|g" \
     "$SRC/nginx.conf" >"$OUT/nginx.conf"
 cp "$SRC/api_keys.js" "$OUT/api_keys.js"
+# Everything to the primary; entrypoint.sh re-renders it for a canary.
+sh "$SRC/canary.sh" render "$OUT" 0 0

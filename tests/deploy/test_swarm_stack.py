@@ -4,11 +4,16 @@ The proxy's entrypoint renders nginx.conf with render.sh and loads
 api_keys.js: on swarm each must be a config of the proxy (no bind mount of
 docker/nginx as under compose) and part of stack.sh's config digest, or an
 edit would not roll out. Both services read the keys from the same secret.
+Prometheus and Grafana publish no port (swarm would bind every interface):
+stack.sh's loopback-only door publishes them, and refuses to deploy Grafana
+with its default password.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +70,118 @@ def test_api_and_proxy_read_the_keys_from_the_api_keys_secret() -> None:
         targets = {s["source"]: s["target"] for s in service["secrets"]}
         assert targets == {"api-keys": "api-keys"}
         assert service["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys"
+
+
+def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:
+    """Swarm publishes on every interface of a node; Prometheus has no
+    authentication. Only the proxy publishes; the others resolve to their
+    task (dnsrr: this kernel has no IPVS for a VIP)."""
+    services = _stack()["services"]
+    assert [name for name, service in services.items() if service.get("ports")] == ["proxy"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
+    # The loopback door attaches to the edge network as a plain container.
+    assert _stack()["networks"]["edge"]["attachable"] is True
+
+
+def _function(script: str, name: str) -> str:
+    body = script[script.index(f"{name}() {{") :]
+    return body[: body.index("\n}\n")]
+
+
+def test_the_monitoring_door_publishes_on_the_managers_loopback_only() -> None:
+    door = _function((SWARM / "stack.sh").read_text(), "start_monitoring_door")
+    published = re.findall(r'-p "([^"]+)"', door)
+    assert published == [
+        "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090",
+        "127.0.0.1:${GRAFANA_PORT:-3000}:3000",
+    ]
+    assert "source=$HERE/monitoring-door.conf" in door
+    conf = (SWARM / "monitoring-door.conf").read_text()
+    assert re.search(r"^\s*9090 prometheus:9090;$", conf, re.MULTILINE)
+    assert re.search(r"^\s*3000 grafana:3000;$", conf, re.MULTILINE)
+
+
+def _stack_sh(verb: str, **env: str) -> subprocess.CompletedProcess[str]:
+    # An image that does not exist: were the refusal to let `up` through, it
+    # would stop at `docker image inspect`, before any deploy.
+    return subprocess.run(
+        ["bash", str(SWARM / "stack.sh"), verb],
+        env={
+            "PATH": os.environ["PATH"],
+            "STACK_NAME": "ml-api-preflight-test",
+            "IMAGE_NAME": "ml-api-preflight-test-no-such-image",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_stack_up_refuses_grafana_with_no_or_the_default_password() -> None:
+    grafana = _stack()["services"]["grafana"]["environment"]
+    # No default in the stack file: `docker stack deploy` by hand refuses too.
+    assert ":?" in grafana["GF_SECURITY_ADMIN_PASSWORD"]
+    for env in ({}, {"GRAFANA_ADMIN_PASSWORD": "admin"}, {"GRAFANA_ADMIN_PASSWORD": ""}):
+        refused = _stack_sh("up", **env)
+        assert refused.returncode == 1, (env, refused.stderr)
+        # One line, naming what to set.
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert "set GRAFANA_ADMIN_PASSWORD" in refused.stderr, refused.stderr
+
+
+def test_preflight_passes_with_a_password_or_without_grafana() -> None:
+    assert _stack_sh("preflight", GRAFANA_ADMIN_PASSWORD="a long passphrase").returncode == 0
+    assert _stack_sh("preflight", GRAFANA_REPLICAS="0").returncode == 0
+
+
+def test_the_canary_is_the_api_at_zero_replicas() -> None:
+    """One definition: a canary differs from the primary only in its image
+    (stack.sh canary sets it) and its replicas."""
+    services = _stack()["services"]
+    api, canary = services["api"], services["canary"]
+    assert canary["deploy"]["replicas"] == 0
+    assert {**canary, "deploy": None} == {**api, "deploy": None}
+    assert {**canary["deploy"], "replicas": None} == {**api["deploy"], "replicas": None}
+    assert services["proxy"]["environment"]["CANARY_HOST"] == "canary"
+    scrape = yaml.safe_load((SWARM / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["dns_sd_configs"][0]["names"] == ["tasks.api", "tasks.canary"]
+
+
+def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(NGINX / "canary.sh"), "render", str(tmp_path), percent, sticky],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_canary_conf_splits_per_request_or_per_key(tmp_path: Path) -> None:
+    assert _render_canary(tmp_path, "0", "0").returncode == 0
+    off = (tmp_path / "canary.conf").read_text()
+    assert "upstream ml_api_canary" not in off  # the canary's name need not resolve
+    assert 'split_clients "${request_id}" $ml_api_upstream { * ml_api; }' in off
+    assert _render_canary(tmp_path, "10", "0").returncode == 0
+    ten = (tmp_path / "canary.conf").read_text()
+    assert "server canary:8000 " in ten
+    assert 'split_clients "${request_id}" $ml_api_upstream { 10% ml_api_canary; * ml_api; }' in ten
+    assert _render_canary(tmp_path, "50", "1").returncode == 0
+    sticky = (tmp_path / "canary.conf").read_text()
+    assert '"${http_authorization}${http_x_api_key}"' in sticky
+    for percent, sticky_value in (("101", "0"), ("-1", "0"), ("ten", "0"), ("5", "2")):
+        refused = _render_canary(tmp_path, percent, sticky_value)
+        assert refused.returncode == 2, (percent, sticky_value)
+    # A refused value leaves the last good file.
+    assert (tmp_path / "canary.conf").read_text() == sticky
+
+
+def test_the_proxy_sends_requests_to_the_upstream_canary_conf_names() -> None:
+    conf = (NGINX / "nginx.conf").read_text()
+    assert "include canary.conf;" in conf
+    assert re.findall(r"proxy_pass [^;]+;", conf) == ["proxy_pass http://$ml_api_upstream;"]
+    render = (NGINX / "render.sh").read_text()
+    assert 'sh "$SRC/canary.sh" render "$OUT" 0 0' in render

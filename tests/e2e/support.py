@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = ROOT / "docker"
 PROJECT = os.environ.get("E2E_PROJECT", "ml-api-e2e")
@@ -201,9 +203,11 @@ class Stack:
 class LoadStream:
     """A steady stream of predictions through the proxy, from a few threads.
 
-    Every request is recorded with its start and end (monotonic), its status
-    and the model version that answered; anything but a 200 carrying a
-    prediction, including a connection error, is a failure.
+    `threads` clients open a connection per request; `kept` more keep their
+    connections in a pool (httpx), as real clients do. Every request is
+    recorded with its start and end (monotonic), its status and the model
+    version that answered; anything but a 200 carrying a prediction,
+    including a connection error, is a failure.
     """
 
     def __init__(
@@ -212,23 +216,56 @@ class LoadStream:
         threads: int = 3,
         pause: float = 0.05,
         headers: dict[str, str] | None = None,
+        kept: int = 0,
     ) -> None:
         self.proxy = proxy
         self.pause = pause
         self.headers = headers or {}
         self.results: list[tuple[float, float, int, str]] = []
         self.failures: list[str] = []
+        # Kept-connection requests resent once: the server closed the idle
+        # connection as the request left (see _post).
+        self.resent: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
+        self._threads += [
+            threading.Thread(target=self._client, args=(True,), daemon=True) for _ in range(kept)
+        ]
 
-    def _client(self) -> None:
+    def _client(self, keep_alive: bool = False) -> None:
+        pool = httpx.Client(headers=self.headers, timeout=15) if keep_alive else None
+        try:
+            self._send(pool)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    def _post(self, pool: httpx.Client | None) -> Response:
+        if pool is None:
+            return http("POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15)
+        # Marked replayable (a prediction is a pure function), as Go's
+        # net/http requires before it resends a request whose kept
+        # connection the server closed before any byte of an answer: an nginx
+        # reload closes its old workers' idle connections, and a request
+        # already on its way meets the close. Each resend is counted.
+        key = {"Idempotency-Key": os.urandom(8).hex()}
+        url = f"{self.proxy}/predict"
+        try:
+            answer = pool.post(url, json=SETOSA, headers=key)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):
+                raise
+            with self._lock:
+                self.resent.append(repr(exc))
+            answer = pool.post(url, json=SETOSA, headers=key)
+        return Response(answer.status_code, dict(answer.headers), answer.content)
+
+    def _send(self, pool: httpx.Client | None) -> None:
         while not self._stop.is_set():
             start = time.monotonic()
             try:
-                resp = http(
-                    "POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15
-                )
+                resp = self._post(pool)
                 body = resp.json() if resp.status == 200 else {}
                 version = str(body.get("model_version", ""))
                 ok = resp.status == 200 and body.get("predicted_class_name") == "setosa"
@@ -255,3 +292,8 @@ class LoadStream:
     def versions_since(self, t: float) -> set[str]:
         with self._lock:
             return {version for start, _, _, version in self.results if start >= t}
+
+    def answered_between(self, t0: float, t1: float) -> list[str]:
+        """The versions that answered the requests sent and answered within [t0, t1]."""
+        with self._lock:
+            return [v for start, end, _, v in self.results if start >= t0 and end <= t1]

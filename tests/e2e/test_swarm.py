@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, LoadStream, http, run
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -67,6 +68,44 @@ def test_stack_serves_through_the_proxy(swarm: Swarm) -> None:
     assert resp.json()["model_version"] == MODEL_VERSION
     assert swarm.image() == IMAGE
     assert_targets_are_the_tasks(swarm, 3)
+
+
+def _host_address() -> str:
+    """An address of this host that is not loopback: the default bridge's gateway."""
+    gateway = run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"]
+    ).stdout.strip()
+    assert gateway
+    assert not gateway.startswith("127."), gateway
+    return gateway
+
+
+def _connects(address: str, port: str) -> bool:
+    try:
+        with socket.create_connection((address, int(port)), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def test_prometheus_and_grafana_answer_on_the_managers_loopback_only(swarm: Swarm) -> None:
+    for name in ("prometheus", "grafana"):
+        [service] = json.loads(run(["docker", "service", "inspect", f"{STACK}_{name}"]).stdout)
+        assert not service["Spec"].get("EndpointSpec", {}).get("Ports"), name
+        assert not service.get("Endpoint", {}).get("Ports"), name
+    [door] = json.loads(run(["docker", "inspect", f"{STACK}_monitoring-door"]).stdout)
+    bound = {b["HostIp"] for v in door["HostConfig"]["PortBindings"].values() for b in v}
+    assert bound == {"127.0.0.1"}
+    # Prometheus itself answers through the door (what Grafana's port leads
+    # to is the same proxy; the tests run without a Grafana image).
+    assert http("GET", f"{swarm.prometheus}/-/ready").status == 200
+    assert _connects("127.0.0.1", swarm.env["GRAFANA_PORT"])
+    address = _host_address()
+    # The proxy is published on every interface (swarm's host mode): the
+    # address is reachable; Prometheus and Grafana are not, there.
+    assert _connects(address, swarm.env["PROXY_PORT"])
+    assert not _connects(address, swarm.env["PROMETHEUS_PORT"])
+    assert not _connects(address, swarm.env["GRAFANA_PORT"])
 
 
 def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm) -> None:
@@ -171,6 +210,70 @@ def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) 
     )
 
 
+# Seconds of traffic at each canary share, at ~40 requests/s: a share's
+# binomial spread is 1.1 points at 10 % (800 answers) and 1.3 at 50 % (1,600),
+# so +-5 is 4 of them or more.
+CANARY_WINDOW = {10: 20.0, 50: 40.0}
+
+
+def test_canary_gets_its_share_then_is_promoted_without_a_failed_request(swarm: Swarm) -> None:
+    """stack.sh canary / promote / canary-off (make stack-canary ...) under
+    ~40 requests/s from new-connection and keep-alive clients: the proxy's
+    split follows each weight (a graceful nginx reload), and the candidate
+    serves everything once promoted. The primary runs 1.1.0 by now (the
+    rolling update); the candidate is the 1.0.0 image."""
+    primary, candidate = NEXT_VERSION, MODEL_VERSION
+    assert swarm.image() == f"{IMAGE_NAME}:{primary}"
+    shares: dict[int, float] = {}
+    since = time.time()
+    with LoadStream(swarm.proxy, threads=2, kept=2, pause=0.08, headers=swarm.headers) as load:
+        started = time.monotonic()
+        time.sleep(2)
+        for percent, version in ((10, candidate), (50, "")):
+            swarm.stack("canary", *([version] if version else []), str(percent))
+            t0 = time.monotonic()
+            time.sleep(CANARY_WINDOW[percent])
+            answered = load.answered_between(t0, time.monotonic())
+            shares[percent] = 100 * answered.count(candidate) / len(answered)
+            TIMINGS[f"swarm canary {percent} %: share from the candidate"] = (
+                f"{shares[percent]:.1f} % of {len(answered)}"
+            )
+            assert set(answered) == {primary, candidate}
+        swarm.stack("canary-off")
+        off = time.monotonic()
+        time.sleep(3)
+        after_off = set(load.answered_between(off, time.monotonic()))
+        swarm.stack("canary", candidate, "50")
+        t0 = time.monotonic()
+        swarm.stack("promote")
+        TIMINGS["swarm canary promote"] = time.monotonic() - t0
+        promoted = time.monotonic()
+        time.sleep(3)
+        TIMINGS["swarm canary: requests/s"] = (
+            f"{len(load.results) / (time.monotonic() - started):.0f}"
+        )
+    TIMINGS["swarm canary: kept-connection requests resent after a reload closed it"] = len(
+        load.resent
+    )
+    report("swarm canary 10 % -> 50 % -> off -> 50 % -> promote", load, swarm, since)
+    for percent, share in shares.items():
+        assert abs(share - percent) <= 5, (percent, share)
+    assert after_off == {primary}
+    assert load.versions_since(promoted) == {candidate}
+    assert swarm.image() == f"{IMAGE_NAME}:{candidate}"
+    replicas = run(
+        [
+            "docker",
+            "service",
+            "inspect",
+            f"{STACK}_canary",
+            "--format",
+            "{{.Spec.Mode.Replicated.Replicas}}",
+        ]
+    ).stdout.strip()
+    assert replicas == "0"
+
+
 def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
     before = TIMINGS["swarm before the tests"]
     swarm.stack("down")
@@ -179,6 +282,10 @@ def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
         ["docker", "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}"]
     ).stdout.split()
     assert not leftovers
+    # The monitoring door went too.
+    assert not run(
+        ["docker", "ps", "-aq", "--filter", f"name={STACK}_monitoring-door"]
+    ).stdout.split()
     # The stack's secrets (also those stack.sh keys made) went with it.
     assert not run(
         ["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"], check=False

@@ -2,9 +2,9 @@
 
 docker/nginx/render.sh renders the template exactly as the proxy container's
 entrypoint does; only what ties it to compose is rewritten here: the listen
-address, the upstream (`api:8000`), the pid and temp paths, and the user the
-workers run as (when the tests run as root, root, so they can read files
-under pytest's private temporary directories).
+address, the upstreams (`api:8000`, a canary's `canary:8000`), the pid and
+temp paths, and the user the workers run as (when the tests run as root,
+root, so they can read files under pytest's private temporary directories).
 """
 
 from __future__ import annotations
@@ -39,12 +39,40 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
 
-def render(out_dir: Path, upstream_port: int, port: int, settings: dict[str, str]) -> Path:
+@dataclass(frozen=True)
+class Canary:
+    """A second upstream and its share, as docker/nginx/canary.sh renders it."""
+
+    port: int
+    percent: int
+    sticky: bool = False
+
+
+def render_canary(out_dir: Path, canary: Canary) -> None:
+    share = [str(canary.percent), "1" if canary.sticky else "0"]
+    subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "render", str(out_dir), *share], check=True)
+    conf = out_dir / "canary.conf"
+    text, count = re.subn(
+        r"server canary:8000 ", f"server 127.0.0.1:{canary.port} ", conf.read_text()
+    )
+    assert count == 1, "no `server canary:8000` in canary.sh's canary.conf any more"
+    conf.write_text(text)
+
+
+def render(
+    out_dir: Path,
+    upstream_port: int,
+    port: int,
+    settings: dict[str, str],
+    canary: Canary | None = None,
+) -> Path:
     subprocess.run(
         ["sh", str(NGINX_DIR / "render.sh"), str(NGINX_DIR), str(out_dir)],
         env={**os.environ, **settings},
         check=True,
     )
+    if canary is not None:
+        render_canary(out_dir, canary)
     conf = out_dir / "nginx.conf"
     text = conf.read_text()
     replacements = [
@@ -63,10 +91,12 @@ def render(out_dir: Path, upstream_port: int, port: int, settings: dict[str, str
 
 
 @contextmanager
-def running_nginx(work: Path, upstream_port: int, settings: dict[str, str]) -> Iterator[Nginx]:
+def running_nginx(
+    work: Path, upstream_port: int, settings: dict[str, str], canary: Canary | None = None
+) -> Iterator[Nginx]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = render(work, upstream_port, port, settings)
+    conf = render(work, upstream_port, port, settings, canary)
     subprocess.run(["nginx", "-t", "-q", "-c", str(conf)], check=True)
     access_log, error_log = work / "nginx.out", work / "nginx.err"
     with access_log.open("wb") as out, error_log.open("wb") as err:

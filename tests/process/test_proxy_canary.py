@@ -1,0 +1,80 @@
+"""The proxy's canary split (docker/nginx/canary.sh) with a real nginx in
+front of two real Gunicorns: the share of requests each upstream answers
+follows the weight, per request; with STICKY=1 every request of one API key
+lands on the same side."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.bundles import SETOSA
+from tests.support.nginx import Canary, Nginx, running_nginx
+from tests.support.servers import Gunicorn, running_gunicorn
+
+pytestmark = pytest.mark.process
+
+REQUESTS = 2000
+# AUTH=off: every request in the open bucket; its rate far above this test's.
+SETTINGS = {
+    "AUTH": "off",
+    "PROXY_OPEN_RATE": "10000r/s",
+    "PROXY_OPEN_BURST": "10000",
+    "PROXY_UPSTREAM_ADDR_HEADER": "on",
+}
+
+
+@pytest.fixture
+def upstreams(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Gunicorn, Gunicorn]]:
+    env = {"AUTH": "off"}
+    with (
+        running_gunicorn(model_dir, tmp_path / "primary", workers=1, env=env) as primary,
+        running_gunicorn(model_dir, tmp_path / "canary", workers=1, env=env) as canary,
+    ):
+        yield primary, canary
+
+
+def _answered_by(proxy: Nginx, headers: dict[str, str], requests: int) -> Counter[str]:
+    """Which upstream (address) answered each of `requests` predictions."""
+    answered: Counter[str] = Counter()
+    with httpx.Client(timeout=10, headers=headers) as client:
+        for _ in range(requests):
+            response = client.post(f"{proxy.url}/predict", json=SETOSA)
+            assert response.status_code == 200, response.text
+            answered[response.headers["x-upstream-addr"]] += 1
+    return answered
+
+
+@pytest.mark.parametrize("percent", [10, 50])
+def test_the_canary_answers_its_share_of_requests(
+    upstreams: tuple[Gunicorn, Gunicorn], tmp_path: Path, percent: int
+) -> None:
+    primary, canary = upstreams
+    with running_nginx(
+        tmp_path / "nginx", primary.port, SETTINGS, Canary(canary.port, percent)
+    ) as proxy:
+        answered = _answered_by(proxy, {}, REQUESTS)
+    assert set(answered) == {f"127.0.0.1:{primary.port}", f"127.0.0.1:{canary.port}"}
+    share = 100 * answered[f"127.0.0.1:{canary.port}"] / REQUESTS
+    # Binomial spread at 2,000 requests: at most 1.1 points; 5 is 4.5 of them.
+    assert abs(share - percent) <= 5, share
+
+
+def test_sticky_keeps_each_api_key_on_one_side(
+    upstreams: tuple[Gunicorn, Gunicorn], tmp_path: Path
+) -> None:
+    primary, canary = upstreams
+    sides: set[str] = set()
+    with running_nginx(
+        tmp_path / "nginx", primary.port, SETTINGS, Canary(canary.port, 50, sticky=True)
+    ) as proxy:
+        for client in range(12):
+            answered = _answered_by(proxy, {"X-API-Key": f"client-{client}"}, 20)
+            assert len(answered) == 1, (client, answered)
+            sides |= set(answered)
+    # Fixed keys: the split is the same on every run, and puts some on each side.
+    assert sides == {f"127.0.0.1:{primary.port}", f"127.0.0.1:{canary.port}"}
