@@ -223,9 +223,6 @@ class LoadStream:
         self.headers = headers or {}
         self.results: list[tuple[float, float, int, str]] = []
         self.failures: list[str] = []
-        # Kept-connection requests resent once: the server closed the idle
-        # connection as the request left (see _post).
-        self.resent: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
@@ -244,21 +241,10 @@ class LoadStream:
     def _post(self, pool: httpx.Client | None) -> Response:
         if pool is None:
             return http("POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15)
-        # Marked replayable (a prediction is a pure function), as Go's
-        # net/http requires before it resends a request whose kept
-        # connection the server closed before any byte of an answer: an nginx
-        # reload closes its old workers' idle connections, and a request
-        # already on its way meets the close. Each resend is counted.
-        key = {"Idempotency-Key": os.urandom(8).hex()}
-        url = f"{self.proxy}/predict"
-        try:
-            answer = pool.post(url, json=SETOSA, headers=key)
-        except httpx.RemoteProtocolError as exc:
-            if "without sending a response" not in str(exc):
-                raise
-            with self._lock:
-                self.resent.append(repr(exc))
-            answer = pool.post(url, json=SETOSA, headers=key)
+        # Never resent: a POST whose kept connection the proxy closes (an nginx
+        # reload closes its old workers' idle connections) is a failure, as it
+        # is for a real client (issue 21, finding 4).
+        answer = pool.post(f"{self.proxy}/predict", json=SETOSA)
         return Response(answer.status_code, dict(answer.headers), answer.content)
 
     def _send(self, pool: httpx.Client | None) -> None:
