@@ -185,3 +185,11 @@ def test_the_proxy_sends_requests_to_the_upstream_canary_conf_names() -> None:
     assert re.findall(r"proxy_pass [^;]+;", conf) == ["proxy_pass http://$ml_api_upstream;"]
     render = (NGINX / "render.sh").read_text()
     assert 'sh "$SRC/canary.sh" render "$OUT" 0 0' in render
+
+
+def test_the_stack_keeps_its_monitoring_data_apart_from_compose() -> None:
+    # A stack and a compose project of the same name on one host: volumes are
+    # named <project>_<key>, so the keys must differ.
+    swarm = set(yaml.safe_load((ROOT / "deploy/swarm/stack.yaml").read_text())["volumes"])
+    compose = set(yaml.safe_load((ROOT / "compose.yaml").read_text())["volumes"])
+    assert not swarm & compose, swarm & compose
