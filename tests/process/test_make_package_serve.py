@@ -215,8 +215,8 @@ def test_a_packaged_model_serves_its_missing_values_as_it_predicts(
     expected = user.model.predict_proba(_model_input(user, frame))
     classes = [str(c) for c in user.model.classes_]
     # tritonclient rows: every string or category known (its BYTES tensors carry
-    # no null), numbers
-    # missing; sent as float32, so the model is asked on float32 values too.
+    # no null), numbers missing; sent as float32, so the model is asked on
+    # float32 values too.
     numbers = list(frame.select_dtypes("number").columns)
     v2_rows = frame[frame.drop(columns=numbers).notna().all(axis=1)]
     assert v2_rows[numbers].isna().any().any()
