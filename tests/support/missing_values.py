@@ -11,6 +11,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from tests.support.user_models import UserModel
 from training.package import PackageConfig, package
 
 TITANIC_NAME = "titanic"
@@ -115,3 +116,11 @@ def instance(row: pd.Series) -> dict[str, Any]:
         name: None if pd.isna(value) else (value.item() if isinstance(value, np.generic) else value)
         for name, value in row.items()
     }
+
+
+def named_titanic() -> UserModel:
+    """The names model (`sepal length (cm)`, `income-2023`, `od280/od315_of_diluted_wines`)
+    as a UserModel: its reference keeps the missing ages and ports."""
+    frame = titanic_frame()
+    model = titanic_pipeline(frame)
+    return UserModel(model, frame.assign(**{TARGET: titanic_target(frame)}), TARGET, "onnx")

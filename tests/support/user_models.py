@@ -361,9 +361,9 @@ def package_user_model(
     reference data into work/models; returns the model and the bundle path."""
     user = BUILDERS[key]()
     model_file, trusted = save_model(user, work)
-    # The reference CSV keeps complete rows: its reader refuses missing values
-    # (the parity gate's random rows carry them, in every feature the model
-    # takes a missing value in).
+    # Complete reference rows: no feature is nullable, and callers hand rows with
+    # NaN to the backends directly (tests/process/test_make_package_serve.py
+    # packages these models from a CSV that keeps its missing values).
     user.reference.dropna().to_csv(work / "reference.csv", index=False)
     config = PackageConfig(
         model_file=model_file,
