@@ -140,19 +140,23 @@ def test_traffic_like_the_reference_scores_low_and_alerts_nothing(
         assert all(score < LOW for score in features.values()), features
         assert prediction < LOW
         # Every group evaluated again with all the rows in its window: nothing pending.
-        seen = _evaluations(prometheus)
-        wait_for(
-            lambda: all(now != seen[name] for name, now in _evaluations(prometheus).items()),
-            15,
-            interval=0.2,
-            what="the rules to be evaluated again",
-        )
+        _wait_for_another_evaluation(prometheus)
         assert _alerts(prometheus) == []
 
 
 def _evaluations(prometheus: Prometheus) -> dict[str, str]:
     groups = prometheus.get("/api/v1/rules")["groups"]
     return {group["name"]: group["lastEvaluation"] for group in groups}
+
+
+def _wait_for_another_evaluation(prometheus: Prometheus) -> None:
+    seen = _evaluations(prometheus)
+    wait_for(
+        lambda: all(now != seen[name] for name, now in _evaluations(prometheus).items()),
+        15,
+        interval=0.2,
+        what="the rules to be evaluated again",
+    )
 
 
 def test_one_shifted_feature_scores_high_and_its_alert_goes_pending(
@@ -269,13 +273,7 @@ def test_missing_values_like_the_reference_leave_the_missing_rate_alert_inactive
         rates = _missing_rates(prometheus, len(rows))
         assert all(abs(live - reference) < 0.05 for live, reference in rates.values()), rates
         assert rates["age"][1] > 0.1  # the reference rows do miss ages
-        seen = _evaluations(prometheus)
-        wait_for(
-            lambda: all(now != seen[name] for name, now in _evaluations(prometheus).items()),
-            15,
-            interval=0.2,
-            what="the rules to be evaluated again",
-        )
+        _wait_for_another_evaluation(prometheus)
         assert _missing_alerts(prometheus) == []
 
 
