@@ -24,14 +24,23 @@ Series (label `bin` = the bucket's upper edge, the category or the class):
   ml_api:feature_psi:<window>{model, version, feature}
 and the same with `prediction` in place of `feature` (no feature label).
 
-A new kind of comparison (such as a feature's missing rate once the workers
-count it) is one more Distribution (service.monitoring.distributions) with its
-bins: the share, PSI and alert rules are written for any distribution the same way.
+A new kind of comparison is one more Distribution
+(service.monitoring.distributions) with its bins: the share, PSI and alert rules
+are written for any distribution the same way.
+
+Beside the PSI, each scored feature's missing and out-of-range rates:
+  ml_api:feature_missing_rows:<window>{model, version, feature}
+  ml_api:feature_missing_rate:<window>        missing / (missing + present) rows
+  ml_api:feature_reference_missing_rate       the manifest's missing_rate
+  ml_api:feature_out_of_range_rate:<window>   outside the reference min/max / present rows
+A feature that is not nullable has a missing rate of 0: a request without it is
+rejected (422) before the model sees it, so the worker exports no counter for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,10 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from service.bundle import BundleError, resolve_bundle_dir
-from service.manifest import MANIFEST_FILE, Manifest
+from service.manifest import MANIFEST_FILE, CategoryFeature, Manifest
 from service.metrics.instruments import (
     CATEGORY_METRIC,
     FEATURE_METRIC,
+    MISSING_METRIC,
+    OUT_OF_RANGE_METRIC,
     PREDICTION_VALUE_METRIC,
     PREDICTIONS_METRIC,
 )
@@ -58,6 +69,10 @@ DEFAULT_FOR = "15m"
 # Below this many rows in the hour a PSI is mostly sampling noise (with ten
 # bins, about 10 / rows on identical data).
 DEFAULT_MIN_ROWS = 500
+# MlApiMissingRateJump: the hour's missing rate above the reference by this much
+# (absolute) and by this factor, so neither a rare nor a common gap alerts on noise.
+MISSING_RATE_JUMP = 0.1
+MISSING_RATE_FACTOR = 2
 
 Rule = dict[str, Any]
 
@@ -223,7 +238,108 @@ def _window_rules(manifest: Manifest, found: list[Distribution], window: str) ->
         rules.append(
             {"record": family.series("psi", window), "expr": _psi_expr(family, identity, window)}
         )
+        if family.name == "feature":
+            rules += _rate_rules(manifest, window)
     return rules
+
+
+def _rate_rules(manifest: Manifest, window: str) -> list[Rule]:
+    """Each scored feature's missing and out-of-range rates over the window, over the
+    rows its PSI counts (ml_api:feature_rows: present values only)."""
+    feature = FAMILY["feature"]
+    identity = _labels(manifest)
+    by = _by(feature.keys)
+    present = _selector(feature.series("rows", window), identity)
+    missing = _selector(feature.series("missing_rows", window), identity)
+    counted = f"sum by ({by}) (increase({_selector(MISSING_METRIC, identity)}[{window}]))"
+    rules: list[Rule] = [
+        # `or 0 * present`: a feature without the counter is not nullable, never missing.
+        {
+            "record": feature.series("missing_rows", window),
+            "expr": f"{counted}\n  or\n0 * {present}",
+        },
+        {
+            "record": feature.series("missing_rate", window),
+            "expr": f"{missing}\n  /\n({missing} + {present} > 0)",
+        },
+    ]
+    if any(
+        f.training_min is not None for f in manifest.features if not isinstance(f, CategoryFeature)
+    ):
+        outside = _selector(OUT_OF_RANGE_METRIC, identity)
+        rules.append(
+            {
+                "record": feature.series("out_of_range_rate", window),
+                "expr": f"sum by ({by}) (increase({outside}[{window}]))\n  /\n({present} > 0)",
+            }
+        )
+    return rules
+
+
+def _reference_missing_rates(manifest: Manifest, found: list[Distribution]) -> list[Rule]:
+    scored = {d.feature for d in found}
+    return [
+        {
+            "record": FAMILY["feature"].series("reference_missing_rate"),
+            "expr": f"vector({f.missing_rate!r})",
+            "labels": {**_labels(manifest), "feature": f.name},
+        }
+        for f in manifest.features
+        if f.name in scored and f.missing_rate is not None
+    ]
+
+
+def _missing_rate_alert(
+    manifest: Manifest, found: list[Distribution], alert_for: str, min_rows: int, warn: Warn | None
+) -> list[Rule]:
+    """A nullable feature missing far more often over the hour than in the reference
+    data (a feature that is not nullable cannot be missing: such requests get a 422).
+
+    rate > reference + jump and rate > factor * reference, i.e.
+    rate - reference > max((factor - 1) * reference, jump). Shaped
+    `(<rate> and <enough rows>) * (<that condition> as 1 or 0) > 0`, so the value in
+    the summary is the rate and the one comparison with a number is at the top.
+    """
+    scored = {d.feature for d in found}
+    watched = [f for f in manifest.features if f.nullable and f.name in scored]
+    unknown = [f.name for f in watched if f.missing_rate is None]
+    if warn is not None:
+        for name in unknown:
+            warn(f"no missing-rate alert for feature {name}: no reference missing rate")
+    if len(unknown) == len(watched):
+        return []
+    feature = FAMILY["feature"]
+    identity = _labels(manifest)
+    on = f"on ({_by(feature.keys)})"
+    names = "|".join(re.escape(f.name) for f in watched if f.missing_rate is not None)
+    rate = _selector(feature.series("missing_rate", "1h"), identity)
+    # Only the nullable features: the others' rate is 0 by construction.
+    rate = f"{rate[:-1]}, feature=~{_quote(names)}}}"
+    reference = _selector(feature.series("reference_missing_rate"), identity)
+    missing = _selector(feature.series("missing_rows", "1h"), identity)
+    present = _selector(feature.series("rows", "1h"), identity)
+    bundle = "{{ $labels.model }} {{ $labels.version }}"
+    return [
+        {
+            "alert": "MlApiMissingRateJump",
+            "expr": f"(\n  {rate}\n    and {on}\n  {missing} + {present} >= {min_rows}\n)\n"
+            f"  * {on}\n(\n  {rate}\n    - {on} ({reference} + clamp_min("
+            f"{MISSING_RATE_FACTOR - 1} * {reference}, {MISSING_RATE_JUMP}))\n  > bool 0\n)\n"
+            "> 0",
+            "for": alert_for,
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": f"Missing values in {{{{ $labels.feature }}}} of {bundle}: "
+                'missing rate {{ $value | printf "%.2f" }} over the last hour',
+                "description": "The share of rows missing {{ $labels.feature }} has stayed "
+                f"more than {MISSING_RATE_JUMP} above, and over {MISSING_RATE_FACTOR} times, "
+                f"its share in the reference data of {bundle} for {alert_for} (with at least "
+                f"{min_rows} rows in the hour): an upstream source may have stopped sending "
+                "it. Compare ml_api:feature_missing_rate:1h with "
+                "ml_api:feature_reference_missing_rate on the Model health row.",
+            },
+        }
+    ]
 
 
 def _alerts(
@@ -282,7 +398,7 @@ def build_rules(
             "labels": _labels(manifest, d),
         }
         for d in found
-    ]
+    ] + _reference_missing_rates(manifest, found)
     group = f"ml-api-drift:{manifest.name}:{manifest.version}"
     groups = [{"name": f"{group}:reference", "rules": reference}]
     groups += [
@@ -290,7 +406,11 @@ def build_rules(
         for window in WINDOWS
     ]
     groups.append(
-        {"name": f"{group}:alerts", "rules": _alerts(manifest, found, alert_for, min_rows)}
+        {
+            "name": f"{group}:alerts",
+            "rules": _alerts(manifest, found, alert_for, min_rows)
+            + _missing_rate_alert(manifest, found, alert_for, min_rows, warn),
+        }
     )
     return {"groups": [g for g in groups if g["rules"]]}
 

@@ -125,9 +125,9 @@ def running_alertmanager(config: Path, data_dir: Path, port: int) -> Iterator[st
         yield url
 
 
-def write_drift_rules(model_dir: Path, output: Path, *args: str) -> str:
-    """The drift rules of the iris bundle under model_dir, by the project command's
-    module; returns what it reported on stderr."""
+def write_drift_rules(model_dir: Path, output: Path, *args: str, name: str = "iris") -> str:
+    """The drift rules of a bundle (iris unless named) under model_dir, by the project
+    command's module; returns what it reported on stderr."""
     result = subprocess.run(
         [
             sys.executable,
@@ -136,7 +136,7 @@ def write_drift_rules(model_dir: Path, output: Path, *args: str) -> str:
             "--model-dir",
             str(model_dir),
             "--model-name",
-            "iris",
+            name,
             "--output",
             str(output),
             *args,

@@ -206,6 +206,124 @@ def test_a_skewed_class_mix_fires_prediction_drift(trained_bundle: Path, tmp_pat
     )
 
 
+def _text(metric: str, labels: dict[str, str]) -> str:
+    return metric + "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _counter(metric: str, feature: str, per_minute: int) -> dict[str, str]:
+    labels = {**LABELS, "feature": feature, "instance": "api:8000", "job": "whatever"}
+    return {"series": _text(metric, labels), "values": f"0+{per_minute}x{MINUTES}"}
+
+
+def _missing_alert(feature: str, rate: float) -> dict[str, Any]:
+    labels = {**LABELS, "severity": "warning", "alertname": "MlApiMissingRateJump"}
+    summary = (
+        f"Missing values in {feature} of {LABELS['model']} {LABELS['version']}: "
+        f"missing rate {rate:.2f} over the last hour"
+    )
+    return {"exp_labels": {**labels, "feature": feature}, "exp_annotations": {"summary": summary}}
+
+
+def test_a_jump_in_a_nullable_features_missing_rate_fires_and_its_usual_rate_does_not(
+    trained_bundle: Path, tmp_path: Path
+) -> None:
+    iris = _manifest(trained_bundle)
+    # petal_width made nullable, missing from 5% of the reference rows.
+    features = [
+        f.model_copy(update={"nullable": True, "missing_rate": 0.05})
+        if f.name == "petal_width"
+        else f
+        for f in iris.features
+    ]
+    manifest = iris.model_copy(update={"features": features})
+    found = distributions(manifest)
+    present = sum(_counts(_by_name(found)["petal_width"], 1000))
+
+    def scenario(missing: int, per_minute: int = 1000) -> list[Any]:
+        return [
+            *_input(found, {}, per_minute=per_minute),
+            _counter("model_feature_missing_total", "petal_width", missing),
+            _counter("model_feature_out_of_range_total", "sepal_length", per_minute // 10),
+        ]
+
+    def rate(name: str, feature: str, value: float) -> dict[str, Any]:
+        labels = {**LABELS, "feature": feature}
+        return {
+            "expr": f'{name}{{feature="{feature}"}}',
+            "eval_time": "30m",
+            "exp_samples": [
+                {
+                    "labels": _text(name, labels),
+                    "value": value,
+                }
+            ],
+        }
+
+    jump = 400  # missing rows a minute: 400 / (400 + 1000), against 5%
+    quiet = 5  # rows a minute: far below the guard in an hour
+    _promtool_test(
+        tmp_path,
+        _strip_descriptions(build_rules(manifest)),
+        [
+            {
+                "interval": "1m",
+                "input_series": scenario(missing=50),
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "MlApiMissingRateJump", "exp_alerts": []},
+                ],
+                "promql_expr_test": [
+                    rate("ml_api:feature_missing_rate:1h", "petal_width", 50 / (50 + present)),
+                    # Not nullable: never missing (such requests are rejected).
+                    rate("ml_api:feature_missing_rate:1h", "sepal_length", 0),
+                    rate("ml_api:feature_reference_missing_rate", "petal_width", 0.05),
+                    rate(
+                        "ml_api:feature_out_of_range_rate:1h",
+                        "sepal_length",
+                        100 / sum(_counts(_by_name(found)["sepal_length"], 1000)),
+                    ),
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": scenario(missing=jump),
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "MlApiMissingRateJump", "exp_alerts": []},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "MlApiMissingRateJump",
+                        "exp_alerts": [_missing_alert("petal_width", jump / (jump + present))],
+                    },
+                    {"eval_time": "30m", "alertname": "MlApiFeatureDrift", "exp_alerts": []},
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": scenario(missing=quiet, per_minute=quiet),
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "MlApiMissingRateJump", "exp_alerts": []},
+                ],
+            },
+        ],
+    )
+
+
+def test_only_nullable_features_get_a_missing_rate_alert(trained_bundle: Path) -> None:
+    iris = _manifest(trained_bundle)
+    said: list[str] = []
+    text = render(build_rules(iris, warn=said.append), iris)
+    assert "ml_api:feature_missing_rate:1h" in text
+    assert "MlApiMissingRateJump" not in text
+    nullable = iris.model_copy(
+        update={
+            "features": [
+                f.model_copy(update={"nullable": True, "missing_rate": None}) for f in iris.features
+            ]
+        }
+    )
+    assert "MlApiMissingRateJump" not in render(build_rules(nullable, warn=said.append), iris)
+    assert any("no missing-rate alert for feature petal_width" in line for line in said), said
+
+
 def test_reference_shares_are_the_bins_as_the_live_histogram_counts_them(
     trained_bundle: Path,
 ) -> None:
