@@ -291,22 +291,16 @@ def _notifications(stack: Stack) -> list[dict[str, Any]]:
 def test_a_stopped_service_pages_the_receiver_once(stack: Stack) -> None:
     # Last before `down`: it stops every api replica. With the shipped rules and
     # Alertmanager settings (MlApiNoReadyInstance after 1 min, 30 s group wait).
+    # Stopped replicas leave compose's DNS, so their targets go (no `up == 0`):
+    # the inhibition of MlApiInstanceDown is the process test's to prove.
     stack.compose("stop", "-t", "10", "api", timeout=120)
-    alertmanager = f"http://127.0.0.1:{stack.env['ALERTMANAGER_PORT']}"
-
-    def instance_down_suppressed() -> bool:
-        alerts = http("GET", f"{alertmanager}/api/v2/alerts").json()
-        return any(
-            a["labels"]["alertname"] == "MlApiInstanceDown" and a["status"]["state"] == "suppressed"
-            for a in alerts
-        )
-
     _wait_for("a page for the dead service", lambda: _notifications(stack), timeout=300)
-    # MlApiInstanceDown fires a minute later and is inhibited, not sent.
-    _wait_for("MlApiInstanceDown, inhibited", instance_down_suppressed, timeout=300)
+    # A second group or a duplicate would arrive within a group wait.
+    time.sleep(35)
     notifications = _notifications(stack)
     assert [n["groupLabels"]["alertname"] for n in notifications] == ["MlApiNoReadyInstance"]
     assert notifications[0]["status"] == "firing"
+    assert notifications[0]["receiver"] == "on-call"
 
 
 def test_compose_down(stack: Stack) -> None:
