@@ -314,7 +314,7 @@ def lightgbm_with_category() -> UserModel:
     lightgbm = pytest.importorskip("lightgbm")
     frame, label = _colored()
     model = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(frame, label)
-    return UserModel(model, frame.assign(label=label), "label", "sklearn")
+    return UserModel(model, frame.assign(label=label), "label", "onnx")
 
 
 def hist_gradient_boosting_native() -> UserModel:
