@@ -260,11 +260,12 @@ def _column_layout(model: Any, inputs: ModelInput) -> bool:
 
 def _takes_codes(model: Any, inputs: ModelInput) -> bool:
     """LightGBM alone, with pandas `category` columns: its categorical splits
-    test the column's code (onnxmltools converts them to BRANCH_EQ nodes on
-    the code, and a NaN code fails every one, as a missing category goes
-    right in LightGBM), so the graph takes the codes in one float matrix.
-    XGBoost's and HistGradientBoosting's converters do not read categorical
-    splits."""
+    test the column's pandas code (the index into `pandas_categorical`, the
+    manifest's categories in the same order), which onnxmltools converts to
+    BRANCH_EQ nodes on that code; the graph takes the codes, NaN for a missing
+    category, in one float matrix, and the parity gate proves it answers
+    alike. The XGBoost and HistGradientBoosting converters do not read
+    categorical splits (their graphs disagree with the model)."""
     modules = {type(step).__module__.split(".")[0] for step in _steps(model)}
     return inputs.categories_as_codes and modules == {"lightgbm"}
 

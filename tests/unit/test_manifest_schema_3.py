@@ -125,5 +125,5 @@ def test_only_a_pandas_category_feature_rides_the_float_matrix_input(
     if native_dtype == "category":
         assert Manifest.model_validate(current).onnx is not None
         return
-    with pytest.raises(ValidationError, match="needs onnx.column_inputs unless its native_dtype"):
+    with pytest.raises(ValidationError, match=r"needs onnx\.column_inputs unless its native_dtype"):
         Manifest.model_validate(current)
