@@ -306,8 +306,9 @@ class ParityReport(_Strict):
 
 class OnnxInfo(_Strict):
     opset: int = Field(ge=1)
-    # Either one float32 [N, n_features] input, or one [N, 1] input per
-    # feature in feature order (float32, or string for a category).
+    # Either one float32 [N, n_features] input (a pandas `category` feature
+    # as its code, NaN when missing), or one [N, 1] input per feature in
+    # feature order (float32, or string for a category).
     input_name: str | None = None
     column_inputs: list[str] | None = None
     label_output: str | None = None
@@ -460,8 +461,17 @@ class Manifest(_Strict):
     def _check_onnx(self, onnx: OnnxInfo) -> None:
         if onnx.column_inputs is not None and len(onnx.column_inputs) != len(self.features):
             raise ValueError("onnx.column_inputs needs one input per feature")
-        if onnx.input_name is not None and any(f.kind == "category" for f in self.features):
-            raise ValueError("a category feature needs onnx.column_inputs")
+        # A float matrix holds a category as its code, which only a graph
+        # converted from pandas `category` codes (LightGBM) reads as the model does.
+        as_strings = [
+            f.name
+            for f in self.features
+            if isinstance(f, CategoryFeature) and f.native_dtype != "category"
+        ]
+        if onnx.input_name is not None and as_strings:
+            raise ValueError(
+                "a category feature needs onnx.column_inputs unless its native_dtype is category"
+            )
         output = onnx.probabilities_output if self.task == "classification" else None
         output = output or (onnx.prediction_output if self.task == "regression" else None)
         if output is None:

@@ -83,15 +83,35 @@ class ModelInput:
             rows[:, j] = self._column(x, j, f, missing=np.nan)
         return rows
 
+    @property
+    def categories_as_codes(self) -> bool:
+        """Every category column is a pandas `category` dtype: a float matrix can
+        then hold it as its code (the index into its categories, NaN for missing),
+        which is what the service's rows hold for a category."""
+        categories = [f.name for f in self.features if f.kind == "category"]
+        return bool(categories) and all(n in self.category_dtypes for n in categories)
+
     def for_onnx(self, x: NDArray[Any], info: dict[str, Any]) -> dict[str, NDArray[Any]]:
         if info.get("input_name"):
-            return {info["input_name"]: np.asarray(x, dtype=np.float32)}
+            matrix = self._codes(x) if self.has_categories else np.asarray(x, dtype=np.float32)
+            return {info["input_name"]: matrix}
         feeds: dict[str, NDArray[Any]] = {}
         for j, (f, name) in enumerate(zip(self.features, info["column_inputs"], strict=True)):
             column = self._column(x, j, f, missing=MISSING_CATEGORY)
             dtype = object if f.kind == "category" else np.float32
             feeds[name] = np.asarray(column, dtype=dtype).reshape(-1, 1)
         return feeds
+
+    def _codes(self, x: NDArray[Any]) -> NDArray[np.float32]:
+        """The rows as one float32 matrix, each category as its code."""
+        matrix = np.empty(x.shape, dtype=np.float32)
+        for j, f in enumerate(self.features):
+            if f.kind != "category":
+                matrix[:, j] = np.asarray(x[:, j], dtype=np.float64)
+                continue
+            index = {c: float(i) for i, c in enumerate(self.category_dtypes[f.name])}
+            matrix[:, j] = [np.nan if is_missing(v) else index[str(v)] for v in x[:, j]]
+        return matrix
 
     def _native_column(self, x: NDArray[Any], j: int, f: FeatureInfo) -> Any:
         column = self._column(x, j, f, missing=np.nan)
@@ -233,7 +253,21 @@ def _column_layout(model: Any, inputs: ModelInput) -> bool:
     numbers) or a ColumnTransformer selects columns by name."""
     from sklearn.compose import ColumnTransformer
 
+    if _takes_codes(model, inputs):
+        return False
     return inputs.has_categories or any(isinstance(s, ColumnTransformer) for s in _steps(model))
+
+
+def _takes_codes(model: Any, inputs: ModelInput) -> bool:
+    """LightGBM alone, with pandas `category` columns: its categorical splits
+    test the column's pandas code (the index into `pandas_categorical`, the
+    manifest's categories in the same order), which onnxmltools converts to
+    BRANCH_EQ nodes on that code; the graph takes the codes, NaN for a missing
+    category, in one float matrix, and the parity gate proves it answers
+    alike. The XGBoost and HistGradientBoosting converters do not read
+    categorical splits (their graphs disagree with the model)."""
+    modules = {type(step).__module__.split(".")[0] for step in _steps(model)}
+    return inputs.categories_as_codes and modules == {"lightgbm"}
 
 
 def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
@@ -404,7 +438,7 @@ def export(
 ) -> OnnxOutcome:
     """Convert and gate; any failure yields an sklearn-only outcome whose reason
     names the step and what serving it natively costs."""
-    if inputs.category_dtypes:
+    if inputs.category_dtypes and not _takes_codes(model, inputs):
         columns = ", ".join(inputs.category_dtypes)
         step = model_steps.named_steps(model)[-1][0]
         reason = f"{step}: pandas category columns ({columns}) have no ONNX conversion"

@@ -78,7 +78,7 @@ CASES = [
     Case("titanic-lr", titanic_logistic_regression, "onnx"),
     Case("titanic-forest", titanic_random_forest, "sklearn"),
     Case("xgboost-nan", xgboost_with_nan, "onnx"),
-    Case("lightgbm-category", lightgbm_with_category, "sklearn"),
+    Case("lightgbm-category", lightgbm_with_category, "onnx"),
     Case("hgb-native", hist_gradient_boosting_native, "sklearn"),
     Case("odd-names", named_titanic, "onnx"),
     Case("titanic-skops", titanic_skops, "onnx"),

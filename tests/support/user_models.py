@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,7 +314,7 @@ def lightgbm_with_category() -> UserModel:
     lightgbm = pytest.importorskip("lightgbm")
     frame, label = _colored()
     model = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(frame, label)
-    return UserModel(model, frame.assign(label=label), "label", "sklearn")
+    return UserModel(model, frame.assign(label=label), "label", "onnx")
 
 
 def hist_gradient_boosting_native() -> UserModel:
@@ -355,10 +355,11 @@ BUILDERS: dict[str, Callable[[], UserModel]] = {
 
 
 def package_user_model(
-    key: str, work: Path, parity_random_rows: int | None = None
+    key: str, work: Path, parity_random_rows: int | None = None, nullable: Sequence[str] = ()
 ) -> tuple[UserModel, Path]:
     """Fit BUILDERS[key], save it as a user would, and package it with its
-    reference data into work/models; returns the model and the bundle path."""
+    reference data into work/models (`nullable` as --nullable); returns the
+    model and the bundle path."""
     user = BUILDERS[key]()
     model_file, trusted = save_model(user, work)
     # Complete reference rows: no feature is nullable, and callers hand rows with
@@ -374,6 +375,7 @@ def package_user_model(
         features=user.features,
         output_dir=work / "models",
         trust_skops_types=trusted,
+        nullable=nullable,
     )
     if parity_random_rows is not None:
         config = dataclasses.replace(config, parity_random_rows=parity_random_rows)

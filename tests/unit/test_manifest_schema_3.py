@@ -106,3 +106,24 @@ def test_request_fields_are_the_feature_names_whatever_python_makes_of_them(
     instance = models.instance.model_validate(body)
     assert instance.model_dump(by_alias=True) == body
     assert list(models.instance.model_json_schema()["properties"]) == names
+
+
+@pytest.mark.parametrize("native_dtype", ["category", "object"])
+def test_only_a_pandas_category_feature_rides_the_float_matrix_input(
+    current: dict[str, Any], native_dtype: str
+) -> None:
+    """A float matrix holds a category as its code: a graph converted from pandas
+    `category` codes reads it; one converted from strings needs string inputs."""
+    assert current["onnx"]["input_name"] is not None
+    current["features"][0] = {
+        "name": current["features"][0]["name"],
+        "description": current["features"][0]["description"],
+        "kind": "category",
+        "categories": ["red", "green"],
+        "native_dtype": native_dtype,
+    }
+    if native_dtype == "category":
+        assert Manifest.model_validate(current).onnx is not None
+        return
+    with pytest.raises(ValidationError, match=r"needs onnx\.column_inputs unless its native_dtype"):
+        Manifest.model_validate(current)

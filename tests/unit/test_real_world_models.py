@@ -110,6 +110,34 @@ def test_the_titanic_pipeline_converts_and_its_gate_compares_missing_values(
     assert outcome.model_bytes is not None
 
 
+def test_lightgbm_category_codes_pass_the_gate_with_missing_categories(tmp_path: Path) -> None:
+    """The graph takes each pandas category as its code in one float matrix; a
+    missing category is a NaN code, which the gate compares when the feature
+    is nullable, and the ONNX backend answers such rows as LightGBM does."""
+    nullable = ("size", "weight", "color")
+    user, path = package_user_model(
+        "lightgbm_with_category", tmp_path, parity_random_rows=300, nullable=nullable
+    )
+    bundle = verify_bundle(path)
+    manifest = bundle.manifest
+    assert manifest.backend == "onnx", manifest.parity.reason
+    assert manifest.onnx is not None
+    assert manifest.onnx.input_name is not None
+    # The gate's random rows left each of these missing at random.
+    assert [f.name for f in manifest.features if f.nullable] == list(nullable)
+    frame = user.x.head(ROWS).copy()
+    frame.loc[frame.index % 4 == 0, "color"] = np.nan
+    frame.loc[frame.index % 5 == 0, "weight"] = np.nan
+    assert frame.color.isna().any()
+    assert frame.weight.isna().any()
+    onnx = load_backend(bundle, "onnx", frozenset())
+    np.testing.assert_allclose(
+        onnx.predict(backend_rows(manifest, frame)),
+        user.model.predict_proba(frame),
+        atol=TOLERANCE,
+    )
+
+
 def test_a_step_onnx_cannot_express_is_named_with_its_cost(tmp_path: Path) -> None:
     _, path = package_user_model("custom_function_pipeline", tmp_path, parity_random_rows=50)
     reason = json.loads((path / "manifest.json").read_text())["parity"]["reason"]
