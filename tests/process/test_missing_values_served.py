@@ -21,6 +21,7 @@ from tests.support.missing_values import (
     NUMBERS,
     STRINGS,
     TITANIC_NAME,
+    assert_a_missing_weight_is_refused,
     instance,
     package_titanic,
     plain_logistic,
@@ -135,20 +136,7 @@ def test_a_model_that_cannot_take_nan_keeps_null_a_422_naming_the_field(tmp_path
         running_gunicorn(model_dir, tmp_path / "logs", workers=1, env=env) as server,
         httpx.Client(timeout=30) as client,
     ):
-        for body in ({"width (mm)": 3.0, "weight": None}, {"width (mm)": 3.0}):
-            refused = client.post(f"{server.url}/predict", json=body)
-            assert refused.status_code == 422
-            assert refused.json()["detail"][0]["loc"] == ["body", "weight"]
-        v2 = client.post(
-            f"{server.url}/v2/models/plain/infer",
-            json={
-                "inputs": [
-                    {"name": "features", "datatype": "FP64", "shape": [1, 2], "data": [3.0, None]}
-                ]
-            },
-        )
-        assert v2.status_code == 400
-        assert "'weight'" in v2.json()["error"]
+        assert_a_missing_weight_is_refused(client, server.url)
         answer = client.post(f"{server.url}/predict", json={"width (mm)": 3.0, "weight": 2.0})
         expected = model.predict_proba(pd.DataFrame([{"width (mm)": 3.0, "weight": 2.0}]))[0]
         probabilities = answer.json()["probabilities"]

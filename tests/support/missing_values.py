@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import joblib
 import numpy as np
 import pandas as pd
@@ -124,3 +125,22 @@ def named_titanic() -> UserModel:
     frame = titanic_frame()
     model = titanic_pipeline(frame)
     return UserModel(model, frame.assign(**{TARGET: titanic_target(frame)}), TARGET, "onnx")
+
+
+def assert_a_missing_weight_is_refused(client: httpx.Client, url: str) -> None:
+    """plain_logistic's model cannot take NaN: a null or left-out `weight` is a
+    422 naming it on /predict, and a V2 null a 400 naming it."""
+    for body in ({"width (mm)": 3.0, "weight": None}, {"width (mm)": 3.0}):
+        refused = client.post(f"{url}/predict", json=body)
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["loc"] == ["body", "weight"]
+    v2 = client.post(
+        f"{url}/v2/models/plain/infer",
+        json={
+            "inputs": [
+                {"name": "features", "datatype": "FP64", "shape": [1, 2], "data": [3.0, None]}
+            ]
+        },
+    )
+    assert v2.status_code == 400
+    assert "'weight'" in v2.json()["error"]
