@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
+from tests.support.nginx import answering_host
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -98,5 +99,5 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
     assert len(set(tasks.values())) == 2, tasks
     assert_targets_are_the_tasks(sw, 3)
     # The proxy (on this node) reaches the tasks on node 2 over the overlay.
-    answered = {sw.predict().headers["x-upstream-addr"].rsplit(":", 1)[0] for _ in range(30)}
+    answered = {answering_host(sw.predict().headers["x-upstream-addr"]) for _ in range(30)}
     assert answered == set(tasks), (answered, tasks)

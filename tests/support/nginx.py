@@ -27,6 +27,16 @@ NGINX_DIR = REPO / "docker" / "nginx"
 NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 
 
+def answering_host(upstream_addr: str) -> str:
+    """The host that answered, from an X-Upstream-Addr header.
+
+    nginx lists every upstream it tried, in order ("10.0.0.3:8000, 10.0.0.4:8000"
+    when the first refused and the request went on), so the answer came from the
+    last one.
+    """
+    return upstream_addr.rsplit(",", 1)[-1].strip().rsplit(":", 1)[0]
+
+
 @dataclass
 class Nginx:
     process: subprocess.Popen[bytes]
