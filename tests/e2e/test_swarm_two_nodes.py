@@ -21,7 +21,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
-from tests.support.nginx import answering_host
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -35,6 +34,7 @@ from tests.e2e.swarm_support import (
     swarm_state,
     wait_for,
 )
+from tests.support.nginx import answering_host
 
 STACK = "ml-api-e2e2"
 HOST_ADDR = "10.231.0.1"
