@@ -3,13 +3,14 @@ values, and single-row latency in process.
 
     .venv/bin/python -m bench.user_models
 
-Each model of tests/support/user_models.py is packaged from its reference data,
-then one row is answered many times through the real prediction pipeline
-(validation → features → backend → response bytes), on every backend the
-bundle supports. Latency is the median of in-process calls: no HTTP, no
-server; `make bench` measures the served throughput. Each backend also
-answers the reference rows with their missing values (NaN, as the model saw
-them) and is compared with the model's own predict/predict_proba.
+Each model of tests/support/user_models.py is packaged from its reference data
+(missing values kept, so the parity gate compares rows with them), then one
+row is answered many times through the real prediction pipeline (validation →
+features → backend → response bytes), on every backend the bundle supports.
+Latency is the median of in-process calls: no HTTP, no server; `make bench`
+measures the served throughput. Each backend also answers the reference rows
+with their missing values (NaN, as the model saw them) and is compared with
+the model's own predict/predict_proba.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def _missing_rows_diff(user: UserModel, path: Path, backend: str, trusted: str) 
 
 
 def measure(key: str, work: Path) -> dict[str, Any]:
-    user, path = package_user_model(key, work)
+    # From reference data that keeps its missing values, as a user's CSV would:
+    # the parity gate compares rows with them (reference rows, and random rows
+    # with every nullable feature missing at random).
+    user, path = package_user_model(key, work, keep_missing=True)
     name = path.parent.name
     manifest = json.loads((path / "manifest.json").read_text())
-    # A complete row: on this branch a request cannot carry a missing value.
+    # The timed request: a complete row.
     first = user.x.dropna().iloc[0]
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in first.items()}
     body = orjson.dumps(row)

@@ -14,7 +14,8 @@ from training import model_steps
 def native_categories(model: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
     """Feature name -> the categories the model knows for it, in its own order;
     None where the model takes the column as `category` but does not say which
-    (XGBoost without pyarrow): the reference data's values are used then."""
+    (XGBoost before 3.1, or without pyarrow): the reference data's values are
+    used then."""
     found: dict[str, list[str] | None] = {}
     for _, step in model_steps.named_steps(model):
         module = type(step).__module__.split(".")[0]
@@ -51,10 +52,13 @@ def _xgboost(step: Any, names: Sequence[str]) -> dict[str, list[str] | None]:
         return {}
     found: dict[str, list[str] | None] = {names[j]: None for j in columns}
     try:
+        # XGBoost 3.1+ records the categories it was fitted on (and recodes any
+        # DataFrame to them): one (name, Arrow array or None) per feature.
         arrays = booster.get_categories(export_to_arrow=True).to_arrow()
     except Exception:
-        return found  # pyarrow is not installed: the reference data says
-    for (_, values), j in zip(arrays, columns, strict=False):
+        return found  # before 3.1, or without pyarrow: the reference data says
+    for j in columns:
+        values = arrays[j][1] if j < len(arrays) else None
         if values is not None:
             found[names[j]] = [str(v) for v in values.to_pylist()]
     return found

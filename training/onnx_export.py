@@ -13,6 +13,7 @@ from service.manifest import ONNX_MISSING_CATEGORY as MISSING_CATEGORY
 from service.manifest import Task
 from training import model_steps
 from training.datasets import FeatureInfo
+from training.native_categories import native_categories
 
 INPUT_NAME = "input"
 # Fixed so the gate is reproducible; the rows only need to cover the box.
@@ -259,15 +260,21 @@ def _column_layout(model: Any, inputs: ModelInput) -> bool:
 
 
 def _takes_codes(model: Any, inputs: ModelInput) -> bool:
-    """LightGBM alone, with pandas `category` columns: its categorical splits
-    test the column's pandas code (the index into `pandas_categorical`, the
-    manifest's categories in the same order), which onnxmltools converts to
-    BRANCH_EQ nodes on that code; the graph takes the codes, NaN for a missing
-    category, in one float matrix, and the parity gate proves it answers
-    alike. The XGBoost and HistGradientBoosting converters do not read
-    categorical splits (their graphs disagree with the model)."""
+    """LightGBM or XGBoost alone, with pandas `category` columns whose categories
+    are the model's own, in its order: their categorical splits test the
+    column's code (the index into LightGBM's `pandas_categorical` or XGBoost's
+    recorded categories, which XGBoost recodes any DataFrame to), which
+    onnxmltools converts to BRANCH_EQ nodes on that code; the graph takes the
+    codes, NaN for a missing category, in one float matrix, and the parity gate
+    proves it answers alike. Categories the model does not record (XGBoost
+    before 3.1, or without pyarrow) leave the codes unknown: no graph then. The
+    HistGradientBoosting converter does not read categorical splits (its graph
+    disagrees with the model)."""
     modules = {type(step).__module__.split(".")[0] for step in _steps(model)}
-    return inputs.categories_as_codes and modules == {"lightgbm"}
+    if not inputs.categories_as_codes or modules not in ({"lightgbm"}, {"xgboost"}):
+        return False
+    own = native_categories(model, [f.name for f in inputs.features])
+    return all(own.get(name) == codes for name, codes in inputs.category_dtypes.items())
 
 
 def convert(model: Any, inputs: ModelInput, task: Task) -> bytes:
@@ -454,9 +461,50 @@ def export(
     probes = with_missing_values(random_rows(specs, parity_random_rows), nullable)
     report = check_parity(model_bytes, info, model, inputs, task, x_test, probes, tolerance)
     if not report.passed:
-        why = _with_cost(report.reason or "", model, inputs, task, x_test, specs, model_bytes, info)
+        rows = np.concatenate([x_test, probes]) if len(probes) else x_test
+        where = _disagreeing_step(model, inputs, task, rows, tolerance)
+        why = _with_cost(
+            where + (report.reason or ""), model, inputs, task, x_test, specs, model_bytes, info
+        )
         return OnnxOutcome(None, None, dataclasses.replace(report, reason=why))
     return OnnxOutcome(model_bytes, info, report)
+
+
+def _disagreeing_step(
+    model: Any, inputs: ModelInput, task: Task, rows: NDArray[Any], tolerance: float
+) -> str:
+    """Where the graph parts from scikit-learn, as the reason's prefix. A
+    pipeline's final estimator converted alone and fed scikit-learn's own output
+    of the steps before it: when that agrees, the steps before it are to blame
+    (the graph computes them in float32, scikit-learn in float64, and a tree's
+    split can fall between the two); otherwise the final estimator."""
+    steps = getattr(model, "steps", None)
+    final_name = steps[-1][0] if steps else model_steps.ROOT
+    if not steps or len(steps) < 2:
+        return f"{final_name}: "
+    try:
+        before, final = model[:-1], steps[-1][1]
+        x = before.transform(inputs.for_sklearn(rows))
+        x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+        alone = ModelInput([FeatureInfo(f"x{j}", f"x{j}", None) for j in range(x.shape[1])])
+        final_bytes = convert(final, alone, task)
+        final_info = graph_info(final_bytes, task, x.shape[1])
+        output = final_info.get("probabilities_output") or final_info["prediction_output"]
+        (out,) = session(final_bytes).run([output], {final_info["input_name"]: x})
+    except Exception:
+        return f"{final_name}: "
+    expected = sklearn_outputs(model, inputs.for_sklearn(rows), task)
+    diff = np.abs(np.asarray(out, dtype=np.float64).reshape(expected.shape) - expected)
+    if task == "regression":
+        diff = diff / np.maximum(1.0, np.abs(expected))
+    if not diff.size or not float(np.max(diff)) <= tolerance:
+        return f"{final_name}: "
+    before_names = [name for name, _ in steps[:-1]]
+    them = "it" if len(before_names) == 1 else "them"
+    return (
+        f"{', '.join(before_names)}: the graph computes {them} in float32 (scikit-learn "
+        f"in float64), and {final_name} amplifies the difference: "
+    )
 
 
 # Share of the random rows' cells left missing in each feature the model takes NaN in.

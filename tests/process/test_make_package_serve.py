@@ -39,6 +39,7 @@ from tests.support.user_models import (
     titanic_logistic_regression,
     titanic_random_forest,
     titanic_skops,
+    xgboost_with_category,
     xgboost_with_nan,
 )
 
@@ -84,6 +85,7 @@ CASES = [
     Case("titanic-forest", titanic_random_forest, "sklearn"),
     Case("xgboost-nan", xgboost_with_nan, "onnx"),
     Case("lightgbm-category", lightgbm_with_category, "onnx"),
+    Case("xgboost-category", xgboost_with_category, "onnx"),
     Case("hgb-native", hist_gradient_boosting_native, "sklearn"),
     Case("odd-names", named_titanic, "onnx"),
     Case("titanic-skops", titanic_skops, "onnx"),

@@ -317,6 +317,15 @@ def lightgbm_with_category() -> UserModel:
     return UserModel(model, frame.assign(label=label), "label", "onnx")
 
 
+def xgboost_with_category() -> UserModel:
+    """XGBoost's enable_categorical on a pandas `category` column (its categories
+    not in alphabetical order: the model's own order is the one that counts)."""
+    xgboost = pytest.importorskip("xgboost")
+    frame, label = _colored()
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, enable_categorical=True)
+    return UserModel(model.fit(frame, label), frame.assign(label=label), "label", "onnx")
+
+
 def hist_gradient_boosting_native() -> UserModel:
     """HistGradientBoosting with NaN and categorical_features="from_dtype"."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -349,23 +358,30 @@ BUILDERS: dict[str, Callable[[], UserModel]] = {
     "titanic_random_forest": titanic_random_forest,
     "xgboost_with_nan": xgboost_with_nan,
     "lightgbm_with_category": lightgbm_with_category,
+    "xgboost_with_category": xgboost_with_category,
     "hist_gradient_boosting_native": hist_gradient_boosting_native,
     "titanic_skops": titanic_skops,
 }
 
 
 def package_user_model(
-    key: str, work: Path, parity_random_rows: int | None = None, nullable: Sequence[str] = ()
+    key: str,
+    work: Path,
+    parity_random_rows: int | None = None,
+    nullable: Sequence[str] = (),
+    keep_missing: bool = False,
 ) -> tuple[UserModel, Path]:
     """Fit BUILDERS[key], save it as a user would, and package it with its
     reference data into work/models (`nullable` as --nullable); returns the
     model and the bundle path."""
     user = BUILDERS[key]()
     model_file, trusted = save_model(user, work)
-    # Complete reference rows: no feature is nullable, and callers hand rows with
-    # NaN to the backends directly (tests/process/test_make_package_serve.py
-    # packages these models from a CSV that keeps its missing values).
-    user.reference.dropna().to_csv(work / "reference.csv", index=False)
+    # Complete reference rows unless keep_missing: no feature is nullable then,
+    # and callers hand rows with NaN to the backends directly. Kept, a feature
+    # missing somewhere is nullable and the gate's random rows leave it missing
+    # too (tests/process/test_make_package_serve.py packages from such a CSV).
+    reference = user.reference if keep_missing else user.reference.dropna()
+    reference.to_csv(work / "reference.csv", index=False)
     config = PackageConfig(
         model_file=model_file,
         name=key.replace("_", "-"),

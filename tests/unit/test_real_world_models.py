@@ -5,6 +5,7 @@ and each backend's answers on rows with missing values equal to the model's own.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from service.bundle import verify_bundle
 from service.settings import ServiceSettings
 from tests.support.bundles import pinned_digests
 from tests.support.user_models import (
+    BUILDERS,
     COLORS,
     UserModel,
     backend_rows,
@@ -36,8 +38,11 @@ REAL_WORLD = [
     "titanic_random_forest",
     "xgboost_with_nan",
     "lightgbm_with_category",
+    "xgboost_with_category",
     "hist_gradient_boosting_native",
 ]
+# Boosted trees whose graph takes each pandas category as its code.
+CATEGORY_CODES = ["lightgbm_with_category", "xgboost_with_category"]
 ROWS = 120
 # ONNX computes in float32; probabilities differ from float64 in the 7th digit.
 TOLERANCE = 1e-5
@@ -110,14 +115,13 @@ def test_the_titanic_pipeline_converts_and_its_gate_compares_missing_values(
     assert outcome.model_bytes is not None
 
 
-def test_lightgbm_category_codes_pass_the_gate_with_missing_categories(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", CATEGORY_CODES)
+def test_category_codes_pass_the_gate_with_missing_categories(key: str, tmp_path: Path) -> None:
     """The graph takes each pandas category as its code in one float matrix; a
     missing category is a NaN code, which the gate compares when the feature
-    is nullable, and the ONNX backend answers such rows as LightGBM does."""
+    is nullable, and the ONNX backend answers such rows as the model does."""
     nullable = ("size", "weight", "color")
-    user, path = package_user_model(
-        "lightgbm_with_category", tmp_path, parity_random_rows=300, nullable=nullable
-    )
+    user, path = package_user_model(key, tmp_path, parity_random_rows=300, nullable=nullable)
     bundle = verify_bundle(path)
     manifest = bundle.manifest
     assert manifest.backend == "onnx", manifest.parity.reason
@@ -145,6 +149,20 @@ def test_a_step_onnx_cannot_express_is_named_with_its_cost(tmp_path: Path) -> No
     assert "onnx unavailable, sklearn " in reason
 
 
+def test_a_gate_failure_names_the_steps_whose_rounding_the_trees_split_on(
+    tmp_path: Path,
+) -> None:
+    """The forest's graph alone, fed scikit-learn's own output of `prep`, agrees:
+    the reason blames `prep` (float32 in the graph), with both backends' cost."""
+    _, path = package_user_model("titanic_random_forest", tmp_path, parity_random_rows=300)
+    reason = json.loads((path / "manifest.json").read_text())["parity"]["reason"]
+    assert reason.startswith(
+        "prep: the graph computes it in float32 (scikit-learn in float64), and model "
+        "amplifies the difference: max probability difference "
+    ), reason
+    assert re.search(r" \(onnx \d+ µs/row, sklearn \d+ µs/row\)$", reason), reason
+
+
 def test_the_summary_says_parity_was_not_run_when_it_was_not(tmp_path: Path) -> None:
     user = lightgbm_with_category()
     joblib.dump(user.model, tmp_path / "model.joblib")
@@ -169,15 +187,49 @@ def test_the_summary_says_parity_was_not_run_when_it_was_not(tmp_path: Path) -> 
     assert summary.endswith("backend sklearn, parity not run"), summary
 
 
-def test_a_category_column_is_typed_with_the_models_own_categories(tmp_path: Path) -> None:
-    _, path = package_user_model("lightgbm_with_category", tmp_path, parity_random_rows=50)
+@pytest.mark.parametrize("key", CATEGORY_CODES)
+def test_a_category_column_is_typed_with_the_models_own_categories(
+    key: str, tmp_path: Path
+) -> None:
+    _, path = package_user_model(key, tmp_path, parity_random_rows=50)
     manifest = json.loads((path / "manifest.json").read_text())
     color = next(f for f in manifest["features"] if f["name"] == "color")
     assert color["kind"] == "category"
     assert color["native_dtype"] == "category"
-    # LightGBM's pandas_categorical: the DataFrame's own categories, in its order.
-    assert color["categories"] == list(COLORS)
+    # LightGBM's pandas_categorical, XGBoost's recorded categories: the fitted
+    # DataFrame's own categories in its order (neither alphabetical nor by
+    # frequency in the reference data).
+    assert color["categories"] == list(COLORS) != sorted(COLORS)
     assert sum(color["frequencies"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("key", CATEGORY_CODES)
+def test_codes_in_another_order_than_the_models_get_no_graph(key: str) -> None:
+    """A code is an index into the model's own categories: categories in any
+    other order (the reference data's, where a model records none) would feed
+    the graph codes the model never split on, so the packager serves the
+    model natively and says why."""
+    user = BUILDERS[key]()
+    kinds = {"color": "category"}
+    infos = [FeatureInfo(n, n, None, kinds.get(n, "number")) for n in user.x.columns]  # type: ignore[arg-type]
+    specs: list[dict[str, Any]] = [
+        {"kind": "category", "categories": sorted(COLORS)}
+        if f.kind == "category"
+        else {"kind": f.kind, "training_min": -3.0, "training_max": 3.0}
+        for f in infos
+    ]
+    reference = user.x.astype(object).to_numpy()
+    outcome = onnx_export.export(
+        user.model,
+        onnx_export.ModelInput(infos, as_frame=True, category_dtypes={"color": sorted(COLORS)}),
+        "classification",
+        specs,
+        reference,
+        parity_random_rows=50,
+        tolerance=TOLERANCE,
+    )
+    assert outcome.model_bytes is None
+    assert (outcome.parity.reason or "").startswith("model: pandas category columns (color) ")
 
 
 def test_native_categories_are_read_from_each_library() -> None:
@@ -198,10 +250,10 @@ def test_native_categories_are_read_from_each_library() -> None:
     assert native_categories(lgbm.fit(frame, label), names) == {"c": ["c", "b", "a"]}
     hgb = HistGradientBoostingClassifier(max_iter=2, categorical_features="from_dtype")
     assert native_categories(hgb.fit(frame, label), names) == {"c": ["a", "b", "c"]}
+    # XGBoost 3.1+ records them (Booster.get_categories, as Arrow arrays):
+    # after the numeric column, and in the DataFrame's order.
     xgb = xgboost.XGBClassifier(n_estimators=2, enable_categorical=True)
-    found = native_categories(xgb.fit(frame, label), names)
-    assert list(found) == ["c"]  # the categories too when pyarrow is installed
-    assert found["c"] in (None, ["c", "b", "a"])
+    assert native_categories(xgb.fit(frame, label), names) == {"c": ["c", "b", "a"]}
     plain = HistGradientBoostingClassifier(max_iter=2).fit(frame[["n"]], label)
     assert native_categories(plain, ["n"]) == {}
 
