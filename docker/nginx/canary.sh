@@ -6,7 +6,8 @@
 #       write OUT_DIR/canary.conf, which nginx.conf includes: $ml_api_upstream
 #       names the upstream each request goes to. PERCENT 0 sends everything to
 #       ml_api (no canary upstream at all, so the canary's name need not
-#       resolve); otherwise PERCENT % go to ml_api_canary (CANARY_HOST:8000),
+#       resolve); otherwise PERCENT % go to ml_api_canary (the addresses in
+#       OUT_DIR/peers/canary, which entrypoint.sh resolves from CANARY_HOST),
 #       split per request on nginx's random $request_id, or with STICKY 1 on
 #       the API key (Authorization / X-API-Key), so a client stays on one side.
 #   canary.sh set PERCENT STICKY
@@ -42,9 +43,11 @@ render() {
         if [ "$percent" = 0 ]; then
             echo "split_clients \"\${request_id}\" \$ml_api_upstream { * ml_api; }"
         else
-            # As the primary's upstream in nginx.conf.
+            # As the primary's upstream in nginx.conf: its addresses are in
+            # peers/canary (entrypoint.sh), changed without a reload.
             echo "upstream ml_api_canary {"
-            echo "    server ${CANARY_HOST:-canary}:8000 max_fails=1 fail_timeout=5s;"
+            echo "    server 0.0.0.1:8000;"
+            echo "    balancer_by_lua_block { require(\"upstreams\").balance(\"canary\") }"
             echo "    keepalive 32;"
             echo "    keepalive_requests 10000;"
             echo "    keepalive_timeout 4s;"

@@ -61,12 +61,16 @@ class Canary:
 def render_canary(out_dir: Path, canary: Canary) -> None:
     share = [str(canary.percent), "1" if canary.sticky else "0"]
     subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "render", str(out_dir), *share], check=True)
-    conf = out_dir / "canary.conf"
-    text, count = re.subn(
-        r"server canary:8000 ", f"server 127.0.0.1:{canary.port} ", conf.read_text()
-    )
-    assert count == 1, "no `server canary:8000` in canary.sh's canary.conf any more"
-    conf.write_text(text)
+    write_peers(out_dir, "canary", [canary.port])
+
+
+def write_peers(out_dir: Path, upstream: str, ports: list[int]) -> None:
+    """What entrypoint.sh writes when the upstream's name resolves: the
+    replicas' addresses, which upstreams.lua reads in place (no reload)."""
+    peers = out_dir / "peers" / upstream
+    part = peers.with_suffix(".part")
+    part.write_text("".join(f"127.0.0.1:{port}\n" for port in ports))
+    part.replace(peers)
 
 
 def render(
@@ -81,13 +85,13 @@ def render(
         env={**os.environ, **settings},
         check=True,
     )
+    write_peers(out_dir, "api", [upstream_port])
     if canary is not None:
         render_canary(out_dir, canary)
     conf = out_dir / "nginx.conf"
     text = conf.read_text()
     replacements = [
         (r"listen 8080 default_server;", f"listen 127.0.0.1:{port} default_server;"),
-        (r"server api:8000 [^;]*;", f"server 127.0.0.1:{upstream_port};"),
         (r"pid /tmp/nginx\.pid;", f"pid {out_dir}/nginx.pid;"),
         (r"/tmp/nginx-", f"{out_dir}/nginx-"),
     ]
