@@ -86,6 +86,7 @@ ensure_swarm() {
 config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
+        docker/nginx/upstreams.lua \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
@@ -323,8 +324,8 @@ proxy_container() {
     printf '%s' "$id"
 }
 
-# The proxy's watcher applies the share (docker/nginx/canary.sh) and reloads
-# nginx; this returns once it has.
+# The proxy's watcher applies the share (docker/nginx/canary.sh; no reload)
+# and this returns once it has.
 canary_share() {
     docker exec "$(proxy_container)" sh /etc/nginx/canary.sh set "$1" "$2" >&2
 }

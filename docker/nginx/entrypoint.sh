@@ -12,10 +12,9 @@
 # without a reload.
 #
 # On the Swarm stack (CANARY_HOST set) the watcher also applies the canary's
-# share of requests that `canary.sh set` records (stack.sh canary): it renders
-# canary.conf and reloads (only a change of share reloads), only while
-# CANARY_HOST resolves; the canary's own addresses go to peers/canary like the
-# primary's. A restarted proxy starts at 0 %.
+# share of requests that `canary.sh set` records (stack.sh canary), only while
+# CANARY_HOST resolves, and keeps the canary's addresses in peers/canary: no
+# reload either. A restarted proxy starts at 0 %.
 set -eu
 
 UPSTREAM_HOST="${UPSTREAM_HOST:-api}"
@@ -80,16 +79,12 @@ applied="0 0"
         [ "$share" != "$applied" ] || continue
         echo "{\"event\":\"canary_changed\",\"host\":\"${CANARY_HOST:-}\",\"from\":\"$applied\",\"to\":\"$share\"}" >&2
         # shellcheck disable=SC2086 # "PERCENT STICKY": two arguments
-        sh /etc/nginx/canary.sh render "$CONF_DIR" $share
-        if nginx -t -q -c "$CONF" 2>&1; then
-            nginx -c "$CONF" -s reload 2>&1 || true
-            echo "$share" >"$CONF_DIR/canary.applied"
-            applied="$share"
-        else
-            # Keep what runs; the next turn tries again.
-            # shellcheck disable=SC2086
-            sh /etc/nginx/canary.sh render "$CONF_DIR" $applied
-        fi
+        sh /etc/nginx/canary.sh share "$CONF_DIR" $share
+        # Every nginx worker re-reads it within a second (upstreams.lua):
+        # only then is it applied.
+        sleep 1
+        echo "$share" >"$CONF_DIR/canary.applied"
+        applied="$share"
     done
 ) &
 WATCHER_PID=$!

@@ -2,7 +2,8 @@
 # Renders the nginx.conf template and what it includes into OUT_DIR:
 #   render.sh SRC_DIR OUT_DIR
 # The replicas' addresses are not rendered: entrypoint.sh writes them to
-# OUT_DIR/peers/<upstream> (one address:port a line), which upstreams.lua reads.
+# OUT_DIR/peers/<upstream> (one address:port a line), and canary.sh the
+# canary's share to OUT_DIR/canary.share, which upstreams.lua reads in place.
 # The proxy's settings, with their defaults (docs/operations.md, "The proxy"):
 #   API_KEYS_FILE                 the keys file the service reads (mounted read-only)
 #   AUTH                          keys | off: as the service's AUTH (unset: keys
@@ -62,7 +63,6 @@ esac
 
 mkdir -p "$OUT/peers"
 sed -e "s|\${CONF_DIR}|$OUT|g" \
-    -e "s|\${PEERS_DIR}|$OUT/peers|g" \
     -e "s|\${API_KEYS_FILE}|$API_KEYS_FILE|g" \
     -e "s|\${AUTH}|$AUTH|g" \
     -e "s|\${UPSTREAM_ADDR_HEADER}|$UPSTREAM_ADDR_HEADER|g" \
@@ -74,5 +74,5 @@ sed -e "s|\${CONF_DIR}|$OUT|g" \
     -e "s|\${PROXY_OPEN_BURST}|$PROXY_OPEN_BURST|g" \
     "$SRC/nginx.conf" >"$OUT/nginx.conf"
 cp "$SRC/api_keys.js" "$SRC/upstreams.lua" "$OUT/"
-# Everything to the primary; entrypoint.sh re-renders it for a canary.
-sh "$SRC/canary.sh" render "$OUT" 0 0
+# Everything to the primary; entrypoint.sh changes it for a canary.
+sh "$SRC/canary.sh" share "$OUT" 0 0

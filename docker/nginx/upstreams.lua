@@ -4,10 +4,14 @@
 -- connection, and a client that sends on one at that moment gets no answer
 -- (a POST is not retried by clients). So the set of replicas is not in
 -- nginx.conf: entrypoint.sh resolves the service name and writes one
--- "address:port" a line to PEERS_DIR/<name>, and each worker re-reads that
+-- "address:port" a line to CONF_DIR/peers/<name>, and each worker re-reads that
 -- file at most once a second, from the request path. Client connections and
 -- the pooled connections to the replicas (the upstream's `keepalive`) stay
 -- open across a rolling update, a scale or a replaced replica.
+--
+-- The canary's share of requests (make stack-canary) is read the same way,
+-- from CONF_DIR/canary.share ("PERCENT STICKY", canary.sh writes it), so a
+-- change of weight does not reload nginx either.
 --
 -- As nginx's round robin with `max_fails=1 fail_timeout=5s`: requests go to
 -- the replicas in turn; a replica that failed a try (connection refused or
@@ -20,16 +24,16 @@ local RELOAD_EVERY = 1
 
 local M = {}
 
-local peers_dir = nil
-local sets = {} -- name -> {peers = {{host, port, key}...}, read_at, text}
+local conf_dir = nil
+local files = {} -- path -> {value, read_at, text}
 local failed_until = {} -- "host:port" -> ngx.now() before which it is skipped
 local turn = {} -- name -> the round robin's position
 
 function M.init(dir)
-    peers_dir = dir
+    conf_dir = dir
 end
 
-local function parse(text)
+local function parse_peers(text)
     local peers = {}
     for line in text:gmatch("[^\r\n]+") do
         local host, port = line:match("^%s*([%d%.]+):(%d+)%s*$")
@@ -37,39 +41,76 @@ local function parse(text)
             peers[#peers + 1] = { host, tonumber(port), host .. ":" .. port }
         end
     end
+    if #peers == 0 then
+        return nil
+    end
     return peers
 end
 
-local function current(name)
+local function parse_share(text)
+    local percent, sticky = text:match("^%s*(%d+)%s+([01])%s*$")
+    if not percent or tonumber(percent) > 100 then
+        return nil
+    end
+    return { percent = tonumber(percent), sticky = sticky == "1" }
+end
+
+-- The file's value, re-read at most once every RELOAD_EVERY seconds. A file
+-- missing or holding nothing usable keeps the last value (an address set
+-- that resolved to nothing for a moment does not take every replica away),
+-- else `default`.
+local function cached(path, parse, default)
     local now = ngx.now()
-    local set = sets[name]
-    if set and now - set.read_at < RELOAD_EVERY then
-        return set.peers
+    local entry = files[path]
+    if entry and now - entry.read_at < RELOAD_EVERY then
+        return entry.value
     end
-    local file = io.open(peers_dir .. "/" .. name, "r")
-    if not file then
-        -- Not written yet, or removed: keep what was known.
-        if set then
-            set.read_at = now
-            return set.peers
+    local file = io.open(path, "r")
+    local text = file and file:read("*a") or nil
+    if file then
+        file:close()
+    end
+    if entry and (text == nil or text == entry.text) then
+        entry.read_at = now
+        return entry.value
+    end
+    local value = text and parse(text)
+    if value == nil then
+        if entry then
+            entry.read_at = now
+            return entry.value
         end
-        return {}
+        value = default
     end
-    local text = file:read("*a") or ""
-    file:close()
-    if set and set.text == text then
-        set.read_at = now
-        return set.peers
+    files[path] = { value = value, read_at = now, text = text }
+    return value
+end
+
+local NO_PEERS = {}
+local NO_CANARY = { percent = 0, sticky = false }
+
+local function current(name)
+    return cached(conf_dir .. "/peers/" .. name, parse_peers, NO_PEERS)
+end
+
+-- $ml_api_upstream: the upstream this request goes to. PERCENT % of requests
+-- go to the canary, split on nginx's random request id, or with STICKY on
+-- the API key (Authorization / X-API-Key), so a client stays on one side.
+function M.side()
+    local share = cached(conf_dir .. "/canary.share", parse_share, NO_CANARY)
+    if share.percent == 0 then
+        return "ml_api"
     end
-    local peers = parse(text)
-    if #peers == 0 and set then
-        -- An empty file (the name resolved to nothing for a moment) does not
-        -- take every replica away: the tries find out which still answer.
-        set.read_at = now
-        return set.peers
+    local key
+    if share.sticky then
+        key = (ngx.var.http_authorization or "") .. (ngx.var.http_x_api_key or "")
+    else
+        key = ngx.var.request_id
     end
-    sets[name] = { peers = peers, read_at = now, text = text }
-    return peers
+    if ngx.crc32_long(key) % 100 < share.percent then
+        return "ml_api_canary"
+    end
+    return "ml_api"
 end
 
 -- The next replica in turn that this request has not tried, preferring those
@@ -110,7 +151,7 @@ function M.balance(name)
         failed_until[ctx.upstream_last] = ngx.now() + FAIL_TIMEOUT
     end
     if #peers == 0 then
-        ngx.log(ngx.ERR, "no address for upstream ", name, " in ", peers_dir)
+        ngx.log(ngx.ERR, "no address for upstream ", name, " in ", conf_dir, "/peers")
         return ngx.exit(502)
     end
     local peer = pick(name, peers, tried)

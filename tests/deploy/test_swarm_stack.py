@@ -150,9 +150,9 @@ def test_the_canary_is_the_api_at_zero_replicas() -> None:
     assert scrape["dns_sd_configs"][0]["names"] == ["tasks.api", "tasks.canary"]
 
 
-def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
+def _canary_share(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(NGINX / "canary.sh"), "render", str(tmp_path), percent, sticky],
+        ["sh", str(NGINX / "canary.sh"), "share", str(tmp_path), percent, sticky],
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,
@@ -160,31 +160,30 @@ def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.Comp
     )
 
 
-def test_canary_conf_splits_per_request_or_per_key(tmp_path: Path) -> None:
-    assert _render_canary(tmp_path, "0", "0").returncode == 0
-    off = (tmp_path / "canary.conf").read_text()
-    assert "upstream ml_api_canary" not in off  # the canary's name need not resolve
-    assert 'split_clients "${request_id}" $ml_api_upstream { * ml_api; }' in off
-    assert _render_canary(tmp_path, "10", "0").returncode == 0
-    ten = (tmp_path / "canary.conf").read_text()
-    assert "server canary:8000 " in ten
-    assert 'split_clients "${request_id}" $ml_api_upstream { 10% ml_api_canary; * ml_api; }' in ten
-    assert _render_canary(tmp_path, "50", "1").returncode == 0
-    sticky = (tmp_path / "canary.conf").read_text()
-    assert '"${http_authorization}${http_x_api_key}"' in sticky
+def test_canary_share_is_written_whole_and_checked(tmp_path: Path) -> None:
+    for percent, sticky in (("0", "0"), ("10", "0"), ("50", "1")):
+        assert _canary_share(tmp_path, percent, sticky).returncode == 0
+        assert (tmp_path / "canary.share").read_text() == f"{percent} {sticky}\n"
     for percent, sticky_value in (("101", "0"), ("-1", "0"), ("ten", "0"), ("5", "2")):
-        refused = _render_canary(tmp_path, percent, sticky_value)
+        refused = _canary_share(tmp_path, percent, sticky_value)
         assert refused.returncode == 2, (percent, sticky_value)
     # A refused value leaves the last good file.
-    assert (tmp_path / "canary.conf").read_text() == sticky
+    assert (tmp_path / "canary.share").read_text() == "50 1\n"
 
 
-def test_the_proxy_sends_requests_to_the_upstream_canary_conf_names() -> None:
+def test_the_proxy_picks_the_upstream_and_its_replicas_in_lua_without_a_reload() -> None:
     conf = (NGINX / "nginx.conf").read_text()
-    assert "include canary.conf;" in conf
     assert re.findall(r"proxy_pass [^;]+;", conf) == ["proxy_pass http://$ml_api_upstream;"]
+    assert 'set_by_lua_block $ml_api_upstream { return require("upstreams").side() }' in conf
+    balancers = re.findall(r"balancer_by_lua_block \{ ([^}]+) \}", conf)
+    assert balancers == [
+        'require("upstreams").balance("api")',
+        'require("upstreams").balance("canary")',
+    ]
     render = (NGINX / "render.sh").read_text()
-    assert 'sh "$SRC/canary.sh" render "$OUT" 0 0' in render
+    assert 'sh "$SRC/canary.sh" share "$OUT" 0 0' in render
+    # The watcher never reloads nginx: a reload closes idle client connections.
+    assert "reload" not in re.sub(r"#.*", "", (NGINX / "entrypoint.sh").read_text())
 
 
 def test_the_stack_keeps_its_monitoring_data_apart_from_compose() -> None:

@@ -60,7 +60,7 @@ class Canary:
 
 def render_canary(out_dir: Path, canary: Canary) -> None:
     share = [str(canary.percent), "1" if canary.sticky else "0"]
-    subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "render", str(out_dir), *share], check=True)
+    subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "share", str(out_dir), *share], check=True)
     write_peers(out_dir, "canary", [canary.port])
 
 
