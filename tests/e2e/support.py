@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,9 @@ class LoadStream:
         self.headers = headers or {}
         self.results: list[tuple[float, float, int, str]] = []
         self.failures: list[str] = []
+        # Requests sent and failed by client kind: "new" connection or "kept".
+        self.sent: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
@@ -241,9 +245,9 @@ class LoadStream:
     def _post(self, pool: httpx.Client | None) -> Response:
         if pool is None:
             return http("POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15)
-        # Never resent: a POST whose kept connection the proxy closes (an nginx
-        # reload closes its old workers' idle connections) is a failure, as it
-        # is for a real client (issue 21, finding 4).
+        # Never resent: a POST whose kept connection the proxy closes without
+        # notice is a failure, as it is for a real client (an nginx reload
+        # closed its old workers' idle connections so, issue 21 finding 4).
         answer = pool.post(f"{self.proxy}/predict", json=SETOSA)
         return Response(answer.status_code, dict(answer.headers), answer.content)
 
@@ -259,10 +263,13 @@ class LoadStream:
                 status = resp.status
             except Exception as exc:
                 version, failure, status = "", repr(exc), 0
+            kind = "new" if pool is None else "kept"
             with self._lock:
                 self.results.append((start, time.monotonic(), status, version))
+                self.sent[kind] += 1
                 if failure:
                     self.failures.append(failure)
+                    self.failed[kind] += 1
             time.sleep(self.pause)
 
     def __enter__(self) -> LoadStream:

@@ -93,7 +93,9 @@ class Swarm:
         )
 
     def load(self) -> LoadStream:
-        return LoadStream(self.proxy, headers=self.headers)
+        # New-connection clients and clients that keep their connections:
+        # neither may lose a request while the stack changes.
+        return LoadStream(self.proxy, headers=self.headers, kept=2)
 
     def stack(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([str(STACK_SH), *args], env=self.env, check=check, timeout=600)
@@ -214,7 +216,10 @@ def proxy_retries(sw: Swarm, since: float) -> tuple[int, int]:
 
 
 def report(name: str, load: LoadStream, sw: Swarm | None = None, since: float = 0.0) -> None:
-    TIMINGS[f"{name}: requests sent/failed"] = f"{len(load.results)}/{len(load.failures)}"
+    TIMINGS[f"{name}: requests sent/failed"] = (
+        f"{load.sent['new']}/{load.failed['new']} new connections, "
+        f"{load.sent['kept']}/{load.failed['kept']} kept connections"
+    )
     if sw is not None:
         logged, retried = proxy_retries(sw, since)
         TIMINGS[f"{name}: retried by nginx"] = f"{retried} of {logged}"

@@ -218,17 +218,15 @@ CANARY_WINDOW = {10: 20.0, 50: 40.0}
 
 def test_canary_gets_its_share_then_is_promoted_without_a_failed_request(swarm: Swarm) -> None:
     """stack.sh canary / promote / canary-off (make stack-canary ...) under
-    ~40 requests/s from new-connection clients: the proxy's split follows each
-    weight (a graceful nginx reload), and the candidate serves everything once
-    promoted. Keep-alive clients are left out: a reload closes the proxy's idle
-    client connections, and a POST sent at that instant is lost (issue 21,
-    finding 4, open). The primary runs 1.1.0 by now (the
-    rolling update); the candidate is the 1.0.0 image."""
+    ~40 requests/s from new-connection clients and clients that keep their
+    connections: the proxy's split follows each weight (read in place, no
+    reload), and the candidate serves everything once promoted. The primary
+    runs 1.1.0 by now (the rolling update); the candidate is the 1.0.0 image."""
     primary, candidate = NEXT_VERSION, MODEL_VERSION
     assert swarm.image() == f"{IMAGE_NAME}:{primary}"
     shares: dict[int, float] = {}
     since = time.time()
-    with LoadStream(swarm.proxy, threads=4, pause=0.08, headers=swarm.headers) as load:
+    with LoadStream(swarm.proxy, threads=4, pause=0.08, headers=swarm.headers, kept=2) as load:
         started = time.monotonic()
         time.sleep(2)
         for percent, version in ((10, candidate), (50, "")):
