@@ -43,7 +43,7 @@ help:
 	@echo "make client   a typed Python client (clients/python/) from a served document [OPENAPI_URL=...]"
 	@echo "make locks    recompile the lock files from pyproject.toml's extras (pins kept)"
 	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
-	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
+	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart; Swarm: make stack-keys)"
 
 $(BIN)/.installed: requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)

@@ -12,12 +12,11 @@
 #                              rolled it back, 2 when it paused
 #   stack.sh scale N           N api replicas; return when converged
 #   stack.sh keys              rotate the API keys of the running stack to
-#                              the keys file's current content: a new secret,
-#                              swapped into the api and the canary
-#                              (start-first, one task at a
-#                              time: no request lost) and then the proxy
-#                              (stop-first: it holds the host port); return
-#                              when both converged
+#                              the keys file's current content: a new secret
+#                              for the `keys` service alone, which the api
+#                              tasks and the proxy copy in place (no restart,
+#                              no refused connection); return when the proxy
+#                              and this node's api tasks hold it
 #   stack.sh canary [VERSION] PERCENT
 #                              run $IMAGE_NAME:VERSION as the `canary` service
 #                              beside the api ($CANARY_REPLICAS, 1) and have the
@@ -86,7 +85,7 @@ ensure_swarm() {
 config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
-        docker/nginx/upstreams.lua \
+        docker/nginx/upstreams.lua service/auth/keyfile.py service/auth/key_sync.py \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
@@ -268,51 +267,54 @@ mounted_keys_secret() {
         --format '{{range .Spec.TaskTemplate.ContainerSpec.Secrets}}{{if eq .File.Name "api-keys"}}{{.SecretName}}{{end}}{{end}}'
 }
 
-# Swarm secrets cannot change: a new one per content, swapped into each
-# service by a rolling update (the api's is start-first and loses nothing;
-# the proxy's is stop-first, its port is refused while nginx restarts).
-# Mount options as in stack.yaml.
+# The SHA-256 of the file at PATH in container ID, or nothing.
+held_digest() {
+    docker exec "$1" sha256sum "$2" 2>/dev/null | cut -c1-64
+}
+
+# Swarm secrets are immutable: the keys file's content becomes a new secret,
+# which replaces the `keys` task alone (stack.yaml: the api tasks and the
+# proxy copy what it serves every second and re-read their copies in place).
+# Returns once the proxy and every api task on this node hold the new file.
 cmd_keys() {
-    local source secret svc old status
+    local source secret old digest deadline id waited
     source="$(keys_source)"
-    docker service inspect "$(service api)" >/dev/null 2>&1 || die "no service $(service api): run \`make stack-up\` first"
+    docker service inspect "$(service keys)" >/dev/null 2>&1 || die "no service $(service keys): run \`make stack-up\` first"
     secret="$STACK_NAME-api-keys-$(keys_tag "$source")"
     if ! docker secret inspect "$secret" >/dev/null 2>&1; then
         # The stack's label: `stack-down` removes it with the stack.
         docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
     fi
-    local -A mount=(
-        [api]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
-        [canary]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
-        [proxy]="source=$secret,target=api-keys,mode=0444"
-    )
-    local stale=()
-    # The canary is the api's definition, keys included (at 0 replicas it
-    # has no task to roll: the new spec is all there is to wait for).
-    for svc in api canary proxy; do
-        old="$(mounted_keys_secret "$svc")"
-        if [ "$old" = "$secret" ]; then
-            log "$(service "$svc") mounts $secret already"
-            continue
-        fi
-        log "$(service "$svc"): API keys $old -> $secret"
+    old="$(mounted_keys_secret keys)"
+    local started=$SECONDS
+    if [ "$old" = "$secret" ]; then
+        log "$(service keys) serves $secret already"
+    else
+        log "$(service keys): API keys $old -> $secret"
         local before
-        before="$(update_field "$svc" StartedAt)"
-        docker service update --detach --secret-rm "$old" --secret-add "${mount[$svc]}" "$(service "$svc")" >/dev/null
-        status=0
-        if [ "$svc" != canary ] || [ "$(service_replicas canary)" != 0 ]; then
-            wait_update "$svc" "$before" || status=$?
-        fi
-        [ "$status" = 0 ] || die "$(service "$svc") did not take the new keys (its tasks keep $old)"
-        stale+=("$old")
-    done
-    for old in "${stale[@]}"; do
+        before="$(update_field keys StartedAt)"
+        docker service update --detach --secret-rm "$old" \
+            --secret-add "source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400" \
+            "$(service keys)" >/dev/null
+        wait_update keys "$before" || die "$(service keys) did not take the new keys (the stack keeps $old)"
         docker secret rm "$old" >/dev/null 2>&1 || true
+    fi
+    digest="$(sha256sum <"$source" | cut -c1-64)"
+    deadline=$((SECONDS + 20))
+    while :; do
+        local pending=() tasks=0
+        [ "$(held_digest "$(proxy_container)" /tmp/nginx-conf/api-keys)" = "$digest" ] || pending+=(proxy)
+        for id in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service api)") \
+            $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service canary)"); do
+            tasks=$((tasks + 1))
+            [ "$(held_digest "$id" /tmp/api-keys)" = "$digest" ] || pending+=("task ${id:0:12}")
+        done
+        [ "${#pending[@]}" = 0 ] && break
+        [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending[*]} (they keep their last keys until they can copy the new ones from $(service keys))"
+        sleep 0.5
     done
-    wait_converged api
-    wait_converged canary
-    wait_converged proxy
-    log "API keys of $STACK_NAME are $secret"
+    waited=$((SECONDS - started))
+    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node (${waited} s; no restart); tasks on other nodes copy them within a second of the keys service"
 }
 
 # The proxy's task container on this node (the proxy runs on a manager:

@@ -49,6 +49,20 @@ sh /etc/nginx/render.sh /etc/nginx "$CONF_DIR"
 CONF="$CONF_DIR/nginx.conf"
 
 write_peers api "$UPSTREAM_HOST" >/dev/null
+
+# On the Swarm stack (KEYS_URL set) the keys file is a copy of what the `keys`
+# service serves, kept current beside nginx (service/auth/key_sync.py, mounted
+# under /etc/nginx/keysync); njs re-reads it in place. Readable by the
+# workers (`nobody`), as the compose secret is.
+if [ -n "${KEYS_URL:-}" ]; then
+    keysync() {
+        PYTHONPATH=/etc/nginx/keysync python3 -m service.auth.key_sync "$1" \
+            --url "$KEYS_URL" --file "$API_KEYS_FILE" --mode 0644
+    }
+    keysync sync || echo "{\"event\":\"api_keys_not_copied\",\"url\":\"$KEYS_URL\"}" >&2
+    keysync follow &
+fi
+
 nginx -t -q -c "$CONF"
 nginx -c "$CONF" -g 'daemon off;' &
 NGINX_PID=$!

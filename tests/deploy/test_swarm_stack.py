@@ -62,14 +62,33 @@ def test_every_config_file_is_in_the_config_digest() -> None:
         assert str(relative) in digest, relative
 
 
-def test_api_and_proxy_read_the_keys_from_the_api_keys_secret() -> None:
+def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -> None:
+    """A rotation replaces the `keys` task alone: the api tasks and the proxy
+    copy its file in place (service/auth/key_sync.py), never restarted."""
     stack = _stack()
+    services = stack["services"]
     assert set(stack["secrets"]) == {"api-keys"}
-    for name in ("api", "proxy"):
-        service = stack["services"][name]
-        targets = {s["source"]: s["target"] for s in service["secrets"]}
-        assert targets == {"api-keys": "api-keys"}
-        assert service["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys"
+    assert [name for name, service in services.items() if service.get("secrets")] == ["keys"]
+    assert services["keys"]["secrets"][0]["target"] == "api-keys"
+    command = services["keys"]["command"]
+    assert command[command.index("--file") + 1] == "/run/secrets/api-keys"
+    url = f"http://keys:{command[command.index('--port') + 1]}/api-keys"
+    assert services["keys"]["deploy"]["endpoint_mode"] == "dnsrr"
+    api_env = services["api"]["environment"]
+    assert api_env["API_KEYS_URL"] == url
+    assert api_env["API_KEYS_FILE"] == "/tmp/api-keys"
+    proxy = services["proxy"]
+    assert proxy["environment"]["KEYS_URL"] == url
+    assert proxy["environment"]["API_KEYS_FILE"].startswith("/tmp/nginx-conf/")
+    # The proxy runs the api's own copier, from the same source files.
+    mounted = {
+        entry["target"]: (SWARM / stack["configs"][entry["source"]]["file"]).resolve()
+        for entry in proxy["configs"]
+    }
+    for module in ("keyfile.py", "key_sync.py"):
+        target = f"/etc/nginx/keysync/service/auth/{module}"
+        assert mounted[target] == ROOT / "service" / "auth" / module
+    assert "PYTHONPATH=/etc/nginx/keysync" in (NGINX / "entrypoint.sh").read_text()
 
 
 def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:

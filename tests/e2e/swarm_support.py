@@ -113,6 +113,11 @@ class Swarm:
         )
         return out.stdout.strip()
 
+    def task_containers(self, service: str) -> list[str]:
+        """The ids of the containers running `service`'s tasks on this node."""
+        label = f"label=com.docker.swarm.service.name={self.stack_name}_{service}"
+        return sorted(run(["docker", "ps", "-q", "--filter", label]).stdout.split())
+
     def tasks(self) -> dict[str, str]:
         """Backend address -> node ID of the api tasks that are running (= healthy)."""
         ids = run(
