@@ -301,7 +301,12 @@ def test_killed_replicas_requests_are_retried_elsewhere(stack: Stack) -> None:
                 ),
                 timeout=90,
             )
-        _wait_for("5,000 requests", lambda: sum(statuses.values()) >= 5000, timeout=120)
+
+        def sent() -> int:
+            with lock:
+                return sum(statuses.values())
+
+        _wait_for("5,000 requests", lambda: sent() >= 5000, timeout=120)
     finally:
         stop.set()
         for th in threads:
