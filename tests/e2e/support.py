@@ -41,9 +41,10 @@ API_KEY_SETTINGS = {
     "PROXY_API_KEY_BURST": str(E2E_KEY_BURST),
 }
 
+# The proxy is always Debian's nginx (it needs the Lua module): compose builds
+# it on the Python base when NGINX_IMAGE does not name an image.
 OFFICIAL = {
     "PYTHON_BASE_IMAGE": "python:3.12-slim-bookworm",
-    "NGINX_IMAGE": "nginx:1.27-bookworm",
     "PROMETHEUS_IMAGE": "prom/prometheus:v3.5.0",
     "ALERTMANAGER_IMAGE": "prom/alertmanager:v0.28.1",
 }

@@ -316,6 +316,47 @@ def test_killed_replicas_requests_are_retried_elsewhere(stack: Stack) -> None:
     assert statuses["200"] >= 5000, statuses
 
 
+def test_prometheus_scrapes_the_proxy(stack: Stack) -> None:
+    """The proxy's own metrics (docker/nginx/nginx.conf, port 9113): scraped on the
+    compose network, never published on the host, counting what the tests above
+    sent through it, the killed replica's retries included."""
+
+    def proxy_target() -> list[dict[str, Any]]:
+        data = _prom(stack, "/api/v1/targets", state="active")
+        return [t for t in data["activeTargets"] if t["scrapePool"] == "proxy"]
+
+    (target,) = _wait_for("the proxy's target", proxy_target, timeout=90)
+    assert urllib.parse.urlparse(target["scrapeUrl"]).port == 9113
+    (proxy,) = stack.containers("proxy")
+    # Only the public listener is published ("8080/tcp -> 127.0.0.1:<port>").
+    published = run(["docker", "port", proxy]).stdout.splitlines()
+    assert published, "the proxy publishes no port"
+    assert all(line.startswith("8080/tcp ") for line in published), published
+
+    def value(query: str) -> float:
+        result = _prom(stack, "/api/v1/query", query=query)["result"]
+        return sum(float(sample["value"][1]) for sample in result)
+
+    # Once scraped after the tests above: their predictions, their 413 (a body
+    # over 1 MiB stopped at the proxy) and the retries of the killed replica's
+    # requests on another one.
+    queries = {
+        'nginx_http_responses_total{route="predict", status="200"}': 100,
+        'nginx_http_responses_total{route="predict", status="413"}': 1,
+        'nginx_upstream_retries_total{route="predict"}': 1,
+    }
+    _wait_for(
+        f"the proxy's counts in Prometheus: {queries}",
+        lambda: all(value(query) >= least for query, least in queries.items()),
+        timeout=90,
+    )
+    assert _prom(stack, "/api/v1/query", query='up{job="proxy"}')["result"][0]["value"][1] == "1"
+    accepted = value("nginx_connections_accepted")
+    assert accepted > 0
+    assert value("nginx_connections_handled") == accepted  # none refused
+    assert value("nginx_connections_active") >= 1  # Prometheus's own scrape, at least
+
+
 def _notifications(stack: Stack) -> list[dict[str, Any]]:
     """What the alert receiver got, one JSON body per line of its log."""
     logs = stack.compose("logs", "--no-color", "--no-log-prefix", "alert-webhook").stdout
