@@ -3,10 +3,10 @@ nginx running the shipped configuration in front of a port nobody listens on and
 real Gunicorn, scraped by a real Prometheus with the shipped `proxy` job.
 
 Predictions first go through (the dead port is each nginx worker's first pick, so
-nginx retries on the Gunicorn), then Gunicorn stops (no replica can be reached:
-502, answered as 503), then the rate limit refuses the rest (429). What
-Prometheus holds must be exactly what nginx's access log says happened, request
-by request, and what the client saw.
+nginx retries on the Gunicorn); nginx reloads (new workers, the counts must stay);
+then Gunicorn stops (no replica can be reached: 502, answered as 503), then the
+rate limit refuses the rest (429). What Prometheus holds must be exactly what
+nginx's access log says happened, request by request, and what the client saw.
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def test_the_proxy_counts_rate_limits_unreachable_replicas_and_retries_exactly(
         with running_prometheus(config, tmp_path / "tsdb", free_port()) as prometheus:
             seen = _predictions(proxy, THROUGH)
             assert seen == [200] * THROUGH
+            # The proxy's entrypoint reloads nginx whenever the replicas change:
+            # what the old workers counted stays (checked below, with the rest).
+            proxy.reload()
             api.stop()
             seen += _predictions(proxy, UNREACHABLE + REFUSED)
             assert seen[THROUGH : THROUGH + UNREACHABLE] == [503] * UNREACHABLE, seen

@@ -54,6 +54,31 @@ class Nginx:
         """The proxy's own metrics (the listener that is never the public one)."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def workers(self) -> set[int]:
+        """The master's worker processes now (their parent pid, from /proc)."""
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # "pid (comm) state ppid ...": comm may hold spaces, never ") ".
+                fields = stat.read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[1]) == self.process.pid:
+                found.add(int(stat.parent.name))
+        return found
+
+    def reload(self) -> None:
+        """`nginx -s reload` (SIGHUP), returning once every worker is a new one: the
+        old ones have finished their connections and exited."""
+        old = self.workers()
+        self.process.send_signal(signal.SIGHUP)
+
+        def only_new_workers() -> bool:
+            now = self.workers()
+            return bool(now) and not now & old
+
+        wait_for(only_new_workers, 30, what="nginx's workers to be replaced by the reload")
+
 
 @dataclass(frozen=True)
 class Canary:
