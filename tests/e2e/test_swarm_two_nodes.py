@@ -20,8 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
-from tests.support.nginx import answering_host
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run, wait_for
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -33,8 +32,8 @@ from tests.e2e.swarm_support import (
     report,
     stack_env,
     swarm_state,
-    wait_for,
 )
+from tests.support.nginx import answering_host
 
 STACK = "ml-api-e2e2"
 HOST_ADDR = "10.231.0.1"
