@@ -9,7 +9,8 @@
 #   stack.sh rollout VERSION   roll the api service to $IMAGE_NAME:VERSION (the
 #                              image must exist: `make stack-rollout` builds it);
 #                              return 0 when the update converged, 1 when swarm
-#                              rolled it back, 2 when it paused
+#                              rolled it back, 2 when it paused; on 1 and 2
+#                              print why: the failed task's first error line
 #   stack.sh scale N           N api replicas; return when converged
 #   stack.sh keys              rotate the API keys of the running stack to
 #                              the keys file's current content: a new secret
@@ -32,18 +33,22 @@
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
 #
-# Prometheus (no authentication) and Grafana publish no port: swarm would bind
-# every interface of the node. `up` starts a loopback-only door to both on the
-# manager (monitoring-door.conf): http://127.0.0.1:$PROMETHEUS_PORT and
+# Prometheus, Alertmanager (no authentication) and Grafana publish no port:
+# swarm would bind every interface of the node. `up` starts a loopback-only
+# door to them on the manager (monitoring-door.conf):
+# http://127.0.0.1:$PROMETHEUS_PORT, http://127.0.0.1:$ALERTMANAGER_PORT and
 # http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
-#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
+#   ssh -N -L 9090:127.0.0.1:9090 -L 9093:127.0.0.1:9093 -L 3000:127.0.0.1:3000 <manager>
 # Run this script on the manager: the door bind-mounts monitoring-door.conf
 # from this checkout. Grafana is not deployed with its default password: set
 # GRAFANA_ADMIN_PASSWORD (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
-# PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
-# API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE / GRAFANA_IMAGE,
+# PROXY_PORT (8080), PROMETHEUS_PORT (9090), ALERTMANAGER_PORT (9093),
+# GRAFANA_PORT (3000), API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE /
+# ALERTMANAGER_IMAGE / GRAFANA_IMAGE, ALERTMANAGER_CONFIG_DIR (the directory
+# whose alertmanager.yml names the alert receiver: docker/alertmanager, as
+# under compose), PYTHON (python3: reads a failed task's log),
 # GRAFANA_REPLICAS (1; 0 without a Grafana image), SWARM_ADVERTISE_ADDR
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
@@ -80,6 +85,15 @@ ensure_swarm() {
     docker node update --label-add "$CREATED_LABEL=$STACK_NAME" "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
 }
 
+# The Alertmanager configuration: compose's, or ALERTMANAGER_CONFIG_DIR's
+# (made absolute: stack.yaml's relative paths are relative to deploy/swarm).
+alertmanager_config() {
+    local dir="${ALERTMANAGER_CONFIG_DIR:-$ROOT/docker/alertmanager}"
+    case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
+    [ -f "$dir/alertmanager.yml" ] || die "no $dir/alertmanager.yml (ALERTMANAGER_CONFIG_DIR): Alertmanager needs its configuration"
+    printf '%s' "$dir"
+}
+
 # The configs' names carry a digest of their files: swarm configs are
 # immutable, so an edited file must become a new config.
 config_tag() {
@@ -87,6 +101,7 @@ config_tag() {
         docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
         docker/nginx/upstreams.lua service/auth/keyfile.py service/auth/key_sync.py \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
+        "$ALERTMANAGER_CONFIG_DIR/alertmanager.yml" \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
         docker/grafana/dashboards/ml-api.json) | sha256sum | cut -c1-12
@@ -111,6 +126,29 @@ keys_tag() { sha256sum <"$1" | cut -c1-12; }
 # (healthy, for a service with a health check) and meant to be.
 replicas_line() { docker service ls --filter "name=$(service "$1")" --format '{{.Name}} {{.Replicas}}' | awk -v n="$(service "$1")" '$1 == n {print $2}'; }
 
+# Why the tasks of a service's IMAGE failed, as one line: the newest such
+# task that ended with an error and the first error line of its log
+# (docker/first_error.py, which `make up` prints for compose too: "checksum
+# mismatch: model.joblib has sha256 ..."), else swarm's error for the task (an
+# exit code, a failed health check). `docker service logs` reads a task's log
+# on whichever node ran it. Returns 1 when no task of IMAGE failed.
+task_failure() {
+    local svc image id name img state err reason
+    svc="$(service "$1")" image="$2"
+    while IFS=$'\t' read -r id name img state err; do
+        [ "${img%@*}" = "$image" ] && [ -n "$err" ] || continue
+        # An earlier task of a slot is listed as " \_ <name>".
+        name="${name##*\\_ }"
+        reason="$(timeout 30 docker service logs --raw --no-trunc "$id" 2>&1 \
+            | "${PYTHON:-python3}" "$ROOT/docker/first_error.py")" \
+            || reason="$err (no error line in its log: docker service logs $id)"
+        printf '%s (%s, %s): %s\n' "$name" "$image" "${state,}" "$reason"
+        return 0
+    done < <(docker service ps --no-trunc \
+        --format '{{.ID}}\t{{.Name}}\t{{.Image}}\t{{.CurrentState}}\t{{.Error}}' "$svc")
+    return 1
+}
+
 wait_converged() {
     local name="$1" deadline=$((SECONDS + TIMEOUT)) line
     while [ "$SECONDS" -lt "$deadline" ]; do
@@ -123,6 +161,8 @@ wait_converged() {
         sleep 1
     done
     docker service ps --no-trunc "$(service "$name")" >&2 || true
+    local failure
+    failure="$(task_failure "$name" "$(service_image "$name")")" && log "$failure"
     die "$(service "$name") did not converge within ${TIMEOUT}s (replicas: ${line:-none})"
 }
 
@@ -130,7 +170,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
+            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}, Alertmanager on http://127.0.0.1:${ALERTMANAGER_PORT:-9093} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
             return 0
         fi
         sleep 1
@@ -165,7 +205,9 @@ start_monitoring_door() {
     docker run --detach --name "$door" --restart unless-stopped \
         --label "com.docker.stack.namespace=$STACK_NAME" \
         --network "${STACK_NAME}_edge" \
-        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
+        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" \
+        -p "127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093" \
+        -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
         --mount "type=bind,source=$HERE/monitoring-door.conf,target=/etc/nginx/monitoring-door.conf,readonly" \
         --user 65534:65534 --read-only --tmpfs /tmp \
         --cap-drop ALL --security-opt no-new-privileges:true \
@@ -194,6 +236,8 @@ cmd_up() {
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
+    ALERTMANAGER_CONFIG_DIR="$(alertmanager_config)"
+    export ALERTMANAGER_CONFIG_DIR
     ensure_swarm
     CONFIG_TAG="$(config_tag)"
     KEYS_TAG="$(keys_tag "$API_KEYS_SOURCE")"
@@ -205,6 +249,7 @@ cmd_up() {
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
+    wait_converged alertmanager
     wait_for_monitoring_door
     wait_for_prediction
 }
@@ -237,6 +282,17 @@ wait_update() {
     die "the update of $(service "$name") did not finish within ${TIMEOUT}s (state: ${state:-unknown})"
 }
 
+# What the failed tasks of IMAGE said, or that none failed (the update was
+# paused or rolled back for another reason: swarm's message says which).
+report_failure() {
+    local failure
+    if failure="$(task_failure "$1" "$2")"; then
+        log "failed: $failure"
+    else
+        log "no task of $2 failed with an error: see \`docker service ps --no-trunc $(service "$1")\`"
+    fi
+}
+
 cmd_rollout() {
     local version="${1:?usage: stack.sh rollout VERSION}"
     local image="$IMAGE_NAME:$version" svc
@@ -254,6 +310,7 @@ cmd_rollout() {
     log "rolling $svc from $current to $image (start-first, one task at a time)"
     docker service update --detach --no-resolve-image --image "$image" "$svc" >/dev/null
     wait_update api "$before" || status=$?
+    [ "$status" = 0 ] || report_failure api "$image"
     case "$status" in
         0) log "update completed: $svc runs $image" ;;
         1) log "update rolled back; $svc runs $current again" ;;

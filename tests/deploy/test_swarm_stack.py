@@ -4,9 +4,9 @@ The proxy's entrypoint renders nginx.conf with render.sh and loads
 api_keys.js: on swarm each must be a config of the proxy (no bind mount of
 docker/nginx as under compose) and part of stack.sh's config digest, or an
 edit would not roll out. Both services read the keys from the same secret.
-Prometheus and Grafana publish no port (swarm would bind every interface):
-stack.sh's loopback-only door publishes them, and refuses to deploy Grafana
-with its default password.
+Prometheus, Alertmanager and Grafana publish no port (swarm would bind every
+interface): stack.sh's loopback-only door publishes them, and refuses to deploy
+Grafana with its default password. Alertmanager runs as under compose.
 """
 
 from __future__ import annotations
@@ -53,13 +53,45 @@ def test_proxy_gets_every_file_its_entrypoint_reads_as_a_config() -> None:
         assert (SWARM / mounted[name]).resolve() == NGINX / name
 
 
+# The one config whose directory the operator chooses, as under compose.
+ALERTMANAGER_CONFIG = "${ALERTMANAGER_CONFIG_DIR:-../../docker/alertmanager}/alertmanager.yml"
+
+
 def test_every_config_file_is_in_the_config_digest() -> None:
     stack_sh = (SWARM / "stack.sh").read_text()
-    digest = stack_sh[stack_sh.index("config_tag() {") :]
-    digest = digest[: digest.index("\n}\n")]
+    digest = _function(stack_sh, "config_tag")
     for config in _stack()["configs"].values():
+        if config["file"] == ALERTMANAGER_CONFIG:
+            # stack.sh resolves the directory (compose's by default) and
+            # exports it absolute, for the stack file and the digest alike.
+            assert '"$ALERTMANAGER_CONFIG_DIR/alertmanager.yml"' in digest
+            chosen = _function(stack_sh, "alertmanager_config")
+            assert 'dir="${ALERTMANAGER_CONFIG_DIR:-$ROOT/docker/alertmanager}"' in chosen
+            continue
         relative = (SWARM / config["file"]).resolve().relative_to(ROOT)
         assert str(relative) in digest, relative
+
+
+def test_alertmanager_runs_as_under_compose_and_prometheus_sends_to_it() -> None:
+    """The same configuration (compose's file, or ALERTMANAGER_CONFIG_DIR's),
+    command and rules; its data in a volume of the stack's own."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    ours = _stack()["services"]["alertmanager"]
+    theirs = compose["services"]["alertmanager"]
+    assert ours["image"] == theirs["image"]
+    assert ours["command"] == theirs["command"]
+    [config] = ours["configs"]
+    assert config["target"] == "/etc/alertmanager/alertmanager.yml"
+    assert _stack()["configs"][config["source"]]["file"] == ALERTMANAGER_CONFIG
+    assert ours["volumes"] == ["swarm-alertmanager-data:/alertmanager"]
+    assert ours["networks"] == ["edge"]
+    swarm_prometheus = yaml.safe_load((SWARM / "prometheus.yml").read_text())
+    compose_prometheus = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
+    assert swarm_prometheus["alerting"] == compose_prometheus["alerting"]
+    assert "alerts.yml" in swarm_prometheus["rule_files"]
+    targets = {c["target"]: c["source"] for c in _stack()["services"]["prometheus"]["configs"]}
+    alerts = _stack()["configs"][targets["/etc/prometheus/alerts.yml"]]["file"]
+    assert (SWARM / alerts).resolve() == ROOT / "docker/prometheus/alerts.yml"
 
 
 def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -> None:
@@ -91,13 +123,13 @@ def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -
     assert "PYTHONPATH=/etc/nginx/keysync" in (NGINX / "entrypoint.sh").read_text()
 
 
-def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:
-    """Swarm publishes on every interface of a node; Prometheus has no
-    authentication. Only the proxy publishes; the others resolve to their
-    task (dnsrr: this kernel has no IPVS for a VIP)."""
+def test_monitoring_publishes_no_port_on_the_swarm() -> None:
+    """Swarm publishes on every interface of a node; Prometheus and
+    Alertmanager have no authentication. Only the proxy publishes; the others
+    resolve to their task (dnsrr: this kernel has no IPVS for a VIP)."""
     services = _stack()["services"]
     assert [name for name, service in services.items() if service.get("ports")] == ["proxy"]
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
     # The loopback door attaches to the edge network as a plain container.
     assert _stack()["networks"]["edge"]["attachable"] is True
@@ -113,12 +145,14 @@ def test_the_monitoring_door_publishes_on_the_managers_loopback_only() -> None:
     published = re.findall(r'-p "([^"]+)"', door)
     assert published == [
         "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090",
+        "127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093",
         "127.0.0.1:${GRAFANA_PORT:-3000}:3000",
     ]
     assert "source=$HERE/monitoring-door.conf" in door
     conf = (SWARM / "monitoring-door.conf").read_text()
-    assert re.search(r"^\s*9090 prometheus:9090;$", conf, re.MULTILINE)
-    assert re.search(r"^\s*3000 grafana:3000;$", conf, re.MULTILINE)
+    for port, name in (("9090", "prometheus"), ("9093", "alertmanager"), ("3000", "grafana")):
+        assert re.search(rf"^\s*{port} {name}:{port};$", conf, re.MULTILINE), name
+        assert re.search(rf"^\s*listen {port};$", conf, re.MULTILINE), name
 
 
 def _stack_sh(verb: str, **env: str) -> subprocess.CompletedProcess[str]:

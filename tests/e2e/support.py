@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ OFFLINE = {
     "ALERTMANAGER_IMAGE": "ml-api/alertmanager:offline",
 }
 
+# The webhook the shipped docker/alertmanager/alertmanager.yml sends to
+# (alert-webhook:9095), which both stacks' tests run beside Alertmanager.
+ALERT_RECEIVER = ROOT / "tests" / "e2e" / "alert_receiver.py"
+
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
 TIMINGS: dict[str, float | str] = {}
@@ -84,6 +89,39 @@ def run(
             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         )
     return proc
+
+
+def wait_for(what: str, check: Any, timeout: float = 90, interval: float = 1.0) -> Any:
+    """Until check() returns something true (returned); else fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def notifications(receiver_log: str) -> list[dict[str, Any]]:
+    """What the alert receiver (alert_receiver.py) got: one JSON body per line of its log."""
+    return [json.loads(line) for line in receiver_log.splitlines() if line.startswith("{")]
+
+
+def assert_paged_once(receiver_log: Callable[[], str], alertname: str) -> float:
+    """The receiver gets one notification, for `alertname`, firing, and no
+    other within a group wait (the shipped Alertmanager settings: 30 s).
+    Returns the seconds until the first one arrived."""
+    t0 = time.monotonic()
+    wait_for(f"a page for {alertname}", lambda: notifications(receiver_log()), timeout=300)
+    arrived = time.monotonic() - t0
+    # A second group or a duplicate would arrive within a group wait.
+    time.sleep(35)
+    received = notifications(receiver_log())
+    assert [n["groupLabels"]["alertname"] for n in received] == [alertname], received
+    assert received[0]["status"] == "firing"
+    assert received[0]["receiver"] == "on-call"
+    return arrived
 
 
 def engine_up() -> bool:

@@ -7,12 +7,15 @@ import os
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.auth import keyfile
 from tests.e2e.support import (
+    ALERT_RECEIVER,
     DOCKER_DIR,
     IMAGE,
     ROOT,
@@ -23,6 +26,7 @@ from tests.e2e.support import (
     free_port,
     http,
     run,
+    wait_for,
 )
 
 STACK_SH = ROOT / "deploy" / "swarm" / "stack.sh"
@@ -51,6 +55,7 @@ def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> di
         "MODEL_VERSION": model_version,
         "PROXY_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
+        "ALERTMANAGER_PORT": str(free_port()),
         "GRAFANA_PORT": str(free_port()),
         # The tests need no dashboards; without a registry there is no image.
         "GRAFANA_REPLICAS": "0",
@@ -71,11 +76,13 @@ class Swarm:
     env: dict[str, str]
     proxy: str = field(init=False)
     prometheus: str = field(init=False)
+    alertmanager: str = field(init=False)
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.proxy = f"http://127.0.0.1:{self.env['PROXY_PORT']}"
         self.prometheus = f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
+        self.alertmanager = f"http://127.0.0.1:{self.env['ALERTMANAGER_PORT']}"
         path = Path(self.env["API_KEYS_FILE"])
         path.unlink(missing_ok=True)
         self.key = add_key(path, "e2e-swarm")
@@ -171,17 +178,6 @@ def swarm_state() -> str:
     return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).stdout.strip()
 
 
-def wait_for(what: str, check: Any, timeout: float = 90, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
-
-
 def assert_targets_are_the_tasks(sw: Swarm, replicas: int) -> None:
     def same() -> tuple[set[str], set[str]] | None:
         tasks, scraped = set(sw.tasks()), sw.scraped_addresses()
@@ -231,6 +227,45 @@ def report(name: str, load: LoadStream, sw: Swarm | None = None, since: float = 
     assert not load.failures, (
         f"{len(load.failures)} of {len(load.results)} requests failed: {load.failures[:5]}"
     )
+
+
+@contextmanager
+def alert_receiver(sw: Swarm) -> Iterator[str]:
+    """The webhook the shipped Alertmanager configuration sends to
+    (alert-webhook:9095): alert_receiver.py, as alert-receiver.yaml runs it
+    beside the compose stack, here a plain container on the stack's
+    attachable edge network under that name. Yields the container's name;
+    removed on the way out (it would keep the network from going)."""
+    name = f"{sw.stack_name}_alert-webhook"
+    run(["docker", "rm", "-f", name], check=False)
+    run(
+        [
+            "docker",
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            f"{sw.stack_name}_edge",
+            "--network-alias",
+            "alert-webhook",
+            "--user",
+            "65534:65534",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--mount",
+            f"type=bind,source={ALERT_RECEIVER},target=/receiver/alert_receiver.py,readonly",
+            sw.env["PYTHON_BASE_IMAGE"],
+            "python3",
+            "-u",
+            "/receiver/alert_receiver.py",
+        ]
+    )
+    try:
+        yield name
+    finally:
+        run(["docker", "rm", "-f", name], check=False)
 
 
 def remove_stack(sw: Swarm) -> None:

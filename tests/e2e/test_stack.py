@@ -18,7 +18,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, PROJECT, SETOSA, TIMINGS, Stack, http, run
+from tests.e2e.support import (
+    IMAGE,
+    MODEL_VERSION,
+    PROJECT,
+    SETOSA,
+    TIMINGS,
+    Stack,
+    assert_paged_once,
+    http,
+    run,
+    wait_for,
+)
 from tests.support.nginx import answering_host
 
 APP_UID = 10001
@@ -43,17 +54,6 @@ def _api_targets(stack: Stack) -> list[dict[str, Any]]:
     """Prometheus' active targets that are api replicas (port 8000, /metrics)."""
     data = _prom(stack, "/api/v1/targets", state="active")
     return [t for t in data["activeTargets"] if urllib.parse.urlparse(t["scrapeUrl"]).port == 8000]
-
-
-def _wait_for(what: str, check: Any, timeout: float = 60, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 # ------------------------------------------------------------------ tests ---
@@ -105,7 +105,7 @@ def test_prometheus_scrapes_the_api(stack: Stack) -> None:
         targets = _api_targets(stack)
         return [t for t in targets if t["health"] == "up"]
 
-    targets = _wait_for("an api target that is up", up, timeout=90)
+    targets = wait_for("an api target that is up", up, timeout=90)
     api_ips = {stack.ip(c) for c in stack.containers("api")}
     assert {urllib.parse.urlparse(t["scrapeUrl"]).hostname for t in targets} <= api_ips
 
@@ -114,7 +114,7 @@ def test_prometheus_scrapes_the_api(stack: Stack) -> None:
         result: list[Any] = _prom(stack, "/api/v1/query", query="http_requests_total")["result"]
         return result
 
-    series = _wait_for("http_requests_total in Prometheus", requests_metric, timeout=90)
+    series = wait_for("http_requests_total in Prometheus", requests_metric, timeout=90)
     assert sum(float(s["value"][1]) for s in series) > 0
 
 
@@ -174,7 +174,7 @@ def test_scale_to_three_replicas(stack: Stack) -> None:
             time.sleep(0.02)
         return set(seen) >= ips
 
-    _wait_for("requests answered by all three replicas", all_answer, timeout=60, interval=0.5)
+    wait_for("requests answered by all three replicas", all_answer, timeout=60, interval=0.5)
     assert set(seen) <= ips
 
     # Prometheus scrapes every replica.
@@ -186,7 +186,7 @@ def test_scale_to_three_replicas(stack: Stack) -> None:
         }
         return up == ips
 
-    _wait_for("Prometheus targets for all three replicas", all_scraped, timeout=90)
+    wait_for("Prometheus targets for all three replicas", all_scraped, timeout=90)
 
 
 def test_stopping_a_replica_under_load_loses_no_request(stack: Stack) -> None:
@@ -294,7 +294,7 @@ def test_killed_replicas_requests_are_retried_elsewhere(stack: Stack) -> None:
             run(["docker", "kill", victim], timeout=60)
             time.sleep(2)
             run(["docker", "start", victim], timeout=60)
-            _wait_for(
+            wait_for(
                 f"replica {victim[:12]} healthy again",
                 lambda v=victim: (
                     stack.inspect(v)["State"].get("Health", {}).get("Status") == "healthy"
@@ -306,7 +306,7 @@ def test_killed_replicas_requests_are_retried_elsewhere(stack: Stack) -> None:
             with lock:
                 return sum(statuses.values())
 
-        _wait_for("5,000 requests", lambda: sent() >= 5000, timeout=120)
+        wait_for("5,000 requests", lambda: sent() >= 5000, timeout=120)
     finally:
         stop.set()
         for th in threads:
@@ -325,7 +325,7 @@ def test_prometheus_scrapes_the_proxy(stack: Stack) -> None:
         data = _prom(stack, "/api/v1/targets", state="active")
         return [t for t in data["activeTargets"] if t["scrapePool"] == "proxy"]
 
-    (target,) = _wait_for("the proxy's target", proxy_target, timeout=90)
+    (target,) = wait_for("the proxy's target", proxy_target, timeout=90)
     assert urllib.parse.urlparse(target["scrapeUrl"]).port == 9113
     (proxy,) = stack.containers("proxy")
     # Only the public listener is published ("8080/tcp -> 127.0.0.1:<port>").
@@ -345,7 +345,7 @@ def test_prometheus_scrapes_the_proxy(stack: Stack) -> None:
         'nginx_http_responses_total{route="predict", status="413"}': 1,
         'nginx_upstream_retries_total{route="predict"}': 1,
     }
-    _wait_for(
+    wait_for(
         f"the proxy's counts in Prometheus: {queries}",
         lambda: all(value(query) >= least for query, least in queries.items()),
         timeout=90,
@@ -357,25 +357,16 @@ def test_prometheus_scrapes_the_proxy(stack: Stack) -> None:
     assert value("nginx_connections_active") >= 1  # Prometheus's own scrape, at least
 
 
-def _notifications(stack: Stack) -> list[dict[str, Any]]:
-    """What the alert receiver got, one JSON body per line of its log."""
-    logs = stack.compose("logs", "--no-color", "--no-log-prefix", "alert-webhook").stdout
-    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-
-
 def test_a_stopped_service_pages_the_receiver_once(stack: Stack) -> None:
     # Last before `down`: it stops every api replica. With the shipped rules and
     # Alertmanager settings (MlApiNoReadyInstance after 1 min, 30 s group wait).
     # Stopped replicas leave compose's DNS, so their targets go (no `up == 0`):
     # the inhibition of MlApiInstanceDown is the process test's to prove.
     stack.compose("stop", "-t", "10", "api", timeout=120)
-    _wait_for("a page for the dead service", lambda: _notifications(stack), timeout=300)
-    # A second group or a duplicate would arrive within a group wait.
-    time.sleep(35)
-    notifications = _notifications(stack)
-    assert [n["groupLabels"]["alertname"] for n in notifications] == ["MlApiNoReadyInstance"]
-    assert notifications[0]["status"] == "firing"
-    assert notifications[0]["receiver"] == "on-call"
+    assert_paged_once(
+        lambda: stack.compose("logs", "--no-color", "--no-log-prefix", "alert-webhook").stdout,
+        "MlApiNoReadyInstance",
+    )
 
 
 def test_compose_down(stack: Stack) -> None:

@@ -15,17 +15,27 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.auth import keyfile
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, LoadStream, http, run
+from tests.e2e.support import (
+    IMAGE,
+    MODEL_VERSION,
+    TIMINGS,
+    LoadStream,
+    assert_paged_once,
+    http,
+    run,
+)
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
     UNSERVABLE_VERSION,
     Swarm,
     add_key,
+    alert_receiver,
     assert_targets_are_the_tasks,
     build_image,
     remove_stack,
@@ -88,24 +98,28 @@ def _connects(address: str, port: str) -> bool:
         return False
 
 
-def test_prometheus_and_grafana_answer_on_the_managers_loopback_only(swarm: Swarm) -> None:
-    for name in ("prometheus", "grafana"):
+def test_monitoring_answers_on_the_managers_loopback_only(swarm: Swarm) -> None:
+    """Prometheus, Alertmanager and Grafana publish no port on the swarm;
+    the monitoring door publishes them on the manager's loopback."""
+    for name in ("prometheus", "alertmanager", "grafana"):
         [service] = json.loads(run(["docker", "service", "inspect", f"{STACK}_{name}"]).stdout)
         assert not service["Spec"].get("EndpointSpec", {}).get("Ports"), name
         assert not service.get("Endpoint", {}).get("Ports"), name
     [door] = json.loads(run(["docker", "inspect", f"{STACK}_monitoring-door"]).stdout)
     bound = {b["HostIp"] for v in door["HostConfig"]["PortBindings"].values() for b in v}
     assert bound == {"127.0.0.1"}
-    # Prometheus itself answers through the door (what Grafana's port leads
-    # to is the same proxy; the tests run without a Grafana image).
+    # Prometheus and Alertmanager themselves answer through the door (what
+    # Grafana's port leads to is the same proxy; the tests run without a
+    # Grafana image).
     assert http("GET", f"{swarm.prometheus}/-/ready").status == 200
+    assert http("GET", f"{swarm.alertmanager}/-/ready").status == 200
     assert _connects("127.0.0.1", swarm.env["GRAFANA_PORT"])
     address = _host_address()
     # The proxy is published on every interface (swarm's host mode): the
-    # address is reachable; Prometheus and Grafana are not, there.
+    # address is reachable; the monitoring services are not, there.
     assert _connects(address, swarm.env["PROXY_PORT"])
-    assert not _connects(address, swarm.env["PROMETHEUS_PORT"])
-    assert not _connects(address, swarm.env["GRAFANA_PORT"])
+    for port in ("PROMETHEUS_PORT", "ALERTMANAGER_PORT", "GRAFANA_PORT"):
+        assert not _connects(address, swarm.env[port]), port
 
 
 def test_api_tasks_are_non_root_read_only_and_without_capabilities(swarm: Swarm) -> None:
@@ -150,6 +164,12 @@ def test_unservable_image_is_rolled_back_without_a_failed_request(swarm: Swarm) 
         time.sleep(2)
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert "rolled back" in done.stderr
+    # Why, as the failed task's log has it (docker/first_error.py): the
+    # bundle's checksums do not match (BREAK_BUNDLE).
+    [failed] = [line for line in done.stderr.splitlines() if line.startswith("[stack] failed: ")]
+    assert f"({IMAGE_NAME}:{UNSERVABLE_VERSION}-unservable, failed " in failed, failed
+    assert "checksum mismatch: model." in failed, failed
+    TIMINGS["swarm rollback: the reason printed"] = failed.removeprefix("[stack] failed: ")[:150]
     report("swarm rollback of an unservable image", load, swarm, since)
     assert swarm.image() == f"{IMAGE_NAME}:{NEXT_VERSION}"
     assert load.versions_since(0) == {NEXT_VERSION}
@@ -266,6 +286,32 @@ def test_canary_gets_its_share_then_is_promoted_without_a_failed_request(swarm: 
         ]
     ).stdout.strip()
     assert replicas == "0"
+
+
+def test_a_stopped_service_pages_the_receiver_once(swarm: Swarm) -> None:
+    """Prometheus on the swarm loads the shipped rules and sends to the
+    stack's Alertmanager, which pages the receiver of the shipped
+    configuration once, as on compose (test_stack.py). Last before `down`: it
+    scales the api to 0; its tasks leave DNS, so their targets go."""
+    with alert_receiver(swarm) as receiver:
+        swarm.stack("scale", "0")
+        arrived = assert_paged_once(
+            lambda: run(["docker", "logs", receiver]).stdout, "MlApiNoReadyInstance"
+        )
+    TIMINGS["swarm: api at 0 replicas -> page at the receiver"] = arrived
+    # Alertmanager keeps what it sent in its Swarm-only volume.
+    [volume] = [
+        m for m in _task_container("alertmanager")["Mounts"] if m["Destination"] == "/alertmanager"
+    ]
+    assert volume["Name"] == f"{STACK}_swarm-alertmanager-data"
+
+
+def _task_container(service: str) -> dict[str, Any]:
+    [container] = run(
+        ["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_{service}"]
+    ).stdout.split()
+    info: dict[str, Any] = json.loads(run(["docker", "inspect", container]).stdout)[0]
+    return info
 
 
 def test_stack_down_leaves_the_engine_as_found(swarm: Swarm) -> None:
