@@ -211,7 +211,7 @@ start_monitoring_door() {
         --mount "type=bind,source=$HERE/monitoring-door.conf,target=/etc/nginx/monitoring-door.conf,readonly" \
         --user 65534:65534 --read-only --tmpfs /tmp \
         --cap-drop ALL --security-opt no-new-privileges:true \
-        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        --entrypoint nginx "$NGINX_IMAGE" \
         -e stderr -c /etc/nginx/monitoring-door.conf -g 'daemon off;' >/dev/null
 }
 
@@ -231,8 +231,22 @@ wait_for_monitoring_door() {
     die "Prometheus did not answer on $url (the monitoring door) within ${TIMEOUT}s"
 }
 
+# The proxy's image: Debian's nginx with njs and Lua (docker/offline/nginx.Dockerfile;
+# the official image has no Lua module), built here unless it exists, as
+# compose's `build:` does.
+NGINX_IMAGE="${NGINX_IMAGE:-ml-api/nginx:bookworm}"
+export NGINX_IMAGE
+ensure_proxy_image() {
+    docker image inspect "$NGINX_IMAGE" >/dev/null 2>&1 && return 0
+    log "building the proxy image $NGINX_IMAGE"
+    docker build -q -t "$NGINX_IMAGE" -f "$ROOT/docker/offline/nginx.Dockerfile" \
+        --build-arg "BASE_IMAGE=${PYTHON_BASE_IMAGE:-python:3.12-slim-bookworm}" \
+        "$ROOT/docker/offline" >/dev/null
+}
+
 cmd_up() {
     preflight
+    ensure_proxy_image
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
@@ -343,18 +357,15 @@ cmd_keys() {
         docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
     fi
     old="$(mounted_keys_secret keys)"
-    local started=$SECONDS
+    local started=$SECONDS before=""
     if [ "$old" = "$secret" ]; then
         log "$(service keys) serves $secret already"
     else
         log "$(service keys): API keys $old -> $secret"
-        local before
         before="$(update_field keys StartedAt)"
         docker service update --detach --secret-rm "$old" \
             --secret-add "source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400" \
             "$(service keys)" >/dev/null
-        wait_update keys "$before" || die "$(service keys) did not take the new keys (the stack keeps $old)"
-        docker secret rm "$old" >/dev/null 2>&1 || true
     fi
     digest="$(sha256sum <"$source" | cut -c1-64)"
     deadline=$((SECONDS + 20))
@@ -371,7 +382,12 @@ cmd_keys() {
         sleep 0.5
     done
     waited=$((SECONDS - started))
-    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node (${waited} s; no restart); tasks on other nodes copy them within a second of the keys service"
+    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node after ${waited} s (no restart); tasks on other nodes copy them within a second of the keys service"
+    if [ -n "$before" ]; then
+        # Live already; the old secret goes once swarm has finished the update.
+        wait_update keys "$before" || die "$(service keys) did not finish its update (copies hold $secret)"
+        docker secret rm "$old" >/dev/null 2>&1 || true
+    fi
 }
 
 # The proxy's task container on this node (the proxy runs on a manager:
