@@ -109,8 +109,8 @@ def test_the_proxy_counts_rate_limits_unreachable_replicas_and_retries_exactly(
         with running_prometheus(config, tmp_path / "tsdb", free_port()) as prometheus:
             seen = _predictions(proxy, THROUGH)
             assert seen == [200] * THROUGH
-            # The proxy's entrypoint reloads nginx whenever the replicas change:
-            # what the old workers counted stays (checked below, with the rest).
+            # An operator's reload (after editing nginx.conf; replica changes
+            # need none): what the old workers counted stays (checked below).
             proxy.reload()
             api.stop()
             seen += _predictions(proxy, UNREACHABLE + REFUSED)
