@@ -19,7 +19,7 @@ PACKAGE_ARGS ?=
 # records the bundle it writes, make serve reads them (exported to its server).
 TRUSTED_DIGESTS_FILE ?= secrets/trusted-model-sha256
 export TRUSTED_DIGESTS_FILE
-# make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
+# make rules: where the drift rules go (compose's Prometheus loads rules/*.yml; the Swarm stack takes them from the served image).
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
 

@@ -244,6 +244,39 @@ ensure_proxy_image() {
         "$ROOT/docker/offline" >/dev/null
 }
 
+# The drift rules of the model IMAGE serves (its build generated them from the
+# bundle's manifest: /app/prometheus/rules/drift.yml), copied to a new
+# temporary file whose path this prints. None in the image: no rules.
+image_drift_rules() {
+    local file id
+    file="$(mktemp "${TMPDIR:-/tmp}/$STACK_NAME-drift-XXXXXX.yml")"
+    id="$(docker create "$1")"
+    docker cp "$id:/app/prometheus/rules/drift.yml" - 2>/dev/null | tar -xO >"$file" || true
+    docker rm "$id" >/dev/null
+    [ -s "$file" ] || printf 'groups: []\n' >"$file"
+    printf '%s' "$file"
+}
+
+rules_tag() { sha256sum <"$1" | cut -c1-12; }
+
+# After a rollout: Prometheus loads the drift rules of the image now served
+# (a new config, swapped in; Prometheus restarts onto the same data volume).
+refresh_drift_rules() {
+    local file name old
+    file="$(image_drift_rules "$1")"
+    name="$STACK_NAME-drift-rules-$(rules_tag "$file")"
+    old="$(docker service inspect "$(service prometheus)" \
+        --format '{{range .Spec.TaskTemplate.ContainerSpec.Configs}}{{if eq .File.Name "/etc/prometheus/drift.yml"}}{{.ConfigName}}{{end}}{{end}}')"
+    if [ "$old" != "$name" ]; then
+        docker config inspect "$name" >/dev/null 2>&1 \
+            || docker config create --label "com.docker.stack.namespace=$STACK_NAME" "$name" "$file" >/dev/null
+        docker service update --detach --config-rm "$old" \
+            --config-add "source=$name,target=/etc/prometheus/drift.yml" "$(service prometheus)" >/dev/null
+        log "Prometheus loads the drift rules of $1 ($name)"
+    fi
+    rm -f "$file"
+}
+
 cmd_up() {
     preflight
     ensure_proxy_image
@@ -255,10 +288,13 @@ cmd_up() {
     ensure_swarm
     CONFIG_TAG="$(config_tag)"
     KEYS_TAG="$(keys_tag "$API_KEYS_SOURCE")"
-    export CONFIG_TAG API_KEYS_SOURCE KEYS_TAG
+    DRIFT_RULES_FILE="$(image_drift_rules "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}")"
+    DRIFT_TAG="$(rules_tag "$DRIFT_RULES_FILE")"
+    export CONFIG_TAG API_KEYS_SOURCE KEYS_TAG DRIFT_RULES_FILE DRIFT_TAG
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    rm -f "$DRIFT_RULES_FILE"
     start_monitoring_door
     wait_converged api
     wait_converged proxy
@@ -326,7 +362,8 @@ cmd_rollout() {
     wait_update api "$before" || status=$?
     [ "$status" = 0 ] || report_failure api "$image"
     case "$status" in
-        0) log "update completed: $svc runs $image" ;;
+        0) log "update completed: $svc runs $image"
+           refresh_drift_rules "$image" ;;
         1) log "update rolled back; $svc runs $current again" ;;
     esac
     return "$status"

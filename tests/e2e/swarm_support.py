@@ -151,13 +151,34 @@ class Swarm:
                         addresses[address.split("/")[0]] = task["NodeID"]
         return addresses
 
+    def _prometheus(self, path: str) -> Any:
+        """Prometheus's answer's data, or None while it does not answer (a
+        rollout restarts it onto the new drift rules)."""
+        try:
+            resp = http("GET", f"{self.prometheus}{path}")
+        except OSError:
+            return None
+        return resp.json()["data"] if resp.status == 200 else None
+
+    def drift_rule_versions(self) -> set[str]:
+        """The model versions the loaded drift rules are for."""
+        data = self._prometheus("/api/v1/rules")
+        if data is None:
+            return set()
+        return {
+            rule["labels"]["version"]
+            for group in data["groups"]
+            for rule in group["rules"]
+            if "version" in rule.get("labels", {})
+        }
+
     def scraped_addresses(self) -> set[str]:
-        resp = http("GET", f"{self.prometheus}/api/v1/targets?state=active")
-        if resp.status != 200:
+        data = self._prometheus("/api/v1/targets?state=active")
+        if data is None:
             return set()
         return {
             str(urllib.parse.urlparse(t["scrapeUrl"]).hostname)
-            for t in resp.json()["data"]["activeTargets"]
+            for t in data["activeTargets"]
             if t["labels"].get("job") == "ml-api" and t["health"] == "up"
         }
 

@@ -29,6 +29,7 @@ from tests.e2e.support import (
     assert_paged_once,
     http,
     run,
+    wait_for,
 )
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
@@ -152,6 +153,13 @@ def test_rolling_update_loses_no_request_and_ends_on_the_new_version(swarm: Swar
     assert load.versions_since(t0) >= {MODEL_VERSION, NEXT_VERSION}
     assert load.versions_since(converged) == {NEXT_VERSION}
     assert len([r for r in load.results if r[0] >= converged]) > 0
+    # Prometheus evaluates the new version's drift rules (from its image).
+    assert "Prometheus loads the drift rules of" in done.stderr
+    wait_for(
+        "the drift rules of the new version",
+        lambda: swarm.drift_rule_versions() == {NEXT_VERSION},
+        timeout=90,
+    )
     assert_targets_are_the_tasks(swarm, 3)
 
 
