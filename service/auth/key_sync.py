@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -89,6 +90,9 @@ class _KeysServer(ThreadingHTTPServer):
 
 
 def serve(keys_file: Path, bind: str, port: int) -> None:
+    # As a container's PID 1 a signal without a handler is ignored: without
+    # this a stop-first rotation waited out the grace period for its SIGKILL.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = _KeysServer((bind, port), keys_file)
     _log("INFO", "serving API keys", file=str(keys_file), address=f"{bind}:{port}")
     server.serve_forever()
