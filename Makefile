@@ -19,7 +19,7 @@ PACKAGE_ARGS ?=
 # records the bundle it writes, make serve reads them (exported to its server).
 TRUSTED_DIGESTS_FILE ?= secrets/trusted-model-sha256
 export TRUSTED_DIGESTS_FILE
-# make rules: where the drift rules go (Prometheus in compose and Swarm loads rules/*.yml).
+# make rules: where the drift rules go (compose's Prometheus loads rules/*.yml; the Swarm stack takes them from the served image).
 RULES_FILE ?= docker/prometheus/rules/drift.yml
 RULES_ARGS ?=
 
@@ -43,7 +43,7 @@ help:
 	@echo "make client   a typed Python client (clients/python/) from a served document [OPENAPI_URL=...]"
 	@echo "make locks    recompile the lock files from pyproject.toml's extras (pins kept)"
 	@echo "make api-key NAME=<id>         mint an API key; it is printed once, as the last line"
-	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart)"
+	@echo "make api-key-revoke NAME=<id>  revoke it (live within 5 s, no restart; Swarm: make stack-keys)"
 
 $(BIN)/.installed: requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)

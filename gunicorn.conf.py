@@ -67,9 +67,12 @@ CONNECTION_LEDGER: list[Path] = []
 def on_starting(server: Any) -> None:
     from service.metrics.store import prepare_directory
     from service.server.acceptor import LEDGER_ENV, create_ledger
+    from service.server.key_follower import KEY_FOLLOWER
     from service.server.rollout import ROLLOUTS
 
     prepare_directory(METRICS_DIR)
+    # Before any worker: they start with the keys of API_KEYS_URL, if set.
+    KEY_FOLLOWER.start(_server, server.log)
     # Exits non-zero with one line when nothing at all can be served.
     ROLLOUTS.start(METRICS_DIR, server.log)
     ledger = create_ledger(LEDGER_PARENT)
@@ -80,7 +83,9 @@ def on_starting(server: Any) -> None:
 
 def on_exit(server: Any) -> None:
     from service.server.acceptor import remove_ledger
+    from service.server.key_follower import KEY_FOLLOWER
 
+    KEY_FOLLOWER.stop()
     for ledger in CONNECTION_LEDGER:
         remove_ledger(ledger)
 

@@ -27,7 +27,6 @@ from bench import run
 ML_API = "ml-api"
 STOCK = "ml-api-on-stock-uvicorn-worker"
 # Gunicorn reads GUNICORN_CMD_ARGS after gunicorn.conf.py: only the worker class changes.
-STOCK_WORKER = {"GUNICORN_CMD_ARGS": "--worker-class uvicorn_worker.UvicornWorker"}
 # A client waiting longer than this has given up (the issue's measure).
 CLIENT_TIMEOUT_SECONDS = 10
 HEALTH_EVERY_SECONDS = 0.2
@@ -93,7 +92,7 @@ def compare(
 ) -> dict[str, dict[str, Any]]:
     """One overload round each, servers started together and measured one after the other."""
     # Built here, not at import: bench.run imports this module from its top.
-    specs = {ML_API: run.ServerSpec(), STOCK: run.ServerSpec(env=STOCK_WORKER)}
+    specs = {ML_API: run.ServerSpec(), STOCK: run.ServerSpec(env=run.STOCK_WORKER)}
     servers = run.start_all(specs, work, bundle, workers)
     try:
         script = run.wrk_script(work, "/predict", json.dumps(run.SETOSA).encode())

@@ -95,7 +95,8 @@ else
     echo "[build-image] training $MODEL_NAME $MODEL_VERSION on $BASE" >&2
 fi
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target bundle -o "type=local,dest=$out" "$ROOT"
-# The drift rules of this bundle, where compose's and Swarm's Prometheus load them.
+# The drift rules of this bundle, where compose's Prometheus loads them (the image
+# carries them too, /app/prometheus/rules/drift.yml: the Swarm stack's source).
 "$ROOT/docker/docker-build.sh" "${common[@]}" --target drift-rules \
     -o "type=local,dest=$ROOT/docker/prometheus/rules" "$ROOT"
 

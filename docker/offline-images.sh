@@ -6,7 +6,7 @@
 #                              (`python` on PATH; pip only inside venvs), apt
 #                              cleaned and docs/locales excluded like the
 #                              official debian slim images
-#   ml-api/nginx:offline       Debian's nginx, its njs and stream modules on that base
+#   ml-api/nginx:offline       Debian's nginx, its njs, Lua and stream modules on that base
 #   ml-api/prometheus:offline  Debian's prometheus on that base
 #   ml-api/alertmanager:offline  Debian's prometheus-alertmanager on that base
 #
@@ -145,8 +145,9 @@ build_from_base() {
 
 build_python_base
 # A stand-in built before the per-API-key limits lacks njs, one built before
-# the Swarm monitoring door lacks the stream module: rebuild it.
-for module in ngx_http_js_module ngx_stream_module; do
+# the Swarm monitoring door lacks the stream module, one built before the
+# proxy's metrics lacks Lua: rebuild it.
+for module in ngx_http_js_module ngx_stream_module ngx_http_lua_module; do
     if have_image "$NGINX_TAG" && ! docker run --rm --entrypoint test "$NGINX_TAG" \
         -e "/usr/lib/nginx/modules/$module.so"; then
         log "$NGINX_TAG has no $module; rebuilding"

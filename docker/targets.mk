@@ -13,7 +13,8 @@
 #   make offline-images   Debian-built stand-ins for python/nginx/prometheus images
 #   make engine           install/start a Docker engine and the compose plugin if missing
 #   make stack-up         deploy/swarm/stack.yaml on this engine's swarm (inits a
-#                         single-node swarm when there is none); Prometheus and
+#                         single-node swarm when there is none); Prometheus,
+#                         Alertmanager (ALERTMANAGER_CONFIG_DIR as for `up`) and
 #                         Grafana on this manager's 127.0.0.1 only (elsewhere:
 #                         ssh -L 3000:127.0.0.1:3000 <manager>); refuses
 #                         without GRAFANA_ADMIN_PASSWORD (or OFFLINE=1 /
@@ -21,6 +22,7 @@
 #   make stack-rollout VERSION=x.y.z
 #                         build ml-api:x.y.z and roll the api service to it, one
 #                         task at a time; returns when converged or rolled back
+#                         (then non-zero, printing the failed task's first error line)
 #   make stack-canary VERSION=x.y.z PERCENT=n [STICKY=1]
 #                         build ml-api:x.y.z, run it as the canary service beside
 #                         the api and send it n % of requests (per request;

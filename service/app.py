@@ -28,6 +28,7 @@ from service.capture.hook import start_payload_log, stop_payload_log
 from service.compression import RequestDecompressionMiddleware
 from service.errors import install_error_handlers
 from service.fastpath import FastPath
+from service.heap import freeze_startup_heap
 from service.logs import APP_LOGGER, AccessLog, configure_logging, flush_access_logs
 from service.manifest import MODEL_FILE_ONNX
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -129,6 +130,7 @@ async def serve_when_loaded(settings: ServiceSettings, api: FastAPI) -> None:
         try:
             api.state.pipeline = await start_serving(settings)
             api.openapi_schema = None
+            freeze_startup_heap()
             return
         except Exception as exc:
             delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -268,6 +270,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
 
             tasks.append(asyncio.create_task(refresh_process_metrics()))
             tasks.append(asyncio.create_task(flush_periodically()))
+        freeze_startup_heap()
         yield
         for task in tasks:
             task.cancel()

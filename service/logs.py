@@ -137,18 +137,23 @@ class AccessLog:
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            self._write_all(line)
-            return
-        if self._flush_loop is not loop:
-            if self._flush_loop is not None:
-                # Lines of another loop, closed before its flush ran, go first.
+        scheduled = self._flush_loop
+        # A flush scheduled on a loop that runs: that is the caller's loop
+        # (one event-loop thread at a time), and asking for the running loop
+        # costs a getpid() system call in CPython 3.11, once a request.
+        if scheduled is None or not scheduled.is_running():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
                 self.flush()
-            loop.call_soon(self.flush)
-            self._flush_loop = loop
+                self._write_all(line)
+                return
+            if scheduled is not loop:
+                if scheduled is not None:
+                    # Lines of another loop, closed before its flush ran, go first.
+                    self.flush()
+                loop.call_soon(self.flush)
+                self._flush_loop = loop
         if len(self._pending) + len(line) > ATOMIC_WRITE_BYTES:
             self._write_pending()
             if len(line) > ATOMIC_WRITE_BYTES:

@@ -9,15 +9,15 @@
 #   stack.sh rollout VERSION   roll the api service to $IMAGE_NAME:VERSION (the
 #                              image must exist: `make stack-rollout` builds it);
 #                              return 0 when the update converged, 1 when swarm
-#                              rolled it back, 2 when it paused
+#                              rolled it back, 2 when it paused; on 1 and 2
+#                              print why: the failed task's first error line
 #   stack.sh scale N           N api replicas; return when converged
 #   stack.sh keys              rotate the API keys of the running stack to
-#                              the keys file's current content: a new secret,
-#                              swapped into the api and the canary
-#                              (start-first, one task at a
-#                              time: no request lost) and then the proxy
-#                              (stop-first: it holds the host port); return
-#                              when both converged
+#                              the keys file's current content: a new secret
+#                              for the `keys` service alone, which the api
+#                              tasks and the proxy copy in place (no restart,
+#                              no refused connection); return when the proxy
+#                              and this node's api tasks hold it
 #   stack.sh canary [VERSION] PERCENT
 #                              run $IMAGE_NAME:VERSION as the `canary` service
 #                              beside the api ($CANARY_REPLICAS, 1) and have the
@@ -33,18 +33,22 @@
 #   stack.sh down              remove the stack; leave the swarm only if `up`
 #                              created it, so the engine ends as it was found
 #
-# Prometheus (no authentication) and Grafana publish no port: swarm would bind
-# every interface of the node. `up` starts a loopback-only door to both on the
-# manager (monitoring-door.conf): http://127.0.0.1:$PROMETHEUS_PORT and
+# Prometheus, Alertmanager (no authentication) and Grafana publish no port:
+# swarm would bind every interface of the node. `up` starts a loopback-only
+# door to them on the manager (monitoring-door.conf):
+# http://127.0.0.1:$PROMETHEUS_PORT, http://127.0.0.1:$ALERTMANAGER_PORT and
 # http://127.0.0.1:$GRAFANA_PORT; from elsewhere, an SSH tunnel:
-#   ssh -N -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 <manager>
+#   ssh -N -L 9090:127.0.0.1:9090 -L 9093:127.0.0.1:9093 -L 3000:127.0.0.1:3000 <manager>
 # Run this script on the manager: the door bind-mounts monitoring-door.conf
 # from this checkout. Grafana is not deployed with its default password: set
 # GRAFANA_ADMIN_PASSWORD (or GRAFANA_REPLICAS=0).
 #
 # Environment: STACK_NAME (ml-api), IMAGE_NAME (ml-api), MODEL_VERSION (1.0.0),
-# PROXY_PORT (8080), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
-# API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE / GRAFANA_IMAGE,
+# PROXY_PORT (8080), PROMETHEUS_PORT (9090), ALERTMANAGER_PORT (9093),
+# GRAFANA_PORT (3000), API_REPLICAS (3), NGINX_IMAGE / PROMETHEUS_IMAGE /
+# ALERTMANAGER_IMAGE / GRAFANA_IMAGE, ALERTMANAGER_CONFIG_DIR (the directory
+# whose alertmanager.yml names the alert receiver: docker/alertmanager, as
+# under compose), PYTHON (python3: reads a failed task's log),
 # GRAFANA_REPLICAS (1; 0 without a Grafana image), SWARM_ADVERTISE_ADDR
 # (127.0.0.1: a single-node swarm reachable from this host only),
 # STACK_TIMEOUT (seconds to wait for convergence, 300), API_KEYS_FILE (the
@@ -81,12 +85,23 @@ ensure_swarm() {
     docker node update --label-add "$CREATED_LABEL=$STACK_NAME" "$(docker info --format '{{.Swarm.NodeID}}')" >/dev/null
 }
 
+# The Alertmanager configuration: compose's, or ALERTMANAGER_CONFIG_DIR's
+# (made absolute: stack.yaml's relative paths are relative to deploy/swarm).
+alertmanager_config() {
+    local dir="${ALERTMANAGER_CONFIG_DIR:-$ROOT/docker/alertmanager}"
+    case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
+    [ -f "$dir/alertmanager.yml" ] || die "no $dir/alertmanager.yml (ALERTMANAGER_CONFIG_DIR): Alertmanager needs its configuration"
+    printf '%s' "$dir"
+}
+
 # The configs' names carry a digest of their files: swarm configs are
 # immutable, so an edited file must become a new config.
 config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
+        docker/nginx/upstreams.lua service/auth/keyfile.py service/auth/key_sync.py \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
+        "$ALERTMANAGER_CONFIG_DIR/alertmanager.yml" \
         docker/grafana/provisioning/datasources/prometheus.yml \
         docker/grafana/provisioning/dashboards/ml-api.yml \
         docker/grafana/dashboards/ml-api.json) | sha256sum | cut -c1-12
@@ -111,6 +126,29 @@ keys_tag() { sha256sum <"$1" | cut -c1-12; }
 # (healthy, for a service with a health check) and meant to be.
 replicas_line() { docker service ls --filter "name=$(service "$1")" --format '{{.Name}} {{.Replicas}}' | awk -v n="$(service "$1")" '$1 == n {print $2}'; }
 
+# Why the tasks of a service's IMAGE failed, as one line: the newest such
+# task that ended with an error and the first error line of its log
+# (docker/first_error.py, which `make up` prints for compose too: "checksum
+# mismatch: model.joblib has sha256 ..."), else swarm's error for the task (an
+# exit code, a failed health check). `docker service logs` reads a task's log
+# on whichever node ran it. Returns 1 when no task of IMAGE failed.
+task_failure() {
+    local svc image id name img state err reason
+    svc="$(service "$1")" image="$2"
+    while IFS=$'\t' read -r id name img state err; do
+        [ "${img%@*}" = "$image" ] && [ -n "$err" ] || continue
+        # An earlier task of a slot is listed as " \_ <name>".
+        name="${name##*\\_ }"
+        reason="$(timeout 30 docker service logs --raw --no-trunc "$id" 2>&1 \
+            | "${PYTHON:-python3}" "$ROOT/docker/first_error.py")" \
+            || reason="$err (no error line in its log: docker service logs $id)"
+        printf '%s (%s, %s): %s\n' "$name" "$image" "${state,}" "$reason"
+        return 0
+    done < <(docker service ps --no-trunc \
+        --format '{{.ID}}\t{{.Name}}\t{{.Image}}\t{{.CurrentState}}\t{{.Error}}' "$svc")
+    return 1
+}
+
 wait_converged() {
     local name="$1" deadline=$((SECONDS + TIMEOUT)) line
     while [ "$SECONDS" -lt "$deadline" ]; do
@@ -123,6 +161,8 @@ wait_converged() {
         sleep 1
     done
     docker service ps --no-trunc "$(service "$name")" >&2 || true
+    local failure
+    failure="$(task_failure "$name" "$(service_image "$name")")" && log "$failure"
     die "$(service "$name") did not converge within ${TIMEOUT}s (replicas: ${line:-none})"
 }
 
@@ -130,7 +170,7 @@ wait_for_prediction() {
     local url="http://127.0.0.1:${PROXY_PORT:-8080}" deadline=$((SECONDS + TIMEOUT))
     while [ "$SECONDS" -lt "$deadline" ]; do
         if curl -fsS -o /dev/null "$url/health/ready" 2>/dev/null; then
-            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
+            log "ready: API on $url; Prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}, Alertmanager on http://127.0.0.1:${ALERTMANAGER_PORT:-9093} and Grafana on http://127.0.0.1:${GRAFANA_PORT:-3000}, this host only (elsewhere: ssh -L)"
             return 0
         fi
         sleep 1
@@ -165,11 +205,13 @@ start_monitoring_door() {
     docker run --detach --name "$door" --restart unless-stopped \
         --label "com.docker.stack.namespace=$STACK_NAME" \
         --network "${STACK_NAME}_edge" \
-        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
+        -p "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090" \
+        -p "127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093" \
+        -p "127.0.0.1:${GRAFANA_PORT:-3000}:3000" \
         --mount "type=bind,source=$HERE/monitoring-door.conf,target=/etc/nginx/monitoring-door.conf,readonly" \
         --user 65534:65534 --read-only --tmpfs /tmp \
         --cap-drop ALL --security-opt no-new-privileges:true \
-        --entrypoint nginx "${NGINX_IMAGE:-nginx:1.27-bookworm}" \
+        --entrypoint nginx "$NGINX_IMAGE" \
         -e stderr -c /etc/nginx/monitoring-door.conf -g 'daemon off;' >/dev/null
 }
 
@@ -189,22 +231,75 @@ wait_for_monitoring_door() {
     die "Prometheus did not answer on $url (the monitoring door) within ${TIMEOUT}s"
 }
 
+# The proxy's image: Debian's nginx with njs and Lua (docker/offline/nginx.Dockerfile;
+# the official image has no Lua module), built here unless it exists, as
+# compose's `build:` does.
+NGINX_IMAGE="${NGINX_IMAGE:-ml-api/nginx:bookworm}"
+export NGINX_IMAGE
+ensure_proxy_image() {
+    docker image inspect "$NGINX_IMAGE" >/dev/null 2>&1 && return 0
+    log "building the proxy image $NGINX_IMAGE"
+    docker build -q -t "$NGINX_IMAGE" -f "$ROOT/docker/offline/nginx.Dockerfile" \
+        --build-arg "BASE_IMAGE=${PYTHON_BASE_IMAGE:-python:3.12-slim-bookworm}" \
+        "$ROOT/docker/offline" >/dev/null
+}
+
+# The drift rules of the model IMAGE serves (its build generated them from the
+# bundle's manifest: /app/prometheus/rules/drift.yml), copied to a new
+# temporary file whose path this prints. None in the image: no rules.
+image_drift_rules() {
+    local file id
+    file="$(mktemp "${TMPDIR:-/tmp}/$STACK_NAME-drift-XXXXXX.yml")"
+    id="$(docker create "$1")"
+    docker cp "$id:/app/prometheus/rules/drift.yml" - 2>/dev/null | tar -xO >"$file" || true
+    docker rm "$id" >/dev/null
+    [ -s "$file" ] || printf 'groups: []\n' >"$file"
+    printf '%s' "$file"
+}
+
+rules_tag() { sha256sum <"$1" | cut -c1-12; }
+
+# After a rollout: Prometheus loads the drift rules of the image now served
+# (a new config, swapped in; Prometheus restarts onto the same data volume).
+refresh_drift_rules() {
+    local file name old
+    file="$(image_drift_rules "$1")"
+    name="$STACK_NAME-drift-rules-$(rules_tag "$file")"
+    old="$(docker service inspect "$(service prometheus)" \
+        --format '{{range .Spec.TaskTemplate.ContainerSpec.Configs}}{{if eq .File.Name "/etc/prometheus/drift.yml"}}{{.ConfigName}}{{end}}{{end}}')"
+    if [ "$old" != "$name" ]; then
+        docker config inspect "$name" >/dev/null 2>&1 \
+            || docker config create --label "com.docker.stack.namespace=$STACK_NAME" "$name" "$file" >/dev/null
+        docker service update --detach --config-rm "$old" \
+            --config-add "source=$name,target=/etc/prometheus/drift.yml" "$(service prometheus)" >/dev/null
+        log "Prometheus loads the drift rules of $1 ($name)"
+    fi
+    rm -f "$file"
+}
+
 cmd_up() {
     preflight
+    ensure_proxy_image
     docker image inspect "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}" >/dev/null 2>&1 \
         || die "no image $IMAGE_NAME:${MODEL_VERSION:-1.0.0}: run \`make image VERSION=${MODEL_VERSION:-1.0.0}\` (make stack-up does)"
     API_KEYS_SOURCE="$(keys_source)"
+    ALERTMANAGER_CONFIG_DIR="$(alertmanager_config)"
+    export ALERTMANAGER_CONFIG_DIR
     ensure_swarm
     CONFIG_TAG="$(config_tag)"
     KEYS_TAG="$(keys_tag "$API_KEYS_SOURCE")"
-    export CONFIG_TAG API_KEYS_SOURCE KEYS_TAG
+    DRIFT_RULES_FILE="$(image_drift_rules "$IMAGE_NAME:${MODEL_VERSION:-1.0.0}")"
+    DRIFT_TAG="$(rules_tag "$DRIFT_RULES_FILE")"
+    export CONFIG_TAG API_KEYS_SOURCE KEYS_TAG DRIFT_RULES_FILE DRIFT_TAG
     log "deploying stack $STACK_NAME (api $IMAGE_NAME:${MODEL_VERSION:-1.0.0}, configs $CONFIG_TAG, keys $KEYS_TAG)"
     # No registry: use the local images as they are.
     docker stack deploy --resolve-image never -c "$HERE/stack.yaml" "$STACK_NAME" >&2
+    rm -f "$DRIFT_RULES_FILE"
     start_monitoring_door
     wait_converged api
     wait_converged proxy
     wait_converged prometheus
+    wait_converged alertmanager
     wait_for_monitoring_door
     wait_for_prediction
 }
@@ -237,6 +332,17 @@ wait_update() {
     die "the update of $(service "$name") did not finish within ${TIMEOUT}s (state: ${state:-unknown})"
 }
 
+# What the failed tasks of IMAGE said, or that none failed (the update was
+# paused or rolled back for another reason: swarm's message says which).
+report_failure() {
+    local failure
+    if failure="$(task_failure "$1" "$2")"; then
+        log "failed: $failure"
+    else
+        log "no task of $2 failed with an error: see \`docker service ps --no-trunc $(service "$1")\`"
+    fi
+}
+
 cmd_rollout() {
     local version="${1:?usage: stack.sh rollout VERSION}"
     local image="$IMAGE_NAME:$version" svc
@@ -254,8 +360,10 @@ cmd_rollout() {
     log "rolling $svc from $current to $image (start-first, one task at a time)"
     docker service update --detach --no-resolve-image --image "$image" "$svc" >/dev/null
     wait_update api "$before" || status=$?
+    [ "$status" = 0 ] || report_failure api "$image"
     case "$status" in
-        0) log "update completed: $svc runs $image" ;;
+        0) log "update completed: $svc runs $image"
+           refresh_drift_rules "$image" ;;
         1) log "update rolled back; $svc runs $current again" ;;
     esac
     return "$status"
@@ -267,51 +375,56 @@ mounted_keys_secret() {
         --format '{{range .Spec.TaskTemplate.ContainerSpec.Secrets}}{{if eq .File.Name "api-keys"}}{{.SecretName}}{{end}}{{end}}'
 }
 
-# Swarm secrets cannot change: a new one per content, swapped into each
-# service by a rolling update (the api's is start-first and loses nothing;
-# the proxy's is stop-first, its port is refused while nginx restarts).
-# Mount options as in stack.yaml.
+# The SHA-256 of the file at PATH in container ID, or nothing.
+held_digest() {
+    docker exec "$1" sha256sum "$2" 2>/dev/null | cut -c1-64
+}
+
+# Swarm secrets are immutable: the keys file's content becomes a new secret,
+# which replaces the `keys` task alone (stack.yaml: the api tasks and the
+# proxy copy what it serves every second and re-read their copies in place).
+# Returns once the proxy and every api task on this node hold the new file.
 cmd_keys() {
-    local source secret svc old status
+    local source secret old digest deadline id waited
     source="$(keys_source)"
-    docker service inspect "$(service api)" >/dev/null 2>&1 || die "no service $(service api): run \`make stack-up\` first"
+    docker service inspect "$(service keys)" >/dev/null 2>&1 || die "no service $(service keys): run \`make stack-up\` first"
     secret="$STACK_NAME-api-keys-$(keys_tag "$source")"
     if ! docker secret inspect "$secret" >/dev/null 2>&1; then
         # The stack's label: `stack-down` removes it with the stack.
         docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
     fi
-    local -A mount=(
-        [api]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
-        [canary]="source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400"
-        [proxy]="source=$secret,target=api-keys,mode=0444"
-    )
-    local stale=()
-    # The canary is the api's definition, keys included (at 0 replicas it
-    # has no task to roll: the new spec is all there is to wait for).
-    for svc in api canary proxy; do
-        old="$(mounted_keys_secret "$svc")"
-        if [ "$old" = "$secret" ]; then
-            log "$(service "$svc") mounts $secret already"
-            continue
-        fi
-        log "$(service "$svc"): API keys $old -> $secret"
-        local before
-        before="$(update_field "$svc" StartedAt)"
-        docker service update --detach --secret-rm "$old" --secret-add "${mount[$svc]}" "$(service "$svc")" >/dev/null
-        status=0
-        if [ "$svc" != canary ] || [ "$(service_replicas canary)" != 0 ]; then
-            wait_update "$svc" "$before" || status=$?
-        fi
-        [ "$status" = 0 ] || die "$(service "$svc") did not take the new keys (its tasks keep $old)"
-        stale+=("$old")
+    old="$(mounted_keys_secret keys)"
+    local started=$SECONDS before=""
+    if [ "$old" = "$secret" ]; then
+        log "$(service keys) serves $secret already"
+    else
+        log "$(service keys): API keys $old -> $secret"
+        before="$(update_field keys StartedAt)"
+        docker service update --detach --secret-rm "$old" \
+            --secret-add "source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400" \
+            "$(service keys)" >/dev/null
+    fi
+    digest="$(sha256sum <"$source" | cut -c1-64)"
+    deadline=$((SECONDS + 20))
+    while :; do
+        local pending=() tasks=0
+        [ "$(held_digest "$(proxy_container)" /tmp/nginx-conf/api-keys)" = "$digest" ] || pending+=(proxy)
+        for id in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service api)") \
+            $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service canary)"); do
+            tasks=$((tasks + 1))
+            [ "$(held_digest "$id" /tmp/api-keys)" = "$digest" ] || pending+=("task ${id:0:12}")
+        done
+        [ "${#pending[@]}" = 0 ] && break
+        [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending[*]} (they keep their last keys until they can copy the new ones from $(service keys))"
+        sleep 0.5
     done
-    for old in "${stale[@]}"; do
+    waited=$((SECONDS - started))
+    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node after ${waited} s (no restart); tasks on other nodes copy them within a second of the keys service"
+    if [ -n "$before" ]; then
+        # Live already; the old secret goes once swarm has finished the update.
+        wait_update keys "$before" || die "$(service keys) did not finish its update (copies hold $secret)"
         docker secret rm "$old" >/dev/null 2>&1 || true
-    done
-    wait_converged api
-    wait_converged canary
-    wait_converged proxy
-    log "API keys of $STACK_NAME are $secret"
+    fi
 }
 
 # The proxy's task container on this node (the proxy runs on a manager:
@@ -323,8 +436,8 @@ proxy_container() {
     printf '%s' "$id"
 }
 
-# The proxy's watcher applies the share (docker/nginx/canary.sh) and reloads
-# nginx; this returns once it has.
+# The proxy's watcher applies the share (docker/nginx/canary.sh; no reload)
+# and this returns once it has.
 canary_share() {
     docker exec "$(proxy_container)" sh /etc/nginx/canary.sh set "$1" "$2" >&2
 }

@@ -2,19 +2,18 @@
 # The canary's share of requests in the proxy (docs/operations.md, "Canary on
 # the stack"):
 #
-#   canary.sh render OUT_DIR PERCENT STICKY
-#       write OUT_DIR/canary.conf, which nginx.conf includes: $ml_api_upstream
-#       names the upstream each request goes to. PERCENT 0 sends everything to
-#       ml_api (no canary upstream at all, so the canary's name need not
-#       resolve); otherwise PERCENT % go to ml_api_canary (CANARY_HOST:8000),
+#   canary.sh share OUT_DIR PERCENT STICKY
+#       write OUT_DIR/canary.share, which upstreams.lua reads in place (no
+#       reload): PERCENT % of requests go to ml_api_canary (the addresses in
+#       OUT_DIR/peers/canary, which entrypoint.sh resolves from CANARY_HOST),
 #       split per request on nginx's random $request_id, or with STICKY 1 on
 #       the API key (Authorization / X-API-Key), so a client stays on one side.
 #   canary.sh set PERCENT STICKY
 #       what the operator runs in the proxy's container (stack.sh canary, via
 #       docker exec): records the wanted share in STATE_DIR and waits until
-#       entrypoint.sh's watcher has applied it (it renders and reloads nginx;
-#       a reload lets in-flight requests finish on the old workers). The
-#       watcher applies a share only while CANARY_HOST resolves; exits 1,
+#       entrypoint.sh's watcher has applied it (no reload: client connections
+#       stay open). The watcher applies a share only while CANARY_HOST
+#       resolves; exits 1,
 #       saying so, when it is not applied within CANARY_APPLY_TIMEOUT seconds.
 set -eu
 
@@ -33,30 +32,11 @@ valid() {
     esac
 }
 
-render() {
+share() {
     out="$1" percent="$2" sticky="$3"
     valid "$percent" "$sticky"
-    if [ "$sticky" = 1 ]; then key='${http_authorization}${http_x_api_key}'; else key='${request_id}'; fi
-    {
-        echo "# Rendered by canary.sh: $percent % of requests to the canary (sticky: $sticky)."
-        if [ "$percent" = 0 ]; then
-            echo "split_clients \"\${request_id}\" \$ml_api_upstream { * ml_api; }"
-        else
-            # As the primary's upstream in nginx.conf.
-            echo "upstream ml_api_canary {"
-            echo "    server ${CANARY_HOST:-canary}:8000 max_fails=1 fail_timeout=5s;"
-            echo "    keepalive 32;"
-            echo "    keepalive_requests 10000;"
-            echo "    keepalive_timeout 4s;"
-            echo "}"
-            if [ "$percent" = 100 ]; then
-                echo "split_clients \"$key\" \$ml_api_upstream { 100% ml_api_canary; }"
-            else
-                echo "split_clients \"$key\" \$ml_api_upstream { $percent% ml_api_canary; * ml_api; }"
-            fi
-        fi
-    } >"$out/canary.conf.part"
-    mv "$out/canary.conf.part" "$out/canary.conf"
+    printf '%s %s\n' "$percent" "$sticky" >"$out/canary.share.part"
+    mv "$out/canary.share.part" "$out/canary.share"
 }
 
 set_share() {
@@ -79,7 +59,7 @@ set_share() {
 }
 
 case "${1:-}" in
-    render) shift; render "$@" ;;
+    share) shift; share "$@" ;;
     set) shift; set_share "$@" ;;
-    *) echo "usage: canary.sh render OUT_DIR PERCENT STICKY | set PERCENT STICKY" >&2; exit 2 ;;
+    *) echo "usage: canary.sh share OUT_DIR PERCENT STICKY | set PERCENT STICKY" >&2; exit 2 ;;
 esac

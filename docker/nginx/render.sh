@@ -1,6 +1,9 @@
 #!/bin/sh
 # Renders the nginx.conf template and what it includes into OUT_DIR:
 #   render.sh SRC_DIR OUT_DIR
+# The replicas' addresses are not rendered: entrypoint.sh writes them to
+# OUT_DIR/peers/<upstream> (one address:port a line), and canary.sh the
+# canary's share to OUT_DIR/canary.share, which upstreams.lua reads in place.
 # The proxy's settings, with their defaults (docs/operations.md, "The proxy"):
 #   API_KEYS_FILE                 the keys file the service reads (mounted read-only)
 #   AUTH                          keys | off: as the service's AUTH (unset: keys
@@ -54,8 +57,13 @@ case "$API_KEYS_FILE" in
     *[!A-Za-z0-9/._-]*) echo "render.sh: API_KEYS_FILE '$API_KEYS_FILE' has unsafe characters" >&2; exit 2 ;;
 esac
 
-mkdir -p "$OUT"
-sed -e "s|\${API_KEYS_FILE}|$API_KEYS_FILE|g" \
+case "$OUT" in
+    *[!A-Za-z0-9/._-]*) echo "render.sh: OUT_DIR '$OUT' has unsafe characters" >&2; exit 2 ;;
+esac
+
+mkdir -p "$OUT/peers"
+sed -e "s|\${CONF_DIR}|$OUT|g" \
+    -e "s|\${API_KEYS_FILE}|$API_KEYS_FILE|g" \
     -e "s|\${AUTH}|$AUTH|g" \
     -e "s|\${UPSTREAM_ADDR_HEADER}|$UPSTREAM_ADDR_HEADER|g" \
     -e "s|\${PROXY_API_KEY_RATE}|$PROXY_API_KEY_RATE|g" \
@@ -65,6 +73,6 @@ sed -e "s|\${API_KEYS_FILE}|$API_KEYS_FILE|g" \
     -e "s|\${PROXY_OPEN_RATE}|$PROXY_OPEN_RATE|g" \
     -e "s|\${PROXY_OPEN_BURST}|$PROXY_OPEN_BURST|g" \
     "$SRC/nginx.conf" >"$OUT/nginx.conf"
-cp "$SRC/api_keys.js" "$OUT/api_keys.js"
-# Everything to the primary; entrypoint.sh re-renders it for a canary.
-sh "$SRC/canary.sh" render "$OUT" 0 0
+cp "$SRC/api_keys.js" "$SRC/upstreams.lua" "$OUT/"
+# Everything to the primary; entrypoint.sh changes it for a canary.
+sh "$SRC/canary.sh" share "$OUT" 0 0

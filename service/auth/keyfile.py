@@ -125,15 +125,22 @@ def read_complete(path: Path, require_marker: bool = False) -> tuple[tuple[Store
     carried one before) without the marker; KeyFileError for one that cannot
     be parsed.
     """
-    text = stable_text(path)
+    return complete_keys(stable_text(path), str(path), require_marker)
+
+
+def complete_keys(
+    text: str, source: str, require_marker: bool = False
+) -> tuple[tuple[StoredKey, ...], bool]:
+    """read_complete's rules for a keys file's text from anywhere (`source`
+    names it in errors): a file, or the keys service (service.auth.key_sync)."""
     marked = text.endswith(END_MARKER)
     if text.count(END_MARKER.strip()) > int(marked):
         # Also what a reader sees between the key tool's write and its cut.
-        raise IncompleteKeyFileError(f"{path}: text after the end marker")
-    keys = parse(text, str(path))
+        raise IncompleteKeyFileError(f"{source}: text after the end marker")
+    keys = parse(text, source)
     if not marked and (require_marker or not keys):
         what = "no end marker" if keys else "no key and no end marker (empty or cut short)"
-        raise IncompleteKeyFileError(f"{path}: {what}")
+        raise IncompleteKeyFileError(f"{source}: {what}")
     return keys, marked
 
 

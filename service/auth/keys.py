@@ -23,7 +23,7 @@ def _add(path: Path, key_id: str) -> int:
     key = keyfile.mint_key()
     keyfile.update(path, add=keyfile.StoredKey(key_id, keyfile.digest_of(key)))
     print(
-        f"added API key {key_id!r} to {path} (live within 5 s). It is shown only once;"
+        f"added API key {key_id!r} to {path} ({WHERE_LIVE}). It is shown only once;"
         " send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>':",
         file=sys.stderr,
     )
@@ -31,6 +31,13 @@ def _add(path: Path, key_id: str) -> int:
     print(key, flush=True)
     return 0
 
+
+# Where the change is live, and when: the file is read in place by make serve
+# and compose; a Swarm stack serves its own copy (a secret) until stack-keys.
+WHERE_LIVE = (
+    "servers reading this file (make serve, make up) take it within 5 s;"
+    " a Swarm stack takes it with `make stack-keys`, which returns once it is live"
+)
 
 OPEN_IS_CONFIGURATION = (
     "the keys file no longer decides whether the service runs open: set AUTH=off"
@@ -47,7 +54,7 @@ def _revoke(path: Path, key_id: str, allow_empty: bool) -> int:
             f" ({OPEN_IS_CONFIGURATION})"
         )
     keyfile.update(path, revoke=key_id)
-    print(f"revoked API key {key_id!r} in {path} (refused within 5 s)", file=sys.stderr)
+    print(f"revoked API key {key_id!r} in {path} ({WHERE_LIVE})", file=sys.stderr)
     return 0
 
 

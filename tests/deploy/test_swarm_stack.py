@@ -4,9 +4,9 @@ The proxy's entrypoint renders nginx.conf with render.sh and loads
 api_keys.js: on swarm each must be a config of the proxy (no bind mount of
 docker/nginx as under compose) and part of stack.sh's config digest, or an
 edit would not roll out. Both services read the keys from the same secret.
-Prometheus and Grafana publish no port (swarm would bind every interface):
-stack.sh's loopback-only door publishes them, and refuses to deploy Grafana
-with its default password.
+Prometheus, Alertmanager and Grafana publish no port (swarm would bind every
+interface): stack.sh's loopback-only door publishes them, and refuses to deploy
+Grafana with its default password. Alertmanager runs as under compose.
 """
 
 from __future__ import annotations
@@ -53,32 +53,87 @@ def test_proxy_gets_every_file_its_entrypoint_reads_as_a_config() -> None:
         assert (SWARM / mounted[name]).resolve() == NGINX / name
 
 
+# The one config whose directory the operator chooses, as under compose.
+ALERTMANAGER_CONFIG = "${ALERTMANAGER_CONFIG_DIR:-../../docker/alertmanager}/alertmanager.yml"
+
+
 def test_every_config_file_is_in_the_config_digest() -> None:
     stack_sh = (SWARM / "stack.sh").read_text()
-    digest = stack_sh[stack_sh.index("config_tag() {") :]
-    digest = digest[: digest.index("\n}\n")]
+    digest = _function(stack_sh, "config_tag")
     for config in _stack()["configs"].values():
+        if config["file"] == ALERTMANAGER_CONFIG:
+            # stack.sh resolves the directory (compose's by default) and
+            # exports it absolute, for the stack file and the digest alike.
+            assert '"$ALERTMANAGER_CONFIG_DIR/alertmanager.yml"' in digest
+            chosen = _function(stack_sh, "alertmanager_config")
+            assert 'dir="${ALERTMANAGER_CONFIG_DIR:-$ROOT/docker/alertmanager}"' in chosen
+            continue
+        if config["file"] == "${DRIFT_RULES_FILE:?stack.sh sets DRIFT_RULES_FILE}":
+            # From the image, named by its own digest (DRIFT_TAG), not CONFIG_TAG.
+            assert "${DRIFT_TAG:-0}" in config["name"]
+            continue
         relative = (SWARM / config["file"]).resolve().relative_to(ROOT)
         assert str(relative) in digest, relative
 
 
-def test_api_and_proxy_read_the_keys_from_the_api_keys_secret() -> None:
+def test_alertmanager_runs_as_under_compose_and_prometheus_sends_to_it() -> None:
+    """The same configuration (compose's file, or ALERTMANAGER_CONFIG_DIR's),
+    command and rules; its data in a volume of the stack's own."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    ours = _stack()["services"]["alertmanager"]
+    theirs = compose["services"]["alertmanager"]
+    assert ours["image"] == theirs["image"]
+    assert ours["command"] == theirs["command"]
+    [config] = ours["configs"]
+    assert config["target"] == "/etc/alertmanager/alertmanager.yml"
+    assert _stack()["configs"][config["source"]]["file"] == ALERTMANAGER_CONFIG
+    assert ours["volumes"] == ["swarm-alertmanager-data:/alertmanager"]
+    assert ours["networks"] == ["edge"]
+    swarm_prometheus = yaml.safe_load((SWARM / "prometheus.yml").read_text())
+    compose_prometheus = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
+    assert swarm_prometheus["alerting"] == compose_prometheus["alerting"]
+    assert "alerts.yml" in swarm_prometheus["rule_files"]
+    targets = {c["target"]: c["source"] for c in _stack()["services"]["prometheus"]["configs"]}
+    alerts = _stack()["configs"][targets["/etc/prometheus/alerts.yml"]]["file"]
+    assert (SWARM / alerts).resolve() == ROOT / "docker/prometheus/alerts.yml"
+
+
+def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -> None:
+    """A rotation replaces the `keys` task alone: the api tasks and the proxy
+    copy its file in place (service/auth/key_sync.py), never restarted."""
     stack = _stack()
+    services = stack["services"]
     assert set(stack["secrets"]) == {"api-keys"}
-    for name in ("api", "proxy"):
-        service = stack["services"][name]
-        targets = {s["source"]: s["target"] for s in service["secrets"]}
-        assert targets == {"api-keys": "api-keys"}
-        assert service["environment"]["API_KEYS_FILE"] == "/run/secrets/api-keys"
+    assert [name for name, service in services.items() if service.get("secrets")] == ["keys"]
+    assert services["keys"]["secrets"][0]["target"] == "api-keys"
+    command = services["keys"]["command"]
+    assert command[command.index("--file") + 1] == "/run/secrets/api-keys"
+    url = f"http://keys:{command[command.index('--port') + 1]}/api-keys"
+    assert services["keys"]["deploy"]["endpoint_mode"] == "dnsrr"
+    api_env = services["api"]["environment"]
+    assert api_env["API_KEYS_URL"] == url
+    assert api_env["API_KEYS_FILE"] == "/tmp/api-keys"
+    proxy = services["proxy"]
+    assert proxy["environment"]["KEYS_URL"] == url
+    assert proxy["environment"]["API_KEYS_FILE"].startswith("/tmp/nginx-conf/")
+    # The proxy runs the api's own copier, from the same source files.
+    mounted = {
+        entry["target"]: (SWARM / stack["configs"][entry["source"]]["file"]).resolve()
+        for entry in proxy["configs"]
+    }
+    for module in ("keyfile.py", "key_sync.py"):
+        target = f"/etc/nginx/keysync/service/auth/{module}"
+        assert mounted[target] == ROOT / "service" / "auth" / module
+    assert "PYTHONPATH=/etc/nginx/keysync" in (NGINX / "entrypoint.sh").read_text()
 
 
-def test_prometheus_and_grafana_publish_no_port_on_the_swarm() -> None:
-    """Swarm publishes on every interface of a node; Prometheus has no
-    authentication. Only the proxy publishes; the others resolve to their
-    task (dnsrr: this kernel has no IPVS for a VIP)."""
+def test_monitoring_publishes_no_port_on_the_swarm() -> None:
+    """Swarm publishes on every interface of a node; Prometheus and
+    Alertmanager have no authentication. Only the proxy publishes; the others
+    resolve to their task (dnsrr: this kernel has no IPVS for a VIP)."""
     services = _stack()["services"]
     assert [name for name, service in services.items() if service.get("ports")] == ["proxy"]
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         assert services[name]["deploy"]["endpoint_mode"] == "dnsrr", name
     # The loopback door attaches to the edge network as a plain container.
     assert _stack()["networks"]["edge"]["attachable"] is True
@@ -94,12 +149,14 @@ def test_the_monitoring_door_publishes_on_the_managers_loopback_only() -> None:
     published = re.findall(r'-p "([^"]+)"', door)
     assert published == [
         "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090",
+        "127.0.0.1:${ALERTMANAGER_PORT:-9093}:9093",
         "127.0.0.1:${GRAFANA_PORT:-3000}:3000",
     ]
     assert "source=$HERE/monitoring-door.conf" in door
     conf = (SWARM / "monitoring-door.conf").read_text()
-    assert re.search(r"^\s*9090 prometheus:9090;$", conf, re.MULTILINE)
-    assert re.search(r"^\s*3000 grafana:3000;$", conf, re.MULTILINE)
+    for port, name in (("9090", "prometheus"), ("9093", "alertmanager"), ("3000", "grafana")):
+        assert re.search(rf"^\s*{port} {name}:{port};$", conf, re.MULTILINE), name
+        assert re.search(rf"^\s*listen {port};$", conf, re.MULTILINE), name
 
 
 def _stack_sh(verb: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -150,9 +207,9 @@ def test_the_canary_is_the_api_at_zero_replicas() -> None:
     assert scrape["dns_sd_configs"][0]["names"] == ["tasks.api", "tasks.canary"]
 
 
-def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
+def _canary_share(tmp_path: Path, percent: str, sticky: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(NGINX / "canary.sh"), "render", str(tmp_path), percent, sticky],
+        ["sh", str(NGINX / "canary.sh"), "share", str(tmp_path), percent, sticky],
         env={"PATH": os.environ["PATH"]},
         capture_output=True,
         text=True,
@@ -160,31 +217,30 @@ def _render_canary(tmp_path: Path, percent: str, sticky: str) -> subprocess.Comp
     )
 
 
-def test_canary_conf_splits_per_request_or_per_key(tmp_path: Path) -> None:
-    assert _render_canary(tmp_path, "0", "0").returncode == 0
-    off = (tmp_path / "canary.conf").read_text()
-    assert "upstream ml_api_canary" not in off  # the canary's name need not resolve
-    assert 'split_clients "${request_id}" $ml_api_upstream { * ml_api; }' in off
-    assert _render_canary(tmp_path, "10", "0").returncode == 0
-    ten = (tmp_path / "canary.conf").read_text()
-    assert "server canary:8000 " in ten
-    assert 'split_clients "${request_id}" $ml_api_upstream { 10% ml_api_canary; * ml_api; }' in ten
-    assert _render_canary(tmp_path, "50", "1").returncode == 0
-    sticky = (tmp_path / "canary.conf").read_text()
-    assert '"${http_authorization}${http_x_api_key}"' in sticky
+def test_canary_share_is_written_whole_and_checked(tmp_path: Path) -> None:
+    for percent, sticky in (("0", "0"), ("10", "0"), ("50", "1")):
+        assert _canary_share(tmp_path, percent, sticky).returncode == 0
+        assert (tmp_path / "canary.share").read_text() == f"{percent} {sticky}\n"
     for percent, sticky_value in (("101", "0"), ("-1", "0"), ("ten", "0"), ("5", "2")):
-        refused = _render_canary(tmp_path, percent, sticky_value)
+        refused = _canary_share(tmp_path, percent, sticky_value)
         assert refused.returncode == 2, (percent, sticky_value)
     # A refused value leaves the last good file.
-    assert (tmp_path / "canary.conf").read_text() == sticky
+    assert (tmp_path / "canary.share").read_text() == "50 1\n"
 
 
-def test_the_proxy_sends_requests_to_the_upstream_canary_conf_names() -> None:
+def test_the_proxy_picks_the_upstream_and_its_replicas_in_lua_without_a_reload() -> None:
     conf = (NGINX / "nginx.conf").read_text()
-    assert "include canary.conf;" in conf
     assert re.findall(r"proxy_pass [^;]+;", conf) == ["proxy_pass http://$ml_api_upstream;"]
+    assert 'set_by_lua_block $ml_api_upstream { return require("upstreams").side() }' in conf
+    balancers = re.findall(r"balancer_by_lua_block \{ ([^}]+) \}", conf)
+    assert balancers == [
+        'require("upstreams").balance("api")',
+        'require("upstreams").balance("canary")',
+    ]
     render = (NGINX / "render.sh").read_text()
-    assert 'sh "$SRC/canary.sh" render "$OUT" 0 0' in render
+    assert 'sh "$SRC/canary.sh" share "$OUT" 0 0' in render
+    # The watcher never reloads nginx: a reload closes idle client connections.
+    assert "reload" not in re.sub(r"#.*", "", (NGINX / "entrypoint.sh").read_text())
 
 
 def test_the_stack_keeps_its_monitoring_data_apart_from_compose() -> None:

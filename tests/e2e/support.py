@@ -11,6 +11,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +42,10 @@ API_KEY_SETTINGS = {
     "PROXY_API_KEY_BURST": str(E2E_KEY_BURST),
 }
 
+# The proxy is always Debian's nginx (it needs the Lua module): compose builds
+# it on the Python base when NGINX_IMAGE does not name an image.
 OFFICIAL = {
     "PYTHON_BASE_IMAGE": "python:3.12-slim-bookworm",
-    "NGINX_IMAGE": "nginx:1.27-bookworm",
     "PROMETHEUS_IMAGE": "prom/prometheus:v3.5.0",
     "ALERTMANAGER_IMAGE": "prom/alertmanager:v0.28.1",
 }
@@ -52,6 +55,10 @@ OFFLINE = {
     "PROMETHEUS_IMAGE": "ml-api/prometheus:offline",
     "ALERTMANAGER_IMAGE": "ml-api/alertmanager:offline",
 }
+
+# The webhook the shipped docker/alertmanager/alertmanager.yml sends to
+# (alert-webhook:9095), which both stacks' tests run beside Alertmanager.
+ALERT_RECEIVER = ROOT / "tests" / "e2e" / "alert_receiver.py"
 
 SETOSA = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
 
@@ -82,6 +89,39 @@ def run(
             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         )
     return proc
+
+
+def wait_for(what: str, check: Any, timeout: float = 90, interval: float = 1.0) -> Any:
+    """Until check() returns something true (returned); else fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def notifications(receiver_log: str) -> list[dict[str, Any]]:
+    """What the alert receiver (alert_receiver.py) got: one JSON body per line of its log."""
+    return [json.loads(line) for line in receiver_log.splitlines() if line.startswith("{")]
+
+
+def assert_paged_once(receiver_log: Callable[[], str], alertname: str) -> float:
+    """The receiver gets one notification, for `alertname`, firing, and no
+    other within a group wait (the shipped Alertmanager settings: 30 s).
+    Returns the seconds until the first one arrived."""
+    t0 = time.monotonic()
+    wait_for(f"a page for {alertname}", lambda: notifications(receiver_log()), timeout=300)
+    arrived = time.monotonic() - t0
+    # A second group or a duplicate would arrive within a group wait.
+    time.sleep(35)
+    received = notifications(receiver_log())
+    assert [n["groupLabels"]["alertname"] for n in received] == [alertname], received
+    assert received[0]["status"] == "firing"
+    assert received[0]["receiver"] == "on-call"
+    return arrived
 
 
 def engine_up() -> bool:
@@ -223,6 +263,9 @@ class LoadStream:
         self.headers = headers or {}
         self.results: list[tuple[float, float, int, str]] = []
         self.failures: list[str] = []
+        # Requests sent and failed by client kind: "new" connection or "kept".
+        self.sent: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
@@ -241,9 +284,9 @@ class LoadStream:
     def _post(self, pool: httpx.Client | None) -> Response:
         if pool is None:
             return http("POST", f"{self.proxy}/predict", SETOSA, headers=self.headers, timeout=15)
-        # Never resent: a POST whose kept connection the proxy closes (an nginx
-        # reload closes its old workers' idle connections) is a failure, as it
-        # is for a real client (issue 21, finding 4).
+        # Never resent: a POST whose kept connection the proxy closes without
+        # notice is a failure, as it is for a real client (an nginx reload
+        # closed its old workers' idle connections so, issue 21 finding 4).
         answer = pool.post(f"{self.proxy}/predict", json=SETOSA)
         return Response(answer.status_code, dict(answer.headers), answer.content)
 
@@ -259,10 +302,13 @@ class LoadStream:
                 status = resp.status
             except Exception as exc:
                 version, failure, status = "", repr(exc), 0
+            kind = "new" if pool is None else "kept"
             with self._lock:
                 self.results.append((start, time.monotonic(), status, version))
+                self.sent[kind] += 1
                 if failure:
                     self.failures.append(failure)
+                    self.failed[kind] += 1
             time.sleep(self.pause)
 
     def __enter__(self) -> LoadStream:

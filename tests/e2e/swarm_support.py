@@ -7,12 +7,15 @@ import os
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.auth import keyfile
 from tests.e2e.support import (
+    ALERT_RECEIVER,
     DOCKER_DIR,
     IMAGE,
     ROOT,
@@ -23,6 +26,7 @@ from tests.e2e.support import (
     free_port,
     http,
     run,
+    wait_for,
 )
 
 STACK_SH = ROOT / "deploy" / "swarm" / "stack.sh"
@@ -51,6 +55,7 @@ def stack_env(base_images: dict[str, str], stack: str, model_version: str) -> di
         "MODEL_VERSION": model_version,
         "PROXY_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
+        "ALERTMANAGER_PORT": str(free_port()),
         "GRAFANA_PORT": str(free_port()),
         # The tests need no dashboards; without a registry there is no image.
         "GRAFANA_REPLICAS": "0",
@@ -71,11 +76,13 @@ class Swarm:
     env: dict[str, str]
     proxy: str = field(init=False)
     prometheus: str = field(init=False)
+    alertmanager: str = field(init=False)
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.proxy = f"http://127.0.0.1:{self.env['PROXY_PORT']}"
         self.prometheus = f"http://127.0.0.1:{self.env['PROMETHEUS_PORT']}"
+        self.alertmanager = f"http://127.0.0.1:{self.env['ALERTMANAGER_PORT']}"
         path = Path(self.env["API_KEYS_FILE"])
         path.unlink(missing_ok=True)
         self.key = add_key(path, "e2e-swarm")
@@ -93,7 +100,9 @@ class Swarm:
         )
 
     def load(self) -> LoadStream:
-        return LoadStream(self.proxy, headers=self.headers)
+        # New-connection clients and clients that keep their connections:
+        # neither may lose a request while the stack changes.
+        return LoadStream(self.proxy, headers=self.headers, kept=2)
 
     def stack(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([str(STACK_SH), *args], env=self.env, check=check, timeout=600)
@@ -110,6 +119,11 @@ class Swarm:
             ]
         )
         return out.stdout.strip()
+
+    def task_containers(self, service: str) -> list[str]:
+        """The ids of the containers running `service`'s tasks on this node."""
+        label = f"label=com.docker.swarm.service.name={self.stack_name}_{service}"
+        return sorted(run(["docker", "ps", "-q", "--filter", label]).stdout.split())
 
     def tasks(self) -> dict[str, str]:
         """Backend address -> node ID of the api tasks that are running (= healthy)."""
@@ -137,13 +151,34 @@ class Swarm:
                         addresses[address.split("/")[0]] = task["NodeID"]
         return addresses
 
+    def _prometheus(self, path: str) -> Any:
+        """Prometheus's answer's data, or None while it does not answer (a
+        rollout restarts it onto the new drift rules)."""
+        try:
+            resp = http("GET", f"{self.prometheus}{path}")
+        except OSError:
+            return None
+        return resp.json()["data"] if resp.status == 200 else None
+
+    def drift_rule_versions(self) -> set[str]:
+        """The model versions the loaded drift rules are for."""
+        data = self._prometheus("/api/v1/rules")
+        if data is None:
+            return set()
+        return {
+            rule["labels"]["version"]
+            for group in data["groups"]
+            for rule in group["rules"]
+            if "version" in rule.get("labels", {})
+        }
+
     def scraped_addresses(self) -> set[str]:
-        resp = http("GET", f"{self.prometheus}/api/v1/targets?state=active")
-        if resp.status != 200:
+        data = self._prometheus("/api/v1/targets?state=active")
+        if data is None:
             return set()
         return {
             str(urllib.parse.urlparse(t["scrapeUrl"]).hostname)
-            for t in resp.json()["data"]["activeTargets"]
+            for t in data["activeTargets"]
             if t["labels"].get("job") == "ml-api" and t["health"] == "up"
         }
 
@@ -162,17 +197,6 @@ def build_image(env: dict[str, str], version: str, **extra: str) -> None:
 
 def swarm_state() -> str:
     return run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"]).stdout.strip()
-
-
-def wait_for(what: str, check: Any, timeout: float = 90, interval: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def assert_targets_are_the_tasks(sw: Swarm, replicas: int) -> None:
@@ -214,13 +238,55 @@ def proxy_retries(sw: Swarm, since: float) -> tuple[int, int]:
 
 
 def report(name: str, load: LoadStream, sw: Swarm | None = None, since: float = 0.0) -> None:
-    TIMINGS[f"{name}: requests sent/failed"] = f"{len(load.results)}/{len(load.failures)}"
+    TIMINGS[f"{name}: requests sent/failed"] = (
+        f"{load.sent['new']}/{load.failed['new']} new connections, "
+        f"{load.sent['kept']}/{load.failed['kept']} kept connections"
+    )
     if sw is not None:
         logged, retried = proxy_retries(sw, since)
         TIMINGS[f"{name}: retried by nginx"] = f"{retried} of {logged}"
     assert not load.failures, (
         f"{len(load.failures)} of {len(load.results)} requests failed: {load.failures[:5]}"
     )
+
+
+@contextmanager
+def alert_receiver(sw: Swarm) -> Iterator[str]:
+    """The webhook the shipped Alertmanager configuration sends to
+    (alert-webhook:9095): alert_receiver.py, as alert-receiver.yaml runs it
+    beside the compose stack, here a plain container on the stack's
+    attachable edge network under that name. Yields the container's name;
+    removed on the way out (it would keep the network from going)."""
+    name = f"{sw.stack_name}_alert-webhook"
+    run(["docker", "rm", "-f", name], check=False)
+    run(
+        [
+            "docker",
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            f"{sw.stack_name}_edge",
+            "--network-alias",
+            "alert-webhook",
+            "--user",
+            "65534:65534",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "--mount",
+            f"type=bind,source={ALERT_RECEIVER},target=/receiver/alert_receiver.py,readonly",
+            sw.env["PYTHON_BASE_IMAGE"],
+            "python3",
+            "-u",
+            "/receiver/alert_receiver.py",
+        ]
+    )
+    try:
+        yield name
+    finally:
+        run(["docker", "rm", "-f", name], check=False)
 
 
 def remove_stack(sw: Swarm) -> None:

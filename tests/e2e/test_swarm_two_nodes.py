@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run
+from tests.e2e.support import IMAGE, MODEL_VERSION, TIMINGS, run, wait_for
 from tests.e2e.swarm_support import (
     IMAGE_NAME,
     NEXT_VERSION,
@@ -32,7 +32,6 @@ from tests.e2e.swarm_support import (
     report,
     stack_env,
     swarm_state,
-    wait_for,
 )
 from tests.support.nginx import answering_host
 

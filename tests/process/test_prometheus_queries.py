@@ -1,10 +1,11 @@
 """The Prometheus and Grafana configuration against a real Prometheus scraping real Gunicorn.
 
 `promtool` checks the configuration, the rules and the live /metrics output; then a
-real Prometheus (the files in docker/prometheus, with only the scrape target and
-the intervals changed) scrapes a three-worker Gunicorn on 127.0.0.1 while traffic
-of every kind flows, and every PromQL expression of the Grafana dashboard and of
-the rules must return data.
+real Prometheus (the files in docker/prometheus, with only the scrape targets and
+the intervals changed) scrapes a three-worker Gunicorn on 127.0.0.1 and the real
+nginx in front of it (the shipped configuration) while traffic of every kind flows
+through the proxy, and every PromQL expression of the Grafana dashboard and of the
+rules must return data.
 
 Alerts are written as `<expression> <comparison> <number>` or `absent(<expression>)`
 (see docker/prometheus/alerts.yml). Healthy traffic leaves their conditions false,
@@ -30,6 +31,7 @@ import pytest
 import yaml
 
 from tests.support.bundles import REPO, SETOSA, VIRGINICA, copy_bundle
+from tests.support.nginx import running_nginx
 from tests.support.prometheus import (
     Prometheus,
     PromQLError,
@@ -50,6 +52,9 @@ GRAFANA_DIR = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "ml-api.json"
 DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 JOB = "ml-api"
+PROXY_JOB = "proxy"
+# The proxy in front, open (AUTH=off) with a rate far above this test's traffic.
+PROXY_SETTINGS = {"AUTH": "off", "PROXY_OPEN_RATE": "10000r/s", "PROXY_OPEN_BURST": "10000"}
 SERVED, SHADOW = "1.0.0", "1.0.1"
 
 VERSICOLOR = {"sepal_length": 5.9, "sepal_width": 3.0, "petal_length": 4.2, "petal_width": 1.5}
@@ -191,6 +196,15 @@ def test_scrape_config_finds_every_api_replica_by_dns() -> None:
     ]
 
 
+def test_scrape_config_scrapes_the_proxy_on_its_internal_metrics_port() -> None:
+    # 9113: nginx.conf's metrics listener, which compose never publishes; 8080,
+    # the public one, refuses /metrics.
+    config = _load_yaml(PROMETHEUS_CONFIG)
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == PROXY_JOB]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"] == [{"targets": ["proxy:9113"]}]
+
+
 def test_no_rule_depends_on_the_job_label() -> None:
     # The user's scrape config (or a ServiceMonitor) names the job as it likes.
     for rule in _rules():
@@ -244,8 +258,10 @@ def test_dashboard_uses_the_provisioned_data_source_and_defines_its_variables() 
 # --- a real Prometheus scraping a real Gunicorn -----------------------------------
 
 
-def _test_config(tmp_path: Path, model_dir: Path, api_port: int, prometheus_port: int) -> Path:
-    """docker/prometheus/prometheus.yml with a static loopback target and 1 s intervals,
+def _test_config(
+    tmp_path: Path, model_dir: Path, api_port: int, proxy_metrics_port: int, prometheus_port: int
+) -> Path:
+    """docker/prometheus/prometheus.yml with static loopback targets and 1 s intervals,
     and the drift rules of the served bundle where `make rules` puts them."""
     config = _load_yaml(PROMETHEUS_CONFIG)
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
@@ -255,6 +271,8 @@ def _test_config(tmp_path: Path, model_dir: Path, api_port: int, prometheus_port
         if job["job_name"] == JOB:
             job.pop("dns_sd_configs")
             job["static_configs"] = [{"targets": [f"127.0.0.1:{api_port}"]}]
+        elif job["job_name"] == PROXY_JOB:
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{proxy_metrics_port}"]}]
         elif job["job_name"] == "prometheus":
             job["static_configs"] = [{"targets": [f"127.0.0.1:{prometheus_port}"]}]
         else:
@@ -351,19 +369,23 @@ def test_every_dashboard_and_rule_expression_returns_data_from_a_real_prometheus
     # A shadow candidate (an identical copy) too: its panels and alert need its series.
     copy_bundle(model_dir / "iris" / SERVED, model_dir, version=SHADOW)
     env = {"MODEL_VERSION": SERVED, "SHADOW_MODEL_VERSION": SHADOW}
-    with running_gunicorn(model_dir, tmp_path / "gunicorn", workers=3, env=env) as api:
+    with (
+        running_gunicorn(model_dir, tmp_path / "gunicorn", workers=3, env=env) as api,
+        running_nginx(tmp_path / "nginx", api.port, PROXY_SETTINGS) as proxy,
+    ):
         prometheus_port = free_port()
-        config = _test_config(tmp_path, model_dir, api.port, prometheus_port)
+        config = _test_config(tmp_path, model_dir, api.port, proxy.metrics_port, prometheus_port)
         rules = _rules() + _rules(config.parent / DRIFT_RULES)
         with running_prometheus(config, tmp_path / "tsdb", prometheus_port) as prometheus:
             # Targets are applied a few seconds after start: traffic must span scrapes.
-            wait_for(
-                lambda: prometheus.query(f'up{{job="{JOB}"}} == 1'),
-                30,
-                interval=0.2,
-                what="the first successful scrape",
-            )
-            sent = _send_traffic(api.url)
+            for job in (JOB, PROXY_JOB):
+                wait_for(
+                    lambda job=job: prometheus.query(f'up{{job="{job}"}} == 1'),
+                    30,
+                    interval=0.2,
+                    what=f"the first successful scrape of {job}",
+                )
+            sent = _send_traffic(proxy.url)
 
             # promtool's lint of what the service exports, after traffic made every series.
             exposition = httpx.get(f"{api.url}/metrics", timeout=10).text
@@ -375,6 +397,13 @@ def test_every_dashboard_and_rule_expression_returns_data_from_a_real_prometheus
                 return bool(total) and float(total[0]["value"][1]) >= sent
 
             wait_for(scraped_everything, 15, interval=0.2, what="a scrape after the traffic")
+
+            def proxy_scraped_everything() -> bool:
+                # Every request went through the proxy (and its own health checks too).
+                total = prometheus.query(f'sum(nginx_http_responses_total{{job="{PROXY_JOB}"}})')
+                return bool(total) and float(total[0]["value"][1]) >= sent
+
+            wait_for(proxy_scraped_everything, 15, interval=0.2, what="a scrape of the proxy")
             recorded = [rule["record"] for rule in rules if "record" in rule]
             wait_for(
                 lambda: all(prometheus.query(name) for name in recorded),
@@ -383,12 +412,13 @@ def test_every_dashboard_and_rule_expression_returns_data_from_a_real_prometheus
                 what=f"rule evaluation to record {recorded}",
             )
 
-            (target,) = [
-                t
-                for t in prometheus.get("/api/v1/targets")["activeTargets"]
-                if t["scrapePool"] == JOB
-            ]
-            assert target["health"] == "up", target
+            for job in (JOB, PROXY_JOB):
+                (target,) = [
+                    t
+                    for t in prometheus.get("/api/v1/targets")["activeTargets"]
+                    if t["scrapePool"] == job
+                ]
+                assert target["health"] == "up", target
 
             values = _variable_values(prometheus, dashboard)
             queries = [

@@ -5,15 +5,17 @@ lands on the same side."""
 
 from __future__ import annotations
 
+import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.bundles import SETOSA
-from tests.support.nginx import Canary, Nginx, running_nginx
+from tests.support.keepalive_clients import keep_alive_clients
+from tests.support.nginx import NGINX_DIR, Canary, Nginx, running_nginx
 from tests.support.servers import Gunicorn, running_gunicorn
 
 pytestmark = pytest.mark.process
@@ -36,6 +38,34 @@ def upstreams(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Gunicorn, Gunic
         running_gunicorn(model_dir, tmp_path / "canary", workers=1, env=env) as canary,
     ):
         yield primary, canary
+
+
+def test_a_change_of_share_keeps_keep_alive_clients_connected(
+    upstreams: tuple[Gunicorn, Gunicorn], tmp_path: Path
+) -> None:
+    """No reload: canary.sh's share is read in place, as the replicas are."""
+    primary, canary = upstreams
+    on_primary, on_canary = f"127.0.0.1:{primary.port}", f"127.0.0.1:{canary.port}"
+    conf_dir = tmp_path / "nginx"
+    with (
+        running_nginx(conf_dir, primary.port, SETTINGS, Canary(canary.port, 0)) as proxy,
+        keep_alive_clients(proxy.port) as clients,
+    ):
+        clients.wait_until("the primary alone", lambda seen: set(seen) == {on_primary})
+        for percent, sides in (
+            (50, {on_primary, on_canary}),
+            (100, {on_canary}),
+            (0, {on_primary}),
+        ):
+            share = ["sh", str(NGINX_DIR / "canary.sh"), "share", str(conf_dir), str(percent), "0"]
+            subprocess.run(share, check=True)
+            clients.wait_until(f"{percent} % to the canary", _exactly(sides))
+        clients.stop.set()
+    clients.assert_no_connection_lost()
+
+
+def _exactly(sides: set[str]) -> Callable[[list[str]], bool]:
+    return lambda seen: set(seen) == sides
 
 
 def _answered_by(proxy: Nginx, headers: dict[str, str], requests: int) -> Counter[str]:

@@ -2,8 +2,8 @@
 
 docker/nginx/render.sh renders the template exactly as the proxy container's
 entrypoint does; only what ties it to compose is rewritten here: the listen
-address, the upstreams (`api:8000`, a canary's `canary:8000`), the pid and
-temp paths, and the user the workers run as (when the tests run as root,
+and metrics addresses, the upstreams (`api:8000`, a canary's `canary:8000`),
+the pid and temp paths, and the user the workers run as (when the tests run as root,
 root, so they can read files under pytest's private temporary directories).
 """
 
@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +41,43 @@ def answering_host(upstream_addr: str) -> str:
 class Nginx:
     process: subprocess.Popen[bytes]
     port: int
+    metrics_port: int
     access_log: Path
     error_log: Path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The proxy's own metrics (the listener that is never the public one)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def workers(self) -> set[int]:
+        """The master's worker processes now (their parent pid, from /proc)."""
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # "pid (comm) state ppid ...": comm may hold spaces, never ") ".
+                fields = stat.read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[1]) == self.process.pid:
+                found.add(int(stat.parent.name))
+        return found
+
+    def reload(self) -> None:
+        """`nginx -s reload` (SIGHUP), returning once every worker is a new one: the
+        old ones have finished their connections and exited."""
+        old = self.workers()
+        self.process.send_signal(signal.SIGHUP)
+
+        def only_new_workers() -> bool:
+            now = self.workers()
+            return bool(now) and not now & old
+
+        wait_for(only_new_workers, 30, what="nginx's workers to be replaced by the reload")
 
 
 @dataclass(frozen=True)
@@ -60,34 +91,43 @@ class Canary:
 
 def render_canary(out_dir: Path, canary: Canary) -> None:
     share = [str(canary.percent), "1" if canary.sticky else "0"]
-    subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "render", str(out_dir), *share], check=True)
-    conf = out_dir / "canary.conf"
-    text, count = re.subn(
-        r"server canary:8000 ", f"server 127.0.0.1:{canary.port} ", conf.read_text()
-    )
-    assert count == 1, "no `server canary:8000` in canary.sh's canary.conf any more"
-    conf.write_text(text)
+    subprocess.run(["sh", str(NGINX_DIR / "canary.sh"), "share", str(out_dir), *share], check=True)
+    write_peers(out_dir, "canary", [canary.port])
+
+
+def write_peers(out_dir: Path, upstream: str, ports: list[int]) -> None:
+    """What entrypoint.sh writes when the upstream's name resolves: the
+    replicas' addresses, which upstreams.lua reads in place (no reload)."""
+    peers = out_dir / "peers" / upstream
+    part = peers.with_suffix(".part")
+    part.write_text("".join(f"127.0.0.1:{port}\n" for port in ports))
+    part.replace(peers)
 
 
 def render(
     out_dir: Path,
-    upstream_port: int,
+    upstream_port: int | Sequence[int],
     port: int,
     settings: dict[str, str],
     canary: Canary | None = None,
+    metrics_port: int | None = None,
 ) -> Path:
     subprocess.run(
         ["sh", str(NGINX_DIR / "render.sh"), str(NGINX_DIR), str(out_dir)],
         env={**os.environ, **settings},
         check=True,
     )
+    # Several upstream ports: the replicas in order (a port nobody listens on
+    # makes nginx retry the next, as for a replica gone).
+    ports = [upstream_port] if isinstance(upstream_port, int) else list(upstream_port)
+    write_peers(out_dir, "api", ports)
     if canary is not None:
         render_canary(out_dir, canary)
     conf = out_dir / "nginx.conf"
     text = conf.read_text()
     replacements = [
         (r"listen 8080 default_server;", f"listen 127.0.0.1:{port} default_server;"),
-        (r"server api:8000 [^;]*;", f"server 127.0.0.1:{upstream_port};"),
+        (r"listen 9113;", f"listen 127.0.0.1:{metrics_port or free_port()};"),
         (r"pid /tmp/nginx\.pid;", f"pid {out_dir}/nginx.pid;"),
         (r"/tmp/nginx-", f"{out_dir}/nginx-"),
     ]
@@ -102,11 +142,14 @@ def render(
 
 @contextmanager
 def running_nginx(
-    work: Path, upstream_port: int, settings: dict[str, str], canary: Canary | None = None
+    work: Path,
+    upstream_port: int | Sequence[int],
+    settings: dict[str, str],
+    canary: Canary | None = None,
 ) -> Iterator[Nginx]:
     work.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    conf = render(work, upstream_port, port, settings, canary)
+    port, metrics_port = free_port(), free_port()
+    conf = render(work, upstream_port, port, settings, canary, metrics_port)
     subprocess.run(["nginx", "-t", "-q", "-c", str(conf)], check=True)
     access_log, error_log = work / "nginx.out", work / "nginx.err"
     with access_log.open("wb") as out, error_log.open("wb") as err:
@@ -116,7 +159,7 @@ def running_nginx(
             stderr=err,
             start_new_session=True,
         )
-    server = Nginx(process, port, access_log, error_log)
+    server = Nginx(process, port, metrics_port, access_log, error_log)
     try:
 
         def answers() -> bool:

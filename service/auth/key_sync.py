@@ -1,0 +1,210 @@
+"""The API keys file, kept current over HTTP where a secret cannot change in place.
+
+On Docker Swarm a secret is immutable: a new version reaches a service only by
+replacing its tasks, and the proxy, which holds the published port, can only
+be replaced stop-first (refused connections). So on the Swarm stack one small
+`keys` service mounts the secret and serves it, and the api tasks and the
+proxy copy it into a local file every second; their readers (the api's key
+ring, nginx's njs check) re-read that file in place as they do on compose.
+A rotation replaces the `keys` task alone.
+
+    python -m service.auth.key_sync serve --file F --port P [--bind ADDR]
+        the keys service: GET /api-keys answers the file (200, its SHA-256 as
+        ETag) while it is complete, else 503 naming the problem.
+    python -m service.auth.key_sync follow --url URL --file F [--interval S] [--mode M]
+    python -m service.auth.key_sync sync --url URL --file F [--within S] [--mode M]
+        the follower (sync: one copy, retried for S seconds, at start):
+        copies a complete answer to F (atomically: a new file renamed over F)
+        when it differs; anything else (no answer, a 503, a
+        file without the end marker) keeps F as it is, with a WARNING line
+        once per state, so keys fail closed to the last good set.
+
+Standard library only, as service.auth.keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from service.auth import keyfile
+
+KEYS_PATH = "/api-keys"
+FETCH_TIMEOUT_SECONDS = 2.0
+
+
+def _log(level: str, message: str, **fields: object) -> None:
+    line = {"level": level, "logger": "ml-api.key-sync", "message": message, **fields}
+    print(json.dumps(line), file=sys.stderr, flush=True)
+
+
+class _KeysHandler(BaseHTTPRequestHandler):
+    server: _KeysServer
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._answer(200, "ok\n")
+            return
+        if self.path != KEYS_PATH:
+            self._answer(404, f"not found: {KEYS_PATH} only\n")
+            return
+        try:
+            text = keyfile.stable_text(self.server.keys_file)
+            keyfile.complete_keys(text, str(self.server.keys_file), require_marker=True)
+        except (keyfile.KeyFileError, OSError) as exc:
+            self._answer(503, f"keys file unusable: {exc}\n")
+            return
+        self._answer(200, text, etag=hashlib.sha256(text.encode()).hexdigest())
+
+    def _answer(self, status: int, body: str, etag: str | None = None) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if etag is not None:
+            self.send_header("ETag", f'"{etag}"')
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        # One line a second per follower: not worth a log line each.
+        return
+
+
+class _KeysServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], keys_file: Path) -> None:
+        super().__init__(address, _KeysHandler)
+        self.keys_file = keys_file
+
+
+def serve(keys_file: Path, bind: str, port: int) -> None:
+    # As a container's PID 1 a signal without a handler is ignored: without
+    # this a stop-first rotation waited out the grace period for its SIGKILL.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = _KeysServer((bind, port), keys_file)
+    _log("INFO", "serving API keys", file=str(keys_file), address=f"{bind}:{port}")
+    server.serve_forever()
+
+
+class Follower:
+    """Copies the keys service's answer to `keys_file` while it is complete."""
+
+    def __init__(self, url: str, keys_file: Path, mode: int = keyfile.FILE_MODE) -> None:
+        self.url = url
+        self.keys_file = keys_file
+        self.mode = mode
+        self._problem: str | None = ""  # "": no state yet; None: in sync
+
+    def sync(self) -> bool:
+        """One copy; True when the file now holds the service's keys."""
+        try:
+            with urllib.request.urlopen(self.url, timeout=FETCH_TIMEOUT_SECONDS) as answer:
+                text = answer.read().decode()
+            keys, _ = keyfile.complete_keys(text, self.url, require_marker=True)
+        except urllib.error.HTTPError as exc:
+            return self._failed(f"{self.url} answered {exc.code}: {exc.read().decode()[:200]}")
+        except (keyfile.KeyFileError, OSError, UnicodeDecodeError, ValueError) as exc:
+            return self._failed(str(exc))
+        changed = self._write(text)
+        if changed or self._problem is not None:
+            _log(
+                "INFO",
+                "API keys copied" if changed else "API keys in sync again",
+                file=str(self.keys_file),
+                key_ids=[key.key_id for key in keys],
+                sha256=hashlib.sha256(text.encode()).hexdigest(),
+            )
+        self._problem = None
+        return True
+
+    def _write(self, text: str) -> bool:
+        try:
+            if self.keys_file.read_text() == text:
+                return False
+        except OSError:
+            pass
+        part = self.keys_file.with_name(f".{self.keys_file.name}.part")
+        part.write_text(text)
+        part.chmod(self.mode)
+        os.replace(part, self.keys_file)
+        return True
+
+    def _failed(self, problem: str) -> bool:
+        if problem != self._problem:
+            _log(
+                "WARNING",
+                "API keys not copied; keeping the keys file as it is",
+                file=str(self.keys_file),
+                reason=problem,
+            )
+            self._problem = problem
+        return False
+
+    def sync_within(self, seconds: float, interval: float = 0.5) -> bool:
+        """Retry until one copy succeeds or `seconds` pass: at start, so the
+        server does not begin with no keys while the keys service starts."""
+        deadline = time.monotonic() + seconds
+        while not self.sync():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
+
+    def follow(self, interval: float) -> None:
+        while True:
+            self.sync()
+            time.sleep(interval)
+
+
+def follower_command(url: str, keys_file: Path, interval: float) -> list[str]:
+    """The `follow` process the Gunicorn master starts beside its workers."""
+    return [
+        sys.executable, "-m", "service.auth.key_sync", "follow",
+        "--url", url, "--file", str(keys_file), "--interval", str(interval),
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.auth.key_sync", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_args = commands.add_parser("serve", help="serve a keys file")
+    serve_args.add_argument("--file", type=Path, required=True)
+    serve_args.add_argument("--bind", default="0.0.0.0")
+    serve_args.add_argument("--port", type=int, required=True)
+    for name, help_text in (
+        ("follow", "keep a local copy current"),
+        ("sync", "one copy, retried for --within seconds; exit 1 if none succeeded"),
+    ):
+        follower = commands.add_parser(name, help=help_text)
+        follower.add_argument("--url", required=True)
+        follower.add_argument("--file", type=Path, required=True)
+        follower.add_argument(
+            "--mode", type=lambda text: int(text, 8), default=keyfile.FILE_MODE, help="octal"
+        )
+        follower.add_argument("--interval", type=float, default=1.0)
+        follower.add_argument("--within", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.file, args.bind, args.port)
+        return 0
+    follower_ = Follower(args.url, args.file, args.mode)
+    if args.command == "sync":
+        return 0 if follower_.sync_within(args.within) else 1
+    follower_.follow(args.interval)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Keys that change without restarting anything, as on the Swarm stack: a real
+keys service (`python -m service.auth.key_sync serve`) holds the keys file,
+and a real two-worker Gunicorn with `API_KEYS_URL` copies it every second
+(the master's follower) into its own `API_KEYS_FILE`. A key added there is
+accepted, a revoked one refused, by every worker, without a restart; while
+the keys service is gone or serves a cut file, the keys last copied stay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.auth import keyfile
+from tests.support.bundles import REPO, SETOSA
+from tests.support.servers import Gunicorn, free_port, running_gunicorn, wait_for
+
+pytestmark = pytest.mark.process
+
+# Enough requests that both workers answer some (new connections each).
+REQUESTS = 20
+
+
+@dataclass
+class KeysService:
+    keys_file: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api-keys"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "service.auth.key_sync", "serve"]
+        command += ["--file", str(self.keys_file), "--bind", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, cwd=REPO)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(self.url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 20, what="the keys service")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class Followed:
+    server: Gunicorn
+    service: KeysService
+
+    def statuses(self, key: str) -> set[int]:
+        answers = set()
+        for _ in range(REQUESTS):
+            response = httpx.post(
+                f"{self.server.url}/predict", json=SETOSA, headers={"X-API-Key": key}, timeout=10
+            )
+            answers.add(response.status_code)
+        return answers
+
+
+def _add(keys_file: Path, key_id: str) -> str:
+    key = keyfile.mint_key()
+    keyfile.update(keys_file, add=keyfile.StoredKey(key_id, keyfile.digest_of(key)))
+    return key
+
+
+@pytest.fixture
+def alice_and_followed(model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Followed]]:
+    served_file = tmp_path / "keys-service" / "api-keys"
+    alice = _add(served_file, "alice")
+    service = KeysService(served_file, free_port())
+    service.start()
+    env = {
+        "API_KEYS_URL": service.url,
+        "API_KEYS_FILE": str(tmp_path / "copy" / "api-keys"),
+        "API_KEYS_POLL_INTERVAL": "0.5",
+    }
+    (tmp_path / "copy").mkdir()
+    try:
+        with running_gunicorn(model_dir, tmp_path / "logs", workers=2, env=env) as server:
+            yield alice, Followed(server, service)
+    finally:
+        service.stop()
+
+
+def test_keys_added_and_revoked_at_the_url_reach_every_worker_without_a_restart(
+    alice_and_followed: tuple[str, Followed],
+) -> None:
+    alice, followed = alice_and_followed
+    served_file = followed.service.keys_file
+    workers = followed.server.worker_pids()
+    # The first copy was made before the workers started.
+    assert followed.statuses(alice) == {200}
+    bob = _add(served_file, "bob")
+    wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted by every worker")
+    keyfile.update(served_file, revoke="alice")
+    wait_for(lambda: followed.statuses(alice) == {401}, 15, what="alice refused by every worker")
+    # The same workers throughout: nothing restarted.
+    assert followed.server.worker_pids() == workers
+
+
+def test_the_copy_keeps_its_keys_while_the_url_fails_or_serves_a_cut_file(
+    alice_and_followed: tuple[str, Followed],
+) -> None:
+    alice, followed = alice_and_followed
+    served_file = followed.service.keys_file
+    complete = served_file.read_text()
+    # A cut file: no end marker, no key. The service refuses to serve it, and
+    # the follower says it kept the copy.
+    served_file.write_text(keyfile.HEADER)
+    assert httpx.get(followed.service.url, timeout=2).status_code == 503
+    wait_for(lambda: "answered 503" in followed.server.stderr(), 15, what="the 503 noticed")
+    assert followed.statuses(alice) == {200}
+    # Gone: connection refused.
+    followed.service.stop()
+    wait_for(lambda: "Connection refused" in followed.server.stderr(), 15, what="refusal noticed")
+    assert followed.statuses(alice) == {200}
+    # Back, with a new key.
+    served_file.write_text(complete)
+    followed.service.start()
+    bob = _add(served_file, "bob")
+    wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted once the url is back")
+    assert followed.statuses(alice) == {200}
