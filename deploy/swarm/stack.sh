@@ -418,6 +418,9 @@ cmd_keys() {
         [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending[*]} (they keep their last keys until they can copy the new ones from $(service keys))"
         sleep 0.5
     done
+    # Every reader re-reads its copy within a second of the change (the api's
+    # key ring on a request, njs on every request): only then is it live.
+    sleep 1.5
     waited=$((SECONDS - started))
     log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node after ${waited} s (no restart); tasks on other nodes copy them within a second of the keys service"
     if [ -n "$before" ]; then
