@@ -294,16 +294,21 @@ def remove_stack(sw: Swarm) -> None:
     if os.environ.get("E2E_KEEP_STACK") == "1":
         return
     sw.stack("down", check=False)
-    volumes = run(
-        [
-            "docker",
-            "volume",
-            "ls",
-            "-q",
-            "--filter",
-            f"label=com.docker.stack.namespace={sw.stack_name}",
-        ],
-        check=False,
-    ).stdout.split()
+    remove_stack_volumes(sw.stack_name)
+
+
+def remove_stack_volumes(stack_name: str) -> None:
+    """The stack's volumes, once no container of it is left to hold them.
+
+    Also before a stack comes up: Alertmanager's volume keeps its notification
+    log, and a log left by an earlier run that paged for the same alert keeps
+    this run's page from being sent (its repeat interval has not passed)."""
+    label = f"label=com.docker.stack.namespace={stack_name}"
+
+    def containers_gone() -> bool:
+        return not run(["docker", "ps", "-aq", "--filter", label], check=False).stdout.split()
+
+    wait_for(f"the containers of {stack_name} to go", containers_gone, timeout=90)
+    volumes = run(["docker", "volume", "ls", "-q", "--filter", label], check=False).stdout.split()
     if volumes:
-        run(["docker", "volume", "rm", *volumes], check=False)
+        run(["docker", "volume", "rm", *volumes])

@@ -41,6 +41,7 @@ from tests.e2e.swarm_support import (
     assert_targets_are_the_tasks,
     build_image,
     remove_stack,
+    remove_stack_volumes,
     report,
     stack_env,
     swarm_state,
@@ -58,6 +59,7 @@ def swarm(image: str, base_images: dict[str, str]) -> Iterator[Swarm]:
         env, UNSERVABLE_VERSION, BREAK_BUNDLE="1", IMAGE_TAG=f"{UNSERVABLE_VERSION}-unservable"
     )
     sw = Swarm(STACK, env)
+    remove_stack_volumes(STACK)
     TIMINGS["swarm before the tests"] = swarm_state()
     t0 = time.monotonic()
     try:

@@ -29,6 +29,7 @@ from tests.e2e.swarm_support import (
     assert_targets_are_the_tasks,
     build_image,
     remove_stack,
+    remove_stack_volumes,
     report,
     stack_env,
     swarm_state,
@@ -54,6 +55,7 @@ def two_nodes(image: str, base_images: dict[str, str]) -> Iterator[Swarm]:
     env["SWARM_ADVERTISE_ADDR"] = HOST_ADDR
     build_image(env, NEXT_VERSION)
     sw = Swarm(STACK, env)
+    remove_stack_volumes(STACK)
     t0 = time.monotonic()
     try:
         _second_node("up")
