@@ -270,8 +270,12 @@ refresh_drift_rules() {
     if [ "$old" != "$name" ]; then
         docker config inspect "$name" >/dev/null 2>&1 \
             || docker config create --label "com.docker.stack.namespace=$STACK_NAME" "$name" "$file" >/dev/null
+        local before
+        before="$(update_field prometheus StartedAt)"
         docker service update --detach --config-rm "$old" \
             --config-add "source=$name,target=/etc/prometheus/drift.yml" "$(service prometheus)" >/dev/null
+        # Returns with Prometheus back: nothing after a rollout meets it restarting.
+        wait_update prometheus "$before" || die "Prometheus did not take the drift rules of $1 ($name)"
         log "Prometheus loads the drift rules of $1 ($name)"
     fi
     rm -f "$file"
