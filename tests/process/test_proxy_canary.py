@@ -15,29 +15,18 @@ import pytest
 
 from tests.support.bundles import SETOSA
 from tests.support.keepalive_clients import keep_alive_clients
-from tests.support.nginx import NGINX_DIR, Canary, Nginx, running_nginx
-from tests.support.servers import Gunicorn, running_gunicorn
+from tests.support.nginx import NGINX_DIR, OPEN_PROXY_SETTINGS, Canary, Nginx, running_nginx
+from tests.support.servers import Gunicorn, two_open_gunicorns
 
 pytestmark = pytest.mark.process
 
 REQUESTS = 2000
-# AUTH=off: every request in the open bucket; its rate far above this test's.
-SETTINGS = {
-    "AUTH": "off",
-    "PROXY_OPEN_RATE": "10000r/s",
-    "PROXY_OPEN_BURST": "10000",
-    "PROXY_UPSTREAM_ADDR_HEADER": "on",
-}
 
 
 @pytest.fixture
 def upstreams(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Gunicorn, Gunicorn]]:
-    env = {"AUTH": "off"}
-    with (
-        running_gunicorn(model_dir, tmp_path / "primary", workers=1, env=env) as primary,
-        running_gunicorn(model_dir, tmp_path / "canary", workers=1, env=env) as canary,
-    ):
-        yield primary, canary
+    with two_open_gunicorns(model_dir, tmp_path, ("primary", "canary")) as pair:
+        yield pair
 
 
 def test_a_change_of_share_keeps_keep_alive_clients_connected(
@@ -48,7 +37,7 @@ def test_a_change_of_share_keeps_keep_alive_clients_connected(
     on_primary, on_canary = f"127.0.0.1:{primary.port}", f"127.0.0.1:{canary.port}"
     conf_dir = tmp_path / "nginx"
     with (
-        running_nginx(conf_dir, primary.port, SETTINGS, Canary(canary.port, 0)) as proxy,
+        running_nginx(conf_dir, primary.port, OPEN_PROXY_SETTINGS, Canary(canary.port, 0)) as proxy,
         keep_alive_clients(proxy.port) as clients,
     ):
         clients.wait_until("the primary alone", lambda seen: set(seen) == {on_primary})
@@ -85,7 +74,7 @@ def test_the_canary_answers_its_share_of_requests(
 ) -> None:
     primary, canary = upstreams
     with running_nginx(
-        tmp_path / "nginx", primary.port, SETTINGS, Canary(canary.port, percent)
+        tmp_path / "nginx", primary.port, OPEN_PROXY_SETTINGS, Canary(canary.port, percent)
     ) as proxy:
         answered = _answered_by(proxy, {}, REQUESTS)
     assert set(answered) == {f"127.0.0.1:{primary.port}", f"127.0.0.1:{canary.port}"}
@@ -100,7 +89,7 @@ def test_sticky_keeps_each_api_key_on_one_side(
     primary, canary = upstreams
     sides: set[str] = set()
     with running_nginx(
-        tmp_path / "nginx", primary.port, SETTINGS, Canary(canary.port, 50, sticky=True)
+        tmp_path / "nginx", primary.port, OPEN_PROXY_SETTINGS, Canary(canary.port, 50, sticky=True)
     ) as proxy:
         for client in range(12):
             answered = _answered_by(proxy, {"X-API-Key": f"client-{client}"}, 20)

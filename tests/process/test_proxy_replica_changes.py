@@ -17,34 +17,23 @@ from pathlib import Path
 import pytest
 
 from tests.support.keepalive_clients import KeepAliveClients, keep_alive_clients
-from tests.support.nginx import running_nginx, write_peers
-from tests.support.servers import Gunicorn, free_port, running_gunicorn
+from tests.support.nginx import OPEN_PROXY_SETTINGS, running_nginx, write_peers
+from tests.support.servers import Gunicorn, free_port, two_open_gunicorns
 
 pytestmark = pytest.mark.process
-
-SETTINGS = {
-    "AUTH": "off",
-    "PROXY_OPEN_RATE": "10000r/s",
-    "PROXY_OPEN_BURST": "10000",
-    "PROXY_UPSTREAM_ADDR_HEADER": "on",
-}
 
 
 @pytest.fixture
 def replicas(model_dir: Path, tmp_path: Path) -> Iterator[tuple[Gunicorn, Gunicorn]]:
-    env = {"AUTH": "off"}
-    with (
-        running_gunicorn(model_dir, tmp_path / "a", workers=1, env=env) as a,
-        running_gunicorn(model_dir, tmp_path / "b", workers=1, env=env) as b,
-    ):
-        yield a, b
+    with two_open_gunicorns(model_dir, tmp_path, ("a", "b")) as pair:
+        yield pair
 
 
 @pytest.fixture
 def clients(replicas: tuple[Gunicorn, Gunicorn], tmp_path: Path) -> Iterator[KeepAliveClients]:
     a, _ = replicas
     with (
-        running_nginx(tmp_path / "nginx", a.port, SETTINGS) as proxy,
+        running_nginx(tmp_path / "nginx", a.port, OPEN_PROXY_SETTINGS) as proxy,
         keep_alive_clients(proxy.port) as load,
     ):
         yield load

@@ -27,6 +27,16 @@ NGINX_DIR = REPO / "docker" / "nginx"
 NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 
 
+# AUTH=off: every request in the open bucket, its rate far above any test's;
+# answers say which upstream answered.
+OPEN_PROXY_SETTINGS = {
+    "AUTH": "off",
+    "PROXY_OPEN_RATE": "10000r/s",
+    "PROXY_OPEN_BURST": "10000",
+    "PROXY_UPSTREAM_ADDR_HEADER": "on",
+}
+
+
 def answering_host(upstream_addr: str) -> str:
     """The host that answered, from an X-Upstream-Addr header.
 

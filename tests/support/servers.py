@@ -144,6 +144,20 @@ def running_gunicorn(
         server.stop()
 
 
+@contextmanager
+def two_open_gunicorns(
+    model_dir: Path, work: Path, names: tuple[str, str]
+) -> Iterator[tuple[Gunicorn, Gunicorn]]:
+    """Two one-worker Gunicorns with AUTH=off, logging under work/<name>: the
+    upstreams of a proxy test."""
+    env = {"AUTH": "off"}
+    with (
+        running_gunicorn(model_dir, work / names[0], workers=1, env=env) as first,
+        running_gunicorn(model_dir, work / names[1], workers=1, env=env) as second,
+    ):
+        yield first, second
+
+
 def ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health/ready", timeout=2).status_code == 200
