@@ -321,6 +321,10 @@ class LoadStream:
         for thread in self._threads:
             thread.join(timeout=30)
 
+    def sent_total(self) -> int:
+        with self._lock:
+            return len(self.results)
+
     def versions_since(self, t: float) -> set[str]:
         with self._lock:
             return {version for start, _, _, version in self.results if start >= t}
