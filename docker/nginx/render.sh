@@ -53,13 +53,12 @@ for value in "$PROXY_API_KEY_BURST" "$PROXY_UNAUTHENTICATED_BURST" "$PROXY_OPEN_
         ''|*[!0-9]*) echo "render.sh: burst '$value' is not a whole number" >&2; exit 2 ;;
     esac
 done
-case "$API_KEYS_FILE" in
-    *[!A-Za-z0-9/._-]*) echo "render.sh: API_KEYS_FILE '$API_KEYS_FILE' has unsafe characters" >&2; exit 2 ;;
-esac
-
-case "$OUT" in
-    *[!A-Za-z0-9/._-]*) echo "render.sh: OUT_DIR '$OUT' has unsafe characters" >&2; exit 2 ;;
-esac
+# Paths go into nginx.conf through sed: plain path characters only.
+for named in "API_KEYS_FILE=$API_KEYS_FILE" "OUT_DIR=$OUT"; do
+    case "${named#*=}" in
+        *[!A-Za-z0-9/._-]*) echo "render.sh: ${named%%=*} '${named#*=}' has unsafe characters" >&2; exit 2 ;;
+    esac
+done
 
 mkdir -p "$OUT/peers"
 sed -e "s|\${CONF_DIR}|$OUT|g" \
