@@ -384,12 +384,20 @@ held_digest() {
     docker exec "$1" sha256sum "$2" 2>/dev/null | cut -c1-64
 }
 
+# The running `keys` task on this node (stack.yaml places it on a manager).
+keys_task() {
+    docker ps -q --filter "label=com.docker.swarm.service.name=$(service keys)" | head -n 1
+}
+
 # Swarm secrets are immutable: the keys file's content becomes a new secret,
 # which replaces the `keys` task alone (stack.yaml: the api tasks and the
 # proxy copy what it serves every second and re-read their copies in place).
+# The running task is handed the same file at once, so the copies need not
+# wait for its replacement to start and pass its health check.
 # Returns once the proxy and every api task on this node hold the new file.
 cmd_keys() {
-    local source secret old digest deadline id waited
+    # The wall clock in seconds with a fraction, whatever the locale's point.
+    local started="${EPOCHREALTIME/[^0-9]/.}" source secret old digest deadline id waited
     source="$(keys_source)"
     docker service inspect "$(service keys)" >/dev/null 2>&1 || die "no service $(service keys): run \`make stack-up\` first"
     secret="$STACK_NAME-api-keys-$(keys_tag "$source")"
@@ -398,37 +406,68 @@ cmd_keys() {
         docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
     fi
     old="$(mounted_keys_secret keys)"
-    local started=$SECONDS before=""
+    local before="" updated=""
     if [ "$old" = "$secret" ]; then
         log "$(service keys) serves $secret already"
     else
         log "$(service keys): API keys $old -> $secret"
-        before="$(update_field keys StartedAt)"
-        docker service update --detach --secret-rm "$old" \
+        before="$(update_field keys StartedAt)" updated=1
+        # The service first names the new secret, so a task started from now
+        # on (a restart too) serves the new keys; then the running task is
+        # pushed the same file. Start-first only then: whichever of the two
+        # answers a copier, it gets the same keys.
+        local task order=stop-first
+        task="$(keys_task)"
+        [ -z "$task" ] || order=start-first
+        docker service update --detach --update-order "$order" --secret-rm "$old" \
             --secret-add "source=$secret,target=api-keys,uid=10001,gid=10001,mode=0400" \
             "$(service keys)" >/dev/null
+        if [ -z "$task" ]; then
+            log "no $(service keys) task on this node: the copies follow once swarm has replaced it"
+        elif ! docker exec -i "$task" python -m service.auth.key_sync push --file /tmp/api-keys \
+            <"$source" >/dev/null 2>&1; then
+            log "could not push the keys into $(service keys) task ${task:0:12}: copies may take the old and new keys in turn until swarm has replaced it"
+        else
+            log "pushed into the running $(service keys) task ${task:0:12}; its replacement starts first"
+        fi
     fi
     digest="$(sha256sum <"$source" | cut -c1-64)"
     deadline=$((SECONDS + 20))
+    local held
+    held="$(mktemp -d)"
     while :; do
-        local pending=() tasks=0
-        [ "$(held_digest "$(proxy_container)" /tmp/nginx-conf/api-keys)" = "$digest" ] || pending+=(proxy)
+        local pending=() tasks=0 copies=()
+        # One `docker exec` per copy, side by side: in turn they took longer
+        # than the copies themselves.
+        copies=("$(proxy_container) /tmp/nginx-conf/api-keys proxy")
         for id in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service api)") \
             $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service canary)"); do
             tasks=$((tasks + 1))
-            [ "$(held_digest "$id" /tmp/api-keys)" = "$digest" ] || pending+=("task ${id:0:12}")
+            copies+=("$id /tmp/api-keys task-${id:0:12}")
+        done
+        local copy container path name
+        for copy in "${copies[@]}"; do
+            read -r container path name <<<"$copy"
+            held_digest "$container" "$path" >"$held/$name" &
+        done
+        wait
+        for copy in "${copies[@]}"; do
+            read -r container path name <<<"$copy"
+            [ "$(cat "$held/$name")" = "$digest" ] || pending+=("$name")
         done
         [ "${#pending[@]}" = 0 ] && break
         [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending[*]} (they keep their last keys until they can copy the new ones from $(service keys))"
         sleep 0.5
     done
+    rm -rf "$held"
     # Every reader re-reads its copy within a second of the change (the api's
     # key ring on a request, njs on every request): only then is it live.
     sleep 1.5
-    waited=$((SECONDS - started))
+    waited="$(awk -v from="$started" -v to="${EPOCHREALTIME/[^0-9]/.}" 'BEGIN { printf "%.1f", to - from }')"
     log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node after ${waited} s (no restart); tasks on other nodes copy them within a second of the keys service"
-    if [ -n "$before" ]; then
-        # Live already; the old secret goes once swarm has finished the update.
+    if [ -n "$updated" ]; then
+        # Live already; the old secret goes once swarm has finished the update
+        # (the first update of the service has no earlier start to tell apart).
         wait_update keys "$before" || die "$(service keys) did not finish its update (copies hold $secret)"
         docker secret rm "$old" >/dev/null 2>&1 || true
     fi

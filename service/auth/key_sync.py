@@ -6,11 +6,16 @@ be replaced stop-first (refused connections). So on the Swarm stack one small
 `keys` service mounts the secret and serves it, and the api tasks and the
 proxy copy it into a local file every second; their readers (the api's key
 ring, nginx's njs check) re-read that file in place as they do on compose.
-A rotation replaces the `keys` task alone.
+A rotation replaces the `keys` task alone, and is first pushed into the
+running one (stack.sh keys), so the copies change without waiting for it.
 
-    python -m service.auth.key_sync serve --file F --port P [--bind ADDR]
-        the keys service: GET /api-keys answers the file (200, its SHA-256 as
-        ETag) while it is complete, else 503 naming the problem.
+    python -m service.auth.key_sync serve --file F --port P [--bind ADDR] [--pushed Q]
+        the keys service: GET /api-keys answers Q once something was pushed
+        there, else F (200, its SHA-256 as ETag) while it is complete, else
+        503 naming the problem.
+    python -m service.auth.key_sync push --file Q
+        writes the complete keys file on stdin to Q (atomically); anything
+        else is refused (exit 1) and Q stays as it was.
     python -m service.auth.key_sync follow --url URL --file F [--interval S] [--mode M]
     python -m service.auth.key_sync sync --url URL --file F [--within S] [--mode M]
         the follower (sync: one copy, retried for S seconds, at start):
@@ -57,9 +62,10 @@ class _KeysHandler(BaseHTTPRequestHandler):
         if self.path != KEYS_PATH:
             self._answer(404, f"not found: {KEYS_PATH} only\n")
             return
+        source = self.server.source()
         try:
-            text = keyfile.stable_text(self.server.keys_file)
-            keyfile.complete_keys(text, str(self.server.keys_file), require_marker=True)
+            text = keyfile.stable_text(source)
+            keyfile.complete_keys(text, str(source), require_marker=True)
         except (keyfile.KeyFileError, OSError) as exc:
             self._answer(503, f"keys file unusable: {exc}\n")
             return
@@ -84,18 +90,59 @@ class _KeysHandler(BaseHTTPRequestHandler):
 class _KeysServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], keys_file: Path) -> None:
+    def __init__(self, address: tuple[str, int], keys_file: Path, pushed: Path | None) -> None:
         super().__init__(address, _KeysHandler)
         self.keys_file = keys_file
+        self.pushed = pushed
+
+    def source(self) -> Path:
+        # A push is newer than the mounted secret: it is the rotation this
+        # task is about to be replaced for (by a task mounting that secret).
+        if self.pushed is not None and self.pushed.exists():
+            return self.pushed
+        return self.keys_file
 
 
-def serve(keys_file: Path, bind: str, port: int) -> None:
+def serve(keys_file: Path, bind: str, port: int, pushed: Path | None = None) -> None:
     # As a container's PID 1 a signal without a handler is ignored: without
     # this a stop-first rotation waited out the grace period for its SIGKILL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = _KeysServer((bind, port), keys_file)
+    server = _KeysServer((bind, port), keys_file, pushed)
     _log("INFO", "serving API keys", file=str(keys_file), address=f"{bind}:{port}")
     server.serve_forever()
+
+
+def replace_file(path: Path, text: str, mode: int) -> bool:
+    """Writes `text` to `path` unless it holds it already (a new file renamed
+    over it, so a reader never sees half); True when it changed."""
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    part.chmod(mode)
+    os.replace(part, path)
+    return True
+
+
+def push(text: str, pushed: Path) -> int:
+    """The `push` command: a complete keys file, or nothing, for `serve --pushed`."""
+    try:
+        keys, _ = keyfile.complete_keys(text, "the pushed keys file", require_marker=True)
+    except keyfile.KeyFileError as exc:
+        _log("ERROR", "API keys not pushed", file=str(pushed), reason=str(exc))
+        return 1
+    replace_file(pushed, text, 0o400)
+    _log(
+        "INFO",
+        "API keys pushed",
+        file=str(pushed),
+        key_ids=[key.key_id for key in keys],
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+    )
+    return 0
 
 
 class Follower:
@@ -117,7 +164,12 @@ class Follower:
             return self._failed(f"{self.url} answered {exc.code}: {exc.read().decode()[:200]}")
         except (keyfile.KeyFileError, OSError, UnicodeDecodeError, ValueError) as exc:
             return self._failed(str(exc))
-        changed = self._write(text)
+        try:
+            changed = replace_file(self.keys_file, text, self.mode)
+        except OSError as exc:
+            # A full or unwritable disk must not end the follower: it keeps
+            # trying, and the readers keep the copy they have.
+            return self._failed(f"cannot write {self.keys_file}: {exc}")
         if changed or self._problem is not None:
             _log(
                 "INFO",
@@ -127,18 +179,6 @@ class Follower:
                 sha256=hashlib.sha256(text.encode()).hexdigest(),
             )
         self._problem = None
-        return True
-
-    def _write(self, text: str) -> bool:
-        try:
-            if self.keys_file.read_text() == text:
-                return False
-        except OSError:
-            pass
-        part = self.keys_file.with_name(f".{self.keys_file.name}.part")
-        part.write_text(text)
-        part.chmod(self.mode)
-        os.replace(part, self.keys_file)
         return True
 
     def _failed(self, problem: str) -> bool:
@@ -183,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_args.add_argument("--file", type=Path, required=True)
     serve_args.add_argument("--bind", default="0.0.0.0")
     serve_args.add_argument("--port", type=int, required=True)
+    serve_args.add_argument("--pushed", type=Path, help="served instead of --file once it exists")
+    push_args = commands.add_parser("push", help="write the keys file on stdin for serve --pushed")
+    push_args.add_argument("--file", type=Path, required=True)
     for name, help_text in (
         ("follow", "keep a local copy current"),
         ("sync", "one copy, retried for --within seconds; exit 1 if none succeeded"),
@@ -197,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         follower.add_argument("--within", type=float, default=30.0)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.file, args.bind, args.port)
+        serve(args.file, args.bind, args.port, args.pushed)
         return 0
+    if args.command == "push":
+        return push(sys.stdin.read(), args.file)
     follower_ = Follower(args.url, args.file, args.mode)
     if args.command == "sync":
         return 0 if follower_.sync_within(args.within) else 1

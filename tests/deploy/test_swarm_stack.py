@@ -127,6 +127,20 @@ def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -
     assert "PYTHONPATH=/etc/nginx/keysync" in (NGINX / "entrypoint.sh").read_text()
 
 
+def test_stack_keys_pushes_the_rotation_where_the_keys_task_serves_it_from() -> None:
+    """stack.sh keys hands the running `keys` task the new file (docker exec, so
+    on this manager) at the path it serves pushes from, on its writable tmpfs."""
+    keys = _stack()["services"]["keys"]
+    command = keys["command"]
+    pushed = command[command.index("--pushed") + 1]
+    tmpfs = [volume["target"] for volume in keys["volumes"] if volume["type"] == "tmpfs"]
+    assert [target for target in tmpfs if pushed.startswith(f"{target}/")], (pushed, tmpfs)
+    assert keys["read_only"] is True
+    assert keys["deploy"]["placement"]["constraints"] == ["node.role == manager"]
+    script = (SWARM / "stack.sh").read_text()
+    assert f"python -m service.auth.key_sync push --file {pushed}" in script
+
+
 def test_monitoring_publishes_no_port_on_the_swarm() -> None:
     """Swarm publishes on every interface of a node; Prometheus and
     Alertmanager have no authentication. Only the proxy publishes; the others

@@ -3,7 +3,9 @@ keys service (`python -m service.auth.key_sync serve`) holds the keys file,
 and a real two-worker Gunicorn with `API_KEYS_URL` copies it every second
 (the master's follower) into its own `API_KEYS_FILE`. A key added there is
 accepted, a revoked one refused, by every worker, without a restart; while
-the keys service is gone or serves a cut file, the keys last copied stay."""
+the keys service is gone or serves a cut file, the keys last copied stay.
+Keys pushed into the running keys service (what stack.sh keys does before
+Swarm replaces its task) win over its file."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ REQUESTS = 20
 @dataclass
 class KeysService:
     keys_file: Path
+    pushed_file: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
 
@@ -41,6 +44,7 @@ class KeysService:
     def start(self) -> None:
         command = [sys.executable, "-m", "service.auth.key_sync", "serve"]
         command += ["--file", str(self.keys_file), "--bind", "127.0.0.1", "--port", str(self.port)]
+        command += ["--pushed", str(self.pushed_file)]
         self.process = subprocess.Popen(command, cwd=REPO)
 
         def answers() -> bool:
@@ -50,6 +54,11 @@ class KeysService:
                 return False
 
         wait_for(answers, 20, what="the keys service")
+
+    def push(self, text: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "service.auth.key_sync", "push"]
+        command += ["--file", str(self.pushed_file)]
+        return subprocess.run(command, cwd=REPO, input=text, capture_output=True, text=True)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -82,7 +91,8 @@ def _add(keys_file: Path, key_id: str) -> str:
 def alice_and_followed(model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Followed]]:
     served_file = tmp_path / "keys-service" / "api-keys"
     alice = _add(served_file, "alice")
-    service = KeysService(served_file, free_port())
+    (tmp_path / "pushed").mkdir()
+    service = KeysService(served_file, tmp_path / "pushed" / "api-keys", free_port())
     service.start()
     env = {
         "API_KEYS_URL": service.url,
@@ -135,3 +145,26 @@ def test_the_copy_keeps_its_keys_while_the_url_fails_or_serves_a_cut_file(
     bob = _add(served_file, "bob")
     wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted once the url is back")
     assert followed.statuses(alice) == {200}
+
+
+def test_keys_pushed_into_the_running_keys_service_win_over_its_file(
+    alice_and_followed: tuple[str, Followed], tmp_path: Path
+) -> None:
+    alice, followed = alice_and_followed
+    rotated = tmp_path / "rotated-api-keys"
+    rotated.write_text(followed.service.keys_file.read_text())
+    bob = _add(rotated, "bob")
+    keyfile.update(rotated, revoke="alice")
+    pushed = followed.service.push(rotated.read_text())
+    assert pushed.returncode == 0, pushed.stderr
+    wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted by every worker")
+    assert followed.statuses(alice) == {401}
+    # A cut push is refused whole: the service keeps serving the last push.
+    cut = followed.service.push(keyfile.HEADER)
+    assert cut.returncode == 1
+    assert "API keys not pushed" in cut.stderr
+    assert followed.service.pushed_file.read_text() == rotated.read_text()
+    # Its own file changing no longer matters while a push stands.
+    _add(followed.service.keys_file, "carol")
+    served = httpx.get(followed.service.url, timeout=2)
+    assert served.text == rotated.read_text()
