@@ -48,7 +48,15 @@ start_engine() {
     # does not take it down mid-run; the pidfile lets `stop` end exactly it.
     local launcher=()
     [ "$(id -u)" -eq 0 ] || launcher=(sudo)
-    "${launcher[@]}" setsid dockerd --pidfile "$DOCKERD_PIDFILE" >"$LOG" 2>&1 </dev/null &
+    # Descriptors beyond 0-2 closed first: dockerd would hold whatever the
+    # caller had open (a `flock` around make, a pipe to tee) for its life.
+    (
+        for fd in /proc/self/fd/*; do
+            fd="${fd##*/}"
+            [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+        done
+        exec "${launcher[@]}" setsid dockerd --pidfile "$DOCKERD_PIDFILE" >"$LOG" 2>&1 </dev/null
+    ) &
     local bg=$!
     for _ in $(seq 1 120); do
         if engine_up; then
