@@ -70,11 +70,8 @@ local function cached(path, parse, default)
     if file then
         file:close()
     end
-    if entry and (text == nil or text == entry.text) then
-        entry.read_at = now
-        return entry.value
-    end
-    local value = text and parse(text)
+    -- Nothing new to parse (no file, the same text) or nothing usable in it.
+    local value = text and text ~= (entry and entry.text) and parse(text) or nil
     if value == nil then
         if entry then
             entry.read_at = now
