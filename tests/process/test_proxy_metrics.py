@@ -12,6 +12,7 @@ nginx's access log says happened, request by request, and what the client saw.
 from __future__ import annotations
 
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,39 @@ def test_the_proxy_counts_rate_limits_unreachable_replicas_and_retries_exactly(
             for path in ("/stub_status", "/", "/metrics/"):
                 response = httpx.get(f"http://127.0.0.1:{proxy.metrics_port}{path}", timeout=5)
                 assert response.status_code == 404, path
+
+
+def test_a_replica_that_does_not_accept_in_time_is_a_timed_out_try_answered_as_503(
+    tmp_path: Path,
+) -> None:
+    """A replica whose accept queue is full drops the proxy's SYN: the connect
+    times out (504 at nginx), the client gets the 503 with Retry-After it
+    gets for any replica it cannot reach, and the proxy counts a 504, kept
+    apart from a refused connection's 502 and a replica's own 503."""
+    silent = socket.socket()
+    fillers = []
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        # Never accepted: once the queue holds these, Linux drops new SYNs.
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        with running_nginx(tmp_path / "nginx", [silent.getsockname()[1]], SETTINGS) as proxy:
+            answer = httpx.post(f"{proxy.url}/predict", json=SETOSA, timeout=10)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"]
+            wait_for(lambda: len(_logged(proxy)) == 1, 10, what="the request logged")
+            (logged,) = _logged(proxy)
+            assert logged["upstream_status"] == "504", logged
+            metrics = httpx.get(proxy.metrics_url, timeout=5).text
+            assert 'nginx_http_responses_total{route="predict",status="504"} 1' in metrics
+            assert 'nginx_upstream_tries_total{route="predict",status="504"} 1' in metrics
+            assert 'status="502"' not in metrics
+            assert 'status="503"' not in metrics
+    finally:
+        for filler in fillers:
+            filler.close()
+        silent.close()
