@@ -17,7 +17,7 @@
 #                              for the `keys` service alone, which the api
 #                              tasks and the proxy copy in place (no restart,
 #                              no refused connection); return when the proxy
-#                              and this node's api tasks hold it
+#                              and every api task (all nodes) hold it
 #   stack.sh canary [VERSION] PERCENT
 #                              run $IMAGE_NAME:VERSION as the `canary` service
 #                              beside the api ($CANARY_REPLICAS, 1) and have the
@@ -62,6 +62,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 STACK_NAME="${STACK_NAME:-ml-api}"
 IMAGE_NAME="${IMAGE_NAME:-ml-api}"
 TIMEOUT="${STACK_TIMEOUT:-300}"
+# The keys service's port (stack.yaml: keys' --port).
+KEYS_PORT=8081
 # Marks a swarm that `up` initialised, so `down` knows it may leave it.
 CREATED_LABEL="io.ml-api.swarm-created-by"
 export STACK_NAME IMAGE_NAME
@@ -379,11 +381,6 @@ mounted_keys_secret() {
         --format '{{range .Spec.TaskTemplate.ContainerSpec.Secrets}}{{if eq .File.Name "api-keys"}}{{.SecretName}}{{end}}{{end}}'
 }
 
-# The SHA-256 of the file at PATH in container ID, or nothing.
-held_digest() {
-    docker exec "$1" sha256sum "$2" 2>/dev/null | cut -c1-64
-}
-
 # The running `keys` task on this node (stack.yaml places it on a manager).
 keys_task() {
     docker ps -q --filter "label=com.docker.swarm.service.name=$(service keys)" | head -n 1
@@ -394,10 +391,10 @@ keys_task() {
 # proxy copy what it serves every second and re-read their copies in place).
 # The running task is handed the same file at once, so the copies need not
 # wait for its replacement to start and pass its health check.
-# Returns once the proxy and every api task on this node hold the new file.
+# Returns once the proxy and every api task, on every node, hold the new file.
 cmd_keys() {
     # The wall clock in seconds with a fraction, whatever the locale's point.
-    local started="${EPOCHREALTIME/[^0-9]/.}" source secret old digest deadline id waited
+    local started="${EPOCHREALTIME/[^0-9]/.}" source secret old digest deadline waited
     source="$(keys_source)"
     docker service inspect "$(service keys)" >/dev/null 2>&1 || die "no service $(service keys): run \`make stack-up\` first"
     secret="$STACK_NAME-api-keys-$(keys_tag "$source")"
@@ -433,38 +430,30 @@ cmd_keys() {
     fi
     digest="$(sha256sum <"$source" | cut -c1-64)"
     deadline=$((SECONDS + 20))
-    local held
-    held="$(mktemp -d)"
-    while :; do
-        local pending=() tasks=0 copies=()
-        # One `docker exec` per copy, side by side: in turn they took longer
-        # than the copies themselves.
-        copies=("$(proxy_container) /tmp/nginx-conf/api-keys proxy")
-        for id in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service api)") \
-            $(docker ps -q --filter "label=com.docker.swarm.service.name=$(service canary)"); do
-            tasks=$((tasks + 1))
-            copies+=("$id /tmp/api-keys task-${id:0:12}")
-        done
-        local copy container path name
-        for copy in "${copies[@]}"; do
-            read -r container path name <<<"$copy"
-            held_digest "$container" "$path" >"$held/$name" &
-        done
-        wait
-        for copy in "${copies[@]}"; do
-            read -r container path name <<<"$copy"
-            [ "$(cat "$held/$name")" = "$digest" ] || pending+=("$name")
-        done
-        [ "${#pending[@]}" = 0 ] && break
-        [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending[*]} (they keep their last keys until they can copy the new ones from $(service keys))"
-        sleep 0.5
+    local states pending tasks copiers=() name
+    # Only services with running tasks: on the internal network a name
+    # Docker's DNS does not answer waits out the resolver's timeouts.
+    for name in proxy api canary; do
+        case "$(replicas_line "$name")" in ""|0/*) ;; *) copiers+=("tasks.$name") ;; esac
     done
-    rm -rf "$held"
+    while :; do
+        # The keys tasks know what they last gave each copier; asked from
+        # inside one, `tasks.*` names every copier, on every node.
+        states="$(docker exec "$(keys_task)" python -m service.auth.key_sync copies \
+            --sha256 "$digest" --port "$KEYS_PORT" "${copiers[@]}" 2>/dev/null)" || true
+        pending="$(grep '^missing ' <<<"$states" | cut -d' ' -f2- | paste -sd, -)" || true
+        tasks="$(grep -cE '^held tasks\.(api|canary) ' <<<"$states")" || true
+        if [ -z "$pending" ] && grep -q '^held tasks\.proxy ' <<<"$states"; then
+            break
+        fi
+        [ "$SECONDS" -lt "$deadline" ] || die "API keys $secret: not copied yet by ${pending:-the proxy (or no $(service keys) task on this node answered)} (they keep their last keys until they can copy the new ones from $(service keys))"
+        sleep 0.3
+    done
     # Every reader re-reads its copy within a second of the change (the api's
     # key ring on a request, njs on every request): only then is it live.
     sleep 1.5
     waited="$(awk -v from="$started" -v to="${EPOCHREALTIME/[^0-9]/.}" 'BEGIN { printf "%.1f", to - from }')"
-    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s) on this node after ${waited} s (no restart); tasks on other nodes copy them within a second of the keys service"
+    log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s), on every node, after ${waited} s (no restart)"
     if [ -n "$updated" ]; then
         # Live already; the old secret goes once swarm has finished the update
         # (the first update of the service has no earlier start to tell apart).

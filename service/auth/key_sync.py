@@ -16,6 +16,12 @@ running one (stack.sh keys), so the copies change without waiting for it.
     python -m service.auth.key_sync push --file Q
         writes the complete keys file on stdin to Q (atomically); anything
         else is refused (exit 1) and Q stays as it was.
+    python -m service.auth.key_sync copies --sha256 D --port P [--keys K] NAME...
+        run beside the keys service: whether every address NAME resolves to
+        (tasks.api: every api task, on every node) last copied the file
+        with SHA-256 D from some keys task (K: tasks.keys); GET /copies of each
+        says what it served to whom. One line per address ("held NAME
+        ADDRESS" or "missing NAME ADDRESS"); exit 0 when none is missing.
     python -m service.auth.key_sync follow --url URL --file F [--interval S] [--mode M]
     python -m service.auth.key_sync sync --url URL --file F [--within S] [--mode M]
         the follower (sync: one copy, retried for S seconds, at start):
@@ -34,6 +40,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -44,6 +51,7 @@ from pathlib import Path
 from service.auth import keyfile
 
 KEYS_PATH = "/api-keys"
+COPIES_PATH = "/copies"
 FETCH_TIMEOUT_SECONDS = 2.0
 
 
@@ -59,6 +67,9 @@ class _KeysHandler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self._answer(200, "ok\n")
             return
+        if self.path == COPIES_PATH:
+            self._answer(200, json.dumps(self.server.copied))
+            return
         if self.path != KEYS_PATH:
             self._answer(404, f"not found: {KEYS_PATH} only\n")
             return
@@ -69,7 +80,10 @@ class _KeysHandler(BaseHTTPRequestHandler):
         except (keyfile.KeyFileError, OSError) as exc:
             self._answer(503, f"keys file unusable: {exc}\n")
             return
-        self._answer(200, text, etag=hashlib.sha256(text.encode()).hexdigest())
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        self._answer(200, text, etag=digest)
+        # Each copier asks every second: what it was last given is what it holds.
+        self.server.copied[self.client_address[0]] = digest
 
     def _answer(self, status: int, body: str, etag: str | None = None) -> None:
         data = body.encode()
@@ -94,6 +108,7 @@ class _KeysServer(ThreadingHTTPServer):
         super().__init__(address, _KeysHandler)
         self.keys_file = keys_file
         self.pushed = pushed
+        self.copied: dict[str, str] = {}  # copier's address -> SHA-256 last served
 
     def source(self) -> Path:
         # A push is newer than the mounted secret: it is the rotation this
@@ -208,6 +223,33 @@ class Follower:
             time.sleep(interval)
 
 
+def copy_states(sha256: str, keys: str, port: int, names: list[str]) -> list[str]:
+    """One line per address of `names`: "held NAME ADDRESS" when a keys task
+    (an address of `keys`) gave it `sha256` last, else "missing NAME ADDRESS"."""
+    served: set[str] = set()
+    for keys_task in _addresses(keys):
+        url = f"http://{keys_task}:{port}{COPIES_PATH}"
+        try:
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_SECONDS) as answer:
+                copied: dict[str, str] = json.loads(answer.read())
+        except (OSError, ValueError):
+            continue  # a keys task stopping: the copiers ask the other one
+        served.update(address for address, digest in copied.items() if digest == sha256)
+    return [
+        f"{'held' if address in served else 'missing'} {name} {address}"
+        for name in names
+        for address in _addresses(name)
+    ]
+
+
+def _addresses(name: str) -> list[str]:
+    try:
+        found = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return sorted({str(entry[4][0]) for entry in found})
+
+
 def follower_command(url: str, keys_file: Path, interval: float) -> list[str]:
     """The `follow` process the Gunicorn master starts beside its workers."""
     return [
@@ -226,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_args.add_argument("--pushed", type=Path, help="served instead of --file once it exists")
     push_args = commands.add_parser("push", help="write the keys file on stdin for serve --pushed")
     push_args.add_argument("--file", type=Path, required=True)
+    copies_args = commands.add_parser("copies", help="whether every copier holds a file")
+    copies_args.add_argument("--sha256", required=True)
+    copies_args.add_argument("--port", type=int, required=True)
+    copies_args.add_argument("--keys", default="tasks.keys", help="the keys tasks' DNS name")
+    copies_args.add_argument("names", nargs="+", help="copiers' DNS names (tasks.api ...)")
     for name, help_text in (
         ("follow", "keep a local copy current"),
         ("sync", "one copy, retried for --within seconds; exit 1 if none succeeded"),
@@ -244,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "push":
         return push(sys.stdin.read(), args.file)
+    if args.command == "copies":
+        states = copy_states(args.sha256, args.keys, args.port, args.names)
+        print("\n".join(states))
+        return 1 if any(state.startswith("missing ") for state in states) else 0
     follower_ = Follower(args.url, args.file, args.mode)
     if args.command == "sync":
         return 0 if follower_.sync_within(args.within) else 1

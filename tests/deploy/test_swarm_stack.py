@@ -139,6 +139,8 @@ def test_stack_keys_pushes_the_rotation_where_the_keys_task_serves_it_from() -> 
     assert keys["deploy"]["placement"]["constraints"] == ["node.role == manager"]
     script = (SWARM / "stack.sh").read_text()
     assert f"python -m service.auth.key_sync push --file {pushed}" in script
+    # It asks the keys tasks which copier holds what, on their port.
+    assert f"\nKEYS_PORT={command[command.index('--port') + 1]}\n" in script
 
 
 def test_monitoring_publishes_no_port_on_the_swarm() -> None:

@@ -1,4 +1,4 @@
-"""The rolling update across two swarm nodes on one machine.
+"""The rolling update and a key rotation across two swarm nodes on one machine.
 
 Node 2 is a second dockerd in its own network namespace, data root and
 containerd namespace (deploy/swarm/second-node.sh), joined to this engine's
@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.e2e.swarm_support import (
     NEXT_VERSION,
     SECOND_NODE_SH,
     Swarm,
+    add_key,
     assert_targets_are_the_tasks,
     build_image,
     remove_stack,
@@ -102,3 +104,21 @@ def test_rolling_update_across_two_nodes_loses_no_request(two_nodes: Swarm) -> N
     # The proxy (on this node) reaches the tasks on node 2 over the overlay.
     answered = {answering_host(sw.predict().headers["x-upstream-addr"]) for _ in range(30)}
     assert answered == set(tasks), (answered, tasks)
+
+
+def test_a_key_rotation_is_confirmed_live_in_the_tasks_of_both_nodes(two_nodes: Swarm) -> None:
+    """stack.sh keys asks the keys tasks which copier holds what, so when it
+    returns the new key works in the api tasks on node 2 as well."""
+    sw = two_nodes
+    new = {"Authorization": f"Bearer {add_key(Path(sw.env['API_KEYS_FILE']), 'e2e-two-nodes')}"}
+    t0 = time.monotonic()
+    done = sw.stack("keys")
+    TIMINGS["two nodes: key rotation"] = time.monotonic() - t0
+    assert "live in the proxy and the 3 api task(s), on every node" in done.stderr, done.stderr
+    tasks = sw.tasks()
+    assert len(set(tasks.values())) == 2, tasks
+    answered = {}
+    for _ in range(30):
+        answer = sw.predict(headers=new)
+        answered[answering_host(answer.headers["x-upstream-addr"])] = answer.status
+    assert answered == dict.fromkeys(tasks, 200), (answered, tasks)

@@ -9,6 +9,7 @@ Swarm replaces its task) win over its file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -59,6 +60,13 @@ class KeysService:
         command = [sys.executable, "-m", "service.auth.key_sync", "push"]
         command += ["--file", str(self.pushed_file)]
         return subprocess.run(command, cwd=REPO, input=text, capture_output=True, text=True)
+
+    def copies(self, sha256: str) -> subprocess.CompletedProcess[str]:
+        """What stack.sh asks the keys tasks, with this service as the one
+        keys task and this host's copier (the Gunicorn master's follower)."""
+        command = [sys.executable, "-m", "service.auth.key_sync", "copies", "--sha256", sha256]
+        command += ["--port", str(self.port), "--keys", "127.0.0.1", "127.0.0.1"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -117,6 +125,11 @@ def test_keys_added_and_revoked_at_the_url_reach_every_worker_without_a_restart(
     assert followed.statuses(alice) == {200}
     bob = _add(served_file, "bob")
     wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted by every worker")
+    # The keys service can tell which copier holds which file.
+    held = hashlib.sha256(served_file.read_bytes()).hexdigest()
+    assert followed.service.copies(held).stdout.split("\n")[0] == "held 127.0.0.1 127.0.0.1"
+    stale = followed.service.copies(hashlib.sha256(b"an older file").hexdigest())
+    assert (stale.returncode, stale.stdout.strip()) == (1, "missing 127.0.0.1 127.0.0.1")
     keyfile.update(served_file, revoke="alice")
     wait_for(lambda: followed.statuses(alice) == {401}, 15, what="alice refused by every worker")
     # The same workers throughout: nothing restarted.
