@@ -178,6 +178,27 @@ def keys_file_gauge() -> Callable[[bool], None]:
     return record
 
 
+class ServiceState(State):
+    """app.state, its served pipeline also kept as a plain attribute.
+
+    The fast path reads the pipeline on every request; State keeps its
+    attributes in a dict behind __getattr__, which Python calls only after
+    the normal lookup has failed: ~0.3 µs a read, against a dict hit here.
+    """
+
+    pipeline: PredictionPipeline | None = None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        super().__setattr__(key, value)
+        if key == "pipeline":
+            object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: str) -> None:
+        super().__delattr__(key)
+        if key == "pipeline":
+            object.__delattr__(self, key)
+
+
 class MlApi:
     """The ASGI application Gunicorn serves.
 
@@ -232,6 +253,7 @@ class MlApi:
         return self.api.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A coroutine function: that is how uvicorn tells an ASGI 3 app.
         await self._asgi(scope, receive, send)
 
 
@@ -297,6 +319,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    api.state = ServiceState()
     api.state.pipeline = None
     api.state.rollouts_dir = settings.prometheus_multiproc_dir
     api.state.keys = keys

@@ -124,19 +124,48 @@ class AccessLog:
         _LIVE.add(self)
 
     def write(self, fields: dict[str, Any]) -> None:
+        """One line: the fields every line has, then `fields` (which may replace them)."""
         if not self.enabled:
             return
-        line = orjson.dumps(
-            {
-                "ts": _timestamp(time.time()),
-                "level": "info",
-                "logger": ACCESS_LOGGER,
-                "msg": "request",
-                "worker_pid": self._pid,
-                **fields,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
+        line: dict[str, Any] = {"ts": _timestamp(time.time()), "level": "info"}
+        line.update(logger=ACCESS_LOGGER, msg="request", worker_pid=self._pid)
+        self._add(orjson.dumps({**line, **fields}, option=orjson.OPT_APPEND_NEWLINE))
+
+    def write_request(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        duration_ms: float,
+        request_id: str,
+        client: str | None,
+        key_id: str | None,
+    ) -> None:
+        """write() of a request's usual fields, the line built from one dict
+        (no dict of fields to make and merge: ~0.3 µs of the line's ~1.3)."""
+        if not self.enabled:
+            return
+        self._add(
+            orjson.dumps(
+                {
+                    "ts": _timestamp(time.time()),
+                    "level": "info",
+                    "logger": ACCESS_LOGGER,
+                    "msg": "request",
+                    "worker_pid": self._pid,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    "request_id": request_id,
+                    "client": client,
+                    "key_id": key_id,
+                },
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
         )
+
+    def _add(self, line: bytes) -> None:
         scheduled = self._flush_loop
         # A flush scheduled on a loop that runs: that is the caller's loop
         # (one event-loop thread at a time), and asking for the running loop

@@ -47,20 +47,28 @@ class PredictionPipeline:
             self.shadow.submit(rows, outputs)
         return outputs
 
+    def run_row_inline(self, row: Row) -> Sequence[float] | None:
+        """A classifier's probabilities for one row from the backend's row call,
+        in plain Python (numpy's per-call overhead is most of a row's cost),
+        with their metrics; None when that call declines (see run_row).
+        No coroutine: the usual single-row request awaits nothing."""
+        if not self._classifier:
+            return None
+        probabilities = self.predictor.predict_row(row)
+        if probabilities is not None:
+            if self.metrics is not None:
+                self.metrics.observe_row(row, probabilities)
+            if self.shadow is not None:
+                self.shadow.submit(row, probabilities)
+        return probabilities
+
     async def run_row(self, row: Row, dtype: npt.DTypeLike = np.float64) -> RowOutputs:
-        """One row's outputs. A classifier's row goes to the backend's row call,
-        in plain Python (numpy's per-call overhead is most of a row's cost);
-        the one-row matrix, made with `dtype` (the protocol's: V2 hands the
-        backend float32, as it decodes tensors), when that declines: a
-        regressor, a backend without a row call (sklearn, a model fed by
-        columns), micro-batching on, a model too slow for the event loop, or
-        the row call busy in another thread."""
-        if self._classifier:
-            probabilities = self.predictor.predict_row(row)
-            if probabilities is not None:
-                if self.metrics is not None:
-                    self.metrics.observe_row(row, probabilities)
-                if self.shadow is not None:
-                    self.shadow.submit(row, probabilities)
-                return probabilities
+        """One row's outputs: run_row_inline's, or those of the one-row matrix,
+        made with `dtype` (the protocol's: V2 hands the backend float32, as it
+        decodes tensors), when that declines: a regressor, a backend without a
+        row call (sklearn, a model fed by columns), micro-batching on, a model
+        too slow for the event loop, or the row call busy in another thread."""
+        probabilities = self.run_row_inline(row)
+        if probabilities is not None:
+            return probabilities
         return await self.run(np.array((row,), dtype=dtype))

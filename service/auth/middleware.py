@@ -70,6 +70,9 @@ class KeyStore:
         self._keys: tuple[keyfile.StoredKey, ...] = ()
         # Presented keys found valid since the keys last changed -> their ids.
         self._valid: dict[bytes, str] = {}
+        # The same for whole `Authorization: Bearer <key>` values: the usual
+        # request is recognised from its header, without parsing it.
+        self.valid_authorizations: dict[bytes, str] = {}
         self._signature: Signature = None
         self._reread = True
         self._next_check = 0.0
@@ -137,9 +140,17 @@ class KeyStore:
             self._valid[key] = found
         return found
 
+    def remember_authorization(self, authorization: bytes, key: bytes, key_id: str) -> None:
+        """Called with a key found valid: if the Authorization header was
+        exactly `Bearer <key>`, presented_key gives that key for that value
+        whatever else the request carries, so the value alone names the key."""
+        if authorization == b"Bearer " + key:
+            self.valid_authorizations[authorization] = key_id
+
     def _set_keys(self, keys: tuple[keyfile.StoredKey, ...]) -> None:
-        # A revoked key must not stay valid through the memo.
+        # A revoked key must not stay valid through the memos.
         self._valid = {}
+        self.valid_authorizations = {}
         self._keys = keys
 
     @property
@@ -254,10 +265,14 @@ class ApiKeyMiddleware:
             store = self.store
             store.refresh()
             if store.enabled and scope["path"] not in self.open_paths:
-                key, problem = presented_key(scope["headers"])
-                key_id = store.authenticate(key) if key is not None else None
+                by_name = dict(scope["headers"])
+                authorization = by_name.get(b"authorization", b"")
+                key_id = store.valid_authorizations.get(authorization)
                 if key_id is None:
-                    return self._refuse(scope, send, problem or INVALID)
+                    key, problem = presented_key(by_name.items())
+                    if key is None or (key_id := store.authenticate(key)) is None:
+                        return self._refuse(scope, send, problem or INVALID)
+                    store.remember_authorization(authorization, key, key_id)
                 scope.setdefault("state", {})["key_id"] = key_id
         return self.app(scope, receive, send)
 

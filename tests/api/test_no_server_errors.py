@@ -133,10 +133,11 @@ def test_a_bug_still_answers_json_500_with_the_request_id(
     # Only a bug reaches this path; simulate one inside the prediction pipeline.
     pipeline = onnx_client.app.state.pipeline  # type: ignore[attr-defined]
 
-    async def broken(*row: object) -> None:
+    def broken(*row: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(pipeline, "run_row", broken)
+    # The route's first call for a single row (run_row takes what it declines).
+    monkeypatch.setattr(pipeline, "run_row_inline", broken)
     response = onnx_client.post("/predict", json=SETOSA, headers={"x-request-id": "bug-1"})
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error", "request_id": "bug-1"}

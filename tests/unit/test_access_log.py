@@ -160,6 +160,30 @@ def test_lines_carry_the_same_content_and_key_order_as_before(
     assert _read_all(read_end) == expected
 
 
+def test_a_request_line_is_the_line_of_its_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The middleware's write_request builds its line without a dict of fields:
+    # byte for byte the line write() makes of them.
+    monkeypatch.setattr(time, "time", lambda: 1_764_517_527.25)
+    read_end, write_end = os.pipe()
+    log = AccessLog("INFO", fd=write_end)
+    path = '/caf\u00e9/\u2603\n"'
+    for client, key_id in (("127.0.0.1", "bench"), (None, None)):
+        log.write_request("POST", path, 499, 0.063, "0123456789abcdef", client, key_id)
+        fields = {
+            "method": "POST",
+            "path": path,
+            "status": 499,
+            "duration_ms": 0.063,
+            "request_id": "0123456789abcdef",
+            "client": client,
+            "key_id": key_id,
+        }
+        log.write(fields)
+        first, second = _read_all(read_end).splitlines()
+        assert first == second
+        assert list(json.loads(first))[5:] == list(fields)
+
+
 def test_lines_of_one_loop_iteration_go_out_in_few_writes_of_whole_lines(
     writes: _RecordedWrites,
 ) -> None:

@@ -3,10 +3,12 @@ store's re-reading."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 
 from service.auth import keyfile
 from service.auth import middleware as auth
+from service.routes.public import OpenPaths
 from tests.support.bundles import REPO
 
 
@@ -180,16 +183,21 @@ def test_the_bearer_shortcut_answers_as_the_general_rule_does() -> None:
         assert auth.presented_key([(b"authorization", header)]) == _general_rule(header), header
 
 
-def test_a_revoked_key_stops_working_although_it_was_valid_a_moment_ago(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+def _alice_and_bob(tmp_path: Path) -> tuple[auth.KeyStore, Path, bytes, bytes]:
     path = tmp_path / "keys"
     alice, bob = b"a" * 30, b"b" * 30
     keyfile.update(path, add=keyfile.StoredKey("alice", keyfile.digest_of(alice)))
     keyfile.update(path, add=keyfile.StoredKey("bob", keyfile.digest_of(bob)))
     store = auth.KeyStore(path)
     store.load()
+    return store, path, alice, bob
+
+
+def test_a_revoked_key_stops_working_although_it_was_valid_a_moment_ago(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "CHECK_INTERVAL_SECONDS", 0.0)
+    store, path, alice, bob = _alice_and_bob(tmp_path)
     for _ in range(3):  # valid keys are remembered after the first check
         assert store.authenticate(alice) == "alice"
         assert store.authenticate(bob) == "bob"
@@ -198,6 +206,52 @@ def test_a_revoked_key_stops_working_although_it_was_valid_a_moment_ago(
     store.refresh()
     assert store.authenticate(alice) is None
     assert store.authenticate(bob) == "bob"
+
+
+def _key_id_through_the_middleware(
+    middleware: auth.ApiKeyMiddleware, headers: list[tuple[bytes, bytes]]
+) -> str | None:
+    scope: dict[str, Any] = {"type": "http", "path": "/predict", "headers": headers, "state": {}}
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    awaitable = middleware(scope, None, send)  # type: ignore[arg-type]
+    with contextlib.suppress(StopIteration):
+        awaitable.send(None)  # type: ignore[attr-defined]
+    key_id: str | None = scope["state"].get("key_id")
+    assert (key_id is None) == bool(sent)  # refused with an answer, or let through
+    return key_id
+
+
+def test_a_remembered_authorization_header_names_its_key_until_the_keys_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path, alice, bob = _alice_and_bob(tmp_path)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    middleware = auth.ApiKeyMiddleware(app, store, OpenPaths(["/health"]))
+    bearer = [(b"authorization", b"Bearer " + alice)]
+    for _ in range(3):
+        assert _key_id_through_the_middleware(middleware, bearer) == "alice"
+        # Bearer wins over X-API-Key, remembered or not.
+        assert _key_id_through_the_middleware(middleware, [*bearer, (b"x-api-key", bob)]) == "alice"
+        # Other spellings of the same key are checked by the general rule each time.
+        lower = [(b"authorization", b"bearer  " + alice)]
+        assert _key_id_through_the_middleware(middleware, lower) == "alice"
+    assert list(store.valid_authorizations) == [b"Bearer " + alice]
+    assert _key_id_through_the_middleware(middleware, [(b"x-api-key", bob)]) == "bob"
+    assert list(store.valid_authorizations) == [b"Bearer " + alice]
+    keyfile.update(path, revoke="alice")
+    # The next request after the check interval sees the new file.
+    later = time.monotonic() + 2 * auth.CHECK_INTERVAL_SECONDS
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert _key_id_through_the_middleware(middleware, bearer) is None
+    assert store.valid_authorizations == {}
+    assert _key_id_through_the_middleware(middleware, [(b"x-api-key", bob)]) == "bob"
 
 
 ALICE = keyfile.StoredKey("alice", keyfile.digest_of(b"a" * 30))

@@ -157,6 +157,79 @@ def test_a_draining_answer_still_says_connection_close_and_closes() -> None:
     assert ours == ["write"]
 
 
+def _with_headers(headers: list[tuple[bytes, bytes]], body: bytes = BODY, status: int = 200) -> App:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+LENGTH = (b"content-length", b"%d" % len(BODY))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [LENGTH],
+        [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(BODY))],
+        [LENGTH, (b"x-request-id", b"abc"), (b"x-request-id", b"def")],
+        [LENGTH, (b"content-length", b"%d" % len(BODY))],
+        [LENGTH, (b"connection", b"keep-alive, Close")],
+        [LENGTH, (b"x-tab", b"a\tb"), (b"x-empty", b"")],
+        [(b"transfer-encoding", b"chunked"), LENGTH],
+        [LENGTH, (b"transfer-encoding", b"chunked")],
+        [],
+    ],
+    ids=[
+        "length only",
+        "upper-case names",
+        "a repeated name",
+        "two lengths",
+        "connection close",
+        "tab and empty values",
+        "chunked before length",
+        "length before chunked",
+        "no headers",
+    ],
+)
+def test_a_head_is_byte_for_byte_uvicorns_whatever_its_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    # Twice on one connection: the second head may take the path for names seen before.
+    received, _, _ = _both(
+        _with_headers(headers), GET + LAST_GET, default_headers=[(b"server", b"t")]
+    )
+    assert received.count(b"HTTP/1.1 200 OK\r\n") in (1, 2)
+
+
+@pytest.mark.parametrize("status", [204, 304, 404])
+def test_a_head_without_length_is_uvicorns_too(status: int) -> None:
+    _both(_with_headers([(b"x-thing", b"1")], body=b"", status=status), GET + LAST_GET)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [(b"bad name", b"v"), (b"bad:name", b"v"), (b"x-value", b"a\r\nb"), (b"x-value", b"\x00")],
+)
+def test_an_invalid_header_fails_the_answer_as_in_uvicorn(header: tuple[bytes, bytes]) -> None:
+    app = _with_headers([LENGTH, header])
+
+    async def run() -> tuple[bytes, bytes]:
+        stock, _ = await _exchange(HttpToolsProtocol, app, LAST_GET)
+        ours, _ = await _exchange(WholeResponseProtocol, app, LAST_GET)
+        return stock, ours
+
+    stock, ours = asyncio.run(run())
+    # The answer had started: the connection closes with nothing sent.
+    assert ours == stock == b""
+
+
+@pytest.mark.parametrize("body", [BODY[:-1], BODY + b"!"], ids=["shorter", "longer"])
+def test_a_body_that_does_not_match_its_length_is_cut_off_as_in_uvicorn(body: bytes) -> None:
+    _both(_with_headers([LENGTH], body=body))
+
+
 def test_an_app_that_fails_after_the_head_still_sends_that_head_before_closing() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})

@@ -81,6 +81,24 @@ def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers()
     assert send.index("self.response_started = True") < send.index("self.transport.write(")
 
 
+def test_the_httptools_send_still_builds_the_head_the_worker_builds_itself() -> None:
+    # WholeResponseCycle writes the usual head itself, as uvicorn's send would:
+    # the same checks, lowercase names, and the framing headers it adds.
+    # tests/unit/test_whole_responses.py compares the bytes; this names what moved.
+    send = inspect.getsource(httptools_impl.RequestResponseCycle.send)
+    for line in (
+        "if HEADER_RE.search(name):",
+        "if HEADER_VALUE_RE.search(value):",
+        "name = name.lower()",
+        "self.expected_content_length = int(value.decode())",
+        'content.append(b"connection: close\\r\\n")',
+        'content.append(b"transfer-encoding: chunked\\r\\n")',
+        "self.message_event.set()",
+        "self.on_response()",
+    ):
+        assert line in send, line
+
+
 @pytest.mark.parametrize(
     ("keepalive", "graceful_timeout", "expected"),
     [(5, 30, 5), (75, 30, 15), (0, 30, ACCEPTED_REQUEST_GRACE_SECONDS), (5, 4, 2)],
