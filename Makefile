@@ -226,7 +226,7 @@ test:
 	@$(MAKE) --no-print-directory -j4 -Otarget test-deps
 	CHECKOV=$(CHECKOV_VENV)/bin/checkov OIP_SPEC=$(OIP_SPEC) \
 		MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
-		$(BIN)/python -m pytest tests/unit tests/deploy tests/api tests/process
+		$(BIN)/python -m pytest --durations=25 tests/unit tests/deploy tests/api tests/process
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit tests/api
