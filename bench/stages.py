@@ -37,7 +37,7 @@ STAGE_RULES: list[tuple[str, re.Pattern[str]]] = [
         "model (backend call)",
         re.compile(
             r"\((service/backends/|onnxruntime/|service/predictor\.py)"
-            r"|^PredictionPipeline\.(run|run_row) "
+            r"|^PredictionPipeline\.(run|run_row|run_row_inline|run_row_matrix) "
         ),
     ),
     ("metrics", re.compile(r"\((service/metrics/|prometheus_client/)")),

@@ -71,4 +71,8 @@ class PredictionPipeline:
         probabilities = self.run_row_inline(row)
         if probabilities is not None:
             return probabilities
+        return await self.run_row_matrix(row, dtype)
+
+    async def run_row_matrix(self, row: Row, dtype: npt.DTypeLike = np.float64) -> RowOutputs:
+        """run_row's second way, for a caller that has tried run_row_inline already."""
         return await self.run(np.array((row,), dtype=dtype))

@@ -33,10 +33,10 @@ async def predict(request: FastRequest) -> FastResponse:
     pipeline = request.require_pipeline()
     codec = predict_codec(pipeline)
     row = codec.decode_one(request.body)
-    # The usual single row needs no await; run_row takes every other.
+    # The usual single row needs no await; the one-row matrix takes every other.
     outputs: RowOutputs | None = pipeline.run_row_inline(row)
     if outputs is None:
-        outputs = await pipeline.run_row(row)
+        outputs = await pipeline.run_row_matrix(row)
     answer = FastResponse(codec.encode_one(outputs))
     capture_payload(request, pipeline, row, outputs)
     return answer

@@ -136,7 +136,7 @@ def test_a_bug_still_answers_json_500_with_the_request_id(
     def broken(*row: object) -> None:
         raise RuntimeError("simulated bug")
 
-    # The route's first call for a single row (run_row takes what it declines).
+    # The route's first call for a single row (the one-row matrix takes what it declines).
     monkeypatch.setattr(pipeline, "run_row_inline", broken)
     response = onnx_client.post("/predict", json=SETOSA, headers={"x-request-id": "bug-1"})
     assert response.status_code == 500

@@ -32,6 +32,11 @@ def test_c_work_counts_toward_the_python_call_that_started_it() -> None:
         "model (backend call)"
     )
     assert classify(run) == "model (backend call)"
+    # The route's usual single row: the inline call, or the one-row matrix after it.
+    for method in ("run_row_inline", "run_row_matrix"):
+        assert classify([*route, f"PredictionPipeline.{method} (service/pipeline.py:50)"]) == (
+            "model (backend call)"
+        )
     assert classify([*route, "PredictCodec.encode_one (service/predict_codec.py:210)"]) == (
         "response encoding"
     )
