@@ -403,12 +403,12 @@ cmd_keys() {
         docker secret create --label "com.docker.stack.namespace=$STACK_NAME" "$secret" "$source" >/dev/null
     fi
     old="$(mounted_keys_secret keys)"
-    local before="" updated=""
+    local before=""
     if [ "$old" = "$secret" ]; then
         log "$(service keys) serves $secret already"
     else
         log "$(service keys): API keys $old -> $secret"
-        before="$(update_field keys StartedAt)" updated=1
+        before="$(update_field keys StartedAt)"
         # The service first names the new secret, so a task started from now
         # on (a restart too) serves the new keys; then the running task is
         # pushed the same file. Start-first only then: whichever of the two
@@ -454,7 +454,7 @@ cmd_keys() {
     sleep 1.5
     waited="$(awk -v from="$started" -v to="${EPOCHREALTIME/[^0-9]/.}" 'BEGIN { printf "%.1f", to - from }')"
     log "API keys of $STACK_NAME are $secret: live in the proxy and the $tasks api task(s), on every node, after ${waited} s (no restart)"
-    if [ -n "$updated" ]; then
+    if [ "$old" != "$secret" ]; then
         # Live already; the old secret goes once swarm has finished the update
         # (the first update of the service has no earlier start to tell apart).
         wait_update keys "$before" || die "$(service keys) did not finish its update (copies hold $secret)"
