@@ -127,9 +127,15 @@ class AccessLog:
         """One line: the fields every line has, then `fields` (which may replace them)."""
         if not self.enabled:
             return
-        line: dict[str, Any] = {"ts": _timestamp(time.time()), "level": "info"}
-        line.update(logger=ACCESS_LOGGER, msg="request", worker_pid=self._pid)
-        self._add(orjson.dumps({**line, **fields}, option=orjson.OPT_APPEND_NEWLINE))
+        line = {
+            "ts": _timestamp(time.time()),
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "msg": "request",
+            "worker_pid": self._pid,
+            **fields,
+        }
+        self._add(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
 
     def write_request(
         self,
