@@ -265,6 +265,7 @@ def create_app(settings: ServiceSettings | None = None) -> MlApi:
         settings.api_keys_file,
         required=settings.auth_mode == "keys",
         on_file_state=keys_file_gauge() if settings.metrics_enabled else None,
+        followed_every=settings.api_keys_poll_interval if settings.api_keys_url else None,
     )
 
     @asynccontextmanager

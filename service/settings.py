@@ -90,6 +90,18 @@ class _AuthSettings(_EnvSettings):
         "a missing, empty or broken file keeps the keys last loaded. In compose, the host "
         "file mounted as a secret.",
     )
+    api_keys_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Where the master copies the keys file from, every "
+        "`API_KEYS_POLL_INTERVAL` seconds, into `API_KEYS_FILE` (the Swarm stack's `keys` "
+        "service: a secret there cannot change in place). Only a complete file replaces "
+        "the copy. Unset: `API_KEYS_FILE` is read as it is. A worker whose copy nobody "
+        "keeps current (the follower gone) is not ready.",
+    )
+    api_keys_poll_interval: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between copies from `API_KEYS_URL`."
+    )
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -364,17 +376,6 @@ class ServerSettings(_AuthSettings):
         "(`make serve`: `127.0.0.1:8000`).",
     )
     port: int = Field(default=8000, ge=0, le=65535, description="The port when `BIND` is unset.")
-    api_keys_url: str | None = Field(
-        default=None,
-        pattern=r"^https?://",
-        description="Where the master copies the keys file from, every "
-        "`API_KEYS_POLL_INTERVAL` seconds, into `API_KEYS_FILE` (the Swarm stack's `keys` "
-        "service: a secret there cannot change in place). Only a complete file replaces "
-        "the copy. Unset: `API_KEYS_FILE` is read as it is.",
-    )
-    api_keys_poll_interval: float = Field(
-        default=1.0, gt=0, le=60, description="Seconds between copies from `API_KEYS_URL`."
-    )
     timeout: int = Field(
         default=30, ge=1, description="Seconds of silence before Gunicorn kills a worker."
     )

@@ -102,6 +102,7 @@ config_tag() {
     (cd "$ROOT" && cat docker/nginx/nginx.conf docker/nginx/entrypoint.sh \
         docker/nginx/render.sh docker/nginx/api_keys.js docker/nginx/canary.sh \
         docker/nginx/upstreams.lua service/auth/keyfile.py service/auth/key_sync.py \
+        service/auth/follower_heartbeat.py \
         deploy/swarm/prometheus.yml docker/prometheus/alerts.yml \
         "$ALERTMANAGER_CONFIG_DIR/alertmanager.yml" \
         docker/grafana/provisioning/datasources/prometheus.yml \

@@ -60,7 +60,15 @@ if [ -n "${KEYS_URL:-}" ]; then
             --url "$KEYS_URL" --file "$API_KEYS_FILE" --mode 0644
     }
     keysync sync || echo "{\"event\":\"api_keys_not_copied\",\"url\":\"$KEYS_URL\"}" >&2
-    keysync follow &
+    # The follower never ends by itself; one that is killed is replaced, as
+    # a copy nobody keeps current would go on accepting revoked keys.
+    (
+        while :; do
+            keysync follow
+            echo "{\"event\":\"api_keys_follower_restarted\",\"exit\":$?}" >&2
+            sleep 1
+        done
+    ) &
 fi
 
 nginx -t -q -c "$CONF"

@@ -28,7 +28,10 @@ running one (stack.sh keys), so the copies change without waiting for it.
         copies a complete answer to F (atomically: a new file renamed over F)
         when it differs; anything else (no answer, a 503, a
         file without the end marker) keeps F as it is, with a WARNING line
-        once per state, so keys fail closed to the last good set.
+        once per state, so keys fail closed to the last good set. `follow`
+        never returns, and stamps F every S seconds
+        (service.auth.follower_heartbeat): the api's workers are not ready
+        while nobody keeps their copy current.
 
 Standard library only, as service.auth.keys.
 """
@@ -37,18 +40,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from service.auth import keyfile
+from service.auth import follower_heartbeat, keyfile
 
 KEYS_PATH = "/api-keys"
 COPIES_PATH = "/copies"
@@ -168,6 +173,7 @@ class Follower:
         self.keys_file = keys_file
         self.mode = mode
         self._problem: str | None = ""  # "": no state yet; None: in sync
+        self._stamp_problem: str | None = None
 
     def sync(self) -> bool:
         """One copy; True when the file now holds the service's keys."""
@@ -177,6 +183,10 @@ class Follower:
             keys, _ = keyfile.complete_keys(text, self.url, require_marker=True)
         except urllib.error.HTTPError as exc:
             return self._failed(f"{self.url} answered {exc.code}: {exc.read().decode()[:200]}")
+        except http.client.HTTPException as exc:
+            # Not an OSError: an answer cut short (a keys task stopped while
+            # answering) or a malformed one.
+            return self._failed(f"{self.url} answered badly: {exc!r}")
         except (keyfile.KeyFileError, OSError, UnicodeDecodeError, ValueError) as exc:
             return self._failed(str(exc))
         try:
@@ -218,9 +228,34 @@ class Follower:
         return True
 
     def follow(self, interval: float) -> None:
+        """Never returns: a follower that ended would leave the copy as it is,
+        open to every key revoked after. A thread stamps the copy meanwhile
+        (follower_heartbeat), however long an attempt waits."""
+        threading.Thread(target=self._stamp_every, args=(interval,), daemon=True).start()
         while True:
-            self.sync()
+            self.attempt()
             time.sleep(interval)
+
+    def attempt(self) -> None:
+        try:
+            self.sync()
+        except Exception as exc:  # whatever it was: try again next time
+            self._failed(f"unexpected {type(exc).__name__}: {exc}")
+
+    def _stamp_every(self, interval: float) -> None:
+        while True:
+            self.stamp()
+            time.sleep(interval)
+
+    def stamp(self) -> None:
+        problem: str | None = None
+        try:
+            follower_heartbeat.touch(self.keys_file)
+        except OSError as exc:
+            problem = str(exc)
+        if problem != self._stamp_problem and problem is not None:
+            _log("ERROR", "follower stamp not written: the copy counts as stale", reason=problem)
+        self._stamp_problem = problem
 
 
 def copy_states(sha256: str, keys: str, port: int, names: list[str]) -> list[str]:

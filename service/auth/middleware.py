@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.auth import keyfile
+from service.auth import follower_heartbeat, keyfile
 from service.logs import APP_LOGGER
 from service.middleware import send_error
 
@@ -64,9 +64,15 @@ class KeyStore:
         path: Path,
         required: bool = True,
         on_file_state: Callable[[bool], None] | None = None,
+        followed_every: float | None = None,
     ) -> None:
+        """`followed_every`: the file is a copy a follower refreshes at that
+        interval (API_KEYS_URL), whose stamp says it still runs."""
         self.path = path
         self.required = required
+        self._followed_every = followed_every
+        self._created = time.time()
+        self._unfollowed = False
         self._keys: tuple[keyfile.StoredKey, ...] = ()
         # Presented keys found valid since the keys last changed -> their ids.
         self._valid: dict[bytes, str] = {}
@@ -139,6 +145,25 @@ class KeyStore:
         if found is not None:
             self._valid[key] = found
         return found
+
+    def unfollowed_reason(self) -> str | None:
+        """Why this worker must not count as ready: its copy of the keys is
+        no longer kept current (the follower gone), so a key revoked since
+        would still work here. None when followed, or not a copy."""
+        if self._followed_every is None or not self.required:
+            return None
+        age = follower_heartbeat.seconds_since_touch(self.path, self._created)
+        unfollowed = age > follower_heartbeat.stale_after(self._followed_every)
+        if unfollowed != self._unfollowed:
+            self._unfollowed = unfollowed
+            fields = {"file": str(self.path), "seconds_since_followed": round(age, 1)}
+            if unfollowed:
+                log.error("API keys copy no longer followed: not ready", extra={"fields": fields})
+            else:
+                log.info("API keys copy followed again", extra={"fields": fields})
+        if not unfollowed:
+            return None
+        return f"API keys copy {self.path} not refreshed for {age:.0f} s (its follower is gone)"
 
     def remember_authorization(self, authorization: bytes, key: bytes, key_id: str) -> None:
         """Called with a key found valid: if the Authorization header was

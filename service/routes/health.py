@@ -26,6 +26,7 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
+    reason: str | None = None
 
 
 def _pipeline(request: Request) -> PredictionPipeline | None:
@@ -71,10 +72,17 @@ async def live() -> JSONResponse:
     response_model=None,
     responses={
         200: {"model": Readiness, "description": "Ready for predictions."},
-        503: {"model": Readiness, "description": "No model loaded yet."},
+        503: {
+            "model": Readiness,
+            "description": "No model loaded yet, or the API keys copy is no longer kept "
+            "current (`API_KEYS_URL`).",
+        },
     },
 )
 async def ready(request: Request) -> JSONResponse:
     if _pipeline(request) is None:
         return JSONResponse({"status": "not ready"}, status_code=503)
+    unfollowed = request.app.state.keys.unfollowed_reason()
+    if unfollowed is not None:
+        return JSONResponse({"status": "not ready", "reason": unfollowed}, status_code=503)
     return JSONResponse({"status": "ready"})

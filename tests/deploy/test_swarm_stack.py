@@ -11,9 +11,11 @@ Grafana with its default password. Alertmanager runs as under compose.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,36 @@ NGINX = ROOT / "docker" / "nginx"
 def _stack() -> dict[str, Any]:
     stack: dict[str, Any] = yaml.safe_load((SWARM / "stack.yaml").read_text())
     return stack
+
+
+def _key_sync_modules() -> set[str]:
+    """key_sync.py and every module of service.auth it imports, transitively:
+    what the proxy's python3 needs beside it."""
+    found: set[str] = set()
+    pending = ["key_sync"]
+    while pending:
+        module = pending.pop()
+        found.add(module)
+        tree = ast.parse((ROOT / "service" / "auth" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "service.auth":
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.removeprefix("service.auth.")]
+                if node.module.split(".")[0] not in sys.stdlib_module_names | {"__future__"}:
+                    assert node.module.startswith("service.auth."), (module, node.module)
+            elif isinstance(node, ast.Import):
+                names = []
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in sys.stdlib_module_names, (module, alias)
+            else:
+                continue
+            pending += [
+                name
+                for name in names
+                if name not in found and (ROOT / "service/auth" / f"{name}.py").exists()
+            ]
+    return found
 
 
 def _files_the_proxy_reads() -> set[str]:
@@ -121,9 +153,11 @@ def test_only_the_keys_service_mounts_the_keys_secret_and_the_others_copy_it() -
         entry["target"]: (SWARM / stack["configs"][entry["source"]]["file"]).resolve()
         for entry in proxy["configs"]
     }
-    for module in ("keyfile.py", "key_sync.py"):
-        target = f"/etc/nginx/keysync/service/auth/{module}"
-        assert mounted[target] == ROOT / "service" / "auth" / module
+    modules = _key_sync_modules()
+    assert {"key_sync", "keyfile", "follower_heartbeat"} <= modules
+    for module in modules:
+        target = f"/etc/nginx/keysync/service/auth/{module}.py"
+        assert mounted[target] == ROOT / "service" / "auth" / f"{module}.py"
     assert "PYTHONPATH=/etc/nginx/keysync" in (NGINX / "entrypoint.sh").read_text()
 
 

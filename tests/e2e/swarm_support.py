@@ -125,6 +125,23 @@ class Swarm:
         label = f"label=com.docker.swarm.service.name={self.stack_name}_{service}"
         return sorted(run(["docker", "ps", "-q", "--filter", label]).stdout.split())
 
+    def kill_key_follower(self, container: str) -> list[int]:
+        """SIGKILLs the `key_sync follow` processes in `container`: found by
+        their command lines under /proc, killed by pid."""
+        script = (
+            "import os, signal\n"
+            "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+            "    try:\n"
+            "        argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+            "    except OSError:\n"
+            "        continue\n"
+            "    if b'service.auth.key_sync' in argv and b'follow' in argv:\n"
+            "        os.kill(int(pid), signal.SIGKILL)\n"
+            "        print(pid)\n"
+        )
+        out = run(["docker", "exec", container, "python3", "-c", script]).stdout
+        return [int(pid) for pid in out.split()]
+
     def tasks(self) -> dict[str, str]:
         """Backend address -> node ID of the api tasks that are running (= healthy)."""
         ids = run(

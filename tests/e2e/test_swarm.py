@@ -215,12 +215,15 @@ def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) 
     and keep-alive clients no request fails (no refused connection, no 401
     for a key in both sets), and when stack.sh returns the added key works,
     and once revoked is refused, on every request: through every api task and
-    the proxy's rate-limit bucket."""
+    the proxy's rate-limit bucket, whose key follower was killed first."""
     path = Path(swarm.env["API_KEYS_FILE"])
     new = {"Authorization": f"Bearer {add_key(path, 'e2e-rotated')}"}
     assert swarm.predict(headers=new).status == 401  # not rotated in yet
     since = time.time()
     proxy_before = swarm.task_containers("proxy")
+    # A follower killed is started again (a copy nobody follows would keep
+    # every key revoked from then on): stack.sh keys waits for the proxy's copy.
+    assert len(swarm.kill_key_follower(proxy_before[0])) == 1
     with swarm.load() as load:
         time.sleep(2)
         t0 = time.monotonic()
@@ -247,6 +250,7 @@ def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) 
         ["docker", "service", "logs", "--raw", "--since", str(int(since)), f"{STACK}_proxy"]
     ).stdout
     assert '"key_id":"e2e-rotated"' in logs
+    assert '"event":"api_keys_follower_restarted"' in logs
     secrets = run(["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"])
     assert len(secrets.stdout.split()) == 1
 

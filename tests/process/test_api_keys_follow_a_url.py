@@ -5,7 +5,8 @@ and a real two-worker Gunicorn with `API_KEYS_URL` copies it every second
 accepted, a revoked one refused, by every worker, without a restart; while
 the keys service is gone or serves a cut file, the keys last copied stay.
 Keys pushed into the running keys service (what stack.sh keys does before
-Swarm replaces its task) win over its file."""
+Swarm replaces its task) win over its file. With the follower gone, the
+workers are not ready (nothing would bring a revocation to them)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.auth import keyfile
+from service.auth import follower_heartbeat, keyfile
 from tests.support.bundles import REPO, SETOSA
 from tests.support.servers import Gunicorn, free_port, running_gunicorn, wait_for
 
@@ -181,3 +183,53 @@ def test_keys_pushed_into_the_running_keys_service_win_over_its_file(
     _add(followed.service.keys_file, "carol")
     served = httpx.get(followed.service.url, timeout=2)
     assert served.text == rotated.read_text()
+
+
+def _follower_pid(server: Gunicorn) -> int:
+    for pid in server.worker_pids():  # the master's children
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"service.auth.key_sync" in cmdline and b"follow" in cmdline:
+            return pid
+    raise AssertionError("no key_sync follow process under the master")
+
+
+def _readiness(server: Gunicorn) -> tuple[int, dict[str, str]]:
+    answer = httpx.get(f"{server.url}/health/ready", timeout=5)
+    return answer.status_code, answer.json()
+
+
+def test_workers_whose_keys_copy_nobody_follows_any_more_are_not_ready(
+    alice_and_followed: tuple[str, Followed], tmp_path: Path
+) -> None:
+    """The master's follower killed: nothing brings a revocation to this
+    replica any more, so /health/ready (the container's health check) says
+    so and the orchestrator routes around it and replaces it. The stamp's
+    age is moved on rather than waited out (follower_heartbeat.stale_after)."""
+    alice, followed = alice_and_followed
+    copy = tmp_path / "copy" / "api-keys"
+    long_ago = time.time() - 3600
+    assert _readiness(followed.server)[0] == 200
+    # While the follower runs, an old stamp is renewed at its next attempt.
+    os.utime(follower_heartbeat.stamp_path(copy), (long_ago, long_ago))
+    wait_for(
+        lambda: follower_heartbeat.seconds_since_touch(copy, long_ago) < 60,
+        15,
+        what="the follower renewing its stamp",
+    )
+    assert _readiness(followed.server)[0] == 200
+    os.kill(_follower_pid(followed.server), signal.SIGKILL)
+    os.utime(follower_heartbeat.stamp_path(copy), (long_ago, long_ago))
+    # Every worker, over more than a few of the follower's intervals (0.5 s).
+    answers = []
+    for _ in range(8):
+        answers.append(_readiness(followed.server))
+        time.sleep(0.25)
+    statuses = {status for status, _ in answers}
+    reasons = {body.get("reason", "") for _, body in answers}
+    assert statuses == {503}, answers
+    expected = f"API keys copy {copy} not refreshed for 36"  # an hour, and seconds
+    assert all(reason.startswith(expected) for reason in reasons), reasons
+    # Alive, and the keys it holds still work: only routing should change.
+    assert httpx.get(f"{followed.server.url}/health/live", timeout=5).status_code == 200
+    assert followed.statuses(alice) == {200}
+    assert "API keys copy no longer followed: not ready" in followed.server.stderr()

@@ -1,0 +1,51 @@
+"""Whether a keys file copied from `API_KEYS_URL` is still being followed.
+
+A copy nobody keeps current fails open for every key revoked after its
+follower stopped. So the follower (service.auth.key_sync) touches a stamp
+beside the copy every interval, from a thread of its own, and the workers'
+key ring reads its age: a replica whose stamp is stale is not ready, so the
+orchestrator stops routing to it and replaces it. The stamp says the
+follower runs, not that the keys service answers: a keys service that is
+down or slow to resolve (on every replica at once) must not make them all
+unready; their copies stay the last good one.
+
+Standard library only, as service.auth.keyfile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+# Beats that may be missed (a busy machine) before the follower counts as
+# gone, plus a margin: 10 s at the default interval of a second.
+MISSED_BEATS = 5
+MARGIN_SECONDS = 5.0
+
+
+def stamp_path(keys_file: Path) -> Path:
+    return keys_file.with_name(keys_file.name + ".followed")
+
+
+def touch(keys_file: Path) -> None:
+    """Every interval; raises OSError when the stamp cannot be written (then
+    neither can the copy)."""
+    stamp_path(keys_file).touch()
+
+
+def stale_after(interval: float) -> float:
+    """Seconds without a touch after which the follower counts as gone."""
+    return MISSED_BEATS * interval + MARGIN_SECONDS
+
+
+def seconds_since_touch(keys_file: Path, since_missing: float) -> float:
+    """The stamp's age; with no stamp (the follower not started yet, or
+    never), the time since `since_missing` (a time.time())."""
+    try:
+        touched = stamp_path(keys_file).stat().st_mtime
+    except FileNotFoundError:
+        touched = since_missing
+    except OSError:
+        return math.inf  # cannot tell: counts as gone
+    return max(0.0, time.time() - touched)
