@@ -61,11 +61,11 @@ if [ -n "${KEYS_URL:-}" ]; then
     }
     keysync sync || echo "{\"event\":\"api_keys_not_copied\",\"url\":\"$KEYS_URL\"}" >&2
     # The follower never ends by itself; one that is killed is replaced, as
-    # a copy nobody keeps current would go on accepting revoked keys.
+    # a copy nobody keeps current would go on accepting revoked keys (`||`:
+    # under set -e its exit status would end the loop instead).
     (
         while :; do
-            keysync follow
-            echo "{\"event\":\"api_keys_follower_restarted\",\"exit\":$?}" >&2
+            keysync follow || echo "{\"event\":\"api_keys_follower_restarted\",\"exit\":$?}" >&2
             sleep 1
         done
     ) &
