@@ -132,4 +132,4 @@ stack-down:
 # image, runs the stack tests. Set ML_API_OFFLINE=1/0 to skip the registry probe.
 e2e: install
 	ML_API_E2E=1 MODEL_VERSION=$(VERSION) PYTHON=$(PYTHON) \
-		$(E2E_PYTHON) -m pytest tests/e2e -p no:cacheprovider -v -ra $(E2E_ARGS)
+		$(E2E_PYTHON) -m pytest tests/e2e -p no:cacheprovider -v -ra --durations=15 $(E2E_ARGS)
