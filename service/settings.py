@@ -75,7 +75,9 @@ class _AuthSettings(_EnvSettings):
     """Whether the API needs keys: decided once, at start, from configuration,
     never from what the keys file holds later (an emptied or cut file must not
     turn authentication off). Read by the master too, which pins the answer
-    for every worker it starts."""
+    for every worker it starts. And where the keys come from: the file, or a
+    copy of API_KEYS_URL's that the master keeps current and the workers
+    check is still kept current."""
 
     auth: AuthMode | None = Field(
         default=None,
@@ -100,7 +102,11 @@ class _AuthSettings(_EnvSettings):
         "keeps current (the follower gone) is not ready.",
     )
     api_keys_poll_interval: float = Field(
-        default=1.0, gt=0, le=60, description="Seconds between copies from `API_KEYS_URL`."
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds between copies from `API_KEYS_URL`. A copy not stamped by its "
+        "follower for `5 * API_KEYS_POLL_INTERVAL + 5` seconds makes the workers not ready.",
     )
 
     @field_validator("auth", mode="before")

@@ -29,7 +29,7 @@ running one (stack.sh keys), so the copies change without waiting for it.
         when it differs; anything else (no answer, a 503, a
         file without the end marker) keeps F as it is, with a WARNING line
         once per state, so keys fail closed to the last good set. `follow`
-        never returns, and stamps F every S seconds
+        never returns, and stamps F.followed every S seconds
         (service.auth.follower_heartbeat): the api's workers are not ready
         while nobody keeps their copy current.
 
@@ -174,6 +174,7 @@ class Follower:
         self.mode = mode
         self._problem: str | None = ""  # "": no state yet; None: in sync
         self._stamp_problem: str | None = None
+        self._attempt_began: float | None = None  # time.monotonic() of the one running
 
     def sync(self) -> bool:
         """One copy; True when the file now holds the service's keys."""
@@ -230,22 +231,32 @@ class Follower:
     def follow(self, interval: float) -> None:
         """Never returns: a follower that ended would leave the copy as it is,
         open to every key revoked after. A thread stamps the copy meanwhile
-        (follower_heartbeat), however long an attempt waits."""
+        (follower_heartbeat) while attempts keep ending: a keys service slow
+        to answer or to resolve must not make every replica unready at once,
+        and one that holds an attempt for ever must not keep a stamp fresh."""
         threading.Thread(target=self._stamp_every, args=(interval,), daemon=True).start()
         while True:
             self.attempt()
             time.sleep(interval)
 
     def attempt(self) -> None:
+        self._attempt_began = time.monotonic()
         try:
             self.sync()
         except Exception as exc:  # whatever it was: try again next time
             self._failed(f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            self._attempt_began = None
 
     def _stamp_every(self, interval: float) -> None:
         while True:
-            self.stamp()
+            self.stamp_unless_hung()
             time.sleep(interval)
+
+    def stamp_unless_hung(self) -> None:
+        began = self._attempt_began
+        if began is None or time.monotonic() - began < follower_heartbeat.ATTEMPT_HUNG_SECONDS:
+            self.stamp()
 
     def stamp(self) -> None:
         problem: str | None = None

@@ -163,7 +163,8 @@ class KeyStore:
                 log.info("API keys copy followed again", extra={"fields": fields})
         if not unfollowed:
             return None
-        return f"API keys copy {self.path} not refreshed for {age:.0f} s (its follower is gone)"
+        # Public (probes carry no key): the path is in the log line.
+        return f"API keys copy not refreshed for {age:.0f} s (its follower is gone)"
 
     def remember_authorization(self, authorization: bytes, key: bytes, key_id: str) -> None:
         """Called with a key found valid: if the Authorization header was

@@ -41,6 +41,8 @@ def _key_sync_modules() -> set[str]:
         found.add(module)
         tree = ast.parse((ROOT / "service" / "auth" / f"{module}.py").read_text())
         for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, (module, "a relative import")
             if isinstance(node, ast.ImportFrom) and node.module == "service.auth":
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:

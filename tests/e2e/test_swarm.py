@@ -49,8 +49,8 @@ from tests.e2e.swarm_support import (
     swarm_state,
 )
 
-# ioctl(2) for an interface's IPv4 address (linux/sockios.h).
-SIOCGIFADDR = 0x8915
+# ioctl(2) for an interface's flags and IPv4 address (linux/sockios.h, if.h).
+SIOCGIFFLAGS, SIOCGIFADDR, IFF_UP = 0x8913, 0x8915, 0x1
 STACK = os.environ.get("E2E_SWARM_STACK", "ml-api-e2e")
 
 
@@ -96,11 +96,13 @@ def _host_address() -> str:
         for _, name in socket.if_nameindex():
             request = struct.pack("256s", name.encode()[:15])
             try:
+                flags = fcntl.ioctl(probe.fileno(), SIOCGIFFLAGS, request)
                 answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)
             except OSError:
                 continue  # no IPv4 address on this interface
+            up = struct.unpack_from("H", flags, 16)[0] & IFF_UP
             address = socket.inet_ntoa(answer[20:24])
-            if not address.startswith("127."):
+            if up and not address.startswith("127."):
                 return address
     raise AssertionError("this host has no IPv4 address but loopback")
 
@@ -261,7 +263,7 @@ def test_key_rotation_reaches_api_and_proxy_without_a_refused_key(swarm: Swarm) 
         ["docker", "service", "logs", "--raw", "--since", str(int(since)), f"{STACK}_proxy"]
     ).stdout
     assert '"key_id":"e2e-rotated"' in logs
-    # The entrypoint's own lines are on stderr, which service logs leave out.
+    # The entrypoint's own lines: the container's stderr.
     entrypoint = run(["docker", "logs", "--since", str(int(since)), proxy_before[0]]).stderr
     assert '"event":"api_keys_follower_restarted","exit":137' in entrypoint
     secrets = run(["docker", "secret", "ls", "-q", "--filter", f"name={STACK}-api-keys"])

@@ -5,8 +5,9 @@ and a real two-worker Gunicorn with `API_KEYS_URL` copies it every second
 accepted, a revoked one refused, by every worker, without a restart; while
 the keys service is gone or serves a cut file, the keys last copied stay.
 Keys pushed into the running keys service (what stack.sh keys does before
-Swarm replaces its task) win over its file. With the follower gone, the
-workers are not ready (nothing would bring a revocation to them)."""
+Swarm replaces its task) win over its file. A follower that ends is
+started again; with none at all, the workers are not ready (nothing would
+bring a revocation to them)."""
 
 from __future__ import annotations
 
@@ -185,12 +186,26 @@ def test_keys_pushed_into_the_running_keys_service_win_over_its_file(
     assert served.text == rotated.read_text()
 
 
-def _follower_pid(server: Gunicorn) -> int:
-    for pid in server.worker_pids():  # the master's children
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"service.auth.key_sync" in cmdline and b"follow" in cmdline:
-            return pid
-    raise AssertionError("no key_sync follow process under the master")
+def _follower_pids(copy: Path) -> set[int]:
+    """The `key_sync follow` processes that keep `copy` (a path no other
+    test's server uses), found by their command lines."""
+    found = set()
+    for cmdline_file in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline_file.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if b"service.auth.key_sync" in argv and b"follow" in argv and os.fsencode(copy) in argv:
+            found.add(int(cmdline_file.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
 
 
 def _readiness(server: Gunicorn) -> tuple[int, dict[str, str]]:
@@ -198,18 +213,34 @@ def _readiness(server: Gunicorn) -> tuple[int, dict[str, str]]:
     return answer.status_code, answer.json()
 
 
+def test_a_killed_follower_is_started_again_and_the_copy_stays_followed(
+    alice_and_followed: tuple[str, Followed], tmp_path: Path
+) -> None:
+    alice, followed = alice_and_followed
+    copy = tmp_path / "copy" / "api-keys"
+    (first,) = _follower_pids(copy)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(_follower_pids(copy) - {first}) == 1, 15, what="a follower started again")
+    assert "follower ended; restarting" in followed.server.stderr()
+    bob = _add(followed.service.keys_file, "bob")
+    wait_for(lambda: followed.statuses(bob) == {200}, 15, what="bob accepted by every worker")
+    assert _readiness(followed.server)[0] == 200
+    assert followed.statuses(alice) == {200}
+
+
 def test_workers_whose_keys_copy_nobody_follows_any_more_are_not_ready(
     alice_and_followed: tuple[str, Followed], tmp_path: Path
 ) -> None:
-    """The master's follower killed: nothing brings a revocation to this
-    replica any more, so /health/ready (the container's health check) says
-    so and the orchestrator routes around it and replaces it. The stamp's
-    age is moved on rather than waited out (follower_heartbeat.stale_after)."""
+    """The master's follower gone for good (its restarting loop too): nothing
+    brings a revocation to this replica any more, so /health/ready (the
+    container's health check) says so, and the orchestrator replaces it. The
+    stamp's age is moved on rather than waited out
+    (follower_heartbeat.stale_after)."""
     alice, followed = alice_and_followed
     copy = tmp_path / "copy" / "api-keys"
     long_ago = time.time() - 3600
     assert _readiness(followed.server)[0] == 200
-    # While the follower runs, an old stamp is renewed at its next attempt.
+    # While the follower runs, an old stamp is renewed.
     os.utime(follower_heartbeat.stamp_path(copy), (long_ago, long_ago))
     wait_for(
         lambda: follower_heartbeat.seconds_since_touch(copy, long_ago) < 60,
@@ -217,18 +248,21 @@ def test_workers_whose_keys_copy_nobody_follows_any_more_are_not_ready(
         what="the follower renewing its stamp",
     )
     assert _readiness(followed.server)[0] == 200
-    os.kill(_follower_pid(followed.server), signal.SIGKILL)
+    (follower,) = _follower_pids(copy)
+    os.killpg(os.getpgid(follower), signal.SIGKILL)
+    # Dead, not dying: a touch under way could otherwise land after the next line.
+    wait_for(lambda: _gone(follower), 15, what="the follower gone")
     os.utime(follower_heartbeat.stamp_path(copy), (long_ago, long_ago))
-    # Every worker, over more than a few of the follower's intervals (0.5 s).
+    # Over more than a few of the follower's intervals (0.5 s).
     answers = []
     for _ in range(8):
         answers.append(_readiness(followed.server))
         time.sleep(0.25)
-    statuses = {status for status, _ in answers}
-    reasons = {body.get("reason", "") for _, body in answers}
-    assert statuses == {503}, answers
-    expected = f"API keys copy {copy} not refreshed for 36"  # an hour, and seconds
-    assert all(reason.startswith(expected) for reason in reasons), reasons
+    assert {status for status, _ in answers} == {503}, answers
+    # An hour and some seconds; the path stays in the server's log.
+    expected = "API keys copy not refreshed for 36"
+    assert all(body["reason"].startswith(expected) for _, body in answers), answers
+    assert _follower_pids(copy) == set()
     # Alive, and the keys it holds still work: only routing should change.
     assert httpx.get(f"{followed.server.url}/health/live", timeout=5).status_code == 200
     assert followed.statuses(alice) == {200}
