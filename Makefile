@@ -228,14 +228,20 @@ oip-spec: $(OIP_SPEC)
 # they install side by side (about half the wall time of one after another).
 test-deps: install system-deps bundle checkov oip-spec generator kserve-sdk monitoring-tools
 
+# The unit, deploy and API tiers run on every core (up to 4); the process tier
+# after them, alone: its servers, timeouts and load want the machine to
+# themselves.
+PARALLEL := -n auto --maxprocesses 4
+
 test:
 	@$(MAKE) --no-print-directory -j4 -Otarget test-deps
-	CHECKOV=$(CHECKOV_VENV)/bin/checkov OIP_SPEC=$(OIP_SPEC) \
-		MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
-		$(BIN)/python -m pytest --durations=25 tests/unit tests/deploy tests/api tests/process
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov \
+		$(BIN)/python -m pytest $(PARALLEL) --durations=10 tests/unit tests/deploy tests/api
+	OIP_SPEC=$(OIP_SPEC) MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
+		$(BIN)/python -m pytest --durations=25 tests/process
 
 test-fast: install
-	$(BIN)/python -m pytest tests/unit tests/api
+	$(BIN)/python -m pytest $(PARALLEL) tests/unit tests/api
 
 # Throughput and latency against baselines measured in the same run (wrk from
 # Debian's archive, installed if missing); ~6 minutes. BENCH_ARGS=--help for knobs.

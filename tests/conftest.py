@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# pytest-xdist's workers inherit the directory the controller's import of
+# service.metrics made: each needs its own, or their values add up.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 # First, before any test module imports prometheus_client: it picks its
 # (multiprocess) value storage once, from PROMETHEUS_MULTIPROC_DIR.
