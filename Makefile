@@ -228,27 +228,17 @@ oip-spec: $(OIP_SPEC)
 # they install side by side (about half the wall time of one after another).
 test-deps: install system-deps bundle checkov oip-spec generator kserve-sdk monitoring-tools
 
-# The process tier starts first, in the background, and the unit, deploy and
-# API tiers run beside it on every core (up to 4) at the lowest CPU priority:
-# the process tier mostly waits (for servers, deadlines, Prometheus'
-# evaluations), and at nice 19 the others get only the CPU it leaves idle.
-# Output stays in tier order: the fast tiers', then the process tier's
-# (followed live from its log once they are done).
+# The unit, deploy and API tiers run on every core (up to 4); the process tier
+# after them, alone: its servers, timeouts and load want the machine to
+# themselves.
 PARALLEL := -n auto --maxprocesses 4
-PROCESS_TIER_LOG := $(TOOLS)/process-tier.log
 
 test:
 	@$(MAKE) --no-print-directory -j4 -Otarget test-deps
-	@OIP_SPEC=$(OIP_SPEC) MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
-		$(BIN)/python -m pytest --durations=25 tests/process >$(PROCESS_TIER_LOG) 2>&1 & \
-	process=$$!; \
-	CHECKOV=$(CHECKOV_VENV)/bin/checkov nice -n 19 \
-		$(BIN)/python -m pytest $(PARALLEL) --durations=10 tests/unit tests/deploy tests/api; \
-	fast=$$?; \
-	echo "== process tier (running since the start, beside the others)"; \
-	tail -n +1 -f --pid=$$process $(PROCESS_TIER_LOG); \
-	wait $$process; process=$$?; \
-	test $$fast = 0 && test $$process = 0
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov \
+		$(BIN)/python -m pytest $(PARALLEL) --durations=10 tests/unit tests/deploy tests/api
+	OIP_SPEC=$(OIP_SPEC) MONITORING_PYTHON=$(MONITORING_VENV)/bin/python \
+		$(BIN)/python -m pytest --durations=25 tests/process
 
 test-fast: install
 	$(BIN)/python -m pytest $(PARALLEL) tests/unit tests/api
