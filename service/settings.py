@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.auth import follower_heartbeat
 from service.auth.keyfile import DEFAULT_KEYS_FILE
 from service.manifest import SEMVER_PATTERN, SEMVER_RE, SHA256_PATTERN
 
@@ -106,7 +107,8 @@ class _AuthSettings(_EnvSettings):
         gt=0,
         le=60,
         description="Seconds between copies from `API_KEYS_URL`. A copy not stamped by its "
-        "follower for `5 * API_KEYS_POLL_INTERVAL + 5` seconds makes the workers not ready.",
+        f"follower for `{follower_heartbeat.MISSED_BEATS} * API_KEYS_POLL_INTERVAL + "
+        f"{follower_heartbeat.MARGIN_SECONDS:g}` seconds makes the workers not ready.",
     )
 
     @field_validator("auth", mode="before")
