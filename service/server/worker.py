@@ -36,12 +36,15 @@ import os
 import resource
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import httptools
 from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -229,9 +232,29 @@ class WholeResponseCycle(RequestResponseCycle):
     transport: HeldHead  # type: ignore[assignment]
 
     async def run_asgi(self, app: Any) -> None:
+        # uvicorn's run_asgi (tests/unit/test_worker_internals.py compares the
+        # two), the request counted out at its end: one coroutine a request, not two.
         try:
-            await super().run_asgi(app)
+            result = await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                msg = "ASGI callable should return None, but returned '%s'."
+                self.logger.error(msg, result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
         finally:
+            self.on_response = lambda: None
             IN_PROGRESS.count -= 1
 
     async def send(self, message: Any) -> None:
@@ -357,6 +380,10 @@ class WholeResponseProtocol(HttpToolsProtocol):
     # counted, so a limit is exceeded by at most one read).
     head_bytes = 0
     body_deadline: float | None = None
+    # When an idle keep-alive connection is closed: set by each answer, unset
+    # by the next bytes (KEEPALIVE; uvicorn's timeout_keep_alive).
+    keepalive_deadline: float | None = None
+    _keepalive_timer: asyncio.TimerHandle | None = None
 
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
@@ -369,10 +396,24 @@ class WholeResponseProtocol(HttpToolsProtocol):
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        # Not idle: the keep-alive timer, when it fires, finds no deadline.
+        self.keepalive_deadline = None
         awaiting_head = self.head_deadline is not None
         if awaiting_head:
             self.head_bytes += len(data)
-        super().data_received(data)
+        # uvicorn's data_received, whose keep-alive timer is never armed.
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         # Checked after parsing: the same chunk may hold a small head and a large body.
         if (
             awaiting_head
@@ -384,51 +425,131 @@ class WholeResponseProtocol(HttpToolsProtocol):
             count_closed("head_too_large")
 
     def on_headers_complete(self) -> None:
+        # uvicorn's on_headers_complete (tests/unit/test_worker_internals.py
+        # pins the copy), making a WholeResponseCycle, its head held, in one
+        # step rather than switching the class of uvicorn's cycle afterwards.
         self.head_deadline = None
         self.head_bytes = 0
+        self.body_deadline = self.loop.time() + self.limits.body_timeout
+        parser, scope = self.parser, self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed_url.query or b""
         # The worker's requests in progress as this one arrives, for load
         # shedding (service.shedding).
-        self.scope[REQUESTS_AHEAD] = IN_PROGRESS.count  # type: ignore[literal-required]
-        previous = self.cycle
-        super().on_headers_complete()
-        if self.cycle is not previous:
-            # Started at once or queued behind a pipelined request: in
-            # progress either way (see connection_lost).
-            IN_PROGRESS.count += 1
-        self.body_deadline = self.loop.time() + self.limits.body_timeout
+        scope[REQUESTS_AHEAD] = IN_PROGRESS.count  # type: ignore[literal-required]
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app: Any = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app
+        existing_cycle = self.cycle
+        self.cycle = WholeResponseCycle(
+            scope=scope,
+            transport=HeldHead(self.transport),  # type: ignore[arg-type]
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        # Started at once or queued behind a pipelined request: in progress
+        # either way (see connection_lost).
+        IN_PROGRESS.count += 1
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def on_message_complete(self) -> None:
         self.body_deadline = None
-        super().on_message_complete()
-        # The body's end came after an early answer (a 413, say): idle now.
-        if self.cycle is not None and self.cycle.response_complete:
+        cycle = self.cycle
+        # uvicorn's on_message_complete, and the connection idle once answered.
+        if cycle is None or (self.parser.should_upgrade() and self._should_upgrade()):
+            return
+        if cycle.response_complete:
+            # The body's end came after an early answer (a 413, say).
             self._await_head()
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        # uvicorn's, but its keep-alive timer is not armed and cancelled for
+        # every request (two event-loop timer operations): one timer stays
+        # armed while the connection is used and re-arms itself when it finds
+        # the connection answered again since (see _keep_alive_expired).
+        self.server_state.total_requests += 1
+        now = self.loop.time()
+        if not self.transport.is_closing():
+            flow = self.flow
+            if flow.read_paused:
+                flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self.keepalive_deadline = now + self.timeout_keep_alive
+                if self._keepalive_timer is None:
+                    self._keepalive_timer = self.loop.call_at(
+                        self.keepalive_deadline, self._keep_alive_expired
+                    )
         cycle = self.cycle
         # Idle now, unless a pipelined request (its head already here) started
         # or the rest of this request's body is still on its way.
         if (cycle is None or cycle.response_complete) and self.body_deadline is None:
-            self._await_head()
+            self._await_head(now)
 
-    def _await_head(self) -> None:
+    def _keep_alive_expired(self) -> None:
+        self._keepalive_timer = None
+        deadline = self.keepalive_deadline
+        if deadline is None or self.transport.is_closing():
+            # A request since: the timer is armed again after its answer.
+            return
+        if self.loop.time() < deadline:
+            self._keepalive_timer = self.loop.call_at(deadline, self._keep_alive_expired)
+        else:
+            self.timeout_keep_alive_handler()
+
+    def _await_head(self, now: float | None = None) -> None:
         self.head_bytes = 0
-        self.head_deadline = self.loop.time() + self.limits.head_timeout
+        self.head_deadline = (self.loop.time() if now is None else now) + self.limits.head_timeout
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        # Before its coroutine exists. A class switch rather than a wrapper:
-        # no per-request closure and no reference cycle.
-        cycle.__class__ = WholeResponseCycle
-        cycle.transport = HeldHead(cycle.transport)  # type: ignore[assignment]
         if self.close_after_next_answer:
             cycle.keep_alive = False
-        super()._start_asgi_task(cycle, app)
+        if self.config.reset_contextvars:
+            super()._start_asgi_task(cycle, app)
+            return
+        # uvicorn's, without the option checked above.
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Pipelined requests still queued behind one in progress never start now.
         IN_PROGRESS.count -= len(self.pipeline)
-        self.head_deadline = self.body_deadline = None
+        self.head_deadline = self.body_deadline = self.keepalive_deadline = None
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
         super().connection_lost(exc)
         if self.on_connection_lost is not None:
             self.on_connection_lost()

@@ -3,6 +3,7 @@ that renames them fails here, by name, rather than silently in production."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from types import ModuleType, SimpleNamespace
@@ -52,9 +53,10 @@ def test_request_cycles_still_take_the_default_headers_a_drain_extends(
 
 
 def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers() -> None:
-    # WholeResponseProtocol switches each new cycle's class and hands it a
-    # HeldHead for a transport: the cycle must be a plain class, created in
-    # on_headers_complete as self.cycle, and use no other transport method.
+    # WholeResponseProtocol makes each cycle a WholeResponseCycle (uvicorn's,
+    # subclassed) with a HeldHead for a transport: the cycle must be a plain
+    # class, created in on_headers_complete as self.cycle, and use no other
+    # transport method.
     cycle_class = httptools_impl.RequestResponseCycle
     assert "__slots__" not in vars(cycle_class)
     assert "self.cycle = RequestResponseCycle(" in inspect.getsource(
@@ -62,9 +64,9 @@ def test_the_httptools_cycle_still_writes_only_through_what_a_held_head_offers()
     )
     used = set(re.findall(r"self\.transport\.(\w+)", inspect.getsource(cycle_class)))
     assert used <= {name for name in dir(HeldHead) if not name.startswith("_")}
-    # Every request cycle's task is made by _start_asgi_task (the switch comes
-    # before its coroutine exists); a pipelined one waits in self.pipeline
-    # until then, and never starts once the connection is lost.
+    # Every request cycle's task is made by _start_asgi_task; a pipelined one
+    # waits in self.pipeline until then, and never starts once the connection
+    # is lost.
     protocol = httptools_impl.HttpToolsProtocol
     assert "self._start_asgi_task(self.cycle, app)" in inspect.getsource(
         protocol.on_headers_complete
@@ -176,3 +178,29 @@ def test_the_protocol_hooks_the_connection_limits_extend_still_exist() -> None:
     assert "counter" in inspect.signature(Server.on_tick).parameters
     assert "await asyncio.sleep(0.1)" in inspect.getsource(Server.main_loop)
     assert "self.on_tick(counter)" in inspect.getsource(Server.main_loop)
+
+
+# uvicorn's methods service.server.worker carries a copy of, changed only as
+# its comments say (one method a request instead of two, the keep-alive timer
+# armed once per period): the digest of the source they were copied from.
+COPIED_FROM_UVICORN = {
+    "HttpToolsProtocol.data_received": "010a7ae59a5d3b1a",
+    "HttpToolsProtocol.on_headers_complete": "1ea8589acfad92d8",
+    "HttpToolsProtocol.on_message_complete": "1fbad42dc31fc01f",
+    "HttpToolsProtocol.on_response_complete": "64e254f28e389e76",
+    "HttpToolsProtocol._start_asgi_task": "9c08c2571ae9b038",
+    "RequestResponseCycle.run_asgi": "0f33f2449a444bc2",
+}
+
+
+@pytest.mark.parametrize("qualified_name", sorted(COPIED_FROM_UVICORN))
+def test_the_uvicorn_methods_the_worker_copies_are_still_the_ones_copied(
+    qualified_name: str,
+) -> None:
+    class_name, method = qualified_name.split(".")
+    source = inspect.getsource(getattr(getattr(httptools_impl, class_name), method))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == COPIED_FROM_UVICORN[qualified_name], (
+        f"uvicorn's {qualified_name} changed: compare it with the copy in "
+        "service/server/worker.py, carry the change over, then record the new digest"
+    )

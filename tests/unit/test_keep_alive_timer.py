@@ -1,0 +1,136 @@
+"""An idle keep-alive connection closes KEEPALIVE seconds after its last answer,
+as in uvicorn, with one timer a period instead of one armed and cancelled a request."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from service.server.worker import WholeResponseProtocol
+
+GET = b"GET /thing HTTP/1.1\r\nHost: test\r\n\r\n"
+KEEPALIVE_SECONDS = 0.4
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"2")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def _connection() -> AsyncIterator[tuple[socket.socket, WholeResponseProtocol]]:
+    # Typed int, used as a float (a loop timer's delay): a fraction keeps the test short.
+    keepalive: Any = KEEPALIVE_SECONDS
+    config = Config(app=_ok, lifespan="off", log_config=None, timeout_keep_alive=keepalive)
+    config.load()
+    loop = asyncio.get_running_loop()
+    server_end, client_end = socket.socketpair()
+    client_end.setblocking(False)
+    made: list[WholeResponseProtocol] = []
+
+    def factory() -> WholeResponseProtocol:
+        protocol = WholeResponseProtocol(config=config, server_state=ServerState(), app_state={})
+        made.append(protocol)
+        return protocol
+
+    transport, _ = await loop.connect_accepted_socket(factory, server_end)
+    try:
+        async with asyncio.timeout(30):
+            yield client_end, made[0]
+    finally:
+        transport.close()
+        client_end.close()
+
+
+async def _ask(client_end: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(client_end, GET)
+    answer = b""
+    while not answer.endswith(b"\r\n\r\nok"):
+        chunk = await loop.sock_recv(client_end, 65536)
+        assert chunk, f"closed after {answer!r}"
+        answer += chunk
+    return answer
+
+
+async def _closed_after(client_end: socket.socket) -> float:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await loop.sock_recv(client_end, 65536) == b""
+    return loop.time() - started
+
+
+def test_an_idle_connection_is_closed_keep_alive_seconds_after_its_last_answer() -> None:
+    async def run() -> float:
+        async with _connection() as (client_end, protocol):
+            await _ask(client_end)
+            assert protocol.keepalive_deadline is not None
+            return await _closed_after(client_end)
+
+    assert asyncio.run(run()) >= KEEPALIVE_SECONDS * 0.9
+
+
+def test_answers_in_the_meantime_move_the_close_to_keep_alive_seconds_after_the_last() -> None:
+    async def run() -> float:
+        async with _connection() as (client_end, _):
+            # Across two whole periods: the timer armed by the first answer
+            # finds later answers and arms itself again, never closing early.
+            for _ in range(8):
+                await _ask(client_end)
+                await asyncio.sleep(KEEPALIVE_SECONDS / 4)
+            return await _closed_after(client_end) + KEEPALIVE_SECONDS / 4
+
+    assert asyncio.run(run()) >= KEEPALIVE_SECONDS * 0.9
+
+
+def test_one_timer_serves_every_answer_of_a_busy_connection() -> None:
+    async def run() -> None:
+        async with _connection() as (client_end, protocol):
+            await _ask(client_end)
+            timer = protocol._keepalive_timer
+            assert timer is not None
+            for _ in range(50):
+                await _ask(client_end)
+                assert protocol._keepalive_timer is timer
+            # uvicorn's own per-request timer is never armed.
+            assert protocol.timeout_keep_alive_task is None
+
+    asyncio.run(run())
+
+
+def test_a_request_in_progress_is_not_closed_by_the_keep_alive_timer() -> None:
+    release = asyncio.Event()
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await _ok(scope, receive, send)
+
+    async def run() -> None:
+        async with _connection() as (client_end, protocol):
+            await _ask(client_end)
+            protocol.app = slow
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(client_end, GET)
+            # Past the deadline the first answer set: the timer fires, finds
+            # a request in progress, and leaves the connection open.
+            await asyncio.sleep(KEEPALIVE_SECONDS * 2)
+            assert not protocol.transport.is_closing()
+            release.set()
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nok"):
+                answer += await loop.sock_recv(client_end, 65536)
+            assert await _closed_after(client_end) > 0
+
+    asyncio.run(run())
