@@ -48,6 +48,8 @@ class FastRequest:
     body: bytes
     pipeline: PredictionPipeline | None
     server_version: str
+    # The application's state (its pipeline, key store): None outside an app.
+    state: Any = None
 
     def require_pipeline(self) -> PredictionPipeline:
         if self.pipeline is None:
@@ -242,6 +244,7 @@ class FastPath:
                 body,
                 getattr(self._state, "pipeline", None),
                 self._server_version,
+                self._state,
             )
             response = await route.handler(request)
         except ClientDisconnectedError:

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from service.pipeline import PredictionPipeline
+from service.readiness import unready_reason
 from service.routes.public import PublicRoute
 
 # Open whatever the keys: probes and load balancers carry no key.
@@ -80,9 +81,7 @@ async def live() -> JSONResponse:
     },
 )
 async def ready(request: Request) -> JSONResponse:
-    if _pipeline(request) is None:
-        return JSONResponse({"status": "not ready"}, status_code=503)
-    unfollowed = request.app.state.keys.unfollowed_reason()
-    if unfollowed is not None:
-        return JSONResponse({"status": "not ready", "reason": unfollowed}, status_code=503)
+    reason = unready_reason(request.app.state)
+    if reason is not None:
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ready"})

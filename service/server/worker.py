@@ -17,7 +17,11 @@ landing on whichever woke first, and a worker far ahead of a sibling (which
 just restarted, say) asks some of its connections to reconnect. This module is
 the one place that relies on uvicorn's internals (Server.startup's listener
 set-up, ServerState, the protocols' request cycle, the worker's _serve),
-pinned by tests/unit/test_worker_internals.py.
+pinned by tests/unit/test_worker_internals.py. The httptools protocol's
+per-request methods are carried here as copies with our additions, rather
+than wrapped (a wrapper is a second call a request, and uvicorn arms and
+cancels a keep-alive timer for every request where ours arms one a period);
+the test pins the uvicorn source they were copied from.
 
 Its HTTP protocol (WholeResponseProtocol) sends each response's head and the
 first part of its body in one transport write: a worker killed mid-answer

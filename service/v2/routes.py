@@ -12,6 +12,7 @@ from service.capture.hook import capture_payload
 from service.errors import NotFoundError
 from service.fastpath import BodyTypes, FastRequest, FastResponse, FastRoute, is_json_content_type
 from service.openapi import request_body, responses, schema_ref
+from service.readiness import unready_reason
 from service.schemas import example_value
 from service.shadow.summary import shadow_summary
 from service.v2.infer import HEADER_LENGTH, MATRIX_DTYPE, OCTET_STREAM, InferenceCodec
@@ -88,7 +89,9 @@ async def server_live(request: FastRequest) -> FastResponse:
 
 
 async def server_ready(request: FastRequest) -> FastResponse:
-    ready = request.pipeline is not None
+    # The rule of /health/ready (whose answer says why): the protocol's body
+    # has room for the verdict only.
+    ready = unready_reason(request.state) is None
     return _json({"ready": ready}, 200 if ready else 503)
 
 
@@ -281,7 +284,10 @@ ROUTES = (
         "Server ready",
         "v2_server_ready",
         "ServerReady",
-        {503: "Model not loaded yet."},
+        {
+            503: "Model not loaded yet, or the API keys copy is no longer kept current "
+            "(`API_KEYS_URL`): /health/ready says which."
+        },
         public=True,
     ),
     _get(

@@ -35,7 +35,11 @@ def test_not_ready_and_no_predictions_before_the_model_is_loaded(model_dir: Path
     # Without entering the lifespan the model is never loaded.
     client = TestClient(create_app(ServiceSettings(model_dir=model_dir)))
     assert client.get("/health/live").status_code == 200
-    assert client.get("/health/ready").status_code == 503
+    ready = client.get("/health/ready")
+    assert (ready.status_code, ready.json()) == (
+        503,
+        {"status": "not ready", "reason": "no model loaded yet"},
+    )
     health = client.get("/health")
     assert health.status_code == 503
     assert health.json()["model_loaded"] is False

@@ -213,6 +213,11 @@ def _readiness(server: Gunicorn) -> tuple[int, dict[str, str]]:
     return answer.status_code, answer.json()
 
 
+def _v2_readiness(server: Gunicorn) -> tuple[int, dict[str, bool]]:
+    answer = httpx.get(f"{server.url}/v2/health/ready", timeout=5)
+    return answer.status_code, answer.json()
+
+
 def test_a_killed_follower_is_started_again_and_the_copy_stays_followed(
     alice_and_followed: tuple[str, Followed], tmp_path: Path
 ) -> None:
@@ -233,13 +238,15 @@ def test_workers_whose_keys_copy_nobody_follows_any_more_are_not_ready(
 ) -> None:
     """The master's follower gone for good (its restarting loop too): nothing
     brings a revocation to this replica any more, so /health/ready (the
-    container's health check) says so, and the orchestrator replaces it. The
+    container's health check) and /v2/health/ready say so, and the
+    orchestrator replaces it. The
     stamp's age is moved on rather than waited out
     (follower_heartbeat.stale_after)."""
     alice, followed = alice_and_followed
     copy = tmp_path / "copy" / "api-keys"
     long_ago = time.time() - 3600
     assert _readiness(followed.server)[0] == 200
+    assert _v2_readiness(followed.server) == (200, {"ready": True})
     # While the follower runs, an old stamp is renewed.
     os.utime(follower_heartbeat.stamp_path(copy), (long_ago, long_ago))
     wait_for(
@@ -262,6 +269,9 @@ def test_workers_whose_keys_copy_nobody_follows_any_more_are_not_ready(
     # An hour and some seconds; the path stays in the server's log.
     expected = "API keys copy not refreshed for 36"
     assert all(body["reason"].startswith(expected) for _, body in answers), answers
+    # The Open Inference Protocol's probe follows the same rule (KServe's and
+    # Triton's deployments probe it).
+    assert _v2_readiness(followed.server) == (503, {"ready": False})
     assert _follower_pids(copy) == set()
     # Alive, and the keys it holds still work: only routing should change.
     assert httpx.get(f"{followed.server.url}/health/live", timeout=5).status_code == 200
