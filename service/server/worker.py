@@ -84,6 +84,8 @@ CONNECTION_CLOSE = (b"connection", b"close")
 # object; past it they are handed over together (writelines, one writev in
 # uvloop) rather than copied.
 JOIN_LIMIT_BYTES = 64 * 1024
+# A keep-alive timer this close to its deadline counts as expired (see _keep_alive_expired).
+KEEPALIVE_TIMER_SLACK_SECONDS = 0.001
 # How often connections are checked against their head and body deadlines.
 DEADLINE_SWEEP_SECONDS = 1.0
 # File descriptors a worker keeps for everything but client connections
@@ -527,7 +529,9 @@ class WholeResponseProtocol(HttpToolsProtocol):
         if deadline is None or self.transport.is_closing():
             # A request since: the timer is armed again after its answer.
             return
-        if self.loop.time() < deadline:
+        # uvloop's timers count whole milliseconds: one may fire a fraction of
+        # one early, and re-arming it for that fraction would spin until it passed.
+        if deadline - self.loop.time() > KEEPALIVE_TIMER_SLACK_SECONDS:
             self._keepalive_timer = self.loop.call_at(deadline, self._keep_alive_expired)
         else:
             self.timeout_keep_alive_handler()

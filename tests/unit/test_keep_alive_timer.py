@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvloop
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from service.server.worker import WholeResponseProtocol
 
 GET = b"GET /thing HTTP/1.1\r\nHost: test\r\n\r\n"
-KEEPALIVE_SECONDS = 0.4
+# Long enough that a loaded machine's stalls between a test's requests stay
+# well inside it (a stall past it would close the connection for real).
+KEEPALIVE_SECONDS = 1.0
 
 
 async def _ok(scope: Any, receive: Any, send: Any) -> None:
@@ -29,11 +32,19 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def _on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """The loop the workers run (uvicorn picks uvloop when it is installed)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 @asynccontextmanager
-async def _connection() -> AsyncIterator[tuple[socket.socket, WholeResponseProtocol]]:
-    # Typed int, used as a float (a loop timer's delay): a fraction keeps the test short.
-    keepalive: Any = KEEPALIVE_SECONDS
-    config = Config(app=_ok, lifespan="off", log_config=None, timeout_keep_alive=keepalive)
+async def _connection(
+    keepalive: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[tuple[socket.socket, WholeResponseProtocol]]:
+    # Typed int, used as a float (a loop timer's delay).
+    timeout: Any = keepalive
+    config = Config(app=_ok, lifespan="off", log_config=None, timeout_keep_alive=timeout)
     config.load()
     loop = asyncio.get_running_loop()
     server_end, client_end = socket.socketpair()
@@ -65,7 +76,7 @@ async def _ask(client_end: socket.socket) -> bytes:
     return answer
 
 
-# The event loop's timers have millisecond resolution.
+# uvloop's timers count whole milliseconds (the worker's expiry allows for one).
 TIMER_RESOLUTION = 0.002
 
 
@@ -87,16 +98,16 @@ def test_an_idle_connection_is_closed_keep_alive_seconds_after_its_last_answer()
             assert deadline >= answered + KEEPALIVE_SECONDS
             assert await _closed_at(client_end) >= deadline - TIMER_RESOLUTION
 
-    asyncio.run(run())
+    _on_uvloop(run())
 
 
 def test_answers_in_the_meantime_move_the_close_to_keep_alive_seconds_after_the_last() -> None:
     async def run() -> None:
         async with _connection() as (client_end, protocol):
-            # Across two whole periods: the timer armed by the first answer
+            # Across a whole period: the timer armed by the first answer
             # finds later answers and arms itself again, never closing early.
             first_deadline = None
-            for _ in range(8):
+            for _ in range(6):
                 await _ask(client_end)
                 first_deadline = first_deadline or protocol.keepalive_deadline
                 await asyncio.sleep(KEEPALIVE_SECONDS / 4)
@@ -106,12 +117,14 @@ def test_answers_in_the_meantime_move_the_close_to_keep_alive_seconds_after_the_
             assert deadline > first_deadline + KEEPALIVE_SECONDS
             assert await _closed_at(client_end) >= deadline - TIMER_RESOLUTION
 
-    asyncio.run(run())
+    _on_uvloop(run())
 
 
 def test_one_timer_serves_every_answer_of_a_busy_connection() -> None:
     async def run() -> None:
-        async with _connection() as (client_end, protocol):
+        # A period far longer than the burst: the first answer's timer is
+        # still armed at the last.
+        async with _connection(keepalive=60) as (client_end, protocol):
             await _ask(client_end)
             timer = protocol._keepalive_timer
             assert timer is not None
@@ -121,7 +134,7 @@ def test_one_timer_serves_every_answer_of_a_busy_connection() -> None:
             # uvicorn's own per-request timer is never armed.
             assert protocol.timeout_keep_alive_task is None
 
-    asyncio.run(run())
+    _on_uvloop(run())
 
 
 def test_a_request_in_progress_is_not_closed_by_the_keep_alive_timer() -> None:
@@ -139,7 +152,7 @@ def test_a_request_in_progress_is_not_closed_by_the_keep_alive_timer() -> None:
             await loop.sock_sendall(client_end, GET)
             # Past the deadline the first answer set: the timer fires, finds
             # a request in progress, and leaves the connection open.
-            await asyncio.sleep(KEEPALIVE_SECONDS * 2)
+            await asyncio.sleep(KEEPALIVE_SECONDS * 1.5)
             assert not protocol.transport.is_closing()
             release.set()
             answer = b""
@@ -149,4 +162,4 @@ def test_a_request_in_progress_is_not_closed_by_the_keep_alive_timer() -> None:
             assert deadline is not None
             assert await _closed_at(client_end) >= deadline - TIMER_RESOLUTION
 
-    asyncio.run(run())
+    _on_uvloop(run())

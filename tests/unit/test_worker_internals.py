@@ -204,3 +204,17 @@ def test_the_uvicorn_methods_the_worker_copies_are_still_the_ones_copied(
         f"uvicorn's {qualified_name} changed: compare it with the copy in "
         "service/server/worker.py, carry the change over, then record the new digest"
     )
+
+
+def test_uvicorn_arms_its_keep_alive_timer_only_in_the_method_the_worker_replaces() -> None:
+    # The worker's own timer stands in for uvicorn's: if uvicorn armed one
+    # anywhere else, connections would be closed by both.
+    protocol = httptools_impl.HttpToolsProtocol
+    armed_in = [
+        name
+        for name, member in vars(protocol).items()
+        if callable(member)
+        and "timeout_keep_alive_task = self.loop.call_later" in inspect.getsource(member)
+    ]
+    assert armed_in == ["on_response_complete"]
+    assert "self.timeout_keep_alive_handler" in inspect.getsource(protocol.on_response_complete)
