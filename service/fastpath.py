@@ -46,15 +46,21 @@ class FastRequest:
     scope: Scope
     params: dict[str, str]
     body: bytes
-    pipeline: PredictionPipeline | None
-    server_version: str
     # The application's state (its pipeline, key store): None outside an app.
-    state: Any = None
+    state: Any
+    server_version: str
+
+    @property
+    def pipeline(self) -> PredictionPipeline | None:
+        """The pipeline serving, None until the lifespan has loaded one."""
+        pipeline: PredictionPipeline | None = getattr(self.state, "pipeline", None)
+        return pipeline
 
     def require_pipeline(self) -> PredictionPipeline:
-        if self.pipeline is None:
+        pipeline = self.pipeline
+        if pipeline is None:
             raise ModelNotLoadedError
-        return self.pipeline
+        return pipeline
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.scope["headers"]:
@@ -242,9 +248,8 @@ class FastPath:
                 scope,
                 params,
                 body,
-                getattr(self._state, "pipeline", None),
-                self._server_version,
                 self._state,
+                self._server_version,
             )
             response = await route.handler(request)
         except ClientDisconnectedError:
