@@ -31,6 +31,8 @@ each request how many were in progress when it arrived (load shedding,
 service.shedding) and bounds what a directly connected client can hold: the
 size of a request head, the time a head and a body take to arrive, and the
 number of open connections (idle ones make room for new ones at the cap).
+Each connection's writes wait for the end of the event loop's turn
+(service.server.turn_writes), so a loaded worker's answers leave together.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httptools
 from gunicorn.arbiter import Arbiter
@@ -66,6 +68,7 @@ from service.server.acceptor import (
     ConnectionLedger,
     WorkerLoad,
 )
+from service.server.turn_writes import TurnEndTransport, TurnWrites
 from service.settings import ServerSettings
 from service.shedding import REQUESTS_AHEAD
 
@@ -398,7 +401,10 @@ class WholeResponseProtocol(HttpToolsProtocol):
     on_connection_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # Every write of this connection, uvicorn's included, leaves at the
+        # end of the loop's turn (service.server.turn_writes).
+        held = TurnEndTransport(transport, TurnWrites.of(self.loop))
+        super().connection_made(cast(asyncio.Transport, held))
         self._await_head()
 
     def data_received(self, data: bytes) -> None:

@@ -13,6 +13,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.server.turn_writes import TurnEndTransport
 from service.server.worker import (
     CONNECTION_CLOSE,
     IN_PROGRESS,
@@ -63,9 +64,12 @@ async def _exchange(
 
     class Counting(protocol_class):  # type: ignore[valid-type,misc]
         def connection_made(self, transport: asyncio.Transport) -> None:
-            spy = CountedTransport(transport)
+            super().connection_made(transport)
+            # The writes the protocol makes, above the worker's end-of-turn
+            # holding (tests/unit/test_turn_writes.py pins that one).
+            spy = CountedTransport(self.transport)  # type: ignore[has-type]
             counted.append(spy)
-            super().connection_made(spy)
+            self.transport = spy
 
     loop = asyncio.get_running_loop()
     server_end, client_end = socket.socketpair()
@@ -312,3 +316,22 @@ def test_each_request_is_told_the_requests_received_and_not_yet_answered() -> No
                 await asyncio.sleep(0.01)
 
     asyncio.run(run())
+
+
+def test_the_worker_protocol_holds_its_writes_until_the_turn_ends() -> None:
+    async def connect() -> Any:
+        config = Config(app=_responder(BODY), lifespan="off", log_config=None)
+        loop = asyncio.get_running_loop()
+        server_end, client_end = socket.socketpair()
+        transport, protocol = await loop.connect_accepted_socket(
+            lambda: WholeResponseProtocol(config=config, server_state=ServerState(), app_state={}),
+            server_end,
+        )
+        held = protocol.transport
+        transport.close()
+        client_end.close()
+        return held, transport
+
+    held, transport = asyncio.run(connect())
+    assert isinstance(held, TurnEndTransport)
+    assert held.transport is transport

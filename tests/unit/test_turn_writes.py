@@ -1,0 +1,171 @@
+"""The worker's connections hold their writes until the event loop's turn ends,
+in order, and nothing a connection does afterwards can overtake or lose them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+import uvloop
+
+from service.server.turn_writes import HOLD_LIMIT_BYTES, TurnEndTransport, TurnWrites
+
+
+class RecordingTransport:
+    """A transport that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "written after close"
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, chunks: Any) -> None:
+        self.calls.append(("writelines", b"".join(chunks)))
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append(("abort", None))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+def _in_a_turn(body: Callable[[TurnWrites], None]) -> None:
+    """Runs `body` inside one callback of a fresh uvloop loop, then lets the turn end."""
+
+    async def main() -> None:
+        turn = TurnWrites.of(asyncio.get_running_loop())
+        body(turn)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def _held(turn: TurnWrites) -> tuple[RecordingTransport, TurnEndTransport]:
+    real = RecordingTransport()
+    return real, TurnEndTransport(cast(asyncio.Transport, real), turn)
+
+
+def test_answers_of_one_turn_leave_when_it_ends_one_write_a_connection() -> None:
+    seen_during_turn: list[list[tuple[str, Any]]] = []
+    reals: list[RecordingTransport] = []
+
+    def turn_of_three(turn: TurnWrites) -> None:
+        for n in range(3):
+            real, held = _held(turn)
+            reals.append(real)
+            held.write(b"head %d|" % n)
+            held.write(bytearray(b"body %d" % n))
+        seen_during_turn.extend(list(real.calls) for real in reals)
+
+    _in_a_turn(turn_of_three)
+    assert seen_during_turn == [[], [], []]
+    assert [real.calls for real in reals] == [
+        [("write", b"head %d|body %d" % (n, n))] for n in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ending", "reaching_the_transport"),
+    [
+        # Closing sends what was held first, and only once.
+        ("close", [("write", b"answer"), ("close", None)]),
+        # Aborting sends nothing that was held.
+        ("abort", [("abort", None)]),
+    ],
+)
+def test_a_connection_ended_in_its_turn_settles_what_it_held_then(
+    ending: str, reaching_the_transport: list[tuple[str, Any]]
+) -> None:
+    real = RecordingTransport()
+
+    def answer_then_end(turn: TurnWrites) -> None:
+        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held.write(b"answer")
+        getattr(held, ending)()
+
+    _in_a_turn(answer_then_end)
+    assert real.calls == reaching_the_transport
+
+
+def test_a_connection_closed_by_its_peer_drops_what_it_held() -> None:
+    real = RecordingTransport()
+
+    def peer_gone(turn: TurnWrites) -> None:
+        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held.write(b"answer")
+        real.closing = True  # connection_lost, before the turn ends
+
+    _in_a_turn(peer_gone)
+    assert real.calls == []
+
+
+def test_large_writes_go_at_once_after_what_was_held() -> None:
+    real = RecordingTransport()
+    large = b"x" * (HOLD_LIMIT_BYTES + 1)
+
+    def small_then_large(turn: TurnWrites) -> None:
+        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held.write(b"small")
+        held.write(large)
+        held.write(large)
+        held.writelines([b"a", b"b"])
+
+    _in_a_turn(small_then_large)
+    assert real.calls == [
+        ("write", b"small"),
+        ("write", large),
+        ("write", large),
+        ("writelines", b"ab"),
+    ]
+
+
+def test_held_bytes_never_grow_past_the_limit() -> None:
+    real = RecordingTransport()
+    half = b"y" * (HOLD_LIMIT_BYTES // 2 + 1)
+
+    def three_halves(turn: TurnWrites) -> None:
+        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        for _ in range(3):
+            held.write(half)
+
+    _in_a_turn(three_halves)
+    assert [data for _, data in real.calls] == [half, half, half]
+
+
+def test_the_rest_of_the_transport_is_its_own() -> None:
+    real = RecordingTransport()
+
+    def ask(turn: TurnWrites) -> None:
+        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        assert held.get_write_buffer_size() == 7
+        assert not held.is_closing()
+
+    _in_a_turn(ask)
+
+
+def test_each_loop_has_its_own_turn() -> None:
+    # A loop closed with bytes still held must not leave the next loop's
+    # connections waiting for a flush it never schedules.
+    first = RecordingTransport()
+    loop = uvloop.new_event_loop()
+    TurnEndTransport(cast(asyncio.Transport, first), TurnWrites.of(loop)).write(b"left")
+    loop.close()  # its turn never ended
+    second = RecordingTransport()
+    _in_a_turn(lambda turn: TurnEndTransport(cast(asyncio.Transport, second), turn).write(b"ok"))
+    assert first.calls == []
+    assert second.calls == [("write", b"ok")]
