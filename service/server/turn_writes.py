@@ -9,11 +9,14 @@ have run, the turn's answers leave one after another, and the worker is
 preempted about once a turn instead (measured: 0.8 to 0.5 context switches a
 request, +12 % requests a second for the production app on two cores).
 
-An answer waits at most for the rest of its turn: the requests the worker
-had already started. Bytes are held per connection and in order: whatever a
-connection writes while it holds bytes is appended to them, and closing it
-sends them first, so no path (an error answer, a drain, an eviction) can
-overtake or drop an answer. Writes past HOLD_LIMIT_BYTES go out at once,
+An answer waits for the rest of its turn (the requests the worker had
+already started) and the loop's next poll of its sockets, which does not
+block while callbacks are ready. Bytes are held per connection and in order:
+whatever a connection writes while it holds bytes is appended to them, and
+closing it sends them first, so no path (an error answer, a drain, an
+eviction) can overtake or drop an answer; the protocol sends them too when
+its client half-closes (see flush), before uvloop closes the transport
+itself. Writes past HOLD_LIMIT_BYTES go out at once,
 after what was held. A worker killed before the turn's end has sent none of
 those answers, never part of one.
 """
@@ -55,7 +58,13 @@ class TurnWrites:
     def flush(self) -> None:
         held, self.held = self.held, []
         for transport in held:
-            transport.flush()
+            try:
+                transport.flush()
+            except Exception as exc:
+                # One connection's failure must not strand the others' answers.
+                self.loop.call_exception_handler(
+                    {"message": "writing a connection's held bytes failed", "exception": exc}
+                )
 
 
 _TURNS: WeakKeyDictionary[asyncio.AbstractEventLoop, TurnWrites] = WeakKeyDictionary()
@@ -93,6 +102,8 @@ class TurnEndTransport:
         self.transport.writelines(chunks)
 
     def flush(self) -> None:
+        """Send what is held now (the protocol calls it on a half-close:
+        uvloop then closes the transport without going through this one)."""
         pending = self.pending
         if pending is not None:
             self.pending = None

@@ -396,6 +396,9 @@ class WholeResponseProtocol(HttpToolsProtocol):
 
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
+    # The connection's transport as uvicorn's code sees it: its writes held
+    # until the loop's turn ends.
+    held_writes: TurnEndTransport
     # Called once the connection has left the worker's set: DrainingServer
     # publishes the worker's count then (see WorkerLoad.connection_left).
     on_connection_lost: Callable[[], None] | None = None
@@ -403,9 +406,15 @@ class WholeResponseProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # Every write of this connection, uvicorn's included, leaves at the
         # end of the loop's turn (service.server.turn_writes).
-        held = TurnEndTransport(transport, TurnWrites.of(self.loop))
-        super().connection_made(cast(asyncio.Transport, held))
+        self.held_writes = TurnEndTransport(transport, TurnWrites.of(self.loop))
+        super().connection_made(cast(asyncio.Transport, self.held_writes))
         self._await_head()
+
+    def eof_received(self) -> None:
+        # A client that half-closes after its request still waits for the
+        # answer: uvloop closes the transport when this returns (uvicorn's
+        # returns None too), around the held writes, so they leave first.
+        self.held_writes.flush()
 
     def data_received(self, data: bytes) -> None:
         # Not idle: the keep-alive timer, when it fires, finds no deadline.

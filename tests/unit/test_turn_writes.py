@@ -169,3 +169,32 @@ def test_each_loop_has_its_own_turn() -> None:
     _in_a_turn(lambda turn: TurnEndTransport(cast(asyncio.Transport, second), turn).write(b"ok"))
     assert first.calls == []
     assert second.calls == [("write", b"ok")]
+
+
+class FailingTransport(RecordingTransport):
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("Cannot call write() after write_eof()")
+
+
+def test_a_connection_failing_its_write_does_not_strand_the_turns_others() -> None:
+    healthy = RecordingTransport()
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: failures.append(context["exception"]))
+        turn = TurnWrites.of(loop)
+        TurnEndTransport(cast(asyncio.Transport, FailingTransport()), turn).write(b"lost")
+        held = TurnEndTransport(cast(asyncio.Transport, healthy), turn)
+        held.write(b"answer 1")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        # The next answer on the healthy connection has a turn end of its own.
+        held.write(b"answer 2")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert [type(failure) for failure in failures] == [RuntimeError]
+    assert healthy.calls == [("write", b"answer 1"), ("write", b"answer 2")]

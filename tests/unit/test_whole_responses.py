@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
+import uvloop
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.server.turn_writes import TurnEndTransport
 from service.server.worker import (
     CONNECTION_CLOSE,
     IN_PROGRESS,
@@ -318,20 +319,75 @@ def test_each_request_is_told_the_requests_received_and_not_yet_answered() -> No
     asyncio.run(run())
 
 
-def test_the_worker_protocol_holds_its_writes_until_the_turn_ends() -> None:
-    async def connect() -> Any:
-        config = Config(app=_responder(BODY), lifespan="off", log_config=None)
+@dataclass
+class Served:
+    """One connection of the worker's protocol, as its app can see it."""
+
+    client: socket.socket
+    # Under the protocol's turn-end holding: what reaches the socket.
+    socket_writes: list[str] = field(default_factory=list)
+
+
+def _serve_one(app_for: Callable[[Served], App], request: bytes) -> tuple[bytes, Served]:
+    """Serves one connection with the worker's protocol on uvloop, as workers
+    run: what the client read until the server closed, and the connection."""
+
+    async def run() -> tuple[bytes, Served]:
         loop = asyncio.get_running_loop()
         server_end, client_end = socket.socketpair()
-        transport, protocol = await loop.connect_accepted_socket(
-            lambda: WholeResponseProtocol(config=config, server_state=ServerState(), app_state={}),
-            server_end,
-        )
-        held = protocol.transport
-        transport.close()
-        client_end.close()
-        return held, transport
+        client_end.setblocking(False)
+        served = Served(client_end)
+        config = Config(app=app_for(served), lifespan="off", log_config=None)
 
-    held, transport = asyncio.run(connect())
-    assert isinstance(held, TurnEndTransport)
-    assert held.transport is transport
+        class Spied(WholeResponseProtocol):
+            def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+                spy = CountedTransport(transport)
+                spy.calls = served.socket_writes
+                super().connection_made(cast(asyncio.Transport, spy))
+
+        await loop.connect_accepted_socket(
+            lambda: Spied(config=config, server_state=ServerState(), app_state={}), server_end
+        )
+        await loop.sock_sendall(client_end, request)
+        received = b""
+        async with asyncio.timeout(30):
+            while chunk := await loop.sock_recv(client_end, 1 << 20):
+                received += chunk
+        client_end.close()
+        return received, served
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run())
+
+
+def test_the_worker_protocol_holds_an_answer_until_the_turn_ends() -> None:
+    written_once_sent: list[list[str]] = []
+
+    def app_for(served: Served) -> App:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await _responder(BODY)(scope, receive, send)
+            written_once_sent.append(list(served.socket_writes))
+
+        return app
+
+    # The first answer keeps its connection; the second closes it, which
+    # sends what is held at once.
+    received, served = _serve_one(app_for, GET + LAST_GET)
+    assert received.count(b"\r\n\r\n" + BODY) == 2
+    assert written_once_sent[0] == []
+    assert served.socket_writes[:1] == ["write"]
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    # Its end of file is read while the answer is held, and uvloop closes the
+    # transport on it: the answer must leave first.
+    def app_for(served: Served) -> App:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            served.client.shutdown(socket.SHUT_WR)
+            await _responder(BODY)(scope, receive, send)
+
+        return app
+
+    received, _ = _serve_one(app_for, GET)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert received.endswith(b"\r\n\r\n" + BODY)
