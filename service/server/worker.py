@@ -31,8 +31,9 @@ each request how many were in progress when it arrived (load shedding,
 service.shedding) and bounds what a directly connected client can hold: the
 size of a request head, the time a head and a body take to arrive, and the
 number of open connections (idle ones make room for new ones at the cap).
-Each connection's writes wait for the end of the event loop's turn
-(service.server.turn_writes), so a loaded worker's answers leave together.
+While other requests are in progress, each connection's writes wait for the
+end of the event loop's turn (service.server.turn_writes), so a loaded
+worker's answers leave together.
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ class WholeResponseProtocol(HttpToolsProtocol):
     # Set by close_after_answer on an idle connection: its next answer closes it.
     close_after_next_answer = False
     # The connection's transport as uvicorn's code sees it: its writes held
-    # until the loop's turn ends.
+    # until the loop's turn ends while other requests are in progress.
     held_writes: TurnEndTransport
     # Called once the connection has left the worker's set: DrainingServer
     # publishes the worker's count then (see WorkerLoad.connection_left).
@@ -405,8 +406,9 @@ class WholeResponseProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # Every write of this connection, uvicorn's included, leaves at the
-        # end of the loop's turn (service.server.turn_writes).
-        self.held_writes = TurnEndTransport(transport, TurnWrites.of(self.loop))
+        # end of the loop's turn when other requests are in progress
+        # (service.server.turn_writes).
+        self.held_writes = TurnEndTransport(transport, TurnWrites.of(self.loop), IN_PROGRESS)
         super().connection_made(cast(asyncio.Transport, self.held_writes))
         self._await_head()
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
 import uvloop
 
-from service.server.turn_writes import HOLD_LIMIT_BYTES, TurnEndTransport, TurnWrites
+from service.server.turn_writes import (
+    HOLD_FROM_REQUESTS,
+    HOLD_LIMIT_BYTES,
+    TurnEndTransport,
+    TurnWrites,
+)
 
 
 class RecordingTransport:
@@ -55,9 +61,23 @@ def _in_a_turn(body: Callable[[TurnWrites], None]) -> None:
         runner.run(main())
 
 
+@dataclass
+class Requests:
+    """The worker's requests in progress, the one being answered included."""
+
+    count: int = HOLD_FROM_REQUESTS
+
+
+def _wrap(
+    real: RecordingTransport, turn: TurnWrites, requests: Requests | None = None
+) -> TurnEndTransport:
+    """`real` as a connection of a worker with other requests in progress, by default."""
+    return TurnEndTransport(cast(asyncio.Transport, real), turn, requests or Requests())
+
+
 def _held(turn: TurnWrites) -> tuple[RecordingTransport, TurnEndTransport]:
     real = RecordingTransport()
-    return real, TurnEndTransport(cast(asyncio.Transport, real), turn)
+    return real, _wrap(real, turn)
 
 
 def test_answers_of_one_turn_leave_when_it_ends_one_write_a_connection() -> None:
@@ -94,7 +114,7 @@ def test_a_connection_ended_in_its_turn_settles_what_it_held_then(
     real = RecordingTransport()
 
     def answer_then_end(turn: TurnWrites) -> None:
-        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held = _wrap(real, turn)
         held.write(b"answer")
         getattr(held, ending)()
 
@@ -106,7 +126,7 @@ def test_a_connection_closed_by_its_peer_drops_what_it_held() -> None:
     real = RecordingTransport()
 
     def peer_gone(turn: TurnWrites) -> None:
-        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held = _wrap(real, turn)
         held.write(b"answer")
         real.closing = True  # connection_lost, before the turn ends
 
@@ -119,7 +139,7 @@ def test_large_writes_go_at_once_after_what_was_held() -> None:
     large = b"x" * (HOLD_LIMIT_BYTES + 1)
 
     def small_then_large(turn: TurnWrites) -> None:
-        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held = _wrap(real, turn)
         held.write(b"small")
         held.write(large)
         held.write(large)
@@ -139,7 +159,7 @@ def test_held_bytes_never_grow_past_the_limit() -> None:
     half = b"y" * (HOLD_LIMIT_BYTES // 2 + 1)
 
     def three_halves(turn: TurnWrites) -> None:
-        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held = _wrap(real, turn)
         for _ in range(3):
             held.write(half)
 
@@ -151,7 +171,7 @@ def test_the_rest_of_the_transport_is_its_own() -> None:
     real = RecordingTransport()
 
     def ask(turn: TurnWrites) -> None:
-        held = TurnEndTransport(cast(asyncio.Transport, real), turn)
+        held = _wrap(real, turn)
         assert held.get_write_buffer_size() == 7
         assert not held.is_closing()
 
@@ -163,10 +183,10 @@ def test_each_loop_has_its_own_turn() -> None:
     # connections waiting for a flush it never schedules.
     first = RecordingTransport()
     loop = uvloop.new_event_loop()
-    TurnEndTransport(cast(asyncio.Transport, first), TurnWrites.of(loop)).write(b"left")
+    _wrap(first, TurnWrites.of(loop)).write(b"left")
     loop.close()  # its turn never ended
     second = RecordingTransport()
-    _in_a_turn(lambda turn: TurnEndTransport(cast(asyncio.Transport, second), turn).write(b"ok"))
+    _in_a_turn(lambda turn: _wrap(second, turn).write(b"ok"))
     assert first.calls == []
     assert second.calls == [("write", b"ok")]
 
@@ -184,8 +204,8 @@ def test_a_connection_failing_its_write_does_not_strand_the_turns_others() -> No
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, context: failures.append(context["exception"]))
         turn = TurnWrites.of(loop)
-        TurnEndTransport(cast(asyncio.Transport, FailingTransport()), turn).write(b"lost")
-        held = TurnEndTransport(cast(asyncio.Transport, healthy), turn)
+        _wrap(FailingTransport(), turn).write(b"lost")
+        held = _wrap(healthy, turn)
         held.write(b"answer 1")
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -198,3 +218,23 @@ def test_a_connection_failing_its_write_does_not_strand_the_turns_others() -> No
         runner.run(main())
     assert [type(failure) for failure in failures] == [RuntimeError]
     assert healthy.calls == [("write", b"answer 1"), ("write", b"answer 2")]
+
+
+def test_a_lone_requests_answer_leaves_at_once_and_later_ones_keep_their_order() -> None:
+    real = RecordingTransport()
+    requests = Requests(count=HOLD_FROM_REQUESTS - 1)
+    written_at_once: list[list[tuple[str, Any]]] = []
+
+    def lone_then_busy(turn: TurnWrites) -> None:
+        held = _wrap(real, turn, requests)
+        held.write(b"lone")
+        written_at_once.append(list(real.calls))
+        requests.count = HOLD_FROM_REQUESTS
+        held.write(b"busy ")
+        # Held bytes go first, whoever writes next.
+        requests.count = HOLD_FROM_REQUESTS - 1
+        held.write(b"lone again")
+
+    _in_a_turn(lone_then_busy)
+    assert written_at_once == [[("write", b"lone")]]
+    assert real.calls == [("write", b"lone"), ("write", b"busy lone again")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -328,9 +328,10 @@ class Served:
     socket_writes: list[str] = field(default_factory=list)
 
 
-def _serve_one(app_for: Callable[[Served], App], request: bytes) -> tuple[bytes, Served]:
+def _serve_one(app_for: Callable[[Served], App], *requests: bytes) -> tuple[bytes, Served]:
     """Serves one connection with the worker's protocol on uvloop, as workers
-    run: what the client read until the server closed, and the connection."""
+    run, its requests sent one after another's answer (each answer holds
+    BODY): what the client read until the server closed, and the connection."""
 
     async def run() -> tuple[bytes, Served]:
         loop = asyncio.get_running_loop()
@@ -348,9 +349,14 @@ def _serve_one(app_for: Callable[[Served], App], request: bytes) -> tuple[bytes,
         await loop.connect_accepted_socket(
             lambda: Spied(config=config, server_state=ServerState(), app_state={}), server_end
         )
-        await loop.sock_sendall(client_end, request)
         received = b""
         async with asyncio.timeout(30):
+            for sent, one in enumerate(requests, start=1):
+                await loop.sock_sendall(client_end, one)
+                if sent < len(requests):
+                    # The next request only once this one is answered.
+                    while received.count(BODY) < sent:
+                        received += await loop.sock_recv(client_end, 1 << 20)
             while chunk := await loop.sock_recv(client_end, 1 << 20):
                 received += chunk
         client_end.close()
@@ -360,7 +366,16 @@ def _serve_one(app_for: Callable[[Served], App], request: bytes) -> tuple[bytes,
         return runner.run(run())
 
 
-def test_the_worker_protocol_holds_an_answer_until_the_turn_ends() -> None:
+@pytest.fixture
+def another_request_in_progress() -> Iterator[None]:
+    """The worker busy with a request on some other connection."""
+    IN_PROGRESS.count += 1
+    yield
+    IN_PROGRESS.count -= 1
+
+
+def _socket_writes_once_sent(*requests: bytes) -> tuple[bytes, list[list[str]]]:
+    """What the client read, and the socket writes made when each answer's send returned."""
     written_once_sent: list[list[str]] = []
 
     def app_for(served: Served) -> App:
@@ -370,14 +385,26 @@ def test_the_worker_protocol_holds_an_answer_until_the_turn_ends() -> None:
 
         return app
 
+    received, _ = _serve_one(app_for, *requests)
+    return received, written_once_sent
+
+
+@pytest.mark.usefixtures("another_request_in_progress")
+def test_a_busy_worker_holds_an_answer_until_the_turn_ends() -> None:
     # The first answer keeps its connection; the second closes it, which
     # sends what is held at once.
-    received, served = _serve_one(app_for, GET + LAST_GET)
+    received, written_once_sent = _socket_writes_once_sent(GET, LAST_GET)
     assert received.count(b"\r\n\r\n" + BODY) == 2
     assert written_once_sent[0] == []
-    assert served.socket_writes[:1] == ["write"]
 
 
+def test_a_lone_requests_answer_leaves_at_once() -> None:
+    received, written_once_sent = _socket_writes_once_sent(GET, LAST_GET)
+    assert received.count(b"\r\n\r\n" + BODY) == 2
+    assert written_once_sent[0] == ["write"]
+
+
+@pytest.mark.usefixtures("another_request_in_progress")
 def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
     # Its end of file is read while the answer is held, and uvloop closes the
     # transport on it: the answer must leave first.
