@@ -39,6 +39,7 @@ worker's answers leave together.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import socket
@@ -75,6 +76,8 @@ from service.shedding import REQUESTS_AHEAD
 
 if TYPE_CHECKING:
     from service.metrics.connections import ClosedReason
+
+log = logging.getLogger("ml_api")
 
 # The least a drain waits for a just-accepted connection's request, even with
 # keep-alive off (KEEPALIVE=0).
@@ -646,6 +649,13 @@ def close_longest_idle(connections: Iterable[object]) -> bool:
     return True
 
 
+def _accepting() -> None:
+    # After the lifespan (a model loaded, its heap frozen): from here on the
+    # worker takes connections. Until then a sibling takes them all, so
+    # whoever waits for every worker (tests, an operator) waits for this.
+    log.info("accepting connections")
+
+
 class DrainingServer(Server):
     _load: WorkerLoad | None = None
     # Set by the worker from Gunicorn's settings (see drain_seconds).
@@ -663,6 +673,7 @@ class DrainingServer(Server):
         ledger = os.environ.get(LEDGER_ENV)
         if sockets is None or not ledger:
             await super().startup(sockets=sockets)
+            _accepting()
             return
         # An empty list: uvicorn runs the lifespan and creates no listeners;
         # the acceptors below are the listeners.
@@ -696,6 +707,7 @@ class DrainingServer(Server):
         ]
         # uvicorn's shutdown only calls close() and wait_closed() on these.
         self.servers = acceptors  # type: ignore[assignment]
+        _accepting()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:

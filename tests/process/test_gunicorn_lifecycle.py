@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import pickle
 import shutil
@@ -45,12 +46,27 @@ def _predictions_logged(server: Gunicorn) -> list[dict[str, Any]]:
 
 
 def test_both_workers_answer_predictions(model_dir: Path, tmp_path: Path) -> None:
+    # Connections opened together, as a client's pool opens them: the workers'
+    # acceptor splits them. (Opened one after another, each closed before the
+    # next, they go to whichever worker the kernel wakes first, maybe always one.)
     with running_gunicorn(model_dir, tmp_path / "logs", workers=2) as server:
         workers = server.worker_pids()
         assert len(workers) == 2
-        responses = [_fresh_connection_post(server.url, SETOSA) for _ in range(120)]
-        assert {r.status_code for r in responses} == {200}
-        assert {r.json()["predicted_class_name"] for r in responses} == {"setosa"}
+        pool = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(8)]
+        for connection in pool:
+            connection.connect()
+        answers: list[tuple[int, Any]] = []
+        for _ in range(15):
+            for connection in pool:
+                connection.request(
+                    "POST", "/predict", json.dumps(SETOSA), {"Content-Type": "application/json"}
+                )
+                response = connection.getresponse()
+                answers.append((response.status, json.loads(response.read())))
+        for connection in pool:
+            connection.close()
+        assert {status for status, _ in answers} == {200}
+        assert {answer["predicted_class_name"] for _, answer in answers} == {"setosa"}
         wait_for(lambda: len(_predictions_logged(server)) >= 120, 5, what="access log lines")
         answered_by = {line["worker_pid"] for line in _predictions_logged(server)}
     assert answered_by == workers

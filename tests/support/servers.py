@@ -72,6 +72,10 @@ class Gunicorn:
     def loaded_count(self) -> int:
         return self.stderr().count('"msg":"model loaded"')
 
+    def accepting_count(self) -> int:
+        """Workers past their start, taking connections (service.server.worker)."""
+        return self.stderr().count('"msg":"accepting connections"')
+
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
@@ -136,7 +140,13 @@ def running_gunicorn(
                 raise RuntimeError(
                     f"gunicorn exited {server.process.returncode}:\n{server.stderr()}"
                 )
-            return server.loaded_count() >= workers and ready(server.url)
+            # Every worker accepting, not only loaded: one still finishing its
+            # start would leave a sibling every connection of a burst.
+            return (
+                server.loaded_count() >= workers
+                and server.accepting_count() >= workers
+                and ready(server.url)
+            )
 
         wait_for(all_loaded, ready_timeout, what="all workers to load the model")
         yield server
