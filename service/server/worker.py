@@ -70,7 +70,7 @@ from service.server.acceptor import (
     ConnectionLedger,
     WorkerLoad,
 )
-from service.server.turn_writes import TurnEndTransport, TurnWrites
+from service.server.turn_writes import JOIN_LIMIT_BYTES, TurnEndTransport, TurnWrites
 from service.settings import ServerSettings
 from service.shedding import REQUESTS_AHEAD
 
@@ -87,10 +87,6 @@ DRAIN_POLL_SECONDS = 0.05
 # loop: a drain beats it itself, this often.
 DRAIN_HEARTBEAT_SECONDS = 1.0
 CONNECTION_CLOSE = (b"connection", b"close")
-# A head and a first body part up to this size are joined into one bytes
-# object; past it they are handed over together (writelines, one writev in
-# uvloop) rather than copied.
-JOIN_LIMIT_BYTES = 64 * 1024
 # A keep-alive timer this close to its deadline counts as expired (see _keep_alive_expired).
 KEEPALIVE_TIMER_SLACK_SECONDS = 0.001
 # How often connections are checked against their head and body deadlines.
@@ -187,6 +183,8 @@ class HeldHead:
             self.transport.write(data)
             return
         self.head = None
+        # Up to the copy bound, one bytes object (which a busy turn can hold);
+        # past it, handed over together (writelines, one writev in uvloop).
         if len(head) + len(data) <= JOIN_LIMIT_BYTES:
             self.transport.write(head + data)
         else:

@@ -13,7 +13,7 @@ import uvloop
 
 from service.server.turn_writes import (
     HOLD_FROM_REQUESTS,
-    HOLD_LIMIT_BYTES,
+    JOIN_LIMIT_BYTES,
     TurnEndTransport,
     TurnWrites,
 )
@@ -136,7 +136,7 @@ def test_a_connection_closed_by_its_peer_drops_what_it_held() -> None:
 
 def test_large_writes_go_at_once_after_what_was_held() -> None:
     real = RecordingTransport()
-    large = b"x" * (HOLD_LIMIT_BYTES + 1)
+    large = b"x" * (JOIN_LIMIT_BYTES + 1)
 
     def small_then_large(turn: TurnWrites) -> None:
         held = _wrap(real, turn)
@@ -156,7 +156,7 @@ def test_large_writes_go_at_once_after_what_was_held() -> None:
 
 def test_held_bytes_never_grow_past_the_limit() -> None:
     real = RecordingTransport()
-    half = b"y" * (HOLD_LIMIT_BYTES // 2 + 1)
+    half = b"y" * (JOIN_LIMIT_BYTES // 2 + 1)
 
     def three_halves(turn: TurnWrites) -> None:
         held = _wrap(real, turn)

@@ -15,10 +15,10 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.server.turn_writes import JOIN_LIMIT_BYTES
 from service.server.worker import (
     CONNECTION_CLOSE,
     IN_PROGRESS,
-    JOIN_LIMIT_BYTES,
     WholeResponseProtocol,
 )
 from service.shedding import REQUESTS_AHEAD
